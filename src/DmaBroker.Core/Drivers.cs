@@ -1,0 +1,27 @@
+using System.Buffers;
+
+namespace DmaBroker.Core;
+
+/// <summary>
+/// Driver names and whether they set <c>driver_managed_dma</c>. A driver that manages DMA itself
+/// takes no DMA ownership when it binds; every other driver uses the kernel DMA API.
+/// </summary>
+public static class Drivers
+{
+    public const string VfioPci = "vfio-pci";
+    public const string PciStub = "pci-stub";
+    public const string PciePort = "pcieport";
+
+    private static readonly SearchValues<char> NameChars =
+        SearchValues.Create("abcdefghijklmnopqrstuvwxyz0123456789_-");
+
+    public static bool ManagesDma(string driver) => driver is VfioPci or PciStub or PciePort;
+
+    /// <summary>Checks a driver name: 1 to 32 of <c>[a-z0-9_-]</c>, as module names are.</summary>
+    public static string Validate(string? driver)
+    {
+        if (string.IsNullOrEmpty(driver) || driver.Length > 32 || driver.AsSpan().ContainsAnyExcept(NameChars))
+            throw BrokerException.Invalid($"bad driver name '{driver}': expected 1 to 32 of [a-z0-9_-], for example vfio-pci");
+        return driver;
+    }
+}

@@ -1,0 +1,59 @@
+namespace DmaBroker.Core;
+
+/// <summary>The Linux errno names the broker reports, as in <c>google.rpc.ErrorInfo.reason</c>.</summary>
+public enum Errno
+{
+    EPERM = 1,
+    ENOENT = 2,
+    EFAULT = 14,
+    EBUSY = 16,
+    EEXIST = 17,
+    ENODEV = 19,
+    EINVAL = 22,
+    ENOSPC = 28,
+    ENOMEM = 12,
+    EACCES = 13,
+    E2BIG = 7,
+    EIO = 5,
+}
+
+/// <summary>The nature of a failure; the edge maps it to a gRPC status code (SPEC §9).</summary>
+public enum ErrorKind
+{
+    /// <summary>The request itself is malformed.</summary>
+    InvalidArgument,
+    /// <summary>The request conflicts with the current state.</summary>
+    FailedPrecondition,
+    /// <summary>An unknown id or address.</summary>
+    NotFound,
+    /// <summary>Overlaps something that exists.</summary>
+    AlreadyExists,
+    /// <summary>A limit was reached.</summary>
+    ResourceExhausted,
+    /// <summary>No, unknown or ended session.</summary>
+    Unauthenticated,
+    /// <summary>Owned by someone else.</summary>
+    PermissionDenied,
+}
+
+/// <summary>
+/// A rejected broker operation. It carries the errno a Linux caller would see and the nature of
+/// the failure; throwing it guarantees the operation changed no state.
+/// </summary>
+public sealed class BrokerException(Errno errno, ErrorKind kind, string message) : Exception(message)
+{
+    public Errno Errno { get; } = errno;
+    public ErrorKind Kind { get; } = kind;
+
+    public static BrokerException Invalid(string message) => new(Errno.EINVAL, ErrorKind.InvalidArgument, message);
+    public static BrokerException Busy(string message) => new(Errno.EBUSY, ErrorKind.FailedPrecondition, message);
+    public static BrokerException Conflict(Errno errno, string message) => new(errno, ErrorKind.FailedPrecondition, message);
+    public static BrokerException NotPermitted(string message) => new(Errno.EPERM, ErrorKind.PermissionDenied, message);
+    public static BrokerException NotFound(Errno errno, string message) => new(errno, ErrorKind.NotFound, message);
+    public static BrokerException Exists(string message) => new(Errno.EEXIST, ErrorKind.AlreadyExists, message);
+    public static BrokerException Exhausted(Errno errno, string message) => new(errno, ErrorKind.ResourceExhausted, message);
+    public static BrokerException Unauthenticated(string message) => new(Errno.EACCES, ErrorKind.Unauthenticated, message);
+
+    public static BrokerException NoDevice(PciAddress address) => NotFound(Errno.ENODEV, $"no device {address}");
+    public static BrokerException NoGroup(uint groupId) => NotFound(Errno.ENOENT, $"no IOMMU group {groupId}");
+}

@@ -1,0 +1,163 @@
+using DmaBroker.Core.Sessions;
+
+namespace DmaBroker.Core.Ownership;
+
+/// <summary>
+/// An IOMMU group and its DMA ownership state machine, after Linux <c>drivers/iommu/iommu.c</c>
+/// (v5.19+). Every member is guarded by <see cref="Sync"/>, the kernel's <c>group-&gt;mutex</c>;
+/// the <c>Check*</c> methods throw without changing anything, so a caller checks everything a
+/// compound operation needs before it mutates.
+/// </summary>
+public sealed class IommuGroup(uint id)
+{
+    internal readonly Lock Sync = new();
+
+    public uint Id { get; } = id;
+
+    internal List<PciDevice> Devices { get; } = [];
+    internal int OwnerCount { get; set; }
+    internal Session? Owner { get; set; }
+    internal DomainKind Domain { get; set; } = DomainKind.Default;
+    internal ulong Generation { get; set; }
+    /// <summary>The container whose domain is attached (Domain == User).</summary>
+    internal Container? Attached { get; set; }
+    /// <summary>The container set with SetContainer (the VFIO group flow), if any.</summary>
+    internal Container? ContainerSet { get; set; }
+    internal bool Removed { get; set; }
+
+    internal OwnerKind OwnerKind => OwnerCount == 0 ? OwnerKind.None : Owner is null ? OwnerKind.Kernel : OwnerKind.User;
+
+    // --- kernel DMA API (iommu_device_use_default_domain / unuse) ---
+
+    internal void CheckKernelUse(PciDevice device, string driver)
+    {
+        if (OwnerCount > 0 && (Owner is not null || Domain != DomainKind.Default))
+            throw BrokerException.Busy($"cannot bind DMA-API driver {driver} to {device.Address}: group {Id} is {Describe()}");
+    }
+
+    internal void KernelUse() => OwnerCount++;
+
+    internal void KernelUnuse()
+    {
+        if (OwnerCount == 0 || Owner is not null)
+            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} holds no kernel DMA ownership");
+        OwnerCount--;
+    }
+
+    // --- user ownership (iommu_group_claim_dma_owner / iommu_device_claim_dma_owner) ---
+
+    internal void CheckGroupClaim()
+    {
+        if (OwnerCount > 0)
+            throw BrokerException.NotPermitted($"group {Id} is {Describe()}");
+        CheckDefaultDomain();
+    }
+
+    internal void CheckDeviceClaim(Session session)
+    {
+        if (OwnerCount > 0)
+        {
+            if (Owner != session)
+                throw BrokerException.NotPermitted($"group {Id} is {Describe()}");
+            return;
+        }
+        CheckDefaultDomain();
+    }
+
+    private void CheckDefaultDomain()
+    {
+        if (Domain != DomainKind.Default)
+            throw BrokerException.Busy($"group {Id} is not in its default domain ({Domain})");
+    }
+
+    internal void ClaimGroup(Session session)
+    {
+        CheckGroupClaim();
+        TakeOwnership(session);
+    }
+
+    internal void ClaimDevice(Session session)
+    {
+        CheckDeviceClaim(session);
+        if (OwnerCount > 0)
+            OwnerCount++;
+        else
+            TakeOwnership(session);
+    }
+
+    private void TakeOwnership(Session session)
+    {
+        Owner = session;
+        OwnerCount = 1;
+        Domain = DomainKind.Blocking;
+        Generation++;
+    }
+
+    internal void CheckUserRelease(Session session)
+    {
+        if (OwnerCount == 0 || Owner != session)
+            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} is not owned by session {session.Id}");
+    }
+
+    /// <summary>iommu_group_release_dma_owner: back to the default domain, whatever the count.</summary>
+    internal void ReleaseGroup(Session session)
+    {
+        CheckUserRelease(session);
+        OwnerCount = 0;
+        Owner = null;
+        Attached = null;
+        Domain = DomainKind.Default;
+    }
+
+    /// <summary>iommu_device_release_dma_owner: one claim less; the last one releases the group.</summary>
+    internal void ReleaseDevice(Session session)
+    {
+        CheckUserRelease(session);
+        if (OwnerCount > 1)
+            OwnerCount--;
+        else
+            ReleaseGroup(session);
+    }
+
+    // --- user domains ---
+
+    internal void CheckAttach(Container container)
+    {
+        if (OwnerKind != OwnerKind.User)
+            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} is not user-owned");
+        if (Domain == DomainKind.User && Attached != container)
+            throw BrokerException.Busy($"group {Id} already has container {Attached?.Id}'s domain attached");
+    }
+
+    internal void AttachUserDomain(Container container)
+    {
+        CheckAttach(container);
+        Attached = container;
+        Domain = DomainKind.User;
+    }
+
+    /// <summary>Detaching never returns straight to DEFAULT while the group is owned.</summary>
+    internal void DetachUserDomain()
+    {
+        if (Domain != DomainKind.User)
+            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} has no user domain attached");
+        Attached = null;
+        Domain = OwnerKind == OwnerKind.User ? DomainKind.Blocking : DomainKind.Default;
+    }
+
+    internal string Describe() => OwnerKind switch
+    {
+        OwnerKind.None => "unowned",
+        OwnerKind.Kernel => $"owned by {OwnerCount} kernel DMA-API driver(s)",
+        _ => $"owned by session {Owner!.Id}",
+    };
+
+    internal GroupInfo ToInfo() => new(
+        Id,
+        [.. Devices.Select(d => d.Address)],
+        OwnerKind,
+        OwnerCount,
+        Owner?.Id ?? 0,
+        Generation,
+        Domain);
+}

@@ -1,0 +1,255 @@
+using System.Collections.Concurrent;
+using System.Collections.Immutable;
+using DmaBroker.Core.Topology;
+
+namespace DmaBroker.Core.Ownership;
+
+/// <summary>
+/// The table of devices and IOMMU groups, and the kernel side of DMA ownership: driver binding
+/// and hotplug. Lookups are lock-free; each group's state is guarded by that group's lock, so
+/// work on different groups never serialises. Structural changes (hotplug) also take one
+/// hotplug lock. Lock order: hotplug, group, container, journal.
+/// </summary>
+public sealed class OwnershipTable
+{
+    private readonly ConcurrentDictionary<PciAddress, PciDevice> _devices = new();
+    private readonly ConcurrentDictionary<uint, IommuGroup> _groups = new();
+    private readonly Lock _hotplug = new();
+    private readonly Dictionary<byte, PciDevice> _bridgeBySecondaryBus = [];
+    private readonly HashSet<uint> _pinnedGroupIds;
+    private uint _nextGroupId;
+
+    public OwnershipTable(TopologyDocument topology, int watchBuffer = 1024)
+    {
+        _pinnedGroupIds = [.. topology.Functions.Where(f => f.PinnedGroup.HasValue).Select(f => f.PinnedGroup!.Value)];
+        foreach (var spec in topology.Functions)
+        {
+            var device = Insert(spec);
+            if (spec.Driver is { } driver)
+            {
+                device.Group.CheckKernelUse(device, driver);
+                Bind(device, driver);
+            }
+        }
+        Journal = new TopologyJournal(new TopologySnapshot(
+            1,
+            ImmutableSortedDictionary.CreateRange(_groups.Select(g => KeyValuePair.Create(g.Key, g.Value.ToInfo()))),
+            ImmutableSortedDictionary.CreateRange(_devices.Select(d => KeyValuePair.Create(d.Key, d.Value.ToInfo())))),
+            watchBuffer);
+    }
+
+    /// <summary>The revisioned record of this table, for readers and watchers.</summary>
+    public TopologyJournal Journal { get; }
+
+    public PciDevice GetDevice(PciAddress address) =>
+        _devices.TryGetValue(address, out var d) ? d : throw BrokerException.NoDevice(address);
+
+    public IommuGroup GetGroup(uint id) =>
+        _groups.TryGetValue(id, out var g) ? g : throw BrokerException.NoGroup(id);
+
+    internal IEnumerable<IommuGroup> Groups => _groups.Values;
+
+    /// <summary>Binds a driver (sysfs bind). A DMA-API driver takes a kernel ownership count.</summary>
+    public DeviceInfo BindDriver(PciAddress address, string driver)
+    {
+        Drivers.Validate(driver);
+        var device = GetDevice(address);
+        var group = device.Group;
+        lock (group.Sync)
+        {
+            CheckPresent(device);
+            if (device.Driver is { } bound)
+                throw BrokerException.Busy($"{address} is already bound to {bound}; unbind it first");
+            if (!Drivers.ManagesDma(driver))
+                group.CheckKernelUse(device, driver);
+            Bind(device, driver);
+            return PublishDevice(device);
+        }
+    }
+
+    /// <summary>Unbinds the device's driver (sysfs unbind); a DMA-API driver drops its kernel count.</summary>
+    public DeviceInfo UnbindDriver(PciAddress address)
+    {
+        var device = GetDevice(address);
+        var group = device.Group;
+        lock (group.Sync)
+        {
+            CheckPresent(device);
+            if (device.Driver is null)
+                throw BrokerException.Conflict(Errno.EINVAL, $"{address} has no driver bound");
+            if (device.BoundBy is { } s)
+                throw BrokerException.Busy($"{address} is bound by session {s.Id}; it must unbind the device first");
+            if (device.OpenHandles > 0)
+                throw BrokerException.Busy($"{address} is open by a user driver");
+            if (!device.DriverManagesDma)
+                group.KernelUnuse();
+            device.Driver = null;
+            return PublishDevice(device);
+        }
+    }
+
+    /// <summary>
+    /// Hot-adds an endpoint. It joins a group by the §2 rules, or a new one, and that group's
+    /// current domain; with a driver, the bind must succeed or nothing is added.
+    /// </summary>
+    public DeviceInfo AddDevice(PciFunctionSpec spec)
+    {
+        if (spec.IsBridge)
+            throw BrokerException.Invalid("only endpoints can be hot-added");
+        if (spec.Driver is not null)
+            Drivers.Validate(spec.Driver);
+        lock (_hotplug)
+        {
+            if (_devices.ContainsKey(spec.Address))
+                throw BrokerException.Exists($"{spec.Address} already exists");
+            if (spec.Address.Bus != 0 && !_bridgeBySecondaryBus.ContainsKey(spec.Address.Bus))
+                throw BrokerException.NotFound(Errno.ENODEV, $"no bridge leads to bus {spec.Address.Bus:x2}");
+            var existing = FindGroupFor(spec);
+            if (existing is not null)
+            {
+                lock (existing.Sync)
+                {
+                    var probe = new PciDevice(spec, existing);
+                    if (spec.Driver is { } d && !Drivers.ManagesDma(d))
+                        existing.CheckKernelUse(probe, d);
+                    return Plug(Insert(spec, existing));
+                }
+            }
+            var device = Insert(spec);
+            lock (device.Group.Sync)
+                return Plug(device);
+        }
+
+        DeviceInfo Plug(PciDevice device)
+        {
+            if (spec.Driver is { } driver)
+                Bind(device, driver);
+            var info = device.ToInfo();
+            Journal.Publish(new DeviceChanged(info), new GroupChanged(device.Group.ToInfo()));
+            return info;
+        }
+    }
+
+    /// <summary>Hot-removes a device; refused while its group is user-owned or devices sit below it.</summary>
+    public void RemoveDevice(PciAddress address)
+    {
+        lock (_hotplug)
+        {
+            var device = GetDevice(address);
+            if (device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus))
+                throw BrokerException.Busy($"{address} is a bridge with devices below it");
+            var group = device.Group;
+            lock (group.Sync)
+            {
+                if (group.OwnerKind == OwnerKind.User)
+                    throw BrokerException.Busy($"{address}: group {group.Id} is {group.Describe()}");
+                if (device.Driver is not null && !device.DriverManagesDma)
+                    group.KernelUnuse();
+                device.Driver = null;
+                device.Removed = true;
+                group.Devices.Remove(device);
+                _devices.TryRemove(address, out _);
+                if (device.Spec.SecondaryBus is { } secondary)
+                    _bridgeBySecondaryBus.Remove(secondary);
+                if (group.Devices.Count == 0)
+                {
+                    group.Removed = true;
+                    _groups.TryRemove(group.Id, out _);
+                    Journal.Publish(new DeviceRemoved(address), new GroupRemoved(group.Id));
+                }
+                else
+                {
+                    Journal.Publish(new DeviceRemoved(address), new GroupChanged(group.ToInfo()));
+                }
+            }
+        }
+    }
+
+    /// <summary>Publishes a group's current state; call under its lock.</summary>
+    internal void PublishGroup(IommuGroup group) => Journal.Publish(new GroupChanged(group.ToInfo()));
+
+    private DeviceInfo PublishDevice(PciDevice device)
+    {
+        var info = device.ToInfo();
+        Journal.Publish(new DeviceChanged(info), new GroupChanged(device.Group.ToInfo()));
+        return info;
+    }
+
+    internal static void CheckPresent(PciDevice device)
+    {
+        if (device.Removed)
+            throw BrokerException.NoDevice(device.Address);
+    }
+
+    internal static void CheckPresent(IommuGroup group)
+    {
+        if (group.Removed)
+            throw BrokerException.NoGroup(group.Id);
+    }
+
+    private static void Bind(PciDevice device, string driver)
+    {
+        if (!Drivers.ManagesDma(driver))
+            device.Group.KernelUse();
+        device.Driver = driver;
+    }
+
+    private PciDevice Insert(PciFunctionSpec spec, IommuGroup? group = null)
+    {
+        group ??= FindGroupFor(spec) ?? NewGroup(spec.PinnedGroup);
+        var device = new PciDevice(spec, group);
+        var at = group.Devices.FindIndex(d => d.Address.CompareTo(spec.Address) > 0);
+        group.Devices.Insert(at < 0 ? group.Devices.Count : at, device);
+        _devices[spec.Address] = device;
+        if (spec.SecondaryBus is { } bus)
+            _bridgeBySecondaryBus[bus] = device;
+        return device;
+    }
+
+    private IommuGroup NewGroup(uint? pinned)
+    {
+        uint id;
+        if (pinned is { } p)
+        {
+            id = p;
+        }
+        else
+        {
+            while (_pinnedGroupIds.Contains(_nextGroupId) || _groups.ContainsKey(_nextGroupId))
+                _nextGroupId++;
+            id = _nextGroupId++;
+        }
+        return _groups.GetOrAdd(id, static i => new IommuGroup(i));
+    }
+
+    /// <summary>
+    /// The existing group a new function must join (SPEC §2), or null for a group of its own:
+    /// anything below a switch downstream port without ACS shares that port's group; such ports
+    /// share one group with each other; a function without ACS shares its slot siblings' group.
+    /// </summary>
+    private IommuGroup? FindGroupFor(PciFunctionSpec spec)
+    {
+        if (spec.PinnedGroup is { } pinned)
+            return _groups.GetValueOrDefault(pinned);
+        for (var bridge = ParentOf(spec.Address); bridge is not null; bridge = ParentOf(bridge.Address))
+        {
+            if (bridge.Spec.Kind == PciNodeKind.SwitchDownstream && !bridge.Spec.Acs)
+                return bridge.Group;
+        }
+        if (spec.Acs)
+            return null;
+        foreach (var other in _devices.Values)
+        {
+            if (other.Spec.Acs || other.Address.Bus != spec.Address.Bus || other.Address.Domain != spec.Address.Domain)
+                continue;
+            if (spec.Kind == PciNodeKind.SwitchDownstream && other.Spec.Kind == PciNodeKind.SwitchDownstream)
+                return other.Group;
+            if (spec.Kind == PciNodeKind.Endpoint && other.Spec.Kind == PciNodeKind.Endpoint && other.Address.Slot == spec.Address.Slot)
+                return other.Group;
+        }
+        return null;
+    }
+
+    private PciDevice? ParentOf(PciAddress address) =>
+        address.Bus == 0 ? null : _bridgeBySecondaryBus.GetValueOrDefault(address.Bus);
+}

@@ -1,0 +1,26 @@
+using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
+
+namespace DmaBroker.Core.Ownership;
+
+/// <summary>
+/// One PCI function. Its identity is fixed; its binding state is guarded by its group's lock.
+/// </summary>
+public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
+{
+    public PciAddress Address => Spec.Address;
+    public PciFunctionSpec Spec { get; } = spec;
+    public IommuGroup Group { get; } = group;
+
+    internal string? Driver { get; set; }
+    internal bool DriverManagesDma => Driver is not null && Drivers.ManagesDma(Driver);
+    /// <summary>The session that bound the device with BindDevice, and into which container.</summary>
+    internal Session? BoundBy { get; set; }
+    internal Container? BoundContainer { get; set; }
+    /// <summary>Open device handles (VFIO device fds).</summary>
+    internal int OpenHandles { get; set; }
+    internal bool Removed { get; set; }
+
+    internal DeviceInfo ToInfo() => new(
+        Address, Spec.VendorId, Spec.DeviceId, Spec.ClassCode, Spec.Model, Group.Id, Driver, DriverManagesDma);
+}

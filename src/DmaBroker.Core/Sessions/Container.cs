@@ -1,0 +1,72 @@
+using DmaBroker.Core.Ownership;
+
+namespace DmaBroker.Core.Sessions;
+
+/// <summary>The two container flavours: a legacy VFIO type1v2 container or an iommufd IOAS.</summary>
+public enum ContainerType
+{
+    Type1v2,
+    Iommufd,
+}
+
+/// <summary>
+/// An IOMMU address space owned by one session. Its group and device sets change only under the
+/// lock of the group concerned and then this container's lock (lock order: group, container).
+/// </summary>
+public sealed class Container(ulong id, ContainerType type, Session owner)
+{
+    internal readonly Lock Sync = new();
+
+    public ulong Id { get; } = id;
+    public ContainerType Type { get; } = type;
+    public Session Owner { get; } = owner;
+
+    /// <summary>Groups whose user domain is this container's.</summary>
+    internal HashSet<IommuGroup> Groups { get; } = [];
+    /// <summary>Devices bound into this container with BindDevice.</summary>
+    internal HashSet<PciDevice> BoundDevices { get; } = [];
+    internal bool Destroyed { get; set; }
+
+    /// <summary>A TYPE1V2 container has no IOMMU until its first group is set.</summary>
+    public bool HasIommu
+    {
+        get
+        {
+            lock (Sync)
+                return Type == ContainerType.Iommufd || Groups.Count > 0;
+        }
+    }
+
+    internal void AddGroup(IommuGroup group)
+    {
+        lock (Sync)
+            Groups.Add(group);
+    }
+
+    /// <summary>Removes a group whose domain was detached.</summary>
+    internal void RemoveGroup(IommuGroup group)
+    {
+        lock (Sync)
+        {
+            Groups.Remove(group);
+        }
+    }
+
+    internal void AddDevice(PciDevice device)
+    {
+        lock (Sync)
+            BoundDevices.Add(device);
+    }
+
+    internal void RemoveDevice(PciDevice device)
+    {
+        lock (Sync)
+            BoundDevices.Remove(device);
+    }
+
+    internal (IommuGroup[] Groups, PciDevice[] Devices) Holdings()
+    {
+        lock (Sync)
+            return ([.. Groups], [.. BoundDevices]);
+    }
+}

@@ -1,0 +1,167 @@
+using System.Threading.Channels;
+
+namespace DmaBroker.Core.Sessions;
+
+/// <summary>Why a session ended.</summary>
+public enum SessionEndReason
+{
+    /// <summary>The client completed or cancelled its session stream.</summary>
+    ClientClosed,
+    /// <summary>The connection died (reset, keepalive timeout).</summary>
+    ConnectionLost,
+    /// <summary>The client sent nothing for the lease TTL.</summary>
+    LeaseExpired,
+    /// <summary>An admin revoked it.</summary>
+    Revoked,
+    /// <summary>The broker is stopping.</summary>
+    Shutdown,
+}
+
+/// <summary>Something the broker tells a session on its stream.</summary>
+public abstract record SessionEvent;
+
+/// <summary>An IOMMU fault caused by one of the session's devices.</summary>
+public sealed record FaultEvent(PciAddress Address, ulong Iova, DmaAccess Access, FaultReason Reason) : SessionEvent;
+
+/// <summary>An interrupt raised by one of the session's open devices.</summary>
+public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
+
+/// <summary>A device access direction, from the device's point of view.</summary>
+public enum DmaAccess
+{
+    Read = 1,
+    Write = 2,
+}
+
+/// <summary>Why a device access faulted.</summary>
+public enum FaultReason
+{
+    Unmapped = 1,
+    Permission = 2,
+    BusMasterOff = 3,
+    Blocked = 4,
+}
+
+/// <summary>
+/// A client's identity, as a <c>struct file *</c> is in Linux: everything it claims is released
+/// when it ends. Every operation on its behalf runs inside <see cref="Enter"/>, so teardown can
+/// wait for in-flight work before it releases anything.
+/// </summary>
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The ending token source has no timer; it lives exactly as long as the session and is never disposed early, so linked tokens never observe a disposed source.")]
+public sealed class Session
+{
+    private readonly Lock _sync = new();
+    private readonly Dictionary<ulong, Container> _containers = [];
+    private readonly CancellationTokenSource _ending = new();
+    private readonly Channel<SessionEvent> _events;
+    private long _droppedEvents;
+
+    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer)
+    {
+        Id = id;
+        Token = token;
+        ClientName = clientName;
+        OpenedAt = openedAt;
+        _events = Channel.CreateBounded<SessionEvent>(new BoundedChannelOptions(eventBuffer)
+        {
+            SingleReader = true,
+            FullMode = BoundedChannelFullMode.DropWrite,
+        });
+    }
+
+    /// <summary>Public id, shown as a group's owner.</summary>
+    public ulong Id { get; }
+
+    /// <summary>The secret that authenticates calls; 256 random bits.</summary>
+    public string Token { get; }
+
+    public string ClientName { get; internal set; }
+
+    public DateTimeOffset OpenedAt { get; }
+
+    internal RundownGate Gate { get; } = new();
+
+    internal Lock Sync => _sync;
+
+    internal ITimer? Lease { get; set; }
+
+    internal Task? Teardown { get; set; }
+
+    /// <summary>Cancelled the moment the session starts to end.</summary>
+    public CancellationToken Ending => _ending.Token;
+
+    /// <summary>Set once the session starts to end.</summary>
+    public SessionEndReason? EndReason { get; internal set; }
+
+    public string? EndMessage { get; internal set; }
+
+    /// <summary>Faults and interrupts for the session stream; completes when the session ends.</summary>
+    public ChannelReader<SessionEvent> Events => _events.Reader;
+
+    /// <summary>Events dropped because the client read too slowly.</summary>
+    public long DroppedEvents => Interlocked.Read(ref _droppedEvents);
+
+    /// <summary>
+    /// Marks one operation on the session's behalf; dispose it when done. A session that has
+    /// started to end admits none (UNAUTHENTICATED).
+    /// </summary>
+    public OperationScope Enter() =>
+        Gate.TryEnter() ? new OperationScope(this) : throw BrokerException.Unauthenticated($"session {Id} has ended");
+
+    /// <summary>Names the client (from its hello) in logs and admin views.</summary>
+    public void Rename(string clientName)
+    {
+        if (!string.IsNullOrWhiteSpace(clientName))
+            ClientName = clientName.Length > 128 ? clientName[..128] : clientName;
+    }
+
+    internal void Post(SessionEvent ev)
+    {
+        if (!_events.Writer.TryWrite(ev))
+            Interlocked.Increment(ref _droppedEvents);
+    }
+
+    internal void SignalEnding()
+    {
+        _ending.Cancel();
+    }
+
+    internal void CompleteEvents() => _events.Writer.TryComplete();
+
+    internal Container AddContainer(Container container)
+    {
+        lock (_sync)
+            _containers.Add(container.Id, container);
+        return container;
+    }
+
+    internal Container FindContainer(ulong id)
+    {
+        lock (_sync)
+        {
+            return _containers.TryGetValue(id, out var c)
+                ? c
+                : throw BrokerException.NotFound(Errno.ENOENT, $"container {id} is not a container of session {Id}");
+        }
+    }
+
+    internal void RemoveContainer(Container container)
+    {
+        lock (_sync)
+            _containers.Remove(container.Id);
+    }
+
+    internal Container[] Containers()
+    {
+        lock (_sync)
+            return [.. _containers.Values];
+    }
+
+    public override string ToString() => $"session {Id} ({ClientName})";
+
+    /// <summary>One operation in flight on a session's behalf.</summary>
+    public readonly struct OperationScope(Session session) : IDisposable
+    {
+        public void Dispose() => session.Gate.Exit();
+    }
+}

@@ -1,0 +1,140 @@
+using System.Collections.Concurrent;
+using System.Security.Cryptography;
+
+namespace DmaBroker.Core.Sessions;
+
+/// <summary>Session settings.</summary>
+public sealed record SessionOptions
+{
+    /// <summary>A session that sends nothing for this long ends (SPEC §5: default 3 s).</summary>
+    public TimeSpan LeaseTtl { get; init; } = TimeSpan.FromSeconds(3);
+
+    /// <summary>Faults and interrupts buffered per session before new ones are dropped.</summary>
+    public int EventBuffer { get; init; } = 1024;
+}
+
+/// <summary>Live counts, for operators and leak checks.</summary>
+public readonly record struct SessionCounts(int Live, long Opened, long Closed);
+
+/// <summary>
+/// Opens sessions, authenticates their tokens, keeps their leases on an injected clock, and runs
+/// each one's teardown exactly once, whichever way it ends.
+/// </summary>
+public sealed class SessionRegistry(TimeProvider time, SessionOptions options, Action<Session> teardown)
+{
+    private readonly ConcurrentDictionary<ulong, Session> _byId = new();
+    private readonly ConcurrentDictionary<string, Session> _byToken = new(StringComparer.Ordinal);
+    private long _nextId;
+    private long _opened;
+    private long _closed;
+    private volatile bool _shuttingDown;
+
+    public SessionOptions Options { get; } = options;
+
+    public SessionCounts Counts => new(_byId.Count, Interlocked.Read(ref _opened), Interlocked.Read(ref _closed));
+
+    public IReadOnlyCollection<Session> Live => [.. _byId.Values];
+
+    /// <summary>Opens a session with a fresh id, a 256-bit token and a running lease.</summary>
+    public Session Open(string? clientName = null)
+    {
+        if (_shuttingDown)
+            throw BrokerException.Conflict(Errno.EBUSY, "the broker is shutting down");
+        var id = (ulong)Interlocked.Increment(ref _nextId);
+        var token = System.Buffers.Text.Base64Url.EncodeToString(RandomNumberGenerator.GetBytes(32));
+        var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
+            time.GetUtcNow(), Options.EventBuffer);
+        _byId[id] = session;
+        _byToken[token] = session;
+        Interlocked.Increment(ref _opened);
+        session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
+            Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+        return session;
+    }
+
+    /// <summary>The live session a token names; UNAUTHENTICATED when missing, unknown or ended.</summary>
+    public Session Authenticate(string? token)
+    {
+        if (string.IsNullOrEmpty(token))
+            throw BrokerException.Unauthenticated("missing session token: open a session with Session.Open and send its token as metadata 'dmabroker-session-token'");
+        if (!_byToken.TryGetValue(token, out var session) || session.Gate.IsRunDown)
+            throw BrokerException.Unauthenticated("unknown or ended session token");
+        return session;
+    }
+
+    public Session Find(ulong id) =>
+        _byId.TryGetValue(id, out var s) && !s.Gate.IsRunDown
+            ? s
+            : throw BrokerException.NotFound(Errno.ENOENT, $"no live session {id}");
+
+    /// <summary>Renews the lease: the client said something.</summary>
+    public void Touch(Session session)
+    {
+        if (!session.Gate.IsRunDown)
+            session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+    }
+
+    /// <summary>Revokes a live session and waits until everything it held is released.</summary>
+    public Task RevokeAsync(ulong id, string? message) =>
+        EndAsync(Find(id), SessionEndReason.Revoked, string.IsNullOrWhiteSpace(message) ? "revoked by admin" : message);
+
+    /// <summary>
+    /// Ends a session; the first call runs the teardown, every call returns the same task. Order
+    /// (SPEC §5): no new operation or DMA is admitted, the ones in flight complete, then the
+    /// teardown releases devices, containers and ownership; only then is the session gone.
+    /// </summary>
+    public Task EndAsync(Session session, SessionEndReason reason, string? message = null)
+    {
+        Task teardownTask;
+        lock (session.Sync)
+        {
+            if (session.Teardown is { } running)
+                return running;
+            session.EndReason = reason;
+            session.EndMessage = message ?? Describe(reason);
+            teardownTask = session.Teardown = RunTeardownAsync(session);
+        }
+        return teardownTask;
+    }
+
+    private async Task RunTeardownAsync(Session session)
+    {
+        await Task.Yield();
+        session.Lease?.Dispose();
+        session.SignalEnding();
+        await session.Gate.RundownAsync().ConfigureAwait(false);
+        try
+        {
+            teardown(session);
+        }
+        finally
+        {
+            _byToken.TryRemove(session.Token, out _);
+            _byId.TryRemove(session.Id, out _);
+            session.CompleteEvents();
+            Interlocked.Increment(ref _closed);
+        }
+    }
+
+    /// <summary>Ends every session (broker shutdown) and refuses new ones.</summary>
+    public Task ShutdownAsync()
+    {
+        _shuttingDown = true;
+        return Task.WhenAll(_byId.Values.Select(s => EndAsync(s, SessionEndReason.Shutdown)));
+    }
+
+    public static string Describe(SessionEndReason reason) => reason switch
+    {
+        SessionEndReason.ClientClosed => "closed by client",
+        SessionEndReason.ConnectionLost => "connection lost",
+        SessionEndReason.LeaseExpired => "lease expired",
+        SessionEndReason.Revoked => "revoked by admin",
+        SessionEndReason.Shutdown => "broker shutting down",
+        _ => reason.ToString(),
+    };
+
+    private sealed record LeaseState(SessionRegistry Registry, Session Session)
+    {
+        public void Expire() => _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+    }
+}

@@ -1,0 +1,172 @@
+using System.Globalization;
+using System.Reflection;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace DmaBroker.Core.Topology;
+
+/// <summary>Where a function sits in the PCI tree; decides how it groups (SPEC §2).</summary>
+public enum PciNodeKind
+{
+    HostBridge,
+    RootPort,
+    SwitchUpstream,
+    SwitchDownstream,
+    Endpoint,
+}
+
+/// <summary>One function as a topology file describes it, validated.</summary>
+public sealed record PciFunctionSpec(
+    PciAddress Address,
+    PciNodeKind Kind,
+    ushort VendorId,
+    ushort DeviceId,
+    uint ClassCode,
+    string Model,
+    bool Acs,
+    byte? SecondaryBus,
+    string? Driver,
+    uint? PinnedGroup)
+{
+    public bool IsBridge => Kind is not PciNodeKind.Endpoint;
+}
+
+/// <summary>A topology: the functions of a PCI tree, in address order.</summary>
+public sealed class TopologyDocument
+{
+    public const string DefaultResourceName = "DmaBroker.Core.default-topology.json";
+
+    public TopologyDocument(IEnumerable<PciFunctionSpec> functions)
+    {
+        Functions = [.. functions.OrderBy(f => f.Address)];
+        Validate();
+    }
+
+    public IReadOnlyList<PciFunctionSpec> Functions { get; }
+
+    /// <summary>The embedded default topology of SPEC §2.</summary>
+    public static TopologyDocument Default()
+    {
+        using var stream = typeof(TopologyDocument).Assembly.GetManifestResourceStream(DefaultResourceName)
+            ?? throw new InvalidOperationException($"resource {DefaultResourceName} missing from {Assembly.GetExecutingAssembly().FullName}");
+        return Parse(stream, "embedded default topology");
+    }
+
+    public static TopologyDocument Load(string path)
+    {
+        using var stream = File.OpenRead(path);
+        return Parse(stream, path);
+    }
+
+    /// <summary>Parses the JSON form; every problem is a <see cref="TopologyException"/> naming the source.</summary>
+    public static TopologyDocument Parse(Stream json, string source)
+    {
+        FileModel? model;
+        try
+        {
+            model = JsonSerializer.Deserialize<FileModel>(json, JsonOptions);
+        }
+        catch (JsonException e)
+        {
+            throw new TopologyException($"{source}: not valid topology JSON: {e.Message}");
+        }
+        if (model?.Devices is not { Count: > 0 } devices)
+            throw new TopologyException($"{source}: no \"devices\" listed");
+        try
+        {
+            return new TopologyDocument(devices.Select((d, i) => d.ToSpec(i)));
+        }
+        catch (TopologyException e)
+        {
+            throw new TopologyException($"{source}: {e.Message}");
+        }
+    }
+
+    private void Validate()
+    {
+        var seen = new HashSet<PciAddress>();
+        var secondaries = new Dictionary<byte, PciAddress>();
+        foreach (var f in Functions)
+        {
+            if (!seen.Add(f.Address))
+                throw new TopologyException($"device {f.Address} listed twice");
+            if (f.IsBridge && f.Kind != PciNodeKind.HostBridge)
+            {
+                if (f.SecondaryBus is not { } bus)
+                    throw new TopologyException($"bridge {f.Address} needs \"secondaryBus\"");
+                if (bus <= f.Address.Bus)
+                    throw new TopologyException($"bridge {f.Address}: secondaryBus {bus:x2} must be above its own bus");
+                if (!secondaries.TryAdd(bus, f.Address))
+                    throw new TopologyException($"bus {bus:x2} is below both {secondaries[bus]} and {f.Address}");
+            }
+            if (f.Driver is not null)
+                Drivers.Validate(f.Driver);
+        }
+        foreach (var f in Functions)
+        {
+            if (f.Address.Bus != 0 && !secondaries.ContainsKey(f.Address.Bus))
+                throw new TopologyException($"device {f.Address}: no bridge leads to bus {f.Address.Bus:x2}");
+        }
+    }
+
+    private static readonly JsonSerializerOptions JsonOptions = new()
+    {
+        PropertyNameCaseInsensitive = true,
+        ReadCommentHandling = JsonCommentHandling.Skip,
+        AllowTrailingCommas = true,
+        UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
+    };
+
+    private sealed class FileModel
+    {
+        public string? Comment { get; set; }
+        public List<DeviceModel>? Devices { get; set; }
+    }
+
+    private sealed class DeviceModel
+    {
+        public string? Address { get; set; }
+        public string? Kind { get; set; }
+        public string? VendorId { get; set; }
+        public string? DeviceId { get; set; }
+        public string? ClassCode { get; set; }
+        public string? Model { get; set; }
+        public bool Acs { get; set; }
+        public string? SecondaryBus { get; set; }
+        public string? Driver { get; set; }
+        public uint? Group { get; set; }
+
+        public PciFunctionSpec ToSpec(int index)
+        {
+            var where = $"devices[{index}]";
+            if (!PciAddress.TryParse(Address, out var address))
+                throw new TopologyException($"{where}: bad address '{Address}' (expected DDDD:BB:DD.F)");
+            where = $"device {address}";
+            var kind = Kind switch
+            {
+                "host-bridge" => PciNodeKind.HostBridge,
+                "root-port" => PciNodeKind.RootPort,
+                "switch-upstream" => PciNodeKind.SwitchUpstream,
+                "switch-downstream" => PciNodeKind.SwitchDownstream,
+                "endpoint" or null => PciNodeKind.Endpoint,
+                _ => throw new TopologyException($"{where}: unknown kind '{Kind}' (host-bridge, root-port, switch-upstream, switch-downstream, endpoint)"),
+            };
+            byte? secondary = SecondaryBus is null ? null : (byte)Hex(SecondaryBus, 0xff, "secondaryBus", where);
+            return new PciFunctionSpec(
+                address, kind,
+                (ushort)Hex(VendorId, 0xffff, "vendorId", where),
+                (ushort)Hex(DeviceId, 0xffff, "deviceId", where),
+                Hex(ClassCode, 0xffffff, "classCode", where),
+                string.IsNullOrEmpty(Model) ? (kind == PciNodeKind.Endpoint ? throw new TopologyException($"{where}: needs \"model\"") : "bridge") : Model,
+                Acs, secondary, string.IsNullOrEmpty(Driver) ? null : Driver, Group);
+        }
+
+        private static uint Hex(string? text, uint max, string field, string where) =>
+            uint.TryParse(text, NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var v) && v <= max
+                ? v
+                : throw new TopologyException($"{where}: \"{field}\" must be hex up to {max:x}, got '{text}'");
+    }
+}
+
+/// <summary>A topology file that cannot be used, with the reason.</summary>
+public sealed class TopologyException(string message) : Exception(message);

@@ -1,0 +1,180 @@
+using System.Collections.Immutable;
+using System.Runtime.CompilerServices;
+using System.Threading.Channels;
+using DmaBroker.Core.Ownership;
+
+namespace DmaBroker.Core.Topology;
+
+/// <summary>One change to the device and group table.</summary>
+public abstract record TopologyChange;
+
+public sealed record GroupChanged(GroupInfo Group) : TopologyChange;
+
+public sealed record DeviceChanged(DeviceInfo Device) : TopologyChange;
+
+public sealed record DeviceRemoved(PciAddress Address) : TopologyChange;
+
+public sealed record GroupRemoved(uint GroupId) : TopologyChange;
+
+/// <summary>The whole table at one revision; immutable, so readers never lock.</summary>
+public sealed record TopologySnapshot(
+    ulong Revision,
+    ImmutableSortedDictionary<uint, GroupInfo> Groups,
+    ImmutableSortedDictionary<PciAddress, DeviceInfo> Devices)
+{
+    internal TopologySnapshot Apply(TopologyChange change) => change switch
+    {
+        GroupChanged g => this with { Revision = Revision + 1, Groups = Groups.SetItem(g.Group.Id, g.Group) },
+        DeviceChanged d => this with { Revision = Revision + 1, Devices = Devices.SetItem(d.Device.Address, d.Device) },
+        DeviceRemoved r => this with { Revision = Revision + 1, Devices = Devices.Remove(r.Address) },
+        GroupRemoved r => this with { Revision = Revision + 1, Groups = Groups.Remove(r.GroupId) },
+        _ => throw new ArgumentOutOfRangeException(nameof(change)),
+    };
+}
+
+/// <summary>What a watcher receives: a change at a revision, or a whole snapshot.</summary>
+public readonly record struct TopologyEvent(ulong Revision, TopologyChange? Change, TopologySnapshot? Snapshot);
+
+/// <summary>
+/// The revisioned record of the table, after Kubernetes ListAndWatch: publishers append changes
+/// (under the changed group's lock, so one group's changes keep their order), readers take
+/// immutable snapshots, and watchers get a snapshot followed by every later change. A watcher
+/// whose buffer overflows is never waited for: it is marked and resynchronised with a fresh
+/// snapshot when it next reads.
+/// </summary>
+public sealed class TopologyJournal
+{
+    private readonly Lock _sync = new();
+    private readonly int _watchBuffer;
+    private TopologySnapshot _current;
+    private ImmutableArray<TopologyWatcher> _watchers = [];
+
+    public TopologyJournal(TopologySnapshot initial, int watchBuffer)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(watchBuffer, 1);
+        _current = initial;
+        _watchBuffer = watchBuffer;
+    }
+
+    /// <summary>The latest snapshot.</summary>
+    public TopologySnapshot Current => Volatile.Read(ref _current);
+
+    public int WatcherCount => _watchers.Length;
+
+    /// <summary>Appends changes in order, one revision each, and hands them to every watcher without blocking.</summary>
+    public void Publish(params ReadOnlySpan<TopologyChange> changes)
+    {
+        lock (_sync)
+        {
+            var snapshot = _current;
+            foreach (var change in changes)
+            {
+                snapshot = snapshot.Apply(change);
+                var ev = new TopologyEvent(snapshot.Revision, change, null);
+                foreach (var watcher in _watchers)
+                    watcher.Offer(ev);
+            }
+            Volatile.Write(ref _current, snapshot);
+        }
+    }
+
+    /// <summary>Starts a watch; it begins with the current snapshot.</summary>
+    public TopologyWatcher Watch()
+    {
+        lock (_sync)
+        {
+            var watcher = new TopologyWatcher(this, _watchBuffer, _current);
+            _watchers = _watchers.Add(watcher);
+            return watcher;
+        }
+    }
+
+    internal TopologySnapshot Resync(TopologyWatcher watcher)
+    {
+        lock (_sync)
+        {
+            watcher.DiscardBuffered();
+            return _current;
+        }
+    }
+
+    internal void Remove(TopologyWatcher watcher)
+    {
+        lock (_sync)
+            _watchers = _watchers.Remove(watcher);
+    }
+}
+
+/// <summary>One watch: a snapshot, then changes in order; disposing it stops it.</summary>
+public sealed class TopologyWatcher : IDisposable
+{
+    private readonly TopologyJournal _journal;
+    private readonly Channel<TopologyEvent> _events;
+    private TopologySnapshot? _initial;
+    private volatile bool _overflowed;
+
+    internal TopologyWatcher(TopologyJournal journal, int capacity, TopologySnapshot initial)
+    {
+        _journal = journal;
+        _initial = initial;
+        _events = Channel.CreateBounded<TopologyEvent>(new BoundedChannelOptions(capacity)
+        {
+            SingleReader = true,
+            SingleWriter = false,
+            FullMode = BoundedChannelFullMode.Wait,
+        });
+    }
+
+    /// <summary>How many times this watcher fell behind and was resynchronised.</summary>
+    public int Resyncs { get; private set; }
+
+    // Called under the journal lock.
+    internal void Offer(TopologyEvent ev)
+    {
+        if (!_overflowed && !_events.Writer.TryWrite(ev))
+            _overflowed = true;
+    }
+
+    // Called under the journal lock: everything buffered is older than the snapshot that replaces it.
+    internal void DiscardBuffered()
+    {
+        while (_events.Reader.TryRead(out _))
+        {
+        }
+        _overflowed = false;
+    }
+
+    /// <summary>The events: first a snapshot, then changes; a fresh snapshot after an overflow.</summary>
+    public async IAsyncEnumerable<TopologyEvent> ReadAllAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
+    {
+        if (_initial is { } initial)
+        {
+            _initial = null;
+            yield return new TopologyEvent(initial.Revision, null, initial);
+        }
+        var reader = _events.Reader;
+        while (true)
+        {
+            if (_overflowed)
+            {
+                var snapshot = _journal.Resync(this);
+                Resyncs++;
+                yield return new TopologyEvent(snapshot.Revision, null, snapshot);
+                continue;
+            }
+            if (reader.TryRead(out var ev))
+            {
+                yield return ev;
+                continue;
+            }
+            if (!await reader.WaitToReadAsync(cancellationToken).ConfigureAwait(false))
+                yield break;
+        }
+    }
+
+    public void Dispose()
+    {
+        _journal.Remove(this);
+        _events.Writer.TryComplete();
+    }
+}

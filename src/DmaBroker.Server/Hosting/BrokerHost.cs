@@ -1,0 +1,119 @@
+using DmaBroker.Core;
+using DmaBroker.Core.Topology;
+using DmaBroker.Server.Services;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.Diagnostics.HealthChecks;
+
+namespace DmaBroker.Server.Hosting;
+
+/// <summary>Settings of a broker process, from the command line, environment or appsettings.</summary>
+public sealed record BrokerHostOptions
+{
+    public const string Section = "DmaBroker";
+    public const string DefaultListen = "http://127.0.0.1:50051";
+
+    /// <summary>Where to listen (HTTP/2 cleartext).</summary>
+    public string Listen { get; init; } = DefaultListen;
+
+    /// <summary>A topology JSON file; the embedded default topology when empty.</summary>
+    public string? Topology { get; init; }
+
+    /// <summary>A session that sends nothing for this long ends.</summary>
+    public int LeaseTtlMs { get; init; } = 3000;
+
+    /// <summary>HTTP/2 keepalive ping interval; a connection that misses pings for a lease TTL is dropped.</summary>
+    public int KeepAlivePingMs { get; init; } = 1000;
+
+    /// <summary>Events a watcher may fall behind before it is resynchronised.</summary>
+    public int WatchBuffer { get; init; } = 1024;
+}
+
+/// <summary>Builds the broker's web host; Program and the tests share it.</summary>
+public static class BrokerHost
+{
+    public const string Usage = """
+        DmaBroker: a gRPC service that plays a host's IOMMU and VFIO for remote clients.
+
+        Usage: dotnet run --project src/DmaBroker.Server -- [options]
+
+        Options:
+          --listen <url>        where to serve gRPC (HTTP/2 cleartext)   [default: http://127.0.0.1:50051]
+          --topology <file>     a topology JSON file                     [default: the embedded topology]
+          --lease-ttl-ms <ms>   end a session silent for this long        [default: 3000]
+          --keepalive-ms <ms>   HTTP/2 keepalive ping interval           [default: 1000]
+          --watch-buffer <n>    events a watcher may lag before resync   [default: 1024]
+          -h, --help            show this help
+
+        Every option is also a setting DmaBroker:<Name> (environment: DmaBroker__Listen=...).
+        """;
+
+    private static readonly Dictionary<string, string> Switches = new()
+    {
+        ["--listen"] = "DmaBroker:Listen",
+        ["--topology"] = "DmaBroker:Topology",
+        ["--lease-ttl-ms"] = "DmaBroker:LeaseTtlMs",
+        ["--keepalive-ms"] = "DmaBroker:KeepAlivePingMs",
+        ["--watch-buffer"] = "DmaBroker:WatchBuffer",
+    };
+
+    /// <summary>Builds the app. <paramref name="configure"/> lets tests replace services such as the clock.</summary>
+    public static WebApplication Build(string[] args, Action<IServiceCollection>? configure = null)
+    {
+        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
+        builder.Configuration.AddCommandLine(args, Switches);
+        var options = builder.Configuration.GetSection(BrokerHostOptions.Section).Get<BrokerHostOptions>() ?? new BrokerHostOptions();
+        Validate(options);
+        var topology = string.IsNullOrEmpty(options.Topology) ? TopologyDocument.Default() : TopologyDocument.Load(options.Topology);
+        var leaseTtl = TimeSpan.FromMilliseconds(options.LeaseTtlMs);
+
+        builder.WebHost.UseUrls(options.Listen);
+        builder.WebHost.ConfigureKestrel(kestrel =>
+        {
+            kestrel.ConfigureEndpointDefaults(endpoint => endpoint.Protocols = HttpProtocols.Http2);
+            // A hung client's connection is dropped when it stops answering pings; its lease ends it even sooner.
+            kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromMilliseconds(options.KeepAlivePingMs);
+            kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl;
+        });
+
+        builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(TimeProvider.System);
+        builder.Services.AddSingleton(sp => new Broker(topology, new BrokerOptions
+        {
+            Sessions = new Core.Sessions.SessionOptions { LeaseTtl = leaseTtl },
+            WatchBuffer = options.WatchBuffer,
+        }, sp.GetRequiredService<TimeProvider>()));
+        builder.Services.AddGrpc(grpc =>
+        {
+            grpc.Interceptors.Add<ErrorInterceptor>();
+            grpc.MaxReceiveMessageSize = 16 * 1024 * 1024;
+        });
+        builder.Services.AddGrpcReflection();
+        builder.Services.AddGrpcHealthChecks().AddCheck("broker", () => HealthCheckResult.Healthy());
+        configure?.Invoke(builder.Services);
+
+        var app = builder.Build();
+        app.MapGrpcService<TopologyService>();
+        app.MapGrpcService<KernelService>();
+        app.MapGrpcService<SessionService>();
+        app.MapGrpcService<VfioService>();
+        app.MapGrpcHealthChecksService();
+        app.MapGrpcReflectionService();
+
+        var broker = app.Services.GetRequiredService<Broker>();
+        // End every session (each is told `revoked`) before the server stops taking calls.
+        app.Lifetime.ApplicationStopping.Register(() => broker.Sessions.ShutdownAsync().Wait(TimeSpan.FromSeconds(5)));
+        return app;
+    }
+
+    private static void Validate(BrokerHostOptions o)
+    {
+        if (!Uri.TryCreate(o.Listen, UriKind.Absolute, out var uri) || uri.Scheme != "http")
+            throw new ArgumentException($"--listen must be an http:// URL such as {BrokerHostOptions.DefaultListen}, got '{o.Listen}'");
+        if (o.LeaseTtlMs is < 100 or > 3_600_000)
+            throw new ArgumentException($"--lease-ttl-ms must be between 100 and 3600000, got {o.LeaseTtlMs}");
+        if (o.KeepAlivePingMs is < 100 or > 3_600_000)
+            throw new ArgumentException($"--keepalive-ms must be between 100 and 3600000, got {o.KeepAlivePingMs}");
+        if (o.WatchBuffer is < 1 or > 1_000_000)
+            throw new ArgumentException($"--watch-buffer must be between 1 and 1000000, got {o.WatchBuffer}");
+    }
+}

@@ -1,0 +1,87 @@
+using DmaBroker.Core;
+using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Topology;
+using Wire = DmaBroker.Protocol.V1;
+
+namespace DmaBroker.Server.Hosting;
+
+/// <summary>Core views to wire messages and back; nothing here decides anything.</summary>
+internal static class WireMapping
+{
+    public static Wire.Device ToProto(this DeviceInfo d) => new()
+    {
+        Address = d.Address.ToString(),
+        VendorId = d.VendorId,
+        DeviceId = d.DeviceId,
+        ClassCode = d.ClassCode,
+        Model = d.Model,
+        GroupId = d.GroupId,
+        Driver = d.Driver ?? "",
+        DriverManagedDma = d.DriverManagedDma,
+    };
+
+    public static Wire.Group ToProto(this GroupInfo g)
+    {
+        var group = new Wire.Group
+        {
+            Id = g.Id,
+            OwnerKind = g.OwnerKind switch
+            {
+                OwnerKind.Kernel => Wire.OwnerKind.Kernel,
+                OwnerKind.User => Wire.OwnerKind.User,
+                _ => Wire.OwnerKind.None,
+            },
+            OwnerCount = (uint)g.OwnerCount,
+            OwnerSession = g.OwnerSession,
+            Generation = g.Generation,
+            Domain = g.Domain switch
+            {
+                DomainKind.Blocking => Wire.DomainKind.Blocking,
+                DomainKind.User => Wire.DomainKind.User,
+                _ => Wire.DomainKind.Default,
+            },
+        };
+        foreach (var address in g.Devices)
+            group.Devices.Add(address.ToString());
+        return group;
+    }
+
+    public static Wire.Snapshot ToProto(this TopologySnapshot s)
+    {
+        var snapshot = new Wire.Snapshot();
+        snapshot.Groups.AddRange(s.Groups.Values.Select(ToProto));
+        snapshot.Devices.AddRange(s.Devices.Values.Select(ToProto));
+        return snapshot;
+    }
+
+    public static Wire.WatchEvent ToProto(this TopologyEvent e)
+    {
+        var ev = new Wire.WatchEvent { Revision = e.Revision };
+        switch (e.Change)
+        {
+            case null:
+                ev.Snapshot = e.Snapshot!.ToProto();
+                break;
+            case GroupChanged g:
+                ev.Group = g.Group.ToProto();
+                break;
+            case DeviceChanged d:
+                ev.Device = d.Device.ToProto();
+                break;
+            case DeviceRemoved r:
+                ev.DeviceRemoved = new Wire.DeviceRemoved { Address = r.Address.ToString() };
+                break;
+            case GroupRemoved r:
+                ev.GroupRemoved = new Wire.GroupRemoved { GroupId = r.GroupId };
+                break;
+        }
+        return ev;
+    }
+
+    public static Core.Sessions.ContainerType ToCore(this Wire.ContainerType type) => type switch
+    {
+        Wire.ContainerType.Type1V2 => Core.Sessions.ContainerType.Type1v2,
+        Wire.ContainerType.Iommufd => Core.Sessions.ContainerType.Iommufd,
+        _ => throw BrokerException.Invalid($"container type {type} is not one of TYPE1V2, IOMMUFD"),
+    };
+}

@@ -1,0 +1,59 @@
+using DmaBroker.Core;
+using DmaBroker.Core.Topology;
+using DmaBroker.Server.Hosting;
+using Grpc.Core;
+using Wire = DmaBroker.Protocol.V1;
+
+namespace DmaBroker.Server.Services;
+
+/// <summary>The kernel and operator side: driver binding, hotplug, revocation, counts.</summary>
+public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
+{
+    private static readonly string[] HotplugModels = ["edu", "nvme", "nic", "gpu", "audio"];
+
+    public override Task<Wire.Device> BindDriver(Wire.BindDriverRequest request, ServerCallContext context) =>
+        Task.FromResult(broker.Table.BindDriver(PciAddress.Parse(request.Address), request.Driver).ToProto());
+
+    public override Task<Wire.Device> UnbindDriver(Wire.UnbindDriverRequest request, ServerCallContext context) =>
+        Task.FromResult(broker.Table.UnbindDriver(PciAddress.Parse(request.Address)).ToProto());
+
+    public override Task<Wire.Device> AddDevice(Wire.AddDeviceRequest request, ServerCallContext context)
+    {
+        var address = PciAddress.Parse(request.Address);
+        if (request.VendorId > 0xffff || request.DeviceId > 0xffff)
+            throw BrokerException.Invalid("vendor_id and device_id are 16-bit");
+        if (request.ClassCode > 0xffffff)
+            throw BrokerException.Invalid("class_code is 24-bit");
+        if (!HotplugModels.Contains(request.Model))
+            throw BrokerException.Invalid($"model '{request.Model}' cannot be hot-added; use one of {string.Join(", ", HotplugModels)}");
+        var spec = new PciFunctionSpec(address, PciNodeKind.Endpoint, (ushort)request.VendorId, (ushort)request.DeviceId,
+            request.ClassCode, request.Model, request.Acs, null, string.IsNullOrEmpty(request.Driver) ? null : request.Driver, null);
+        return Task.FromResult(broker.Table.AddDevice(spec).ToProto());
+    }
+
+    public override Task<Wire.RemoveDeviceResponse> RemoveDevice(Wire.RemoveDeviceRequest request, ServerCallContext context)
+    {
+        broker.Table.RemoveDevice(PciAddress.Parse(request.Address));
+        return Task.FromResult(new Wire.RemoveDeviceResponse());
+    }
+
+    public override async Task<Wire.RevokeSessionResponse> RevokeSession(Wire.RevokeSessionRequest request, ServerCallContext context)
+    {
+        await broker.Sessions.RevokeAsync(request.SessionId, request.Reason);
+        return new Wire.RevokeSessionResponse();
+    }
+
+    public override Task<Wire.BrokerStats> GetStats(Wire.GetStatsRequest request, ServerCallContext context)
+    {
+        var s = broker.GetStats();
+        return Task.FromResult(new Wire.BrokerStats
+        {
+            Sessions = (uint)s.Sessions,
+            Containers = (uint)s.Containers,
+            UserOwnedGroups = (uint)s.UserOwnedGroups,
+            Watchers = (uint)s.Watchers,
+            SessionsOpened = (ulong)s.SessionsOpened,
+            SessionsClosed = (ulong)s.SessionsClosed,
+        });
+    }
+}

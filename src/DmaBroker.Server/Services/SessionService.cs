@@ -1,0 +1,101 @@
+using DmaBroker.Core;
+using DmaBroker.Core.Sessions;
+using Grpc.Core;
+using Wire = DmaBroker.Protocol.V1;
+
+namespace DmaBroker.Server.Services;
+
+/// <summary>
+/// Session.Open: the stream is the session. Reading renews the lease; one writer task sends
+/// `opened`, then faults and interrupts, then `revoked` if the broker ended it. However the
+/// stream ends, the session is torn down before the call completes.
+/// </summary>
+public sealed partial class SessionService(Broker broker, ILogger<SessionService> logger) : Wire.Session.SessionBase
+{
+    public override async Task Open(IAsyncStreamReader<Wire.SessionRequest> requestStream,
+        IServerStreamWriter<Wire.SessionEvent> responseStream, ServerCallContext context)
+    {
+        var session = broker.Sessions.Open();
+        LogOpened(logger, session.Id, context.Peer);
+        using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
+        var writer = WriteEventsAsync(session, responseStream, context.CancellationToken);
+        var reason = SessionEndReason.ClientClosed;
+        try
+        {
+            while (await requestStream.MoveNext(ended.Token))
+            {
+                broker.Sessions.Touch(session);
+                if (requestStream.Current.Hello is { } hello)
+                    session.Rename(hello.ClientName);
+            }
+        }
+        catch (Exception e) when (e is OperationCanceledException or IOException or RpcException)
+        {
+            // Cancelled by the client, the connection died, or the broker ended the session.
+            reason = context.CancellationToken.IsCancellationRequested ? SessionEndReason.ConnectionLost : reason;
+        }
+        finally
+        {
+            await broker.Sessions.EndAsync(session, reason);
+            await writer;
+            LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
+        }
+    }
+
+    // The stream's only writer.
+    private async Task WriteEventsAsync(Session session, IServerStreamWriter<Wire.SessionEvent> stream, CancellationToken callAborted)
+    {
+        try
+        {
+            await stream.WriteAsync(new Wire.SessionEvent
+            {
+                Opened = new Wire.Opened
+                {
+                    SessionId = session.Id,
+                    Token = session.Token,
+                    LeaseTtlMs = (uint)broker.Sessions.Options.LeaseTtl.TotalMilliseconds,
+                },
+            }, callAborted);
+            await foreach (var ev in session.Events.ReadAllAsync(session.Ending))
+                await stream.WriteAsync(ToProto(ev), callAborted);
+        }
+        catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
+        {
+            // The session is ending or the client is gone.
+        }
+        if (session.EndReason is SessionEndReason.LeaseExpired or SessionEndReason.Revoked or SessionEndReason.Shutdown
+            && !callAborted.IsCancellationRequested)
+        {
+            try
+            {
+                await stream.WriteAsync(new Wire.SessionEvent { Revoked = new Wire.Revoked { Reason = session.EndMessage ?? "" } }, callAborted);
+            }
+            catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
+            {
+                // The client is gone: nobody to tell.
+            }
+        }
+    }
+
+    private static Wire.SessionEvent ToProto(SessionEvent ev) => ev switch
+    {
+        FaultEvent f => new Wire.SessionEvent
+        {
+            Fault = new Wire.Fault
+            {
+                Address = f.Address.ToString(),
+                Iova = f.Iova,
+                Access = f.Access == DmaAccess.Write ? Wire.Access.Write : Wire.Access.Read,
+                Reason = (Wire.FaultReason)(int)f.Reason,
+            },
+        },
+        InterruptEvent i => new Wire.SessionEvent { Interrupt = new Wire.Interrupt { Handle = i.Handle, Vector = i.Vector } },
+        _ => throw new ArgumentOutOfRangeException(nameof(ev)),
+    };
+
+    [LoggerMessage(EventId = 200, Level = LogLevel.Information, Message = "session {SessionId} opened from {Peer}")]
+    private static partial void LogOpened(ILogger logger, ulong sessionId, string peer);
+
+    [LoggerMessage(EventId = 201, Level = LogLevel.Information, Message = "session {SessionId} ({ClientName}) ended: {Reason}; everything it held is released")]
+    private static partial void LogEnded(ILogger logger, ulong sessionId, string clientName, string reason);
+}
