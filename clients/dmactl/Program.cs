@@ -1,1 +1,3 @@
-﻿Console.WriteLine("Hello, World!");
+using DmaBroker.Ctl;
+
+return await Cli.RunAsync(args, Console.Out, Console.Error);

@@ -1,0 +1,189 @@
+using System.Threading.Channels;
+using DmaBroker.Protocol.V1;
+using Grpc.Core;
+using Grpc.Core.Interceptors;
+
+namespace DmaBroker.Client;
+
+/// <summary>
+/// A broker session: the identity (like a Linux <c>struct file *</c>) that owns containers, groups
+/// and devices. It keeps its lease alive with pings; disposing it ends the session, and the broker
+/// then releases everything it held. If the broker ends it (revoked, lease lost, broker gone),
+/// <see cref="Ended"/> completes with the reason.
+/// </summary>
+public sealed class BrokerSession : IAsyncDisposable
+{
+    /// <summary>The metadata key that carries the session token on user calls.</summary>
+    public const string TokenHeader = "dmabroker-session-token";
+
+    private readonly AsyncDuplexStreamingCall<SessionRequest, SessionEvent> _call;
+    private readonly CancellationTokenSource _stop;
+    private readonly CancellationTokenSource _stopPings = new();
+    private readonly Channel<SessionEvent> _events = Channel.CreateUnbounded<SessionEvent>(new UnboundedChannelOptions { SingleWriter = true });
+    private readonly TaskCompletionSource<string> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private Task _reader = Task.CompletedTask;
+    private Task _pinger = Task.CompletedTask;
+    private int _disposed;
+
+    private BrokerSession(AsyncDuplexStreamingCall<SessionRequest, SessionEvent> call, CancellationTokenSource stop, Opened opened, CallInvoker invoker)
+    {
+        _call = call;
+        _stop = stop;
+        Id = opened.SessionId;
+        Token = opened.Token;
+        LeaseTtl = TimeSpan.FromMilliseconds(opened.LeaseTtlMs);
+        var authenticated = invoker.Intercept(metadata =>
+        {
+            metadata.Add(TokenHeader, Token);
+            return metadata;
+        });
+        Vfio = new Vfio.VfioClient(authenticated);
+        Memory = new Memory.MemoryClient(authenticated);
+        Dma = new Dma.DmaClient(authenticated);
+    }
+
+    /// <summary>The public session id, shown as a group's owner.</summary>
+    public ulong Id { get; }
+
+    /// <summary>The secret token; the clients below already send it.</summary>
+    public string Token { get; }
+
+    /// <summary>The broker ends the session if it hears nothing for this long; pings go out at a third of it.</summary>
+    public TimeSpan LeaseTtl { get; }
+
+    /// <summary>The raw Vfio client, authenticated as this session.</summary>
+    public Vfio.VfioClient Vfio { get; }
+
+    /// <summary>The raw Memory client, authenticated as this session.</summary>
+    public Memory.MemoryClient Memory { get; }
+
+    /// <summary>The raw Dma client, authenticated as this session.</summary>
+    public Dma.DmaClient Dma { get; }
+
+    /// <summary>Faults and interrupts; completes when the session ends.</summary>
+    public ChannelReader<SessionEvent> Events => _events.Reader;
+
+    /// <summary>Completes with the reason when the session ends, for whatever cause.</summary>
+    public Task<string> Ended => _ended.Task;
+
+    internal static async Task<BrokerSession> OpenAsync(BrokerClient client, string? clientName, CancellationToken cancellationToken)
+    {
+        var stop = new CancellationTokenSource();
+        var call = new Session.SessionClient(client.Channel).Open(cancellationToken: stop.Token);
+        try
+        {
+            if (!string.IsNullOrEmpty(clientName))
+                await call.RequestStream.WriteAsync(new SessionRequest { Hello = new Hello { ClientName = clientName } }, cancellationToken).ConfigureAwait(false);
+            if (!await call.ResponseStream.MoveNext(cancellationToken).ConfigureAwait(false) || call.ResponseStream.Current.Opened is not { } opened)
+                throw new BrokerException(StatusCode.Internal, "EPROTO", "the broker did not answer Session.Open with 'opened'");
+            var session = new BrokerSession(call, stop, opened, client.Channel.CreateCallInvoker());
+            session._reader = session.ReadEventsAsync();
+            session._pinger = session.PingAsync();
+            return session;
+        }
+        catch (RpcException e)
+        {
+            call.Dispose();
+            stop.Dispose();
+            throw BrokerException.From(e);
+        }
+        catch
+        {
+            call.Dispose();
+            stop.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Runs a call on behalf of this session, turning broker errors into <see cref="BrokerException"/>.</summary>
+    public Task<T> CallAsync<T>(Func<Vfio.VfioClient, AsyncUnaryCall<T>> call) =>
+        BrokerException.Wrap(() => call(Vfio).ResponseAsync);
+
+    /// <summary>Creates a container (TYPE1V2 or IOMMUFD) and returns its id.</summary>
+    public async Task<ulong> CreateContainerAsync(ContainerType type, CancellationToken cancellationToken = default) =>
+        (await CallAsync(v => v.CreateContainerAsync(new CreateContainerRequest { Type = type }, cancellationToken: cancellationToken)).ConfigureAwait(false)).ContainerId;
+
+    /// <summary>VFIO_GROUP_SET_CONTAINER: claims the group for this session.</summary>
+    public Task SetContainerAsync(uint groupId, ulong containerId, CancellationToken cancellationToken = default) =>
+        CallAsync(v => v.SetContainerAsync(new SetContainerRequest { GroupId = groupId, ContainerId = containerId }, cancellationToken: cancellationToken));
+
+    /// <summary>VFIO_GROUP_UNSET_CONTAINER: releases the group.</summary>
+    public Task UnsetContainerAsync(uint groupId, CancellationToken cancellationToken = default) =>
+        CallAsync(v => v.UnsetContainerAsync(new UnsetContainerRequest { GroupId = groupId }, cancellationToken: cancellationToken));
+
+    /// <summary>iommufd-style device claim into a container.</summary>
+    public Task BindDeviceAsync(string address, ulong containerId, CancellationToken cancellationToken = default) =>
+        CallAsync(v => v.BindDeviceAsync(new BindDeviceRequest { Address = address, ContainerId = containerId }, cancellationToken: cancellationToken));
+
+    public Task UnbindDeviceAsync(string address, CancellationToken cancellationToken = default) =>
+        CallAsync(v => v.UnbindDeviceAsync(new UnbindDeviceRequest { Address = address }, cancellationToken: cancellationToken));
+
+    public Task<GroupStatus> GetGroupStatusAsync(uint groupId, CancellationToken cancellationToken = default) =>
+        CallAsync(v => v.GetGroupStatusAsync(new GetGroupStatusRequest { GroupId = groupId }, cancellationToken: cancellationToken));
+
+    private async Task ReadEventsAsync()
+    {
+        string reason = "closed";
+        try
+        {
+            while (await _call.ResponseStream.MoveNext(CancellationToken.None).ConfigureAwait(false))
+            {
+                var ev = _call.ResponseStream.Current;
+                if (ev.Revoked is { } revoked)
+                    reason = revoked.Reason;
+                _events.Writer.TryWrite(ev);
+            }
+        }
+        catch (RpcException e)
+        {
+            reason = e.StatusCode == StatusCode.Cancelled && _stop.IsCancellationRequested
+                ? "closed"
+                : $"lost the broker: {e.Status.StatusCode}: {e.Status.Detail}";
+        }
+        finally
+        {
+            _events.Writer.TryComplete();
+            _ended.TrySetResult(reason);
+        }
+    }
+
+    // The request stream's only writer after the hello.
+    private async Task PingAsync()
+    {
+        using var timer = new PeriodicTimer(LeaseTtl / 3);
+        try
+        {
+            while (await timer.WaitForNextTickAsync(_stopPings.Token).ConfigureAwait(false) && !_ended.Task.IsCompleted)
+                await _call.RequestStream.WriteAsync(new SessionRequest { Ping = new Ping() }, _stopPings.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is OperationCanceledException or RpcException or InvalidOperationException or IOException)
+        {
+            // Stopping, or the stream is gone; the reader reports why.
+        }
+    }
+
+    /// <summary>Ends the session; returns once the broker has released everything it held (or is unreachable).</summary>
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
+        await _stopPings.CancelAsync().ConfigureAwait(false);
+        await _pinger.ConfigureAwait(false);
+        try
+        {
+            // A graceful close: the broker tears the session down, then completes the stream.
+            using var closeCts = new CancellationTokenSource(TimeSpan.FromSeconds(5));
+            await _call.RequestStream.CompleteAsync().WaitAsync(closeCts.Token).ConfigureAwait(false);
+            await _reader.WaitAsync(closeCts.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is OperationCanceledException or RpcException or InvalidOperationException or IOException or TimeoutException)
+        {
+            // The broker is gone or slow; cancelling the call below ends the session on its side too.
+        }
+        await _stop.CancelAsync().ConfigureAwait(false);
+        _call.Dispose();
+        await _reader.ConfigureAwait(false);
+        _stop.Dispose();
+        _stopPings.Dispose();
+    }
+}
