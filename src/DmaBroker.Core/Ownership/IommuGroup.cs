@@ -32,7 +32,7 @@ public sealed class IommuGroup(uint id)
     internal void CheckKernelUse(PciDevice device, string driver)
     {
         if (OwnerCount > 0 && (Owner is not null || Domain != DomainKind.Default))
-            throw BrokerException.Busy($"cannot bind DMA-API driver {driver} to {device.Address}: group {Id} is {Describe()}");
+            throw ErrnoException.Busy($"cannot bind DMA-API driver {driver} to {device.Address}: group {Id} is {Describe()}");
     }
 
     internal void KernelUse() => OwnerCount++;
@@ -40,7 +40,7 @@ public sealed class IommuGroup(uint id)
     internal void KernelUnuse()
     {
         if (OwnerCount == 0 || Owner is not null)
-            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} holds no kernel DMA ownership");
+            throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} holds no kernel DMA ownership");
         OwnerCount--;
     }
 
@@ -49,7 +49,7 @@ public sealed class IommuGroup(uint id)
     internal void CheckGroupClaim()
     {
         if (OwnerCount > 0)
-            throw BrokerException.NotPermitted($"group {Id} is {Describe()}");
+            throw ErrnoException.NotPermitted($"group {Id} is {Describe()}");
         CheckDefaultDomain();
     }
 
@@ -58,7 +58,7 @@ public sealed class IommuGroup(uint id)
         if (OwnerCount > 0)
         {
             if (Owner != session)
-                throw BrokerException.NotPermitted($"group {Id} is {Describe()}");
+                throw ErrnoException.NotPermitted($"group {Id} is {Describe()}");
             return;
         }
         CheckDefaultDomain();
@@ -67,7 +67,7 @@ public sealed class IommuGroup(uint id)
     private void CheckDefaultDomain()
     {
         if (Domain != DomainKind.Default)
-            throw BrokerException.Busy($"group {Id} is not in its default domain ({Domain})");
+            throw ErrnoException.Busy($"group {Id} is not in its default domain ({Domain})");
     }
 
     internal void ClaimGroup(Session session)
@@ -96,7 +96,7 @@ public sealed class IommuGroup(uint id)
     internal void CheckUserRelease(Session session)
     {
         if (OwnerCount == 0 || Owner != session)
-            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} is not owned by session {session.Id}");
+            throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} is not owned by session {session.Id}");
     }
 
     /// <summary>iommu_group_release_dma_owner: back to the default domain, whatever the count.</summary>
@@ -124,9 +124,9 @@ public sealed class IommuGroup(uint id)
     internal void CheckAttach(Container container)
     {
         if (OwnerKind != OwnerKind.User)
-            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} is not user-owned");
+            throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} is not user-owned");
         if (Domain == DomainKind.User && Attached != container)
-            throw BrokerException.Busy($"group {Id} already has container {Attached?.Id}'s domain attached");
+            throw ErrnoException.Busy($"group {Id} already has container {Attached?.Id}'s domain attached");
     }
 
     internal void AttachUserDomain(Container container)
@@ -140,7 +140,7 @@ public sealed class IommuGroup(uint id)
     internal void DetachUserDomain()
     {
         if (Domain != DomainKind.User)
-            throw BrokerException.Conflict(Errno.EINVAL, $"group {Id} has no user domain attached");
+            throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} has no user domain attached");
         Attached = null;
         Domain = OwnerKind == OwnerKind.User ? DomainKind.Blocking : DomainKind.Default;
     }

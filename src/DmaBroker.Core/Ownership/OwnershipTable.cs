@@ -42,10 +42,10 @@ public sealed class OwnershipTable
     public TopologyJournal Journal { get; }
 
     public PciDevice GetDevice(PciAddress address) =>
-        _devices.TryGetValue(address, out var d) ? d : throw BrokerException.NoDevice(address);
+        _devices.TryGetValue(address, out var d) ? d : throw ErrnoException.NoDevice(address);
 
     public IommuGroup GetGroup(uint id) =>
-        _groups.TryGetValue(id, out var g) ? g : throw BrokerException.NoGroup(id);
+        _groups.TryGetValue(id, out var g) ? g : throw ErrnoException.NoGroup(id);
 
     internal IEnumerable<IommuGroup> Groups => _groups.Values;
 
@@ -59,7 +59,7 @@ public sealed class OwnershipTable
         {
             CheckPresent(device);
             if (device.Driver is { } bound)
-                throw BrokerException.Busy($"{address} is already bound to {bound}; unbind it first");
+                throw ErrnoException.Busy($"{address} is already bound to {bound}; unbind it first");
             if (!Drivers.ManagesDma(driver))
                 group.CheckKernelUse(device, driver);
             Bind(device, driver);
@@ -76,11 +76,11 @@ public sealed class OwnershipTable
         {
             CheckPresent(device);
             if (device.Driver is null)
-                throw BrokerException.Conflict(Errno.EINVAL, $"{address} has no driver bound");
+                throw ErrnoException.Conflict(Errno.EINVAL, $"{address} has no driver bound");
             if (device.BoundBy is { } s)
-                throw BrokerException.Busy($"{address} is bound by session {s.Id}; it must unbind the device first");
+                throw ErrnoException.Busy($"{address} is bound by session {s.Id}; it must unbind the device first");
             if (device.OpenHandles > 0)
-                throw BrokerException.Busy($"{address} is open by a user driver");
+                throw ErrnoException.Busy($"{address} is open by a user driver");
             if (!device.DriverManagesDma)
                 group.KernelUnuse();
             device.Driver = null;
@@ -95,15 +95,15 @@ public sealed class OwnershipTable
     public DeviceInfo AddDevice(PciFunctionSpec spec)
     {
         if (spec.IsBridge)
-            throw BrokerException.Invalid("only endpoints can be hot-added");
+            throw ErrnoException.Invalid("only endpoints can be hot-added");
         if (spec.Driver is not null)
             Drivers.Validate(spec.Driver);
         lock (_hotplug)
         {
             if (_devices.ContainsKey(spec.Address))
-                throw BrokerException.Exists($"{spec.Address} already exists");
+                throw ErrnoException.Exists($"{spec.Address} already exists");
             if (spec.Address.Bus != 0 && !_bridgeBySecondaryBus.ContainsKey(spec.Address.Bus))
-                throw BrokerException.NotFound(Errno.ENODEV, $"no bridge leads to bus {spec.Address.Bus:x2}");
+                throw ErrnoException.NotFound(Errno.ENODEV, $"no bridge leads to bus {spec.Address.Bus:x2}");
             var existing = FindGroupFor(spec);
             if (existing is not null)
             {
@@ -137,12 +137,12 @@ public sealed class OwnershipTable
         {
             var device = GetDevice(address);
             if (device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus))
-                throw BrokerException.Busy($"{address} is a bridge with devices below it");
+                throw ErrnoException.Busy($"{address} is a bridge with devices below it");
             var group = device.Group;
             lock (group.Sync)
             {
                 if (group.OwnerKind == OwnerKind.User)
-                    throw BrokerException.Busy($"{address}: group {group.Id} is {group.Describe()}");
+                    throw ErrnoException.Busy($"{address}: group {group.Id} is {group.Describe()}");
                 if (device.Driver is not null && !device.DriverManagesDma)
                     group.KernelUnuse();
                 device.Driver = null;
@@ -178,13 +178,13 @@ public sealed class OwnershipTable
     internal static void CheckPresent(PciDevice device)
     {
         if (device.Removed)
-            throw BrokerException.NoDevice(device.Address);
+            throw ErrnoException.NoDevice(device.Address);
     }
 
     internal static void CheckPresent(IommuGroup group)
     {
         if (group.Removed)
-            throw BrokerException.NoGroup(group.Id);
+            throw ErrnoException.NoGroup(group.Id);
     }
 
     private static void Bind(PciDevice device, string driver)

@@ -106,7 +106,7 @@ public sealed class Session
     /// started to end admits none (UNAUTHENTICATED).
     /// </summary>
     public OperationScope Enter() =>
-        Gate.TryEnter() ? new OperationScope(this) : throw BrokerException.Unauthenticated($"session {Id} has ended");
+        Gate.TryEnter() ? new OperationScope(this) : throw ErrnoException.Unauthenticated($"session {Id} has ended");
 
     /// <summary>Names the client (from its hello) in logs and admin views.</summary>
     public void Rename(string clientName)
@@ -141,7 +141,7 @@ public sealed class Session
         {
             return _containers.TryGetValue(id, out var c)
                 ? c
-                : throw BrokerException.NotFound(Errno.ENOENT, $"container {id} is not a container of session {Id}");
+                : throw ErrnoException.NotFound(Errno.ENOENT, $"container {id} is not a container of session {Id}");
         }
     }
 

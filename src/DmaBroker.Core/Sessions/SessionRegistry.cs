@@ -39,7 +39,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     public Session Open(string? clientName = null)
     {
         if (_shuttingDown)
-            throw BrokerException.Conflict(Errno.EBUSY, "the broker is shutting down");
+            throw ErrnoException.Conflict(Errno.EBUSY, "the broker is shutting down");
         var id = (ulong)Interlocked.Increment(ref _nextId);
         var token = System.Buffers.Text.Base64Url.EncodeToString(RandomNumberGenerator.GetBytes(32));
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
@@ -56,16 +56,16 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     public Session Authenticate(string? token)
     {
         if (string.IsNullOrEmpty(token))
-            throw BrokerException.Unauthenticated("missing session token: open a session with Session.Open and send its token as metadata 'dmabroker-session-token'");
+            throw ErrnoException.Unauthenticated("missing session token: open a session with Session.Open and send its token as metadata 'dmabroker-session-token'");
         if (!_byToken.TryGetValue(token, out var session) || session.Gate.IsRunDown)
-            throw BrokerException.Unauthenticated("unknown or ended session token");
+            throw ErrnoException.Unauthenticated("unknown or ended session token");
         return session;
     }
 
     public Session Find(ulong id) =>
         _byId.TryGetValue(id, out var s) && !s.Gate.IsRunDown
             ? s
-            : throw BrokerException.NotFound(Errno.ENOENT, $"no live session {id}");
+            : throw ErrnoException.NotFound(Errno.ENOENT, $"no live session {id}");
 
     /// <summary>Renews the lease: the client said something.</summary>
     public void Touch(Session session)

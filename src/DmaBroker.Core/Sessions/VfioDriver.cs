@@ -46,7 +46,7 @@ public sealed class VfioDriver(OwnershipTable table)
         lock (container.Sync)
         {
             if (container.Groups.Count > 0 || container.BoundDevices.Count > 0)
-                throw BrokerException.Busy($"container {containerId} still has {container.Groups.Count} group(s) and {container.BoundDevices.Count} device(s) attached");
+                throw ErrnoException.Busy($"container {containerId} still has {container.Groups.Count} group(s) and {container.BoundDevices.Count} device(s) attached");
             Destroy(container);
         }
     }
@@ -61,7 +61,7 @@ public sealed class VfioDriver(OwnershipTable table)
         {
             OwnershipTable.CheckPresent(group);
             if (group.ContainerSet is { } set)
-                throw BrokerException.Conflict(Errno.EINVAL, set.Owner == session
+                throw ErrnoException.Conflict(Errno.EINVAL, set.Owner == session
                     ? $"group {groupId} already has container {set.Id} set"
                     : $"group {groupId} already has a container set by another session");
             group.CheckGroupClaim();
@@ -83,11 +83,11 @@ public sealed class VfioDriver(OwnershipTable table)
         {
             OwnershipTable.CheckPresent(group);
             if (group.ContainerSet is not { } container || container.Owner != session)
-                throw BrokerException.Conflict(Errno.EINVAL, $"group {groupId} has no container of session {session.Id} set");
+                throw ErrnoException.Conflict(Errno.EINVAL, $"group {groupId} has no container of session {session.Id} set");
             if (group.Devices.Sum(d => d.OpenHandles) is var open and > 0)
-                throw BrokerException.Busy($"group {groupId} has {open} device handle(s) open; close them first");
+                throw ErrnoException.Busy($"group {groupId} has {open} device handle(s) open; close them first");
             if (group.Devices.Count(d => d.BoundBy is not null) is var bound and > 0)
-                throw BrokerException.Busy($"group {groupId} has {bound} device(s) bound with BindDevice; unbind them first");
+                throw ErrnoException.Busy($"group {groupId} has {bound} device(s) bound with BindDevice; unbind them first");
             Unset(group, container);
             table.PublishGroup(group);
         }
@@ -104,12 +104,12 @@ public sealed class VfioDriver(OwnershipTable table)
         {
             OwnershipTable.CheckPresent(device);
             if (device.Driver != Drivers.VfioPci)
-                throw BrokerException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
+                throw ErrnoException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
             if (device.BoundBy == session)
-                throw BrokerException.Conflict(Errno.EINVAL, $"{address} is already bound by this session");
+                throw ErrnoException.Conflict(Errno.EINVAL, $"{address} is already bound by this session");
             group.CheckDeviceClaim(session);
             if (group.Domain == DomainKind.User && group.Attached != container)
-                throw BrokerException.Busy($"group {group.Id} already has container {group.Attached?.Id}'s domain attached");
+                throw ErrnoException.Busy($"group {group.Id} already has container {group.Attached?.Id}'s domain attached");
             CheckLive(container);
             group.ClaimDevice(session);
             if (group.Attached != container)
@@ -134,9 +134,9 @@ public sealed class VfioDriver(OwnershipTable table)
         {
             OwnershipTable.CheckPresent(device);
             if (device.BoundBy != session)
-                throw BrokerException.Conflict(Errno.EINVAL, $"{address} is not bound by this session");
+                throw ErrnoException.Conflict(Errno.EINVAL, $"{address} is not bound by this session");
             if (device.OpenHandles > 0)
-                throw BrokerException.Busy($"{address} has {device.OpenHandles} handle(s) open; close them first");
+                throw ErrnoException.Busy($"{address} has {device.OpenHandles} handle(s) open; close them first");
             Unbind(device);
             table.PublishGroup(group);
         }
@@ -192,7 +192,7 @@ public sealed class VfioDriver(OwnershipTable table)
         lock (container.Sync)
         {
             if (container.Destroyed)
-                throw BrokerException.NotFound(Errno.ENOENT, $"container {container.Id} was destroyed");
+                throw ErrnoException.NotFound(Errno.ENOENT, $"container {container.Id} was destroyed");
         }
     }
 

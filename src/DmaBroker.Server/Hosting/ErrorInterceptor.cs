@@ -7,7 +7,7 @@ using Grpc.Core.Interceptors;
 namespace DmaBroker.Server.Hosting;
 
 /// <summary>
-/// The one place where core failures become wire errors: a <see cref="BrokerException"/> turns
+/// The one place where core failures become wire errors: a <see cref="ErrnoException"/> turns
 /// into the status code of its kind with a <c>google.rpc.ErrorInfo</c> whose reason is the errno
 /// (SPEC §9). Anything else escaping a service is a bug, logged and reported as INTERNAL.
 /// </summary>
@@ -71,7 +71,7 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
     }
 
     /// <summary>The wire form of a core error.</summary>
-    public static RpcException ToRpcException(BrokerException e)
+    public static RpcException ToRpcException(ErrnoException e)
     {
         var status = new Google.Rpc.Status
         {
@@ -107,7 +107,7 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
     {
         switch (e)
         {
-            case BrokerException broker:
+            case ErrnoException broker:
                 LogRejected(logger, context.Method, broker.Errno, broker.Message);
                 return ToRpcException(broker);
             case RpcException:

@@ -82,6 +82,6 @@ internal static class WireMapping
     {
         Wire.ContainerType.Type1V2 => Core.Sessions.ContainerType.Type1v2,
         Wire.ContainerType.Iommufd => Core.Sessions.ContainerType.Iommufd,
-        _ => throw BrokerException.Invalid($"container type {type} is not one of TYPE1V2, IOMMUFD"),
+        _ => throw ErrnoException.Invalid($"container type {type} is not one of TYPE1V2, IOMMUFD"),
     };
 }

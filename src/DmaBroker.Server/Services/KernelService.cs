@@ -21,11 +21,11 @@ public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
     {
         var address = PciAddress.Parse(request.Address);
         if (request.VendorId > 0xffff || request.DeviceId > 0xffff)
-            throw BrokerException.Invalid("vendor_id and device_id are 16-bit");
+            throw ErrnoException.Invalid("vendor_id and device_id are 16-bit");
         if (request.ClassCode > 0xffffff)
-            throw BrokerException.Invalid("class_code is 24-bit");
+            throw ErrnoException.Invalid("class_code is 24-bit");
         if (!HotplugModels.Contains(request.Model))
-            throw BrokerException.Invalid($"model '{request.Model}' cannot be hot-added; use one of {string.Join(", ", HotplugModels)}");
+            throw ErrnoException.Invalid($"model '{request.Model}' cannot be hot-added; use one of {string.Join(", ", HotplugModels)}");
         var spec = new PciFunctionSpec(address, PciNodeKind.Endpoint, (ushort)request.VendorId, (ushort)request.DeviceId,
             request.ClassCode, request.Model, request.Acs, null, string.IsNullOrEmpty(request.Driver) ? null : request.Driver, null);
         return Task.FromResult(broker.Table.AddDevice(spec).ToProto());

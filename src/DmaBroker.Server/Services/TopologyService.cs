@@ -27,7 +27,7 @@ public sealed class TopologyService(Broker broker, IHostApplicationLifetime life
     public override Task<Wire.Group> GetGroup(Wire.GetGroupRequest request, ServerCallContext context) =>
         Task.FromResult(broker.Journal.Current.Groups.TryGetValue(request.GroupId, out var group)
             ? group.ToProto()
-            : throw BrokerException.NoGroup(request.GroupId));
+            : throw ErrnoException.NoGroup(request.GroupId));
 
     public override async Task Watch(Wire.WatchRequest request, IServerStreamWriter<Wire.WatchEvent> responseStream, ServerCallContext context)
     {

@@ -40,20 +40,20 @@ public enum ErrorKind
 /// A rejected broker operation. It carries the errno a Linux caller would see and the nature of
 /// the failure; throwing it guarantees the operation changed no state.
 /// </summary>
-public sealed class BrokerException(Errno errno, ErrorKind kind, string message) : Exception(message)
+public sealed class ErrnoException(Errno errno, ErrorKind kind, string message) : Exception(message)
 {
     public Errno Errno { get; } = errno;
     public ErrorKind Kind { get; } = kind;
 
-    public static BrokerException Invalid(string message) => new(Errno.EINVAL, ErrorKind.InvalidArgument, message);
-    public static BrokerException Busy(string message) => new(Errno.EBUSY, ErrorKind.FailedPrecondition, message);
-    public static BrokerException Conflict(Errno errno, string message) => new(errno, ErrorKind.FailedPrecondition, message);
-    public static BrokerException NotPermitted(string message) => new(Errno.EPERM, ErrorKind.PermissionDenied, message);
-    public static BrokerException NotFound(Errno errno, string message) => new(errno, ErrorKind.NotFound, message);
-    public static BrokerException Exists(string message) => new(Errno.EEXIST, ErrorKind.AlreadyExists, message);
-    public static BrokerException Exhausted(Errno errno, string message) => new(errno, ErrorKind.ResourceExhausted, message);
-    public static BrokerException Unauthenticated(string message) => new(Errno.EACCES, ErrorKind.Unauthenticated, message);
+    public static ErrnoException Invalid(string message) => new(Errno.EINVAL, ErrorKind.InvalidArgument, message);
+    public static ErrnoException Busy(string message) => new(Errno.EBUSY, ErrorKind.FailedPrecondition, message);
+    public static ErrnoException Conflict(Errno errno, string message) => new(errno, ErrorKind.FailedPrecondition, message);
+    public static ErrnoException NotPermitted(string message) => new(Errno.EPERM, ErrorKind.PermissionDenied, message);
+    public static ErrnoException NotFound(Errno errno, string message) => new(errno, ErrorKind.NotFound, message);
+    public static ErrnoException Exists(string message) => new(Errno.EEXIST, ErrorKind.AlreadyExists, message);
+    public static ErrnoException Exhausted(Errno errno, string message) => new(errno, ErrorKind.ResourceExhausted, message);
+    public static ErrnoException Unauthenticated(string message) => new(Errno.EACCES, ErrorKind.Unauthenticated, message);
 
-    public static BrokerException NoDevice(PciAddress address) => NotFound(Errno.ENODEV, $"no device {address}");
-    public static BrokerException NoGroup(uint groupId) => NotFound(Errno.ENOENT, $"no IOMMU group {groupId}");
+    public static ErrnoException NoDevice(PciAddress address) => NotFound(Errno.ENODEV, $"no device {address}");
+    public static ErrnoException NoGroup(uint groupId) => NotFound(Errno.ENOENT, $"no IOMMU group {groupId}");
 }

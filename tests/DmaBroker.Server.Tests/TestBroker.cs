@@ -1,0 +1,135 @@
+using DmaBroker.Client;
+using DmaBroker.Protocol.V1;
+using DmaBroker.Server.Hosting;
+using Grpc.Core;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.DependencyInjection.Extensions;
+
+namespace DmaBroker.Server.Tests;
+
+/// <summary>A real broker on a free loopback port, with an optional fake clock.</summary>
+public sealed class TestBroker : IAsyncDisposable
+{
+    public static readonly TimeSpan Timeout = TimeSpan.FromSeconds(10);
+
+    private readonly WebApplication _app;
+
+    private TestBroker(WebApplication app, string address)
+    {
+        _app = app;
+        Address = address;
+        Client = BrokerClient.Connect(address);
+        Broker = app.Services.GetRequiredService<Core.Broker>();
+    }
+
+    public string Address { get; }
+    public BrokerClient Client { get; }
+    public Core.Broker Broker { get; }
+
+    public static async Task<TestBroker> StartAsync(TimeProvider? time = null, params string[] args)
+    {
+        var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args], services =>
+        {
+            if (time is not null)
+                services.Replace(ServiceDescriptor.Singleton(time));
+        });
+        await app.StartAsync();
+        var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single() ?? throw new InvalidOperationException("the server reported no address");
+        return new TestBroker(app, address);
+    }
+
+    /// <summary>Raw clients authenticated with an arbitrary (possibly missing) token.</summary>
+    public Vfio.VfioClient VfioWithToken(string? token)
+    {
+        var invoker = Client.Channel.CreateCallInvoker();
+        return new Vfio.VfioClient(token is null ? invoker : Grpc.Core.Interceptors.CallInvokerExtensions.Intercept(invoker, m =>
+        {
+            m.Add(BrokerSession.TokenHeader, token);
+            return m;
+        }));
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        Client.Dispose();
+        await _app.StopAsync();
+        await _app.DisposeAsync();
+    }
+}
+
+/// <summary>A watch stream read one event at a time, each wait bounded.</summary>
+public sealed class Watcher : IAsyncDisposable
+{
+    private readonly CancellationTokenSource _cts = new();
+    private readonly IAsyncEnumerator<WatchEvent> _events;
+
+    public Watcher(BrokerClient client) => _events = client.WatchAsync(_cts.Token).GetAsyncEnumerator(_cts.Token);
+
+    public ulong LastRevision { get; private set; }
+
+    public async Task<WatchEvent> NextAsync()
+    {
+        Assert.True(await _events.MoveNextAsync().AsTask().WaitAsync(TestBroker.Timeout), "watch stream ended");
+        var ev = _events.Current;
+        if (LastRevision != 0 && ev.EventCase != WatchEvent.EventOneofCase.Snapshot)
+            Assert.Equal(LastRevision + 1, ev.Revision);
+        LastRevision = ev.Revision;
+        return ev;
+    }
+
+    /// <summary>Reads until a group event matches; every revision on the way must follow the last.</summary>
+    public async Task<Group> WaitForGroupAsync(Func<Group, bool> match)
+    {
+        while (true)
+        {
+            var ev = await NextAsync();
+            if (ev.EventCase == WatchEvent.EventOneofCase.Group && match(ev.Group))
+                return ev.Group;
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _cts.CancelAsync();
+        try
+        {
+            await _events.DisposeAsync();
+        }
+        catch (Exception e) when (e is OperationCanceledException or BrokerException or RpcException)
+        {
+            // Cancelled on purpose.
+        }
+        _cts.Dispose();
+    }
+}
+
+public static class Errors
+{
+    /// <summary>Asserts a call fails with the given errno and status code, never INTERNAL.</summary>
+    public static async Task<BrokerException> Expect(string errno, StatusCode code, Func<Task> call)
+    {
+        var e = await Assert.ThrowsAsync<BrokerException>(call);
+        Assert.Equal((errno, code), (e.Reason, e.StatusCode));
+        return e;
+    }
+
+    public static Task<T> Call<T>(Func<Task<T>> call) => BrokerExceptionWrapper.Wrap(call);
+
+    private static class BrokerExceptionWrapper
+    {
+        public static async Task<T> Wrap<T>(Func<Task<T>> call)
+        {
+            try
+            {
+                return await call();
+            }
+            catch (RpcException e)
+            {
+                throw BrokerException.From(e);
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+using DmaBroker.Protocol.V1;
+using Grpc.Core;
+using Grpc.Health.V1;
+using static DmaBroker.Server.Tests.Errors;
+
+namespace DmaBroker.Server.Tests;
+
+/// <summary>The read side, the admin side and the standard services.</summary>
+public sealed class TopologyServiceTests
+{
+    [Fact]
+    public async Task ListDevices_DefaultTopology_MatchesSpecTable()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var devices = (await broker.Client.ListDevicesAsync()).Devices.ToDictionary(d => d.Address);
+        Assert.Equal(23, devices.Count);
+        var nvme = devices["0000:01:00.0"];
+        Assert.Equal((0x144du, 0xa808u, 0x010802u, "nvme", "nvme", false), (nvme.VendorId, nvme.DeviceId, nvme.ClassCode, nvme.Model, nvme.Driver, nvme.DriverManagedDma));
+        var edu = devices["0000:06:00.0"];
+        Assert.Equal((0x1234u, 0x11e8u, "edu", "vfio-pci", true, 13u), (edu.VendorId, edu.DeviceId, edu.Model, edu.Driver, edu.DriverManagedDma, edu.GroupId));
+        Assert.Equal("", devices["0000:03:00.1"].Driver);
+    }
+
+    [Fact]
+    public async Task ListGroups_DefaultTopology_BootOwnership()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var groups = (await broker.Client.ListGroupsAsync()).Groups.ToDictionary(g => g.Id);
+        Assert.Equal((OwnerKind.Kernel, 1u), (groups[9].OwnerKind, groups[9].OwnerCount));
+        Assert.Equal((OwnerKind.Kernel, 2u), (groups[10].OwnerKind, groups[10].OwnerCount));
+        Assert.Equal(["0000:03:00.0", "0000:03:00.1"], groups[11].Devices);
+        Assert.Equal(["0000:05:00.0", "0000:05:01.0", "0000:06:00.0", "0000:07:00.0"], groups[13].Devices);
+        Assert.All(new uint[] { 11, 13, 14, 15, 16, 17 }, id => Assert.Equal(OwnerKind.None, groups[id].OwnerKind));
+    }
+
+    [Fact]
+    public async Task Kernel_HotplugIntoSwitchGroupAndRemove_WatcherSeesBoth()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var watcher = new Watcher(broker.Client);
+        await watcher.NextAsync();
+
+        var added = await broker.Client.Kernel.AddDeviceAsync(new AddDeviceRequest
+        {
+            Address = "0000:07:00.1", VendorId = 0x1234, DeviceId = 0x11e8, ClassCode = 0x00ff00, Model = "edu", Acs = true,
+        });
+        Assert.Equal(13u, added.GroupId);
+        Assert.Equal("0000:07:00.1", (await watcher.NextAsync()).Device.Address);
+        Assert.Contains("0000:07:00.1", (await watcher.NextAsync()).Group.Devices);
+
+        await broker.Client.Kernel.RemoveDeviceAsync(new RemoveDeviceRequest { Address = "0000:07:00.1" });
+        Assert.Equal("0000:07:00.1", (await watcher.NextAsync()).DeviceRemoved.Address);
+        Assert.DoesNotContain("0000:07:00.1", (await watcher.NextAsync()).Group.Devices);
+    }
+
+    [Fact]
+    public async Task Kernel_BadRequests_ClearErrorsAndNoStateChange()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var kernel = broker.Client.Kernel;
+        var before = await broker.Client.ListDevicesAsync();
+
+        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "nope", Driver = "nvme" }).ResponseAsync));
+        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:03:00.1", Driver = "Bad Driver!" }).ResponseAsync));
+        await Expect("ENODEV", StatusCode.NotFound, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:99:00.0", Driver = "nvme" }).ResponseAsync));
+        await Expect("EBUSY", StatusCode.FailedPrecondition, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:01:00.0", Driver = "vfio-pci" }).ResponseAsync));
+        await Expect("EINVAL", StatusCode.FailedPrecondition, () => Call(() => kernel.UnbindDriverAsync(new UnbindDriverRequest { Address = "0000:03:00.1" }).ResponseAsync));
+        await Expect("ENODEV", StatusCode.NotFound, () => Call(() => kernel.RemoveDeviceAsync(new RemoveDeviceRequest { Address = "0000:99:00.0" }).ResponseAsync));
+        await Expect("EBUSY", StatusCode.FailedPrecondition, () => Call(() => kernel.RemoveDeviceAsync(new RemoveDeviceRequest { Address = "0000:04:00.0" }).ResponseAsync));
+        await Expect("EEXIST", StatusCode.AlreadyExists, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:08:00.0", Model = "edu" }).ResponseAsync));
+        await Expect("ENODEV", StatusCode.NotFound, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:42:00.0", Model = "edu" }).ResponseAsync));
+        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:08:00.1", Model = "bridge" }).ResponseAsync));
+        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:08:00.1", Model = "edu", VendorId = 0x10000 }).ResponseAsync));
+
+        var after = await broker.Client.ListDevicesAsync();
+        Assert.Equal(before.Devices, after.Devices);
+        Assert.Equal(before.Revision, after.Revision);
+    }
+
+    [Fact]
+    public async Task Kernel_UnbindKernelDriverThenClaim_GroupBecomesFree()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var kernel = broker.Client.Kernel;
+        await kernel.UnbindDriverAsync(new UnbindDriverRequest { Address = "0000:01:00.0" });
+        await kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:01:00.0", Driver = "vfio-pci" });
+        var group = await broker.Client.GetGroupAsync(9);
+        Assert.Equal((OwnerKind.None, 0u), (group.OwnerKind, group.OwnerCount));
+        await using var session = await broker.Client.OpenSessionAsync("nvme-user");
+        await session.SetContainerAsync(9, await session.CreateContainerAsync(ContainerType.Type1V2));
+        Assert.Equal(OwnerKind.User, (await broker.Client.GetGroupAsync(9)).OwnerKind);
+    }
+
+    [Fact]
+    public async Task Health_Serving()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var health = new Health.HealthClient(broker.Client.Channel);
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new HealthCheckRequest())).Status);
+    }
+
+    [Fact]
+    public async Task Reflection_ListsTheBrokerServices()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var reflection = new Grpc.Reflection.V1Alpha.ServerReflection.ServerReflectionClient(broker.Client.Channel);
+        using var call = reflection.ServerReflectionInfo();
+        await call.RequestStream.WriteAsync(new Grpc.Reflection.V1Alpha.ServerReflectionRequest { ListServices = "" });
+        await call.RequestStream.CompleteAsync();
+        Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
+        var names = call.ResponseStream.Current.ListServicesResponse.Service.Select(s => s.Name).ToList();
+        Assert.Contains("dmabroker.v1.Topology", names);
+        Assert.Contains("dmabroker.v1.Vfio", names);
+        Assert.Contains("dmabroker.v1.Session", names);
+        Assert.Contains("dmabroker.v1.Kernel", names);
+    }
+}
