@@ -75,7 +75,7 @@ public sealed class ModelBasedTests
             // Not `await using`: after a failure, disposing a corrupted broker could throw and hide the seed and trace.
             var broker = new Broker(topology, null, new FakeTimeProvider());
             await new Sequence(seed, broker, topology, name, seen).RunAsync();
-            await broker.DisposeAsync();
+            await broker.DisposeAsync().AsTask().WaitAsync(CoreState.Timeout);
         }
 
         if (replay is null)

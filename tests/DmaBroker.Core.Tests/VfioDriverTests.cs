@@ -489,6 +489,18 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
     }
 
     [Fact]
+    public async Task Touch_AfterSessionEnded_DoesNotRevive()
+    {
+        await End(_broker, _a);
+
+        _broker.Sessions.Touch(_a);
+        _time.Advance(_broker.Sessions.Options.LeaseTtl);
+
+        Assert.Equal(SessionEndReason.ClientClosed, _a.EndReason);
+        Assert.Equal(ErrorKind.Unauthenticated, Assert.Throws<BrokerException>(() => _broker.Sessions.Authenticate(_a.Token)).Kind);
+    }
+
+    [Fact]
     public async Task Lease_ConfiguredTtl_IsUsed()
     {
         var time = new FakeTimeProvider();
