@@ -65,11 +65,16 @@ public sealed class VfioDriver(OwnershipTable table)
                     ? $"group {groupId} already has container {set.Id} set"
                     : $"group {groupId} already has a container set by another session");
             group.CheckGroupClaim();
-            CheckLive(container);
-            group.ClaimGroup(session);
-            group.AttachUserDomain(container);
-            group.ContainerSet = container;
-            container.AddGroup(group);
+            // Checked and joined under the container's lock, or a racing DestroyContainer could
+            // destroy it in between and leave the group owned through a container teardown never sees.
+            lock (container.Sync)
+            {
+                CheckLive(container);
+                group.ClaimGroup(session);
+                group.AttachUserDomain(container);
+                group.ContainerSet = container;
+                container.AddGroup(group);
+            }
             table.PublishGroup(group);
         }
     }
@@ -110,16 +115,20 @@ public sealed class VfioDriver(OwnershipTable table)
             group.CheckDeviceClaim(session);
             if (group.Domain == DomainKind.User && group.Attached != container)
                 throw ErrnoException.Busy($"group {group.Id} already has container {group.Attached?.Id}'s domain attached");
-            CheckLive(container);
-            group.ClaimDevice(session);
-            if (group.Attached != container)
+            // As in SetContainer: no DestroyContainer between the check and the join.
+            lock (container.Sync)
             {
-                group.AttachUserDomain(container);
-                container.AddGroup(group);
+                CheckLive(container);
+                group.ClaimDevice(session);
+                if (group.Attached != container)
+                {
+                    group.AttachUserDomain(container);
+                    container.AddGroup(group);
+                }
+                device.BoundBy = session;
+                device.BoundContainer = container;
+                container.AddDevice(device);
             }
-            device.BoundBy = session;
-            device.BoundContainer = container;
-            container.AddDevice(device);
             table.PublishGroup(group);
         }
     }

@@ -100,7 +100,16 @@ public sealed class TopologyDocument
                     throw new TopologyException($"bus {bus:x2} is below both {secondaries[bus]} and {f.Address}");
             }
             if (f.Driver is not null)
-                Drivers.Validate(f.Driver);
+            {
+                try
+                {
+                    Drivers.Validate(f.Driver);
+                }
+                catch (ErrnoException e)
+                {
+                    throw new TopologyException($"device {f.Address}: {e.Message}");
+                }
+            }
         }
         foreach (var f in Functions)
         {
