@@ -49,6 +49,12 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         Interlocked.Increment(ref _opened);
         session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
             Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+        if (_shuttingDown)
+        {
+            // Shutdown began after the check above and may have missed this session: end it here.
+            _ = EndAsync(session, SessionEndReason.Shutdown);
+            throw ErrnoException.Conflict(Errno.EBUSY, "the broker is shutting down");
+        }
         return session;
     }
 

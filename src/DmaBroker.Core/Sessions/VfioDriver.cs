@@ -45,6 +45,8 @@ public sealed class VfioDriver(OwnershipTable table)
         var container = session.FindContainer(containerId);
         lock (container.Sync)
         {
+            if (container.Destroyed)
+                throw ErrnoException.NotFound(Errno.ENOENT, $"container {containerId} was destroyed");
             if (container.Groups.Count > 0 || container.BoundDevices.Count > 0)
                 throw ErrnoException.Busy($"container {containerId} still has {container.Groups.Count} group(s) and {container.BoundDevices.Count} device(s) attached");
             Destroy(container);
