@@ -27,7 +27,7 @@ public sealed class Broker : IAsyncDisposable
     {
         Options = options ?? new BrokerOptions();
         Table = new OwnershipTable(topology, Options.WatchBuffer);
-        Vfio = new VfioDriver(Table);
+        Vfio = new VfioDriver(Table, Options.Sessions.DmaLimit);
         Sessions = new SessionRegistry(time ?? TimeProvider.System, Options.Sessions, Vfio.Teardown);
     }
 

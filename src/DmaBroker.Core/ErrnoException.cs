@@ -4,6 +4,7 @@ namespace DmaBroker.Core;
 public enum Errno
 {
     EPERM = 1,
+    EBADF = 9,
     ENOENT = 2,
     EFAULT = 14,
     EBUSY = 16,

@@ -20,7 +20,34 @@ public sealed class IommuGroup(uint id)
     internal DomainKind Domain { get; set; } = DomainKind.Default;
     internal ulong Generation { get; set; }
     /// <summary>The container whose domain is attached (Domain == User).</summary>
-    internal Container? Attached { get; set; }
+    internal Container? Attached
+    {
+        get => Volatile.Read(ref _attached);
+        set
+        {
+            var old = _attached;
+            if (ReferenceEquals(old, value))
+                return;
+            if (old is null)
+            {
+                Volatile.Write(ref _attached, value);
+                return;
+            }
+            // Taking the old address space exclusively waits out every device access that may
+            // still be translating through it: once this returns, none of its DMA can land.
+            old.Iova.EnterExclusive();
+            try
+            {
+                Volatile.Write(ref _attached, value);
+            }
+            finally
+            {
+                old.Iova.ExitExclusive();
+            }
+        }
+    }
+
+    private Container? _attached;
     /// <summary>The container set with SetContainer (the VFIO group flow), if any.</summary>
     internal Container? ContainerSet { get; set; }
     internal bool Removed { get; set; }

@@ -1,3 +1,4 @@
+using DmaBroker.Core.Devices;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 
@@ -11,6 +12,9 @@ public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
     public PciAddress Address => Spec.Address;
     public PciFunctionSpec Spec { get; } = spec;
     public IommuGroup Group { get; } = group;
+
+    /// <summary>The simulated hardware behind the function; accessed under its own lock.</summary>
+    public DeviceModel Model { get; } = DeviceModel.Create(spec);
 
     internal string? Driver { get; set; }
     internal bool DriverManagesDma => Driver is not null && Drivers.ManagesDma(Driver);

@@ -1,3 +1,4 @@
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
 
 namespace DmaBroker.Core.Sessions;
@@ -13,9 +14,12 @@ public enum ContainerType
 /// An IOMMU address space owned by one session. Its group and device sets change only under the
 /// lock of the group concerned and then this container's lock (lock order: group, container).
 /// </summary>
-public sealed class Container(ulong id, ContainerType type, Session owner)
+public sealed class Container(ulong id, ContainerType type, Session owner, int dmaLimit)
 {
     internal readonly Lock Sync = new();
+
+    /// <summary>The address space: mappings, and the lock that fences device accesses.</summary>
+    public IovaSpace Iova { get; } = new(dmaLimit);
 
     public ulong Id { get; } = id;
     public ContainerType Type { get; } = type;
@@ -49,6 +53,10 @@ public sealed class Container(ulong id, ContainerType type, Session owner)
         lock (Sync)
         {
             Groups.Remove(group);
+            // A type1v2 container loses its IOMMU with its last group, and with it every
+            // mapping; an iommufd IOAS lives on without devices, as in Linux.
+            if (Groups.Count == 0 && Type == ContainerType.Type1v2)
+                Iova.Clear(Owner.Memory);
         }
     }
 

@@ -1,4 +1,5 @@
 using System.Threading.Channels;
+using DmaBroker.Core.Memory;
 
 namespace DmaBroker.Core.Sessions;
 
@@ -52,12 +53,14 @@ public sealed class Session
 {
     private readonly Lock _sync = new();
     private readonly Dictionary<ulong, Container> _containers = [];
+    private readonly Dictionary<ulong, DeviceHandle> _handles = [];
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
     private long _droppedEvents;
 
-    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer)
+    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, ulong memoryLimit)
     {
+        Memory = new SessionMemory(memoryLimit);
         Id = id;
         Token = token;
         ClientName = clientName;
@@ -78,6 +81,9 @@ public sealed class Session
     public string ClientName { get; internal set; }
 
     public DateTimeOffset OpenedAt { get; }
+
+    /// <summary>The session's own memory (the process's address space).</summary>
+    public SessionMemory Memory { get; }
 
     internal RundownGate Gate { get; } = new();
 
@@ -149,6 +155,65 @@ public sealed class Session
     {
         lock (_sync)
             _containers.Remove(container.Id);
+    }
+
+    internal void AddHandle(DeviceHandle handle)
+    {
+        lock (_sync)
+            _handles.Add(handle.Id, handle);
+    }
+
+    /// <summary>An open device handle of this session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>
+    public DeviceHandle FindHandle(ulong id)
+    {
+        lock (_sync)
+        {
+            return _handles.TryGetValue(id, out var h)
+                ? h
+                : throw ErrnoException.NotFound(Errno.EBADF, $"device handle {id} is not open in session {Id}");
+        }
+    }
+
+    internal void RemoveHandle(DeviceHandle handle)
+    {
+        lock (_sync)
+            _handles.Remove(handle.Id);
+    }
+
+    internal DeviceHandle[] Handles()
+    {
+        lock (_sync)
+            return [.. _handles.Values];
+    }
+
+    /// <summary>Memory.Allocate: zeroed, page-aligned memory of the session.</summary>
+    public MemoryBlock Allocate(ulong size)
+    {
+        using var op = Enter();
+        return Memory.Allocate(size);
+    }
+
+    /// <summary>Memory.Free: EBUSY while mapped.</summary>
+    public void Free(ulong vaddr)
+    {
+        using var op = Enter();
+        Memory.Free(vaddr);
+    }
+
+    /// <summary>Memory.Read: the CPU's view.</summary>
+    public void ReadMemory(ulong vaddr, Span<byte> destination)
+    {
+        using var op = Enter();
+        if (destination.Length > SessionMemory.MaxTransfer)
+            throw ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per read");
+        Memory.Read(vaddr, destination);
+    }
+
+    /// <summary>Memory.Write: the CPU's view.</summary>
+    public void WriteMemory(ulong vaddr, ReadOnlySpan<byte> source)
+    {
+        using var op = Enter();
+        Memory.Write(vaddr, source);
     }
 
     internal Container[] Containers()

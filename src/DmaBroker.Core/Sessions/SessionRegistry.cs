@@ -11,6 +11,12 @@ public sealed record SessionOptions
 
     /// <summary>Faults and interrupts buffered per session before new ones are dropped.</summary>
     public int EventBuffer { get; init; } = 1024;
+
+    /// <summary>Memory one session may allocate (like RLIMIT_MEMLOCK); beyond it, ENOMEM.</summary>
+    public ulong MemoryLimit { get; init; } = 256UL * 1024 * 1024;
+
+    /// <summary>Mappings per container (type1's dma_entry_limit); beyond it, ENOSPC.</summary>
+    public int DmaLimit { get; init; } = 65535;
 }
 
 /// <summary>Live counts, for operators and leak checks.</summary>
@@ -43,7 +49,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         var id = (ulong)Interlocked.Increment(ref _nextId);
         var token = System.Buffers.Text.Base64Url.EncodeToString(RandomNumberGenerator.GetBytes(32));
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
-            time.GetUtcNow(), Options.EventBuffer);
+            time.GetUtcNow(), Options.EventBuffer, Options.MemoryLimit);
         _byId[id] = session;
         _byToken[token] = session;
         Interlocked.Increment(ref _opened);

@@ -1,6 +1,10 @@
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
 
 namespace DmaBroker.Core.Sessions;
+
+/// <summary>VFIO_IOMMU_GET_INFO: page sizes (a bitmap), usable IOVA ranges (inclusive) and mappings left.</summary>
+public sealed record IommuInfo(ulong PageSizes, IReadOnlyList<(ulong First, ulong Last)> IovaRanges, int DmaAvailable);
 
 /// <summary>What VFIO_GROUP_GET_STATUS reports to one session.</summary>
 public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
@@ -11,8 +15,9 @@ public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 /// a device claim). Each call runs inside the session's operation scope and checks everything
 /// before it changes anything, so a rejected call leaves no trace.
 /// </summary>
-public sealed class VfioDriver(OwnershipTable table)
+public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
 {
+    private long _nextHandleId;
     private long _nextContainerId;
     private int _liveContainers;
 
@@ -33,7 +38,7 @@ public sealed class VfioDriver(OwnershipTable table)
     public Container CreateContainer(Session session, ContainerType type)
     {
         using var op = session.Enter();
-        var container = new Container((ulong)Interlocked.Increment(ref _nextContainerId), type, session);
+        var container = new Container((ulong)Interlocked.Increment(ref _nextContainerId), type, session, dmaLimit);
         Interlocked.Increment(ref _liveContainers);
         return session.AddContainer(container);
     }
@@ -153,12 +158,94 @@ public sealed class VfioDriver(OwnershipTable table)
         }
     }
 
+    // The IOMMU and device calls need no driver-wide state, but they are the driver's API, as the ioctls are.
+#pragma warning disable CA1822
+    /// <summary>VFIO_IOMMU_GET_INFO. A type1v2 container without a group has no IOMMU yet (EINVAL).</summary>
+    public IommuInfo GetIommuInfo(Session session, ulong containerId)
+    {
+        using var op = session.Enter();
+        var container = IommuOf(session, containerId);
+        return new IommuInfo(IovaSpace.PageSize, IovaSpace.UsableRanges, container.Iova.Available);
+    }
+
+    /// <summary>
+    /// VFIO_IOMMU_MAP_DMA / IOMMU_IOAS_MAP: maps session memory for device access. A null
+    /// <paramref name="iova"/> lets an IOMMUFD container pick one.
+    /// </summary>
+    public ulong MapDma(Session session, ulong containerId, ulong vaddr, ulong? iova, ulong size, bool read, bool write)
+    {
+        using var op = session.Enter();
+        var container = IommuOf(session, containerId);
+        if (iova is null && container.Type == ContainerType.Type1v2)
+            throw ErrnoException.Invalid("a TYPE1V2 container needs an explicit iova; only IOMMUFD picks one");
+        return container.Iova.Map(session.Memory, vaddr, iova, size, read, write);
+    }
+
+    /// <summary>VFIO_IOMMU_UNMAP_DMA / IOMMU_IOAS_UNMAP: returns once no DMA can touch the range.</summary>
+    public ulong UnmapDma(Session session, ulong containerId, ulong iova, ulong size, bool all)
+    {
+        using var op = session.Enter();
+        var container = IommuOf(session, containerId);
+        return container.Iova.Unmap(session.Memory, iova, size, all,
+            container.Type == ContainerType.Iommufd ? UnmapRules.Iommufd : UnmapRules.Type1v2);
+    }
+
+#pragma warning restore CA1822
+
+    /// <summary>
+    /// VFIO_GROUP_GET_DEVICE_FD: the device must be bound to vfio-pci (ENODEV), its group not
+    /// owned by another session (EPERM) and claimed by this one (EINVAL); one handle at a time (EBUSY).
+    /// </summary>
+    public DeviceHandle OpenDevice(Session session, PciAddress address)
+    {
+        using var op = session.Enter();
+        var device = table.GetDevice(address);
+        var group = device.Group;
+        lock (group.Sync)
+        {
+            OwnershipTable.CheckPresent(device);
+            if (device.Driver != Drivers.VfioPci)
+                throw ErrnoException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
+            if (group.OwnerKind == OwnerKind.User && group.Owner != session)
+                throw ErrnoException.NotPermitted($"group {group.Id} is {group.Describe()}");
+            if (group.ContainerSet?.Owner != session && device.BoundBy != session)
+                throw ErrnoException.Conflict(Errno.EINVAL, $"{address}: claim it first (SetContainer on group {group.Id}, or BindDevice)");
+            if (device.OpenHandles > 0)
+                throw ErrnoException.Busy($"{address} is already open");
+            var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session);
+            device.OpenHandles++;
+            session.AddHandle(handle);
+            return handle;
+        }
+    }
+
+#pragma warning disable CA1822
+    /// <summary>Closes a device handle; the device is reset so the next user finds it clean.</summary>
+    public void CloseDevice(Session session, ulong handleId)
+    {
+        using var op = session.Enter();
+        Close(session.FindHandle(handleId));
+    }
+
+    /// <summary>VFIO_DEVICE_RESET: a function-level reset.</summary>
+    public void ResetDevice(Session session, ulong handleId)
+    {
+        using var op = session.Enter();
+        var handle = session.FindHandle(handleId);
+        lock (handle.Device.Model.Sync)
+            handle.Device.Model.Reset();
+    }
+#pragma warning restore CA1822
+
     /// <summary>
     /// Releases everything a session holds. Called by the registry once the session admits no
     /// more operations and those in flight have finished, so nothing here races its own calls.
     /// </summary>
     internal void Teardown(Session session)
     {
+        // Devices first: reset and closed, so none can start DMA while its group is released.
+        foreach (var handle in session.Handles())
+            Close(handle);
         foreach (var container in session.Containers())
         {
             var (groups, devices) = container.Holdings();
@@ -166,7 +253,6 @@ public sealed class VfioDriver(OwnershipTable table)
             {
                 lock (device.Group.Sync)
                 {
-                    device.OpenHandles = 0;
                     Unbind(device);
                     table.PublishGroup(device.Group);
                 }
@@ -177,16 +263,42 @@ public sealed class VfioDriver(OwnershipTable table)
                 {
                     if (group.ContainerSet == container)
                     {
-                        foreach (var d in group.Devices)
-                            d.OpenHandles = 0;
                         Unset(group, container);
                         table.PublishGroup(group);
                     }
                 }
             }
+            container.Iova.Clear(session.Memory);
             lock (container.Sync)
                 Destroy(container);
         }
+        session.Memory.Clear();
+    }
+
+    private static Container IommuOf(Session session, ulong containerId)
+    {
+        var container = session.FindContainer(containerId);
+        if (!container.HasIommu)
+            throw ErrnoException.Conflict(Errno.EINVAL, $"container {containerId} has no IOMMU yet: set a group on it first (TYPE1V2)");
+        return container;
+    }
+
+    private static void Close(DeviceHandle handle)
+    {
+        var device = handle.Device;
+        lock (device.Group.Sync)
+        {
+            lock (device.Model.Sync)
+            {
+                if (handle.Closed)
+                    return;
+                handle.Closed = true;
+                device.Model.Reset();
+            }
+            device.OpenHandles--;
+        }
+        handle.SetInterruptListener(null);
+        handle.Session.RemoveHandle(handle);
     }
 
     private void Destroy(Container container)

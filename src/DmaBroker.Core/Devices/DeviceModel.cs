@@ -1,0 +1,152 @@
+using System.Buffers.Binary;
+using DmaBroker.Core.Iommu;
+using DmaBroker.Core.Topology;
+
+namespace DmaBroker.Core.Devices;
+
+/// <summary>What a device can do to the host: DMA through the IOMMU and interrupts.</summary>
+public interface IDevicePort
+{
+    /// <summary>The device writes host memory (inbound DMA).</summary>
+    DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data);
+
+    /// <summary>The device reads host memory (outbound DMA).</summary>
+    DmaOutcome Read(ulong iova, Span<byte> destination);
+
+    /// <summary>The device signals an MSI vector.</summary>
+    void Interrupt(uint vector);
+}
+
+/// <summary>The result of a register write that may have started device work.</summary>
+public readonly record struct MmioResult(bool Ok, DmaOutcome Dma, string? Error)
+{
+    public static readonly MmioResult Done = new(true, DmaOutcome.Success, null);
+
+    public static MmioResult Faulted(DmaOutcome dma) => new(false, dma, null);
+
+    public static MmioResult Failed(string error) => new(false, DmaOutcome.Success, error);
+}
+
+/// <summary>
+/// A simulated PCI function: a config space (VFIO region 7) whose command register gates DMA,
+/// and up to six BARs (regions 0-5). Callers hold <see cref="Sync"/> around every access.
+/// </summary>
+public abstract class DeviceModel
+{
+    public const int ConfigIndex = 7;
+    public const int ConfigSize = 256;
+    public const ushort CommandMemory = 1 << 1;
+    public const ushort CommandBusMaster = 1 << 2;
+    private const int CommandOffset = 0x04;
+
+    private readonly byte[] _config = new byte[ConfigSize];
+    private volatile bool _busMaster;
+
+    protected DeviceModel(PciFunctionSpec spec)
+    {
+        Spec = spec;
+        ResetConfig();
+    }
+
+    internal readonly Lock Sync = new();
+
+    public PciFunctionSpec Spec { get; }
+
+    /// <summary>Sizes of BAR0-BAR5 in bytes; 0 for an absent BAR.</summary>
+    public abstract IReadOnlyList<ulong> BarSizes { get; }
+
+    /// <summary>Command register bit 2: without it the device may not initiate DMA.</summary>
+    public bool BusMaster => _busMaster;
+
+    /// <summary>The size of a region (0-5 BARs, 7 config), or 0 if the device has no such region.</summary>
+    public ulong RegionSize(uint index) => index switch
+    {
+        < 6 => BarSizes[(int)index],
+        ConfigIndex => ConfigSize,
+        _ => 0,
+    };
+
+    public void ConfigRead(int offset, Span<byte> destination) => _config.AsSpan(offset, destination.Length).CopyTo(destination);
+
+    /// <summary>
+    /// Config writes reach only the command register (and the interrupt line); everything else is
+    /// read-only, as VFIO virtualises it.
+    /// </summary>
+    public void ConfigWrite(int offset, ReadOnlySpan<byte> data)
+    {
+        for (var i = 0; i < data.Length; i++)
+        {
+            var at = offset + i;
+            if (at is CommandOffset or CommandOffset + 1 or 0x3c)
+                _config[at] = data[i];
+        }
+        _busMaster = (BinaryPrimitives.ReadUInt16LittleEndian(_config.AsSpan(CommandOffset)) & CommandBusMaster) != 0;
+    }
+
+    /// <summary>A driver's register read of <paramref name="width"/> bytes (1, 2, 4 or 8).</summary>
+    public abstract ulong MmioRead(int bar, ulong offset, int width);
+
+    /// <summary>A driver's register write; may start device work that uses <paramref name="port"/>.</summary>
+    public abstract MmioResult MmioWrite(int bar, ulong offset, int width, ulong value, IDevicePort port);
+
+    /// <summary>Function-level reset: registers cleared, Bus Master off.</summary>
+    public void Reset()
+    {
+        ResetConfig();
+        ResetRegisters();
+    }
+
+    protected abstract void ResetRegisters();
+
+    private void ResetConfig()
+    {
+        Array.Clear(_config);
+        var c = _config.AsSpan();
+        BinaryPrimitives.WriteUInt16LittleEndian(c[0x00..], Spec.VendorId);
+        BinaryPrimitives.WriteUInt16LittleEndian(c[0x02..], Spec.DeviceId);
+        c[0x08] = 0x10; // revision
+        c[0x09] = (byte)Spec.ClassCode;
+        c[0x0a] = (byte)(Spec.ClassCode >> 8);
+        c[0x0b] = (byte)(Spec.ClassCode >> 16);
+        c[0x0e] = (byte)(Spec.IsBridge ? 0x01 : 0x00);
+        c[0x3d] = 0x01; // INTA
+        _busMaster = false;
+    }
+
+    /// <summary>The model for a function, by its <c>model</c> name.</summary>
+    public static DeviceModel Create(PciFunctionSpec spec) => spec.Model switch
+    {
+        "edu" => new EduDevice(spec),
+        "nvme" => new RegisterFileDevice(spec, 16 * 1024),
+        "nic" => new RegisterFileDevice(spec, 128 * 1024),
+        "gpu" => new RegisterFileDevice(spec, 16 * 1024 * 1024),
+        "audio" => new RegisterFileDevice(spec, 16 * 1024),
+        _ => new RegisterFileDevice(spec, 0),
+    };
+}
+
+/// <summary>A device whose BAR0 is plain registers that read back what was written (or no BAR at all).</summary>
+public sealed class RegisterFileDevice(PciFunctionSpec spec, ulong bar0Size) : DeviceModel(spec)
+{
+    private readonly Dictionary<ulong, byte> _bytes = [];
+    private readonly ulong[] _bars = [bar0Size, 0, 0, 0, 0, 0];
+
+    public override IReadOnlyList<ulong> BarSizes => _bars;
+
+    public override ulong MmioRead(int bar, ulong offset, int width)
+    {
+        ulong value = 0;
+        for (var i = width - 1; i >= 0; i--)
+            value = (value << 8) | _bytes.GetValueOrDefault(offset + (ulong)i);
+        return value;
+    }
+
+    public override MmioResult MmioWrite(int bar, ulong offset, int width, ulong value, IDevicePort port)
+    {
+        for (var i = 0; i < width; i++)
+            _bytes[offset + (ulong)i] = (byte)(value >> (8 * i));
+        return MmioResult.Done;
+    }
+
+    protected override void ResetRegisters() => _bytes.Clear();
+}

@@ -1,0 +1,164 @@
+using DmaBroker.Core.Topology;
+
+namespace DmaBroker.Core.Devices;
+
+/// <summary>
+/// QEMU's educational device (hw/misc/edu.c, docs/specs/edu.rst): identification, liveness,
+/// factorial, interrupt raise/acknowledge, and a DMA engine with a 4 KiB buffer at device
+/// address 0x40000 and a 28-bit DMA mask. The DMA runs when the command is written (QEMU runs
+/// it from a timer); a range outside the buffer fails the DMA where QEMU would abort.
+/// </summary>
+public sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
+{
+    public const ulong Bar0Size = 1 << 20;
+    public const uint Identification = 0x010000ed;
+    public const ulong DmaStart = 0x40000;
+    public const int DmaSize = 4096;
+    public const ulong DefaultDmaMask = (1UL << 28) - 1;
+
+    public const ulong RegId = 0x00;
+    public const ulong RegLiveness = 0x04;
+    public const ulong RegFactorial = 0x08;
+    public const ulong RegStatus = 0x20;
+    public const ulong RegIrqStatus = 0x24;
+    public const ulong RegIrqRaise = 0x60;
+    public const ulong RegIrqAck = 0x64;
+    public const ulong RegDmaSource = 0x80;
+    public const ulong RegDmaDestination = 0x88;
+    public const ulong RegDmaCount = 0x90;
+    public const ulong RegDmaCommand = 0x98;
+
+    public const uint StatusComputing = 0x01;
+    public const uint StatusIrqFactorial = 0x80;
+    public const ulong DmaCommandStart = 0x1;
+    public const ulong DmaCommandToRam = 0x2;
+    public const ulong DmaCommandIrq = 0x4;
+    public const uint DmaIrq = 0x100;
+    public const uint FactorialIrq = 0x001;
+
+    private static readonly ulong[] Bars = [Bar0Size, 0, 0, 0, 0, 0];
+
+    private readonly byte[] _buffer = new byte[DmaSize];
+    private uint _liveness;
+    private uint _factorial;
+    private uint _status;
+    private uint _irqStatus;
+    private ulong _dmaSource;
+    private ulong _dmaDestination;
+    private ulong _dmaCount;
+    private ulong _dmaCommand;
+
+    public override IReadOnlyList<ulong> BarSizes => Bars;
+
+    public ulong DmaMask { get; init; } = DefaultDmaMask;
+
+    /// <summary>The device's buffer, for tests that look inside the device.</summary>
+    public ReadOnlySpan<byte> Buffer => _buffer;
+
+    public override ulong MmioRead(int bar, ulong offset, int width)
+    {
+        if (bar != 0 || !ValidWidth(offset, width))
+            return ulong.MaxValue;
+        return offset switch
+        {
+            RegId => Identification,
+            RegLiveness => ~_liveness,
+            RegFactorial => _factorial,
+            RegStatus => _status,
+            RegIrqStatus => _irqStatus,
+            RegDmaSource => _dmaSource,
+            RegDmaDestination => _dmaDestination,
+            RegDmaCount => _dmaCount,
+            RegDmaCommand => _dmaCommand,
+            _ => ulong.MaxValue,
+        };
+    }
+
+    public override MmioResult MmioWrite(int bar, ulong offset, int width, ulong value, IDevicePort port)
+    {
+        if (bar != 0 || !ValidWidth(offset, width))
+            return MmioResult.Done; // QEMU ignores such writes
+        switch (offset)
+        {
+            case RegLiveness:
+                _liveness = (uint)value;
+                break;
+            case RegFactorial:
+                if ((_status & StatusComputing) == 0)
+                {
+                    _factorial = Factorial((uint)value);
+                    if ((_status & StatusIrqFactorial) != 0)
+                        Raise(FactorialIrq, port);
+                }
+                break;
+            case RegStatus:
+                _status = ((uint)value & StatusIrqFactorial) != 0 ? _status | StatusIrqFactorial : _status & ~StatusIrqFactorial;
+                break;
+            case RegIrqRaise:
+                Raise((uint)value, port);
+                break;
+            case RegIrqAck:
+                _irqStatus &= ~(uint)value;
+                break;
+            case RegDmaSource when (_dmaCommand & DmaCommandStart) == 0:
+                _dmaSource = value;
+                break;
+            case RegDmaDestination when (_dmaCommand & DmaCommandStart) == 0:
+                _dmaDestination = value;
+                break;
+            case RegDmaCount when (_dmaCommand & DmaCommandStart) == 0:
+                _dmaCount = value;
+                break;
+            case RegDmaCommand when (value & DmaCommandStart) != 0 && (_dmaCommand & DmaCommandStart) == 0:
+                _dmaCommand = value;
+                return RunDma(port);
+        }
+        return MmioResult.Done;
+    }
+
+    protected override void ResetRegisters()
+    {
+        Array.Clear(_buffer);
+        _liveness = _factorial = _status = _irqStatus = 0;
+        _dmaSource = _dmaDestination = _dmaCount = _dmaCommand = 0;
+    }
+
+    private MmioResult RunDma(IDevicePort port)
+    {
+        var toRam = (_dmaCommand & DmaCommandToRam) != 0;
+        var deviceAddress = toRam ? _dmaSource : _dmaDestination;
+        var count = _dmaCount;
+        try
+        {
+            if (deviceAddress < DmaStart || count > DmaSize || deviceAddress - DmaStart > (ulong)DmaSize - count)
+                return MmioResult.Failed($"edu: DMA range [0x{deviceAddress:x}, +0x{count:x}) is outside the device buffer [0x{DmaStart:x}, 0x{DmaStart + DmaSize:x})");
+            var buffer = _buffer.AsSpan((int)(deviceAddress - DmaStart), (int)count);
+            var outcome = toRam ? port.Write(_dmaDestination & DmaMask, buffer) : port.Read(_dmaSource & DmaMask, buffer);
+            if (!outcome.Ok)
+                return MmioResult.Faulted(outcome);
+            if ((_dmaCommand & DmaCommandIrq) != 0)
+                Raise(DmaIrq, port);
+            return MmioResult.Done;
+        }
+        finally
+        {
+            _dmaCommand &= ~DmaCommandStart;
+        }
+    }
+
+    private void Raise(uint bits, IDevicePort port)
+    {
+        _irqStatus |= bits;
+        port.Interrupt(0);
+    }
+
+    private static bool ValidWidth(ulong offset, int width) => offset < 0x80 ? width == 4 : width is 4 or 8;
+
+    private static uint Factorial(uint n)
+    {
+        uint result = 1;
+        while (n > 0)
+            result *= n--;
+        return result;
+    }
+}

@@ -1,0 +1,275 @@
+using System.Buffers;
+using DmaBroker.Core.Devices;
+using DmaBroker.Core.Iommu;
+using DmaBroker.Core.Memory;
+using DmaBroker.Core.Ownership;
+
+namespace DmaBroker.Core.Sessions;
+
+/// <summary>
+/// An open device (a VFIO device fd): the driver's register accesses, and the DMA the device
+/// performs, always translated through the domain attached to the device's group at that instant.
+/// Every access runs inside the session's operation scope and under the device model's lock, so
+/// session teardown and CloseDevice both wait out accesses in flight.
+/// </summary>
+public sealed class DeviceHandle : IDevicePort
+{
+    /// <summary>The largest single device access (read, write, copy).</summary>
+    public const int MaxTransfer = SessionMemory.MaxTransfer;
+
+    private Action<uint>? _interruptListener;
+
+    internal DeviceHandle(ulong id, PciDevice device, Session session)
+    {
+        Id = id;
+        Device = device;
+        Session = session;
+    }
+
+    public ulong Id { get; }
+    public PciDevice Device { get; }
+    public Session Session { get; }
+    internal bool Closed { get; set; }
+
+    private DeviceModel Model => Device.Model;
+
+    /// <summary>Also tells <paramref name="listener"/> of the device's interrupts (a DMA stream); null stops it.</summary>
+    public void SetInterruptListener(Action<uint>? listener) => Volatile.Write(ref _interruptListener, listener);
+
+    /// <summary>The device writes host memory at <paramref name="iova"/>.</summary>
+    public DmaOutcome DmaWrite(ulong iova, ReadOnlySpan<byte> data)
+    {
+        CheckLength(data.Length);
+        using var op = Session.Enter();
+        lock (Model.Sync)
+        {
+            CheckOpen();
+            return Write(iova, data);
+        }
+    }
+
+    /// <summary>The device reads host memory at <paramref name="iova"/> into <paramref name="destination"/>.</summary>
+    public DmaOutcome DmaRead(ulong iova, Span<byte> destination)
+    {
+        CheckLength(destination.Length);
+        using var op = Session.Enter();
+        lock (Model.Sync)
+        {
+            CheckOpen();
+            return Read(iova, destination);
+        }
+    }
+
+    /// <summary>The device's copy engine: every page of both ranges is checked before a byte moves.</summary>
+    public DmaOutcome DmaCopy(ulong sourceIova, ulong destinationIova, int length)
+    {
+        CheckLength(length);
+        using var op = Session.Enter();
+        lock (Model.Sync)
+        {
+            CheckOpen();
+            var space = EnterDomain(sourceIova, DmaAccess.Read, out var refused);
+            if (space is null)
+                return Report(refused);
+            var buffer = ArrayPool<byte>.Shared.Rent(length);
+            try
+            {
+                var outcome = space.Check(sourceIova, (ulong)length, DmaAccess.Read);
+                if (outcome.Ok)
+                    outcome = space.Check(destinationIova, (ulong)length, DmaAccess.Write);
+                if (outcome.Ok)
+                    outcome = space.DeviceRead(sourceIova, buffer.AsSpan(0, length));
+                if (outcome.Ok)
+                    outcome = space.DeviceWrite(destinationIova, buffer.AsSpan(0, length));
+                return Report(outcome);
+            }
+            finally
+            {
+                space.ExitAccess();
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
+        }
+    }
+
+    /// <summary>A register read by the driver: region 0-5 (BAR, width 1/2/4/8) or 7 (config).</summary>
+    public ulong MmioRead(uint index, ulong offset, int width)
+    {
+        CheckAccess(index, offset, width, mmio: true);
+        using var op = Session.Enter();
+        lock (Model.Sync)
+        {
+            CheckOpen();
+            if (index == DeviceModel.ConfigIndex)
+            {
+                Span<byte> bytes = stackalloc byte[8];
+                bytes.Clear();
+                Model.ConfigRead((int)offset, bytes[..width]);
+                return BitConverter.ToUInt64(bytes);
+            }
+            return Model.MmioRead((int)index, offset, width);
+        }
+    }
+
+    /// <summary>A register write by the driver; it may start device DMA, whose outcome it returns.</summary>
+    public MmioResult MmioWrite(uint index, ulong offset, int width, ulong value)
+    {
+        CheckAccess(index, offset, width, mmio: true);
+        using var op = Session.Enter();
+        lock (Model.Sync)
+        {
+            CheckOpen();
+            if (index == DeviceModel.ConfigIndex)
+            {
+                Span<byte> bytes = stackalloc byte[8];
+                BitConverter.TryWriteBytes(bytes, value);
+                Model.ConfigWrite((int)offset, bytes[..width]);
+                return MmioResult.Done;
+            }
+            return Model.MmioWrite((int)index, offset, width, value, this);
+        }
+    }
+
+    /// <summary>Reads a region: config space in any size, a BAR as one register access.</summary>
+    public byte[] RegionRead(uint index, ulong offset, int size)
+    {
+        if (index == DeviceModel.ConfigIndex)
+        {
+            CheckAccess(index, offset, size, mmio: false);
+            using var op = Session.Enter();
+            lock (Model.Sync)
+            {
+                CheckOpen();
+                var data = new byte[size];
+                Model.ConfigRead((int)offset, data);
+                return data;
+            }
+        }
+        var value = MmioRead(index, offset, size);
+        var bytes = BitConverter.GetBytes(value);
+        return bytes[..size];
+    }
+
+    /// <summary>Writes a region: config space in any size, a BAR as one register access.</summary>
+    public MmioResult RegionWrite(uint index, ulong offset, ReadOnlySpan<byte> data)
+    {
+        if (index == DeviceModel.ConfigIndex)
+        {
+            CheckAccess(index, offset, data.Length, mmio: false);
+            using var op = Session.Enter();
+            lock (Model.Sync)
+            {
+                CheckOpen();
+                Model.ConfigWrite((int)offset, data);
+                return MmioResult.Done;
+            }
+        }
+        CheckAccess(index, offset, data.Length, mmio: true);
+        Span<byte> bytes = stackalloc byte[8];
+        bytes.Clear();
+        data.CopyTo(bytes);
+        return MmioWrite(index, offset, data.Length, BitConverter.ToUInt64(bytes));
+    }
+
+    // ---- IDevicePort: called by the device model, under its lock ----
+
+    DmaOutcome IDevicePort.Write(ulong iova, ReadOnlySpan<byte> data) => Write(iova, data);
+
+    DmaOutcome IDevicePort.Read(ulong iova, Span<byte> destination) => Read(iova, destination);
+
+    void IDevicePort.Interrupt(uint vector)
+    {
+        Session.Post(new InterruptEvent(Id, vector));
+        Volatile.Read(ref _interruptListener)?.Invoke(vector);
+    }
+
+    private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data)
+    {
+        var space = EnterDomain(iova, DmaAccess.Write, out var refused);
+        if (space is null)
+            return Report(refused);
+        try
+        {
+            return Report(space.DeviceWrite(iova, data));
+        }
+        finally
+        {
+            space.ExitAccess();
+        }
+    }
+
+    private DmaOutcome Read(ulong iova, Span<byte> destination)
+    {
+        var space = EnterDomain(iova, DmaAccess.Read, out var refused);
+        if (space is null)
+            return Report(refused);
+        try
+        {
+            return Report(space.DeviceRead(iova, destination));
+        }
+        finally
+        {
+            space.ExitAccess();
+        }
+    }
+
+    /// <summary>
+    /// The address space the device's group translates through right now, entered for an access;
+    /// null with the fault when the device may not DMA (Bus Master off, or no user domain).
+    /// </summary>
+    private IovaSpace? EnterDomain(ulong iova, DmaAccess access, out DmaOutcome refused)
+    {
+        var page = iova & ~IovaSpace.PageMask;
+        if (!Model.BusMaster)
+        {
+            refused = DmaOutcome.Faulted(page, access, FaultReason.BusMasterOff);
+            return null;
+        }
+        var group = Device.Group;
+        var container = group.Attached;
+        if (container is not null)
+        {
+            container.Iova.EnterAccess();
+            // Re-read under the access lock: a detach takes it exclusively before it lets go.
+            if (group.Attached == container)
+            {
+                refused = default;
+                return container.Iova;
+            }
+            container.Iova.ExitAccess();
+        }
+        refused = DmaOutcome.Faulted(page, access, FaultReason.Blocked);
+        return null;
+    }
+
+    private DmaOutcome Report(DmaOutcome outcome)
+    {
+        if (!outcome.Ok)
+            Session.Post(new FaultEvent(Device.Address, outcome.FaultIova, outcome.Access, outcome.Reason));
+        return outcome;
+    }
+
+    private void CheckOpen()
+    {
+        if (Closed)
+            throw ErrnoException.NotFound(Errno.EBADF, $"device handle {Id} is closed");
+    }
+
+    private static void CheckLength(int length)
+    {
+        if (length is < 0 or > MaxTransfer)
+            throw ErrnoException.Invalid($"a device access moves 0 to {MaxTransfer} bytes, not {length}");
+    }
+
+    private void CheckAccess(uint index, ulong offset, int size, bool mmio)
+    {
+        var regionSize = Model.RegionSize(index);
+        if (regionSize == 0)
+            throw ErrnoException.Invalid(index is 6 or > 7
+                ? $"region {index} is not supported: use 0-5 for BAR0-BAR5 or 7 for config space"
+                : $"{Device.Address} has no BAR{index}");
+        if (mmio && size is not (1 or 2 or 4 or 8))
+            throw ErrnoException.Invalid($"a register access is 1, 2, 4 or 8 bytes wide, not {size}");
+        if (size <= 0 || offset >= regionSize || (ulong)size > regionSize - offset)
+            throw ErrnoException.Invalid($"[0x{offset:x}, +{size}) is outside region {index} (0x{regionSize:x} bytes)");
+    }
+}
