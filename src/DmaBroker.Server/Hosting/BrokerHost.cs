@@ -26,6 +26,12 @@ public sealed record BrokerHostOptions
 
     /// <summary>Events a watcher may fall behind before it is resynchronised.</summary>
     public int WatchBuffer { get; init; } = 1024;
+
+    /// <summary>Memory one session may allocate, in MiB (like RLIMIT_MEMLOCK).</summary>
+    public int MemoryLimitMb { get; init; } = 256;
+
+    /// <summary>Mappings per container (dma_avail).</summary>
+    public int DmaLimit { get; init; } = 65535;
 }
 
 /// <summary>Builds the broker's web host; Program and the tests share it.</summary>
@@ -42,6 +48,8 @@ public static class BrokerHost
           --lease-ttl-ms <ms>   end a session silent for this long        [default: 3000]
           --keepalive-ms <ms>   HTTP/2 keepalive ping interval           [default: 1000]
           --watch-buffer <n>    events a watcher may lag before resync   [default: 1024]
+          --memory-limit-mb <n> memory one session may allocate          [default: 256]
+          --dma-limit <n>       mappings per container (dma_avail)       [default: 65535]
           -h, --help            show this help
 
         Every option is also a setting DmaBroker:<Name> (environment: DmaBroker__Listen=...).
@@ -54,6 +62,8 @@ public static class BrokerHost
         ["--lease-ttl-ms"] = "DmaBroker:LeaseTtlMs",
         ["--keepalive-ms"] = "DmaBroker:KeepAlivePingMs",
         ["--watch-buffer"] = "DmaBroker:WatchBuffer",
+        ["--memory-limit-mb"] = "DmaBroker:MemoryLimitMb",
+        ["--dma-limit"] = "DmaBroker:DmaLimit",
     };
 
     /// <summary>Builds the app. <paramref name="configure"/> lets tests replace services such as the clock.</summary>
@@ -79,7 +89,12 @@ public static class BrokerHost
         builder.Services.AddSingleton(TimeProvider.System);
         builder.Services.AddSingleton(sp => new Broker(topology, new BrokerOptions
         {
-            Sessions = new Core.Sessions.SessionOptions { LeaseTtl = leaseTtl },
+            Sessions = new Core.Sessions.SessionOptions
+            {
+                LeaseTtl = leaseTtl,
+                MemoryLimit = (ulong)options.MemoryLimitMb * 1024 * 1024,
+                DmaLimit = options.DmaLimit,
+            },
             WatchBuffer = options.WatchBuffer,
         }, sp.GetRequiredService<TimeProvider>()));
         builder.Services.AddGrpc(grpc =>
@@ -96,6 +111,8 @@ public static class BrokerHost
         app.MapGrpcService<KernelService>();
         app.MapGrpcService<SessionService>();
         app.MapGrpcService<VfioService>();
+        app.MapGrpcService<MemoryService>();
+        app.MapGrpcService<DmaService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
 
@@ -113,6 +130,10 @@ public static class BrokerHost
             throw new ArgumentException($"--lease-ttl-ms must be between 100 and 3600000, got {o.LeaseTtlMs}");
         if (o.KeepAlivePingMs is < 100 or > 3_600_000)
             throw new ArgumentException($"--keepalive-ms must be between 100 and 3600000, got {o.KeepAlivePingMs}");
+        if (o.MemoryLimitMb is < 1 or > 1_048_576)
+            throw new ArgumentException($"--memory-limit-mb must be between 1 and 1048576, got {o.MemoryLimitMb}");
+        if (o.DmaLimit is < 1 or > 1_000_000)
+            throw new ArgumentException($"--dma-limit must be between 1 and 1000000, got {o.DmaLimit}");
         if (o.WatchBuffer is < 1 or > 1_000_000)
             throw new ArgumentException($"--watch-buffer must be between 1 and 1000000, got {o.WatchBuffer}");
     }

@@ -1,5 +1,6 @@
 using DmaBroker.Core;
 using DmaBroker.Server.Hosting;
+using Google.Protobuf;
 using Grpc.Core;
 using Wire = DmaBroker.Protocol.V1;
 
@@ -51,5 +52,64 @@ public sealed class VfioService(Broker broker) : Wire.Vfio.VfioBase
         var session = broker.Authenticate(context);
         broker.Vfio.UnbindDevice(session, PciAddress.Parse(request.Address));
         return Task.FromResult(new Wire.UnbindDeviceResponse());
+    }
+
+    public override Task<Wire.IommuInfo> GetIommuInfo(Wire.GetIommuInfoRequest request, ServerCallContext context)
+    {
+        var info = broker.Vfio.GetIommuInfo(broker.Authenticate(context), request.ContainerId);
+        var response = new Wire.IommuInfo { PageSizes = info.PageSizes, DmaAvail = (uint)info.DmaAvailable };
+        response.IovaRanges.AddRange(info.IovaRanges.Select(r => new Wire.IovaRange { Start = r.First, End = r.Last }));
+        return Task.FromResult(response);
+    }
+
+    public override Task<Wire.MapDmaResponse> MapDma(Wire.MapDmaRequest request, ServerCallContext context)
+    {
+        var session = broker.Authenticate(context);
+        var iova = broker.Vfio.MapDma(session, request.ContainerId, request.Vaddr, request.HasIova ? request.Iova : null,
+            request.Size, request.Read, request.Write);
+        return Task.FromResult(new Wire.MapDmaResponse { Iova = iova });
+    }
+
+    public override Task<Wire.UnmapDmaResponse> UnmapDma(Wire.UnmapDmaRequest request, ServerCallContext context)
+    {
+        var session = broker.Authenticate(context);
+        var unmapped = broker.Vfio.UnmapDma(session, request.ContainerId, request.Iova, request.Size, request.All);
+        return Task.FromResult(new Wire.UnmapDmaResponse { Unmapped = unmapped });
+    }
+
+    public override Task<Wire.OpenDeviceResponse> OpenDevice(Wire.OpenDeviceRequest request, ServerCallContext context)
+    {
+        var session = broker.Authenticate(context);
+        var handle = broker.Vfio.OpenDevice(session, PciAddress.Parse(request.Address));
+        return Task.FromResult(new Wire.OpenDeviceResponse { Handle = handle.Id });
+    }
+
+    public override Task<Wire.CloseDeviceResponse> CloseDevice(Wire.CloseDeviceRequest request, ServerCallContext context)
+    {
+        broker.Vfio.CloseDevice(broker.Authenticate(context), request.Handle);
+        return Task.FromResult(new Wire.CloseDeviceResponse());
+    }
+
+    public override Task<Wire.ResetDeviceResponse> ResetDevice(Wire.ResetDeviceRequest request, ServerCallContext context)
+    {
+        broker.Vfio.ResetDevice(broker.Authenticate(context), request.Handle);
+        return Task.FromResult(new Wire.ResetDeviceResponse());
+    }
+
+    public override Task<Wire.RegionReadResponse> RegionRead(Wire.RegionReadRequest request, ServerCallContext context)
+    {
+        var handle = broker.Authenticate(context).FindHandle(request.Handle);
+        var data = handle.RegionRead(request.Index, request.Offset, checked((int)Math.Min(request.Size, int.MaxValue)));
+        return Task.FromResult(new Wire.RegionReadResponse { Data = UnsafeByteOperations.UnsafeWrap(data) });
+    }
+
+    public override Task<Wire.RegionWriteResponse> RegionWrite(Wire.RegionWriteRequest request, ServerCallContext context)
+    {
+        var handle = broker.Authenticate(context).FindHandle(request.Handle);
+        var result = handle.RegionWrite(request.Index, request.Offset, request.Data.Span);
+        // A DMA fault the write caused is reported on the session stream; a device error fails the call.
+        if (result.Error is { } error)
+            throw ErrnoException.Conflict(Errno.EIO, error);
+        return Task.FromResult(new Wire.RegionWriteResponse());
     }
 }
