@@ -1,0 +1,48 @@
+using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
+using Microsoft.Extensions.Time.Testing;
+
+namespace DmaBroker.Core.Tests;
+
+/// <summary>
+/// STYLE 12: the DMA hot path (translation and copy) allocates nothing per operation. Counted with
+/// the runtime's per-thread allocation counter, so it is exact, not timed.
+/// </summary>
+public sealed class HotPathAllocationTests
+{
+    private const ulong Iova = 0x10_0000;
+
+    [Fact]
+    public async Task DmaWriteReadCopy_AfterWarmUp_AllocateNothingPerOperation()
+    {
+        await using var broker = new Broker(TopologyDocument.Default(), null, new FakeTimeProvider());
+        var session = broker.Sessions.Open("hot");
+        var container = broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        broker.Vfio.SetContainer(session, 14, container.Id);
+        var block = session.Allocate(1 << 20);
+        broker.Vfio.MapDma(session, container.Id, block.Vaddr, Iova, 1 << 20, read: true, write: true);
+        var handle = broker.Vfio.OpenDevice(session, PciAddress.Parse("0000:08:00.0"));
+        handle.MmioWrite(7, 4, 2, 0x6);
+        var data = new byte[64 * 1024];
+        var into = new byte[64 * 1024];
+
+        void Run(int count)
+        {
+            for (var i = 0; i < count; i++)
+            {
+                var at = Iova + (ulong)(i % 8) * 0x10000;
+                Assert.True(handle.DmaWrite(at, data).Ok);
+                Assert.True(handle.DmaRead(at, into).Ok);
+                Assert.True(handle.DmaCopy(at, Iova + 0x80000, 4096).Ok);
+                Assert.True(handle.DmaWrite(at + 0xfff0, data.AsSpan(0, 64)).Ok);
+            }
+        }
+
+        Run(100);
+        var before = GC.GetAllocatedBytesForCurrentThread();
+        Run(10_000);
+        var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+
+        Assert.Equal(0, allocated);
+    }
+}
