@@ -304,3 +304,69 @@ public sealed class DmaServiceTests
         Assert.Equal(new byte[] { 0, 0 }, command.Data.ToByteArray());
     }
 }
+
+/// <summary>§5 teardown under load, through a real server.</summary>
+public sealed class DmaTeardownTests
+{
+    [Fact]
+    public async Task SessionCancelledDuringHeavyDma_ReleasedAfterQuiesceAndNextOwnerFindsDeviceReset()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var watcher = new Watcher(broker.Client);
+        await watcher.NextAsync();
+
+        // Session A, on a raw stream we can cancel, keeps a DMA stream busy with 64 KiB writes.
+        using var cancelA = new CancellationTokenSource();
+        using var openA = new Session.SessionClient(broker.Client.Channel).Open(cancellationToken: cancelA.Token);
+        Assert.True(await openA.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
+        var tokenA = openA.ResponseStream.Current.Opened.Token;
+        var vfioA = broker.VfioWithToken(tokenA);
+        var metadata = new Metadata { { BrokerSession.TokenHeader, tokenA } };
+        var memoryA = new Memory.MemoryClient(broker.Client.Channel);
+        var dmaA = new Dma.DmaClient(broker.Client.Channel);
+        var container = (await vfioA.CreateContainerAsync(new CreateContainerRequest { Type = ContainerType.Iommufd })).ContainerId;
+        await vfioA.SetContainerAsync(new SetContainerRequest { GroupId = 14, ContainerId = container });
+        var vaddr = (await memoryA.AllocateAsync(new AllocateRequest { Size = 1 << 20 }, metadata)).Vaddr;
+        await vfioA.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = 0x100000, Size = 1 << 20, Read = true, Write = true });
+        var handle = (await vfioA.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:08:00.0" })).Handle;
+        await vfioA.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 7, Offset = 4, Data = ByteString.CopyFrom(0x06, 0x00) });
+        await vfioA.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 0, Offset = 0x04, Data = ByteString.CopyFrom(1, 2, 3, 4) });
+        await watcher.WaitForGroupAsync(g => g.Id == 14 && g.OwnerKind == OwnerKind.User);
+
+        using var stream = dmaA.Stream(metadata);
+        await stream.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle } });
+        var payload = ByteString.CopyFrom(new byte[64 * 1024]);
+        var completed = 0;
+        var pump = Task.Run(async () =>
+        {
+            try
+            {
+                for (ulong tag = 0; ; tag++)
+                    await stream.RequestStream.WriteAsync(new DmaRequest { Tag = tag, Write = new DmaWrite { Iova = 0x100000 + tag % 16 * 0x10000, Data = payload } });
+            }
+            catch (Exception e) when (e is RpcException or InvalidOperationException or IOException or OperationCanceledException)
+            {
+                // The session died under us: expected.
+            }
+        });
+        while (await stream.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout) && ++completed < 200)
+        {
+        }
+        Assert.Equal(200, completed);
+
+        await cancelA.CancelAsync();
+        await watcher.WaitForGroupAsync(g => g.Id == 14 && g.OwnerKind == OwnerKind.None);
+        await pump.WaitAsync(TestBroker.Timeout);
+        var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
+        Assert.Equal((0u, 0u), (stats.Sessions, stats.Containers));
+
+        // The next owner finds the device reset: Bus Master off, liveness register cleared.
+        await using var b = await broker.Client.OpenSessionAsync("next-owner");
+        await b.SetContainerAsync(14, await b.CreateContainerAsync(ContainerType.Type1V2));
+        var reopened = (await b.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:08:00.0" }))).Handle;
+        var command = await b.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = reopened, Index = 7, Offset = 4, Size = 2 }));
+        Assert.Equal(new byte[] { 0, 0 }, command.Data.ToByteArray());
+        var liveness = await b.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = reopened, Index = 0, Offset = 4, Size = 4 }));
+        Assert.Equal(new byte[] { 0xff, 0xff, 0xff, 0xff }, liveness.Data.ToByteArray());
+    }
+}
