@@ -100,13 +100,14 @@ public static class BrokerHost
         builder.Services.AddGrpc(grpc =>
         {
             grpc.Interceptors.Add<ErrorInterceptor>();
-            grpc.MaxReceiveMessageSize = 16 * 1024 * 1024;
+            grpc.MaxReceiveMessageSize = ErrorInterceptor.MaxMessageSize;
         });
         builder.Services.AddGrpcReflection();
         builder.Services.AddGrpcHealthChecks().AddCheck("broker", () => HealthCheckResult.Healthy());
         configure?.Invoke(builder.Services);
 
         var app = builder.Build();
+        app.Use(ErrorInterceptor.AddErrnoToFrameworkErrors);
         app.MapGrpcService<TopologyService>();
         app.MapGrpcService<KernelService>();
         app.MapGrpcService<SessionService>();

@@ -1,4 +1,5 @@
 using DmaBroker.Core;
+using Google.Protobuf;
 using Google.Protobuf.WellKnownTypes;
 using Google.Rpc;
 using Grpc.Core;
@@ -14,6 +15,9 @@ namespace DmaBroker.Server.Hosting;
 public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) : Interceptor
 {
     public const string ErrorDomain = "dmabroker";
+
+    /// <summary>The largest message the broker receives.</summary>
+    public const int MaxMessageSize = 16 * 1024 * 1024;
 
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(
         TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
@@ -70,6 +74,29 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
         }
     }
 
+    /// <summary>
+    /// Middleware for the errors gRPC raises before any interceptor runs (a unary request over the
+    /// message size limit): it adds the ErrorInfo detail every other error carries.
+    /// </summary>
+    public static Task AddErrnoToFrameworkErrors(HttpContext context, RequestDelegate next)
+    {
+        // Such an error goes out as a trailers-only response: the status travels in the headers.
+        context.Response.OnStarting(static state =>
+        {
+            var response = (Microsoft.AspNetCore.Http.HttpResponse)state;
+            var headers = response.Headers;
+            if (headers["grpc-status"] == "8" && !headers.ContainsKey("grpc-status-details-bin"))
+            {
+                var message = Uri.UnescapeDataString(headers["grpc-message"].ToString());
+                var status = ToRpcException(ErrnoException.Exhausted(Errno.E2BIG, $"{message} (the broker accepts messages up to {MaxMessageSize} bytes)")).GetRpcStatus();
+                if (status is not null)
+                    headers["grpc-status-details-bin"] = Convert.ToBase64String(status.ToByteArray());
+            }
+            return Task.CompletedTask;
+        }, context.Response);
+        return next(context);
+    }
+
     /// <summary>The wire form of a core error.</summary>
     public static RpcException ToRpcException(ErrnoException e)
     {
@@ -110,6 +137,9 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
             case ErrnoException broker:
                 LogRejected(logger, context.Method, broker.Errno, broker.Message);
                 return ToRpcException(broker);
+            case RpcException { StatusCode: StatusCode.ResourceExhausted } tooBig when tooBig.GetRpcStatus() is null:
+                // gRPC's own message-size limit: give it the errno every other error carries.
+                return ToRpcException(ErrnoException.Exhausted(Errno.E2BIG, $"{tooBig.Status.Detail} (the broker accepts messages up to {MaxMessageSize} bytes)"));
             case RpcException:
                 return null;
             case OperationCanceledException or IOException when context.CancellationToken.IsCancellationRequested:
