@@ -68,9 +68,9 @@ public sealed class DeviceHandle : IDevicePort
         lock (Model.Sync)
         {
             CheckOpen();
-            var space = EnterDomain(sourceIova, DmaAccess.Read, out var refused);
-            if (space is null)
-                return Report(refused);
+            using var domain = EnterDomain(sourceIova, DmaAccess.Read);
+            if (domain.Space is not { } space)
+                return Report(domain.Refused);
             var buffer = ArrayPool<byte>.Shared.Rent(length);
             try
             {
@@ -85,7 +85,6 @@ public sealed class DeviceHandle : IDevicePort
             }
             finally
             {
-                space.ExitAccess();
                 ArrayPool<byte>.Shared.Return(buffer);
             }
         }
@@ -184,46 +183,26 @@ public sealed class DeviceHandle : IDevicePort
 
     private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data)
     {
-        var space = EnterDomain(iova, DmaAccess.Write, out var refused);
-        if (space is null)
-            return Report(refused);
-        try
-        {
-            return Report(space.DeviceWrite(iova, data));
-        }
-        finally
-        {
-            space.ExitAccess();
-        }
+        using var domain = EnterDomain(iova, DmaAccess.Write);
+        return Report(domain.Space?.DeviceWrite(iova, data) ?? domain.Refused);
     }
 
     private DmaOutcome Read(ulong iova, Span<byte> destination)
     {
-        var space = EnterDomain(iova, DmaAccess.Read, out var refused);
-        if (space is null)
-            return Report(refused);
-        try
-        {
-            return Report(space.DeviceRead(iova, destination));
-        }
-        finally
-        {
-            space.ExitAccess();
-        }
+        using var domain = EnterDomain(iova, DmaAccess.Read);
+        return Report(domain.Space?.DeviceRead(iova, destination) ?? domain.Refused);
     }
 
     /// <summary>
-    /// The address space the device's group translates through right now, entered for an access;
-    /// null with the fault when the device may not DMA (Bus Master off, or no user domain).
+    /// The address space the device's group translates through right now, entered for one access
+    /// (dispose to leave it); no space, with the fault, when the device may not DMA (Bus Master
+    /// off, or no user domain attached).
     /// </summary>
-    private IovaSpace? EnterDomain(ulong iova, DmaAccess access, out DmaOutcome refused)
+    private DomainAccess EnterDomain(ulong iova, DmaAccess access)
     {
         var page = iova & ~IovaSpace.PageMask;
         if (!Model.BusMaster)
-        {
-            refused = DmaOutcome.Faulted(page, access, FaultReason.BusMasterOff);
-            return null;
-        }
+            return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.BusMasterOff));
         var group = Device.Group;
         var container = group.Attached;
         if (container is not null)
@@ -231,14 +210,19 @@ public sealed class DeviceHandle : IDevicePort
             container.Iova.EnterAccess();
             // Re-read under the access lock: a detach takes it exclusively before it lets go.
             if (group.Attached == container)
-            {
-                refused = default;
-                return container.Iova;
-            }
+                return new DomainAccess(container.Iova, default);
             container.Iova.ExitAccess();
         }
-        refused = DmaOutcome.Faulted(page, access, FaultReason.Blocked);
-        return null;
+        return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.Blocked));
+    }
+
+    /// <summary>An entered address space (or the reason there is none) for the length of one access.</summary>
+    private readonly ref struct DomainAccess(IovaSpace? space, DmaOutcome refused)
+    {
+        public IovaSpace? Space { get; } = space;
+        public DmaOutcome Refused { get; } = refused;
+
+        public void Dispose() => Space?.ExitAccess();
     }
 
     private DmaOutcome Report(DmaOutcome outcome)

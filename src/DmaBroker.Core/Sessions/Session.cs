@@ -52,8 +52,8 @@ public enum FaultReason
 public sealed class Session
 {
     private readonly Lock _sync = new();
-    private readonly Dictionary<ulong, Container> _containers = [];
-    private readonly Dictionary<ulong, DeviceHandle> _handles = [];
+    private readonly IdTable<Container> _containers;
+    private readonly IdTable<DeviceHandle> _handles;
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
     private long _droppedEvents;
@@ -61,6 +61,8 @@ public sealed class Session
     internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, ulong memoryLimit)
     {
         Memory = new SessionMemory(memoryLimit);
+        _containers = new(_sync, c => ErrnoException.NotFound(Errno.ENOENT, $"container {c} is not a container of session {id}"));
+        _handles = new(_sync, h => ErrnoException.NotFound(Errno.EBADF, $"device handle {h} is not open in session {id}"));
         Id = id;
         Token = token;
         ClientName = clientName;
@@ -136,55 +138,24 @@ public sealed class Session
 
     internal Container AddContainer(Container container)
     {
-        lock (_sync)
-            _containers.Add(container.Id, container);
+        _containers.Add(container.Id, container);
         return container;
     }
 
-    internal Container FindContainer(ulong id)
-    {
-        lock (_sync)
-        {
-            return _containers.TryGetValue(id, out var c)
-                ? c
-                : throw ErrnoException.NotFound(Errno.ENOENT, $"container {id} is not a container of session {Id}");
-        }
-    }
+    internal Container FindContainer(ulong id) => _containers.Find(id);
 
-    internal void RemoveContainer(Container container)
-    {
-        lock (_sync)
-            _containers.Remove(container.Id);
-    }
+    internal void RemoveContainer(Container container) => _containers.Remove(container.Id);
 
-    internal void AddHandle(DeviceHandle handle)
-    {
-        lock (_sync)
-            _handles.Add(handle.Id, handle);
-    }
+    internal Container[] Containers() => _containers.Snapshot();
+
+    internal void AddHandle(DeviceHandle handle) => _handles.Add(handle.Id, handle);
 
     /// <summary>An open device handle of this session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>
-    public DeviceHandle FindHandle(ulong id)
-    {
-        lock (_sync)
-        {
-            return _handles.TryGetValue(id, out var h)
-                ? h
-                : throw ErrnoException.NotFound(Errno.EBADF, $"device handle {id} is not open in session {Id}");
-        }
-    }
+    public DeviceHandle FindHandle(ulong id) => _handles.Find(id);
 
-    internal void RemoveHandle(DeviceHandle handle)
-    {
-        lock (_sync)
-            _handles.Remove(handle.Id);
-    }
+    internal void RemoveHandle(DeviceHandle handle) => _handles.Remove(handle.Id);
 
-    internal DeviceHandle[] Handles()
-    {
-        lock (_sync)
-            return [.. _handles.Values];
-    }
+    internal DeviceHandle[] Handles() => _handles.Snapshot();
 
     /// <summary>Memory.Allocate: zeroed, page-aligned memory of the session.</summary>
     public MemoryBlock Allocate(ulong size)
@@ -216,13 +187,39 @@ public sealed class Session
         Memory.Write(vaddr, source);
     }
 
-    internal Container[] Containers()
-    {
-        lock (_sync)
-            return [.. _containers.Values];
-    }
 
     public override string ToString() => $"session {Id} ({ClientName})";
+
+    /// <summary>A session's table of objects by id (its containers, its open handles), like a file table.</summary>
+    private sealed class IdTable<T>(Lock sync, Func<ulong, ErrnoException> missing)
+        where T : class
+    {
+        private readonly Dictionary<ulong, T> _items = [];
+
+        public void Add(ulong id, T item)
+        {
+            lock (sync)
+                _items.Add(id, item);
+        }
+
+        public T Find(ulong id)
+        {
+            lock (sync)
+                return _items.TryGetValue(id, out var item) ? item : throw missing(id);
+        }
+
+        public void Remove(ulong id)
+        {
+            lock (sync)
+                _items.Remove(id);
+        }
+
+        public T[] Snapshot()
+        {
+            lock (sync)
+                return [.. _items.Values];
+        }
+    }
 
     /// <summary>One operation in flight on a session's behalf.</summary>
     public readonly struct OperationScope(Session session) : IDisposable
