@@ -103,6 +103,24 @@ public sealed class BrokerSession : IAsyncDisposable
     public async Task<ulong> CreateContainerAsync(ContainerType type, CancellationToken cancellationToken = default) =>
         (await CallAsync(v => v.CreateContainerAsync(new CreateContainerRequest { Type = type }, cancellationToken: cancellationToken)).ConfigureAwait(false)).ContainerId;
 
+    /// <summary>Creates a container as a typed handle.</summary>
+    public async Task<Container> NewContainerAsync(ContainerType type, CancellationToken cancellationToken = default) =>
+        new(this, await CreateContainerAsync(type, cancellationToken).ConfigureAwait(false), type);
+
+    /// <summary>Allocates session memory (zeroed, page-aligned).</summary>
+    public async Task<DmaBuffer> AllocateAsync(ulong size, CancellationToken cancellationToken = default)
+    {
+        var response = await BrokerException.Wrap(() => Memory.AllocateAsync(new AllocateRequest { Size = size }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        return new DmaBuffer(this, response.Vaddr, (size + 4095) / 4096 * 4096);
+    }
+
+    /// <summary>VFIO_GROUP_GET_DEVICE_FD: opens a device of a group this session claimed.</summary>
+    public async Task<Device> OpenDeviceAsync(string address, CancellationToken cancellationToken = default)
+    {
+        var response = await CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = address }, cancellationToken: cancellationToken)).ConfigureAwait(false);
+        return new Device(this, address, response.Handle);
+    }
+
     /// <summary>VFIO_GROUP_SET_CONTAINER: claims the group for this session.</summary>
     public Task SetContainerAsync(uint groupId, ulong containerId, CancellationToken cancellationToken = default) =>
         CallAsync(v => v.SetContainerAsync(new SetContainerRequest { GroupId = groupId, ContainerId = containerId }, cancellationToken: cancellationToken));

@@ -1,0 +1,252 @@
+using System.Collections.Concurrent;
+using System.Threading.Channels;
+using DmaBroker.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DmaBroker.Client;
+
+/// <summary>How a <see cref="DmaChannel"/> pipelines and batches.</summary>
+public sealed record DmaChannelOptions
+{
+    /// <summary>Requests outstanding at once; submitting more waits (back-pressure).</summary>
+    public int MaxInFlight { get; init; } = 1024;
+
+    /// <summary>The most requests sent together in one batch message.</summary>
+    public int MaxBatch { get; init; } = 256;
+
+    /// <summary>Requests carrying more data than this are sent on their own, never batched.</summary>
+    public int SmallOperationBytes { get; init; } = 4096;
+}
+
+/// <summary>A DMA fault: the device touched an IOVA it may not, and nothing was written.</summary>
+public sealed class DmaFaultException(DmaFault fault)
+    : Exception($"DMA fault at IOVA 0x{fault.Iova:x}: {fault.Access} {fault.Reason}")
+{
+    public DmaFault Fault { get; } = fault;
+}
+
+/// <summary>The completion of one DMA request.</summary>
+public sealed record DmaResult(ulong Tag, bool Ok, ReadOnlyMemory<byte> Data, ulong Value, DmaFault? Fault, DmaError? Error)
+{
+    /// <summary>Throws <see cref="DmaFaultException"/> or <see cref="BrokerException"/> unless the request succeeded.</summary>
+    public DmaResult EnsureOk()
+    {
+        if (Ok)
+            return this;
+        if (Fault is { } fault)
+            throw new DmaFaultException(fault);
+        throw new BrokerException(StatusCode.FailedPrecondition, Error?.Reason ?? "EIO", Error?.Message ?? "DMA request failed");
+    }
+
+    internal static DmaResult From(DmaCompletion c) =>
+        new(c.Tag, c.Ok, c.Data.Memory, c.Value, c.Fault, c.Error);
+}
+
+/// <summary>
+/// A DMA channel to one open device: requests are pipelined (up to
+/// <see cref="DmaChannelOptions.MaxInFlight"/>), small ones are batched into one message, and
+/// each task completes, in submission order, with its request's completion. Interrupts arrive on
+/// <see cref="Interrupts"/>. If the stream breaks, every pending request fails with the reason.
+/// </summary>
+public sealed class DmaChannel : IAsyncDisposable
+{
+    private readonly AsyncDuplexStreamingCall<DmaRequest, DmaResponse> _call;
+    private readonly DmaChannelOptions _options;
+    private readonly Channel<Pending> _outgoing = Channel.CreateUnbounded<Pending>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly ConcurrentQueue<Pending> _awaiting = new();
+    private readonly Channel<uint> _interrupts = Channel.CreateUnbounded<uint>(new UnboundedChannelOptions { SingleWriter = true });
+    private readonly SemaphoreSlim _window;
+    private readonly CancellationTokenSource _stop = new();
+    private Task _sender = Task.CompletedTask;
+    private Task _receiver = Task.CompletedTask;
+    private long _nextTag;
+    private Exception? _broken;
+
+    private DmaChannel(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, DmaChannelOptions options)
+    {
+        _call = call;
+        _options = options;
+        _window = new SemaphoreSlim(options.MaxInFlight);
+    }
+
+    /// <summary>MSI vectors the device raised.</summary>
+    public ChannelReader<uint> Interrupts => _interrupts.Reader;
+
+    internal static async Task<DmaChannel> OpenAsync(BrokerSession session, ulong handle, DmaChannelOptions options, CancellationToken cancellationToken)
+    {
+        var call = session.Dma.Stream(cancellationToken: cancellationToken);
+        try
+        {
+            await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle } }, cancellationToken).ConfigureAwait(false);
+        }
+        catch (RpcException e)
+        {
+            call.Dispose();
+            throw BrokerException.From(e);
+        }
+        var channel = new DmaChannel(call, options);
+        channel._sender = channel.SendAsync();
+        channel._receiver = channel.ReceiveAsync();
+        return channel;
+    }
+
+    /// <summary>The device writes <paramref name="data"/> to host memory at <paramref name="iova"/>.</summary>
+    public Task<DmaResult> WriteAsync(ulong iova, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
+        SubmitAsync(new DmaRequest { Write = new DmaWrite { Iova = iova, Data = ByteString.CopyFrom(data.Span) } }, data.Length, cancellationToken);
+
+    /// <summary>The device reads <paramref name="length"/> bytes of host memory at <paramref name="iova"/>.</summary>
+    public Task<DmaResult> ReadAsync(ulong iova, int length, CancellationToken cancellationToken = default) =>
+        SubmitAsync(new DmaRequest { Read = new DmaRead { Iova = iova, Length = (uint)length } }, length, cancellationToken);
+
+    /// <summary>The device's copy engine.</summary>
+    public Task<DmaResult> CopyAsync(ulong sourceIova, ulong destinationIova, int length, CancellationToken cancellationToken = default) =>
+        SubmitAsync(new DmaRequest { Copy = new DmaCopy { SrcIova = sourceIova, DstIova = destinationIova, Length = (uint)length } }, 0, cancellationToken);
+
+    /// <summary>A register write (region 0-5 BAR, 7 config); the completion carries any DMA it started.</summary>
+    public Task<DmaResult> MmioWriteAsync(uint region, ulong offset, ulong value, int width = 4, CancellationToken cancellationToken = default) =>
+        SubmitAsync(new DmaRequest { MmioWrite = new MmioWrite { Index = region, Offset = offset, Width = (uint)width, Value = value } }, 0, cancellationToken);
+
+    /// <summary>A register read; the value is in <see cref="DmaResult.Value"/>.</summary>
+    public Task<DmaResult> MmioReadAsync(uint region, ulong offset, int width = 4, CancellationToken cancellationToken = default) =>
+        SubmitAsync(new DmaRequest { MmioRead = new MmioRead { Index = region, Offset = offset, Width = (uint)width } }, 0, cancellationToken);
+
+    private async Task<DmaResult> SubmitAsync(DmaRequest request, int payload, CancellationToken cancellationToken)
+    {
+        if (Volatile.Read(ref _broken) is { } broken)
+            throw broken;
+        await _window.WaitAsync(cancellationToken).ConfigureAwait(false);
+        if (Volatile.Read(ref _broken) is { } brokenWhileWaiting)
+            throw brokenWhileWaiting;
+        request.Tag = (ulong)Interlocked.Increment(ref _nextTag);
+        var pending = new Pending(request, payload > _options.SmallOperationBytes);
+        if (!_outgoing.Writer.TryWrite(pending))
+        {
+            _window.Release();
+            throw Volatile.Read(ref _broken) ?? new ObjectDisposedException(nameof(DmaChannel));
+        }
+        return await pending.Result.Task.ConfigureAwait(false);
+    }
+
+    // The request stream's only writer: whatever is queued goes out, small requests as one batch.
+    private async Task SendAsync()
+    {
+        var batch = new List<Pending>(_options.MaxBatch);
+        try
+        {
+            while (await _outgoing.Reader.WaitToReadAsync(_stop.Token).ConfigureAwait(false))
+            {
+                while (batch.Count < _options.MaxBatch && _outgoing.Reader.TryRead(out var p))
+                {
+                    if (p.Large)
+                    {
+                        await FlushAsync(batch).ConfigureAwait(false);
+                        await FlushAsync([p]).ConfigureAwait(false);
+                        continue;
+                    }
+                    batch.Add(p);
+                }
+                await FlushAsync(batch).ConfigureAwait(false);
+            }
+            await _call.RequestStream.CompleteAsync().ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is RpcException or OperationCanceledException or InvalidOperationException or IOException)
+        {
+            Break(e is RpcException rpc ? BrokerException.From(rpc) : new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA channel was closed", e));
+        }
+    }
+
+    private async Task FlushAsync(List<Pending> batch)
+    {
+        if (batch.Count == 0)
+            return;
+        foreach (var p in batch)
+            _awaiting.Enqueue(p);
+        DmaRequest message;
+        if (batch.Count == 1)
+        {
+            message = batch[0].Request;
+        }
+        else
+        {
+            var b = new DmaBatch();
+            foreach (var p in batch)
+                b.Requests.Add(p.Request);
+            message = new DmaRequest { Batch = b };
+        }
+        batch.Clear();
+        await _call.RequestStream.WriteAsync(message, _stop.Token).ConfigureAwait(false);
+    }
+
+    private async Task ReceiveAsync()
+    {
+        try
+        {
+            while (await _call.ResponseStream.MoveNext(CancellationToken.None).ConfigureAwait(false))
+            {
+                var response = _call.ResponseStream.Current;
+                if (response.Interrupt is { } interrupt)
+                {
+                    _interrupts.Writer.TryWrite(interrupt.Vector);
+                    continue;
+                }
+                if (!_awaiting.TryDequeue(out var pending) || pending.Request.Tag != response.Completion.Tag)
+                    throw new InvalidOperationException($"completion for tag {response.Completion.Tag} arrived out of order");
+                _window.Release();
+                pending.Result.TrySetResult(DmaResult.From(response.Completion));
+            }
+            Break(new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA channel was closed"));
+        }
+        catch (RpcException e)
+        {
+            Break(BrokerException.From(e));
+        }
+        catch (InvalidOperationException e)
+        {
+            Break(new BrokerException(StatusCode.Internal, "EPROTO", e.Message, e));
+        }
+        finally
+        {
+            _interrupts.Writer.TryComplete();
+        }
+    }
+
+    private void Break(Exception reason)
+    {
+        if (Interlocked.CompareExchange(ref _broken, reason, null) is null)
+            _window.Release(_options.MaxInFlight); // wake every submitter waiting for room: they fail
+
+        _outgoing.Writer.TryComplete();
+        var broken = Volatile.Read(ref _broken) ?? reason;
+        while (_awaiting.TryDequeue(out var p))
+            p.Result.TrySetException(broken);
+        while (_outgoing.Reader.TryRead(out var p))
+            p.Result.TrySetException(broken);
+    }
+
+    /// <summary>Waits for outstanding requests, then closes the stream.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        _outgoing.Writer.TryComplete();
+        try
+        {
+            await _sender.WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+            await _receiver.WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            // The broker stopped answering; cancelling the call below fails what is left.
+        }
+        await _stop.CancelAsync().ConfigureAwait(false);
+        _call.Dispose();
+        await _receiver.ConfigureAwait(false);
+        Break(new ObjectDisposedException(nameof(DmaChannel)));
+        _stop.Dispose();
+        _window.Dispose();
+    }
+
+    private sealed record Pending(DmaRequest Request, bool Large)
+    {
+        public TaskCompletionSource<DmaResult> Result { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+}

@@ -1,0 +1,175 @@
+using DmaBroker.Protocol.V1;
+using Google.Protobuf;
+
+namespace DmaBroker.Client;
+
+/// <summary>An IOMMU address space owned by the session: a VFIO type1v2 container or an iommufd IOAS.</summary>
+public sealed class Container
+{
+    private readonly BrokerSession _session;
+
+    internal Container(BrokerSession session, ulong id, ContainerType type)
+    {
+        _session = session;
+        Id = id;
+        Type = type;
+    }
+
+    public ulong Id { get; }
+    public ContainerType Type { get; }
+
+    /// <summary>VFIO_GROUP_SET_CONTAINER: claims the group for the session and attaches this address space.</summary>
+    public async Task<IommuGroupClaim> SetGroupAsync(uint groupId, CancellationToken cancellationToken = default)
+    {
+        await _session.SetContainerAsync(groupId, Id, cancellationToken).ConfigureAwait(false);
+        return new IommuGroupClaim(_session, groupId);
+    }
+
+    /// <summary>iommufd-style device bind: claims the device's group (counting claims) into this address space.</summary>
+    public Task BindDeviceAsync(string address, CancellationToken cancellationToken = default) =>
+        _session.BindDeviceAsync(address, Id, cancellationToken);
+
+    /// <summary>VFIO_IOMMU_GET_INFO.</summary>
+    public Task<IommuInfo> GetInfoAsync(CancellationToken cancellationToken = default) =>
+        _session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = Id }, cancellationToken: cancellationToken));
+
+    /// <summary>Maps a buffer (or part of it) for device access; with <paramref name="iova"/> null an IOMMUFD container picks the IOVA.</summary>
+    public async Task<IovaMapping> MapAsync(DmaBuffer buffer, ulong? iova, bool read = true, bool write = true,
+        ulong offset = 0, ulong? size = null, CancellationToken cancellationToken = default)
+    {
+        var request = new MapDmaRequest
+        {
+            ContainerId = Id,
+            Vaddr = buffer.Vaddr + offset,
+            Size = size ?? buffer.Size - offset,
+            Read = read,
+            Write = write,
+        };
+        if (iova is { } fixedIova)
+            request.Iova = fixedIova;
+        var response = await _session.CallAsync(v => v.MapDmaAsync(request, cancellationToken: cancellationToken)).ConfigureAwait(false);
+        return new IovaMapping(this, response.Iova, request.Size);
+    }
+
+    /// <summary>Unmaps <c>[iova, iova+size)</c>; returns the bytes unmapped. No DMA touches the range afterwards.</summary>
+    public async Task<ulong> UnmapAsync(ulong iova, ulong size, CancellationToken cancellationToken = default) =>
+        (await _session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = Id, Iova = iova, Size = size }, cancellationToken: cancellationToken)).ConfigureAwait(false)).Unmapped;
+
+    /// <summary>Unmaps everything.</summary>
+    public async Task<ulong> UnmapAllAsync(CancellationToken cancellationToken = default) =>
+        (await _session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = Id, All = true }, cancellationToken: cancellationToken)).ConfigureAwait(false)).Unmapped;
+}
+
+/// <summary>A group this session claimed with SetContainer; <see cref="ReleaseAsync"/> is VFIO_GROUP_UNSET_CONTAINER.</summary>
+public sealed class IommuGroupClaim(BrokerSession session, uint groupId)
+{
+    public uint GroupId { get; } = groupId;
+
+    public Task<GroupStatus> GetStatusAsync(CancellationToken cancellationToken = default) => session.GetGroupStatusAsync(GroupId, cancellationToken);
+
+    public Task ReleaseAsync(CancellationToken cancellationToken = default) => session.UnsetContainerAsync(GroupId, cancellationToken);
+}
+
+/// <summary>An IOVA range mapped in a container.</summary>
+public sealed record IovaMapping(Container Container, ulong Iova, ulong Size)
+{
+    public Task<ulong> UnmapAsync(CancellationToken cancellationToken = default) => Container.UnmapAsync(Iova, Size, cancellationToken);
+}
+
+/// <summary>A block of session memory (the process's own memory), page-aligned.</summary>
+public sealed class DmaBuffer
+{
+    private readonly BrokerSession _session;
+
+    internal DmaBuffer(BrokerSession session, ulong vaddr, ulong size)
+    {
+        _session = session;
+        Vaddr = vaddr;
+        Size = size;
+    }
+
+    public ulong Vaddr { get; }
+    public ulong Size { get; }
+
+    /// <summary>The CPU reads the buffer.</summary>
+    public async Task<byte[]> ReadAsync(ulong offset, int length, CancellationToken cancellationToken = default)
+    {
+        var response = await BrokerException.Wrap(() => _session.Memory.ReadAsync(new ReadRequest { Vaddr = Vaddr + offset, Size = (uint)length }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        return response.Data.ToByteArray();
+    }
+
+    /// <summary>The CPU writes the buffer.</summary>
+    public Task WriteAsync(ulong offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
+        BrokerException.Wrap(() => _session.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
+
+    /// <summary>Frees the block (EBUSY while mapped).</summary>
+    public Task FreeAsync(CancellationToken cancellationToken = default) =>
+        BrokerException.Wrap(() => _session.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync);
+}
+
+/// <summary>An open device (a VFIO device fd): registers, config space, reset, and DMA channels.</summary>
+public sealed class Device : IAsyncDisposable
+{
+    /// <summary>VFIO region index of PCI config space.</summary>
+    public const uint ConfigRegion = 7;
+
+    private readonly BrokerSession _session;
+    private int _closed;
+
+    internal Device(BrokerSession session, string address, ulong handle)
+    {
+        _session = session;
+        Address = address;
+        Handle = handle;
+    }
+
+    public string Address { get; }
+    public ulong Handle { get; }
+
+    /// <summary>Reads a register: BAR <paramref name="region"/> (0-5), or config space (7).</summary>
+    public async Task<ulong> ReadRegisterAsync(uint region, ulong offset, int width = 4, CancellationToken cancellationToken = default)
+    {
+        var response = await _session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = Handle, Index = region, Offset = offset, Size = (uint)width }, cancellationToken: cancellationToken)).ConfigureAwait(false);
+        Span<byte> bytes = stackalloc byte[8];
+        bytes.Clear();
+        response.Data.Span.CopyTo(bytes);
+        return BitConverter.ToUInt64(bytes);
+    }
+
+    /// <summary>Writes a register (little-endian <paramref name="width"/> bytes).</summary>
+    public Task WriteRegisterAsync(uint region, ulong offset, ulong value, int width = 4, CancellationToken cancellationToken = default)
+    {
+        var bytes = BitConverter.GetBytes(value)[..width];
+        return _session.CallAsync(v => v.RegionWriteAsync(new RegionWriteRequest { Handle = Handle, Index = region, Offset = offset, Data = ByteString.CopyFrom(bytes) }, cancellationToken: cancellationToken));
+    }
+
+    /// <summary>Sets Memory Space and Bus Master in the command register, so the device may DMA.</summary>
+    public async Task EnableBusMasterAsync(CancellationToken cancellationToken = default)
+    {
+        var command = await ReadRegisterAsync(ConfigRegion, 4, 2, cancellationToken).ConfigureAwait(false);
+        await WriteRegisterAsync(ConfigRegion, 4, command | 0x6, 2, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>VFIO_DEVICE_RESET.</summary>
+    public Task ResetAsync(CancellationToken cancellationToken = default) =>
+        _session.CallAsync(v => v.ResetDeviceAsync(new ResetDeviceRequest { Handle = Handle }, cancellationToken: cancellationToken));
+
+    /// <summary>Opens a DMA channel on this device: pipelined requests, small ones batched.</summary>
+    public Task<DmaChannel> OpenDmaChannelAsync(DmaChannelOptions? options = null, CancellationToken cancellationToken = default) =>
+        DmaChannel.OpenAsync(_session, Handle, options ?? new DmaChannelOptions(), cancellationToken);
+
+    /// <summary>Closes the handle; the broker resets the device.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _closed, 1) != 0 || _session.Ended.IsCompleted)
+            return;
+        try
+        {
+            await _session.CallAsync(v => v.CloseDeviceAsync(new CloseDeviceRequest { Handle = Handle })).ConfigureAwait(false);
+        }
+        catch (BrokerException e) when (e.Reason is "EBADF" or "EACCES" || e.IsBrokerUnavailable)
+        {
+            // Already closed with the session, or the broker is gone: nothing left to release.
+        }
+    }
+}
