@@ -26,6 +26,9 @@ internal static class Cli
           unbind <address>           unbind the driver (admin)
           revoke <session> [reason]  end a session; the broker releases all it held (admin)
           stats                      live sessions, containers, owned groups, watchers
+          dma <address> [--bytes N]  claim a device and run a DMA round trip through the IOMMU
+          bench <address> [--size B] [--seconds N]
+                                     measure DMA write throughput, with progress
 
         Options:
           --broker <url>   the broker [env DMABROKER_ADDRESS, default http://127.0.0.1:50051]

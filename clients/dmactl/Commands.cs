@@ -18,6 +18,17 @@ internal sealed record CommandContext(BrokerClient Client, Output Output, string
     }
 
     public bool Flag(string name) => Args.Contains(name);
+
+    /// <summary>An integer option <c>--name N</c> within [min, max], or its default.</summary>
+    public int Int(string name, int fallback, int min, int max)
+    {
+        var i = Array.IndexOf(Args, name);
+        if (i < 0)
+            return fallback;
+        if (i + 1 >= Args.Length || !int.TryParse(Args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out var value) || value < min || value > max)
+            throw new UsageException($"{name} takes a number from {min} to {max}");
+        return value;
+    }
 }
 
 internal sealed record Command(string Name, string Usage, string Summary, Func<CommandContext, Task<int>> RunAsync);
@@ -36,6 +47,8 @@ internal static class Commands
         new("unbind", "unbind <address>", "Unbind a device's driver.", UnbindAsync),
         new("revoke", "revoke <session> [reason]", "End a session; the broker tells it why and releases everything it held.", RevokeAsync),
         new("stats", "stats", "Live sessions, containers, user-owned groups and watchers.", StatsAsync),
+        new("dma", "dma <address> [--bytes N]", "Claim the device's group, map memory, and run a DMA round trip: the device writes a pattern, the CPU checks it, the device reads it back.", DeviceCommands.DmaAsync),
+        new("bench", "bench <address> [--size BYTES] [--seconds N] [--window N]", "Claim the device's group and measure DMA write throughput, with a live progress line.", DeviceCommands.BenchAsync),
     ];
 
     public static Command? Find(string name) => All.FirstOrDefault(c => c.Name == name);
