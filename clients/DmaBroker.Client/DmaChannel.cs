@@ -9,7 +9,7 @@ namespace DmaBroker.Client;
 /// <summary>How a <see cref="DmaChannel"/> pipelines and batches.</summary>
 public sealed record DmaChannelOptions
 {
-    /// <summary>Requests outstanding at once; submitting more waits (back-pressure).</summary>
+    /// <summary>Requests on the wire at once; more wait, in order, in the channel until completions make room.</summary>
     public int MaxInFlight { get; init; } = 1024;
 
     /// <summary>The most requests sent together in one batch message.</summary>
@@ -44,9 +44,9 @@ public sealed record DmaResult(ulong Tag, bool Ok, ReadOnlyMemory<byte> Data, ul
 }
 
 /// <summary>
-/// A DMA channel to one open device: requests are pipelined (up to
-/// <see cref="DmaChannelOptions.MaxInFlight"/>), small ones are batched into one message, and
-/// each task completes, in submission order, with its request's completion. Interrupts arrive on
+/// A DMA channel to one open device: requests go to the device in the order they are made,
+/// pipelined (up to <see cref="DmaChannelOptions.MaxInFlight"/> on the wire), small ones batched
+/// into one message, and each task completes, in that order, with its request's completion. Interrupts arrive on
 /// <see cref="Interrupts"/>. If the stream breaks, every pending request fails with the reason.
 /// </summary>
 public sealed class DmaChannel : IAsyncDisposable
@@ -60,7 +60,7 @@ public sealed class DmaChannel : IAsyncDisposable
     private readonly CancellationTokenSource _stop = new();
     private Task _sender = Task.CompletedTask;
     private Task _receiver = Task.CompletedTask;
-    private long _nextTag;
+    private ulong _nextTag;
     private Exception? _broken;
 
     private DmaChannel(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, DmaChannelOptions options)
@@ -111,21 +111,20 @@ public sealed class DmaChannel : IAsyncDisposable
     public Task<DmaResult> MmioReadAsync(uint region, ulong offset, int width = 4, CancellationToken cancellationToken = default) =>
         SubmitAsync(new DmaRequest { MmioRead = new MmioRead { Index = region, Offset = offset, Width = (uint)width } }, 0, cancellationToken);
 
-    private async Task<DmaResult> SubmitAsync(DmaRequest request, int payload, CancellationToken cancellationToken)
+    private Task<DmaResult> SubmitAsync(DmaRequest request, int payload, CancellationToken cancellationToken)
     {
-        if (Volatile.Read(ref _broken) is { } broken)
-            throw broken;
-        await _window.WaitAsync(cancellationToken).ConfigureAwait(false);
-        if (Volatile.Read(ref _broken) is { } brokenWhileWaiting)
-            throw brokenWhileWaiting;
-        request.Tag = (ulong)Interlocked.Increment(ref _nextTag);
+        cancellationToken.ThrowIfCancellationRequested();
         var pending = new Pending(request, payload > _options.SmallOperationBytes);
-        if (!_outgoing.Writer.TryWrite(pending))
+        // Tags and queue order follow call order, so the device sees requests in the order they were made.
+        lock (_outgoing)
         {
-            _window.Release();
-            throw Volatile.Read(ref _broken) ?? new ObjectDisposedException(nameof(DmaChannel));
+            if (Volatile.Read(ref _broken) is { } broken)
+                return Task.FromException<DmaResult>(broken);
+            request.Tag = ++_nextTag;
+            if (!_outgoing.Writer.TryWrite(pending))
+                return Task.FromException<DmaResult>(Volatile.Read(ref _broken) ?? new ObjectDisposedException(nameof(DmaChannel)));
         }
-        return await pending.Result.Task.ConfigureAwait(false);
+        return pending.Result.Task;
     }
 
     // The request stream's only writer: whatever is queued goes out, small requests as one batch.
@@ -138,6 +137,12 @@ public sealed class DmaChannel : IAsyncDisposable
             {
                 while (batch.Count < _options.MaxBatch && _outgoing.Reader.TryRead(out var p))
                 {
+                    // At most MaxInFlight requests on the wire: wait for completions to make room.
+                    if (!_window.Wait(0))
+                    {
+                        await FlushAsync(batch).ConfigureAwait(false);
+                        await _window.WaitAsync(_stop.Token).ConfigureAwait(false);
+                    }
                     if (p.Large)
                     {
                         await FlushAsync(batch).ConfigureAwait(false);
@@ -214,7 +219,7 @@ public sealed class DmaChannel : IAsyncDisposable
     private void Break(Exception reason)
     {
         if (Interlocked.CompareExchange(ref _broken, reason, null) is null)
-            _window.Release(_options.MaxInFlight); // wake every submitter waiting for room: they fail
+            _window.Release(_options.MaxInFlight); // wake the sender if it waits for room: there is nothing left to send
 
         _outgoing.Writer.TryComplete();
         var broken = Volatile.Read(ref _broken) ?? reason;
