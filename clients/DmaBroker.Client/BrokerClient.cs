@@ -11,6 +11,7 @@ public sealed record BrokerClientOptions
     /// <summary>HTTP/2 keepalive ping interval; a broker that stops answering is detected within this plus <see cref="KeepAliveTimeout"/>.</summary>
     public TimeSpan KeepAliveInterval { get; init; } = TimeSpan.FromSeconds(1);
 
+    /// <summary>How long a keepalive ping may go unanswered before the connection counts as lost.</summary>
     public TimeSpan KeepAliveTimeout { get; init; } = TimeSpan.FromSeconds(3);
 }
 
@@ -33,6 +34,7 @@ public sealed class BrokerClient : IDisposable
         Kernel = new Kernel.KernelClient(channel);
     }
 
+    /// <summary>The underlying gRPC channel, for clients of services this class does not wrap.</summary>
     public GrpcChannel Channel { get; }
 
     /// <summary>The raw Topology client, for calls this class does not wrap.</summary>
@@ -63,12 +65,15 @@ public sealed class BrokerClient : IDisposable
         }));
     }
 
+    /// <summary>All devices, in address order.</summary>
     public Task<ListDevicesResponse> ListDevicesAsync(CancellationToken cancellationToken = default) =>
         BrokerException.Wrap(() => Topology.ListDevicesAsync(new ListDevicesRequest(), cancellationToken: cancellationToken).ResponseAsync);
 
+    /// <summary>All IOMMU groups with their owners, and the revision they were read at.</summary>
     public Task<ListGroupsResponse> ListGroupsAsync(CancellationToken cancellationToken = default) =>
         BrokerException.Wrap(() => Topology.ListGroupsAsync(new ListGroupsRequest(), cancellationToken: cancellationToken).ResponseAsync);
 
+    /// <summary>One group; ENOENT if there is no such group.</summary>
     public Task<Group> GetGroupAsync(uint groupId, CancellationToken cancellationToken = default) =>
         BrokerException.Wrap(() => Topology.GetGroupAsync(new GetGroupRequest { GroupId = groupId }, cancellationToken: cancellationToken).ResponseAsync);
 
@@ -98,5 +103,6 @@ public sealed class BrokerClient : IDisposable
     public Task<BrokerSession> OpenSessionAsync(string? clientName = null, CancellationToken cancellationToken = default) =>
         BrokerSession.OpenAsync(this, clientName, cancellationToken);
 
+    /// <summary>Closes the connection.</summary>
     public void Dispose() => Channel.Dispose();
 }

@@ -9,6 +9,7 @@ namespace DmaBroker.Client;
 /// </summary>
 public sealed class BrokerException : Exception
 {
+    /// <summary>A rejection with its gRPC status code, errno name and message.</summary>
     public BrokerException(StatusCode statusCode, string reason, string message, Exception? inner = null)
         : base(message, inner)
     {
@@ -25,6 +26,7 @@ public sealed class BrokerException : Exception
     /// <summary>True when the broker could not be reached or the connection was lost.</summary>
     public bool IsBrokerUnavailable => StatusCode is StatusCode.Unavailable or StatusCode.DeadlineExceeded;
 
+    /// <summary>The errno and the message, as dmactl prints them.</summary>
     public override string ToString() => $"{Reason}: {Message}";
 
     /// <summary>Reads the errno out of a gRPC error.</summary>

@@ -133,9 +133,11 @@ public sealed class BrokerSession : IAsyncDisposable
     public Task BindDeviceAsync(string address, ulong containerId, CancellationToken cancellationToken = default) =>
         CallAsync(v => v.BindDeviceAsync(new BindDeviceRequest { Address = address, ContainerId = containerId }, cancellationToken: cancellationToken));
 
+    /// <summary>Releases one device claim; the last releases the group.</summary>
     public Task UnbindDeviceAsync(string address, CancellationToken cancellationToken = default) =>
         CallAsync(v => v.UnbindDeviceAsync(new UnbindDeviceRequest { Address = address }, cancellationToken: cancellationToken));
 
+    /// <summary>VFIO_GROUP_GET_STATUS: viable, and whether this session's container is set on it.</summary>
     public Task<GroupStatus> GetGroupStatusAsync(uint groupId, CancellationToken cancellationToken = default) =>
         CallAsync(v => v.GetGroupStatusAsync(new GetGroupStatusRequest { GroupId = groupId }, cancellationToken: cancellationToken));
 

@@ -23,6 +23,7 @@ public sealed record DmaChannelOptions
 public sealed class DmaFaultException(DmaFault fault)
     : Exception($"DMA fault at IOVA 0x{fault.Iova:x}: {fault.Access} {fault.Reason}")
 {
+    /// <summary>The faulting IOVA (page-aligned), the access and the reason.</summary>
     public DmaFault Fault { get; } = fault;
 }
 

@@ -15,7 +15,10 @@ public sealed class Container
         Type = type;
     }
 
+    /// <summary>The container id.</summary>
     public ulong Id { get; }
+
+    /// <summary>TYPE1V2 or IOMMUFD: which Linux rules its mappings follow.</summary>
     public ContainerType Type { get; }
 
     /// <summary>VFIO_GROUP_SET_CONTAINER: claims the group for the session and attaches this address space.</summary>
@@ -63,16 +66,20 @@ public sealed class Container
 /// <summary>A group this session claimed with SetContainer; <see cref="ReleaseAsync"/> is VFIO_GROUP_UNSET_CONTAINER.</summary>
 public sealed class IommuGroupClaim(BrokerSession session, uint groupId)
 {
+    /// <summary>The claimed group.</summary>
     public uint GroupId { get; } = groupId;
 
+    /// <summary>VFIO_GROUP_GET_STATUS.</summary>
     public Task<GroupStatus> GetStatusAsync(CancellationToken cancellationToken = default) => session.GetGroupStatusAsync(GroupId, cancellationToken);
 
+    /// <summary>Unsets the container: the group goes back to the kernel's default domain.</summary>
     public Task ReleaseAsync(CancellationToken cancellationToken = default) => session.UnsetContainerAsync(GroupId, cancellationToken);
 }
 
 /// <summary>An IOVA range mapped in a container.</summary>
 public sealed record IovaMapping(Container Container, ulong Iova, ulong Size)
 {
+    /// <summary>Unmaps this range; no DMA touches it afterwards.</summary>
     public Task<ulong> UnmapAsync(CancellationToken cancellationToken = default) => Container.UnmapAsync(Iova, Size, cancellationToken);
 }
 
@@ -88,7 +95,10 @@ public sealed class DmaBuffer
         Size = size;
     }
 
+    /// <summary>The block's address in session memory.</summary>
     public ulong Vaddr { get; }
+
+    /// <summary>The block's size, whole pages.</summary>
     public ulong Size { get; }
 
     /// <summary>The CPU reads the buffer.</summary>
@@ -123,7 +133,10 @@ public sealed class VfioDevice : IAsyncDisposable
         Handle = handle;
     }
 
+    /// <summary>The device's PCI address.</summary>
     public string Address { get; }
+
+    /// <summary>The broker's handle for this open device.</summary>
     public ulong Handle { get; }
 
     /// <summary>Reads a register: BAR <paramref name="region"/> (0-5), or config space (7).</summary>
