@@ -53,6 +53,8 @@ foreach (var (name, unit, make, opsPerMessage, bytesPerOp) in scenarios)
     Console.WriteLine($"  broker / raw        {b / r,10:P0}");
 }
 
+await LookupBenchmark.RunAsync(rounds);
+
 static DmaRequest[] Writes(int perBatch, int size)
 {
     var data = ByteString.CopyFrom(Enumerable.Range(0, size).Select(i => (byte)i).ToArray());
