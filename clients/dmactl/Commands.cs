@@ -108,6 +108,7 @@ internal static class Commands
                 WatchEvent.EventOneofCase.Device => $"rev {ev.Revision}  device {ev.Device.Address}: driver {(ev.Device.Driver.Length == 0 ? "none" : ev.Device.Driver)}, group {ev.Device.GroupId}",
                 WatchEvent.EventOneofCase.DeviceRemoved => $"rev {ev.Revision}  device {ev.DeviceRemoved.Address} removed",
                 WatchEvent.EventOneofCase.GroupRemoved => $"rev {ev.Revision}  group {ev.GroupRemoved.GroupId} removed",
+                WatchEvent.EventOneofCase.SessionEnded => $"rev {ev.Revision}  session {ev.SessionEnded.SessionId} ended ({ev.SessionEnded.Reason}); all it held is released",
                 _ => $"rev {ev.Revision}  (unknown event)",
             });
         }
@@ -170,8 +171,9 @@ internal static class Commands
         if (c.Output.Json)
             c.Output.Message(stats);
         else
-            c.Output.Table(["SESSIONS", "CONTAINERS", "USER-OWNED", "WATCHERS", "OPENED", "CLOSED"],
-                [[.. new ulong[] { stats.Sessions, stats.Containers, stats.UserOwnedGroups, stats.Watchers, stats.SessionsOpened, stats.SessionsClosed }
+            c.Output.Table(["SESSIONS", "CONTAINERS", "USER-OWNED", "WATCHERS", "OPENED", "CLOSED", "MEMORY", "DEVICES", "STREAMS", "MAPPINGS"],
+                [[.. new ulong[] { stats.Sessions, stats.Containers, stats.UserOwnedGroups, stats.Watchers, stats.SessionsOpened, stats.SessionsClosed,
+                    stats.MemoryBytes, stats.OpenDevices, stats.DmaStreams, stats.Mappings }
                     .Select(v => v.ToString(CultureInfo.InvariantCulture))]]);
         return Cli.Ok;
     }

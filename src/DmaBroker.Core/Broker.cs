@@ -15,7 +15,8 @@ public sealed record BrokerOptions
 
 /// <summary>Live counts of what the broker holds, for operators and leak checks.</summary>
 public readonly record struct BrokerStats(
-    int Sessions, int Containers, int UserOwnedGroups, int Watchers, long SessionsOpened, long SessionsClosed);
+    int Sessions, int Containers, int UserOwnedGroups, int Watchers, long SessionsOpened, long SessionsClosed,
+    ulong MemoryBytes, int OpenDevices, int DmaStreams, int Mappings);
 
 /// <summary>
 /// The broker's core, composed: the ownership table, the VFIO user side, and the session
@@ -28,7 +29,8 @@ public sealed class Broker : IAsyncDisposable
         Options = options ?? new BrokerOptions();
         Table = new OwnershipTable(topology, Options.WatchBuffer);
         Vfio = new VfioDriver(Table, Options.Sessions.DmaLimit);
-        Sessions = new SessionRegistry(time ?? TimeProvider.System, Options.Sessions, Vfio.Teardown);
+        Sessions = new SessionRegistry(time ?? TimeProvider.System, Options.Sessions, Vfio.Teardown,
+            s => Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? "")));
     }
 
     public BrokerOptions Options { get; }
@@ -40,14 +42,20 @@ public sealed class Broker : IAsyncDisposable
     public BrokerStats GetStats()
     {
         var counts = Sessions.Counts;
+        var live = Sessions.Live;
         return new BrokerStats(
             counts.Live,
             Vfio.LiveContainers,
             Journal.Current.Groups.Values.Count(g => g.OwnerKind == OwnerKind.User),
             Journal.WatcherCount,
             counts.Opened,
-            counts.Closed);
+            counts.Closed,
+            live.Aggregate(0UL, (sum, s) => sum + s.Memory.Used),
+            live.Sum(s => s.Handles().Length),
+            live.Sum(s => s.StreamCount),
+            live.Sum(s => s.Containers().Sum(c => c.Iova.Count)));
     }
+
 
     public async ValueTask DisposeAsync() => await Sessions.ShutdownAsync().ConfigureAwait(false);
 }

@@ -371,7 +371,7 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
             var group = CoreState.Group(_broker, id);
             Assert.Equal((OwnerKind.None, 0, 0ul, DomainKind.Default), (group.OwnerKind, group.OwnerCount, group.OwnerSession, group.Domain));
         }
-        Assert.Equal(new BrokerStats(1, 0, 0, 1, 2, 1), _broker.GetStats());
+        Assert.Equal(new BrokerStats(1, 0, 0, 1, 2, 1, 0, 0, 0, 0), _broker.GetStats());
         Assert.Equal(SessionEndReason.ClientClosed, _a.EndReason);
 
         // The watcher saw the claims and then each release, in revision order.

@@ -71,6 +71,17 @@ public sealed class GroupWatch : IAsyncDisposable
         }
     }
 
+    /// <summary>Waits until a session has ended with everything it held released.</summary>
+    public async Task<SessionEnded> WaitForSessionEndedAsync(ulong sessionId)
+    {
+        while (true)
+        {
+            var ev = await NextAsync();
+            if (ev.SessionEnded is { } ended && ended.SessionId == sessionId)
+                return ended;
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         await _cts.CancelAsync();

@@ -354,11 +354,14 @@ public sealed class DmaTeardownTests
         }
         Assert.Equal(200, completed);
 
+        var coreA = broker.Broker.Sessions.Find(openA.ResponseStream.Current.Opened.SessionId);
         await cancelA.CancelAsync();
         await watcher.WaitForGroupAsync(g => g.Id == 14 && g.OwnerKind == OwnerKind.None);
         await pump.WaitAsync(TestBroker.Timeout);
+        // Ending is idempotent: this awaits the teardown the cancellation started.
+        await broker.Broker.Sessions.EndAsync(coreA, Core.Sessions.SessionEndReason.ClientClosed).WaitAsync(TestBroker.Timeout);
         var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
-        Assert.Equal((0u, 0u), (stats.Sessions, stats.Containers));
+        Assert.Equal((0u, 0u, 0ul, 0u, 0u, 0u), (stats.Sessions, stats.Containers, stats.MemoryBytes, stats.OpenDevices, stats.DmaStreams, stats.Mappings));
 
         // The next owner finds the device reset: Bus Master off, liveness register cleared.
         await using var b = await broker.Client.OpenSessionAsync("next-owner");

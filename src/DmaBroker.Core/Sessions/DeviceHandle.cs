@@ -36,6 +36,9 @@ public sealed class DeviceHandle : IDevicePort
     /// <summary>Also tells <paramref name="listener"/> of the device's interrupts (a DMA stream); null stops it.</summary>
     public void SetInterruptListener(Action<uint>? listener) => Volatile.Write(ref _interruptListener, listener);
 
+    /// <summary>Stops <paramref name="listener"/>, unless another has replaced it meanwhile.</summary>
+    public void ClearInterruptListener(Action<uint> listener) => Interlocked.CompareExchange(ref _interruptListener, null, listener);
+
     /// <summary>The device writes host memory at <paramref name="iova"/>.</summary>
     public DmaOutcome DmaWrite(ulong iova, ReadOnlySpan<byte> data)
     {

@@ -57,6 +57,8 @@ public sealed class Session
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
     private long _droppedEvents;
+    private int _streams;
+    private TaskCompletionSource? _streamsClosed;
 
     internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, ulong memoryLimit)
     {
@@ -121,6 +123,38 @@ public sealed class Session
     {
         if (!string.IsNullOrWhiteSpace(clientName))
             ClientName = clientName.Length > 128 ? clientName[..128] : clientName;
+    }
+
+    /// <summary>DMA streams open on this session's devices.</summary>
+    public int StreamCount => Volatile.Read(ref _streams);
+
+    /// <summary>Counts a DMA stream of this session until disposed; teardown waits for them to close.</summary>
+    public StreamScope TrackStream()
+    {
+        lock (_sync)
+            _streams++;
+        return new StreamScope(this);
+    }
+
+    private void StreamClosed()
+    {
+        lock (_sync)
+        {
+            if (--_streams == 0)
+                _streamsClosed?.TrySetResult();
+        }
+    }
+
+    /// <summary>Completes when no DMA stream of the session is open any more.</summary>
+    internal Task WhenStreamsClosed()
+    {
+        lock (_sync)
+        {
+            if (_streams == 0)
+                return Task.CompletedTask;
+            _streamsClosed ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            return _streamsClosed.Task;
+        }
     }
 
     internal void Post(SessionEvent ev)
@@ -219,6 +253,12 @@ public sealed class Session
             lock (sync)
                 return [.. _items.Values];
         }
+    }
+
+    /// <summary>One DMA stream of a session, counted until disposed.</summary>
+    public readonly struct StreamScope(Session session) : IDisposable
+    {
+        public void Dispose() => session.StreamClosed();
     }
 
     /// <summary>One operation in flight on a session's behalf.</summary>

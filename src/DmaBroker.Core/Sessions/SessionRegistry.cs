@@ -26,7 +26,7 @@ public readonly record struct SessionCounts(int Live, long Opened, long Closed);
 /// Opens sessions, authenticates their tokens, keeps their leases on an injected clock, and runs
 /// each one's teardown exactly once, whichever way it ends.
 /// </summary>
-public sealed class SessionRegistry(TimeProvider time, SessionOptions options, Action<Session> teardown)
+public sealed class SessionRegistry(TimeProvider time, SessionOptions options, Action<Session> teardown, Action<Session>? ended = null)
 {
     private readonly ConcurrentDictionary<ulong, Session> _byId = new();
     private readonly ConcurrentDictionary<string, Session> _byToken = new(StringComparer.Ordinal);
@@ -118,6 +118,13 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         try
         {
             teardown(session);
+            // Its streams were told to stop when the session began to end; the session counts as
+            // gone once they have (bounded, so a wedged connection cannot hold teardown hostage).
+            await session.WhenStreamsClosed().WaitAsync(TimeSpan.FromSeconds(5), time).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            // A stream that will not finish still holds nothing: its session is released.
         }
         finally
         {
@@ -125,6 +132,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             _byId.TryRemove(session.Id, out _);
             session.CompleteEvents();
             Interlocked.Increment(ref _closed);
+            ended?.Invoke(session);
         }
     }
 

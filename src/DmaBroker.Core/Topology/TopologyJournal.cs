@@ -16,6 +16,9 @@ public sealed record DeviceRemoved(PciAddress Address) : TopologyChange;
 
 public sealed record GroupRemoved(uint GroupId) : TopologyChange;
 
+/// <summary>A session ended and everything it held is released; changes no table entry.</summary>
+public sealed record SessionEnded(ulong SessionId, string Reason) : TopologyChange;
+
 /// <summary>The whole table at one revision; immutable, so readers never lock.</summary>
 public sealed record TopologySnapshot(
     ulong Revision,
@@ -28,6 +31,7 @@ public sealed record TopologySnapshot(
         DeviceChanged d => this with { Revision = Revision + 1, Devices = Devices.SetItem(d.Device.Address, d.Device) },
         DeviceRemoved r => this with { Revision = Revision + 1, Devices = Devices.Remove(r.Address) },
         GroupRemoved r => this with { Revision = Revision + 1, Groups = Groups.Remove(r.GroupId) },
+        SessionEnded => this with { Revision = Revision + 1 },
         _ => throw new ArgumentOutOfRangeException(nameof(change)),
     };
 }

@@ -74,6 +74,9 @@ internal static class WireMapping
             case GroupRemoved r:
                 ev.GroupRemoved = new Wire.GroupRemoved { GroupId = r.GroupId };
                 break;
+            case SessionEnded s:
+                ev.SessionEnded = new Wire.SessionEnded { SessionId = s.SessionId, Reason = s.Reason };
+                break;
         }
         return ev;
     }

@@ -24,6 +24,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
         IServerStreamWriter<Wire.DmaResponse> responseStream, ServerCallContext context)
     {
         var session = broker.Authenticate(context);
+        using var counted = session.TrackStream();
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
         if (!await requestStream.MoveNext(ended.Token))
             return;
@@ -40,7 +41,8 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
         Action<uint> onInterrupt = vector => outbox.Writer.TryWrite(new Outgoing(
             new Wire.DmaResponse { Interrupt = new Wire.DmaInterrupt { Vector = vector } }, null));
         handle.SetInterruptListener(onInterrupt);
-        var writer = WriteAllAsync(outbox.Reader, responseStream, context.CancellationToken);
+        // Once the session ends nobody awaits these completions: the writer stops too.
+        var writer = WriteAllAsync(outbox.Reader, responseStream, ended.Token);
         var sessionEnded = false;
         try
         {
@@ -64,7 +66,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
         }
         finally
         {
-            handle.SetInterruptListener(null);
+            handle.ClearInterruptListener(onInterrupt);
             outbox.Writer.TryComplete();
             await writer;
         }

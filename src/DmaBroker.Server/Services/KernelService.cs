@@ -54,6 +54,10 @@ public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
             Watchers = (uint)s.Watchers,
             SessionsOpened = (ulong)s.SessionsOpened,
             SessionsClosed = (ulong)s.SessionsClosed,
+            MemoryBytes = s.MemoryBytes,
+            OpenDevices = (uint)s.OpenDevices,
+            DmaStreams = (uint)s.DmaStreams,
+            Mappings = (uint)s.Mappings,
         });
     }
 }
