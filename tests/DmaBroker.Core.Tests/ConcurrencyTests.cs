@@ -10,6 +10,7 @@ namespace DmaBroker.Core.Tests;
 /// binds racing them, and a checker that samples every group's invariants under its lock while
 /// they run. Threads start together on a <see cref="Barrier"/>; nothing sleeps.
 /// </summary>
+[Collection(RealThreadsCollection.Name)]
 public sealed class ConcurrencyTests
 {
     private const int Workers = 4;

@@ -62,7 +62,7 @@ public sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
         return offset switch
         {
             RegId => Identification,
-            RegLiveness => ~_liveness,
+            RegLiveness => _liveness,
             RegFactorial => _factorial,
             RegStatus => _status,
             RegIrqStatus => _irqStatus,
@@ -81,7 +81,8 @@ public sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
         switch (offset)
         {
             case RegLiveness:
-                _liveness = (uint)value;
+                // Stored inverted, as QEMU's addr4 is: a fresh or reset device reads 0, not ~0.
+                _liveness = ~(uint)value;
                 break;
             case RegFactorial:
                 if ((_status & StatusComputing) == 0)

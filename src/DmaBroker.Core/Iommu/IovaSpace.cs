@@ -253,8 +253,11 @@ public sealed class IovaSpace(int dmaLimit) : IDisposable
         if (length == 0)
             return DmaOutcome.Success;
         var last = iova + length - 1;
-        if (last < iova || last > ApertureLast)
-            return DmaOutcome.Faulted(last < iova ? iova : Math.Max(iova, ApertureLast + 1) & ~PageMask, access, FaultReason.Unmapped);
+        // A range that wraps starts above the aperture, so its first page is unmapped. One that runs
+        // past the aperture needs no special case: nothing is mapped there, so the walk faults at the
+        // first page that is not mapped, which may come before the aperture's end.
+        if (last < iova)
+            return DmaOutcome.Faulted(iova & ~PageMask, access, FaultReason.Unmapped);
         var at = iova;
         while (true)
         {

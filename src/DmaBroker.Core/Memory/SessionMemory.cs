@@ -61,8 +61,9 @@ public sealed class SessionMemory(ulong limit)
             throw ErrnoException.Invalid("size must be at least 1 byte");
         if (size > Limit)
             throw ErrnoException.Exhausted(Errno.ENOMEM, $"{size} bytes exceed the session's memory limit of {Limit} bytes");
+        // Checked before rounding up too: near 2^64 the rounding wraps around to a tiny size.
         var pages = (size + PageSize - 1) / PageSize * PageSize;
-        if (pages > int.MaxValue - PageSize)
+        if (size > int.MaxValue || pages > int.MaxValue - PageSize)
             throw ErrnoException.Exhausted(Errno.ENOMEM, $"{size} bytes is more than one block can hold");
         lock (_sync)
         {

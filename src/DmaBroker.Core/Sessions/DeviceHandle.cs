@@ -108,7 +108,8 @@ public sealed class DeviceHandle : IDevicePort
                 Model.ConfigRead((int)offset, bytes[..width]);
                 return BitConverter.ToUInt64(bytes);
             }
-            return Model.MmioRead((int)index, offset, width);
+            // The bus carries only the bytes accessed: a 4-byte read of a 64-bit register sees its low half.
+            return Model.MmioRead((int)index, offset, width) & WidthMask(width);
         }
     }
 
@@ -127,7 +128,7 @@ public sealed class DeviceHandle : IDevicePort
                 Model.ConfigWrite((int)offset, bytes[..width]);
                 return MmioResult.Done;
             }
-            return Model.MmioWrite((int)index, offset, width, value, this);
+            return Model.MmioWrite((int)index, offset, width, value & WidthMask(width), this);
         }
     }
 
@@ -240,6 +241,8 @@ public sealed class DeviceHandle : IDevicePort
         if (Closed)
             throw ErrnoException.NotFound(Errno.EBADF, $"device handle {Id} is closed");
     }
+
+    private static ulong WidthMask(int width) => width == 8 ? ulong.MaxValue : (1UL << (8 * width)) - 1;
 
     private static void CheckLength(int length)
     {

@@ -54,6 +54,9 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 throw ErrnoException.NotFound(Errno.ENOENT, $"container {containerId} was destroyed");
             if (container.Groups.Count > 0 || container.BoundDevices.Count > 0)
                 throw ErrnoException.Busy($"container {containerId} still has {container.Groups.Count} group(s) and {container.BoundDevices.Count} device(s) attached");
+            // As closing the container fd or destroying the IOAS does in Linux: its mappings go with
+            // it, or they would pin memory that nothing could ever unmap.
+            container.Iova.Clear(session.Memory);
             Destroy(container);
         }
     }
@@ -175,10 +178,18 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     public ulong MapDma(Session session, ulong containerId, ulong vaddr, ulong? iova, ulong size, bool read, bool write)
     {
         using var op = session.Enter();
-        var container = IommuOf(session, containerId);
-        if (iova is null && container.Type == ContainerType.Type1v2)
-            throw ErrnoException.Invalid("a TYPE1V2 container needs an explicit iova; only IOMMUFD picks one");
-        return container.Iova.Map(session.Memory, vaddr, iova, size, read, write);
+        var container = session.FindContainer(containerId);
+        // Checked and mapped under the container's lock, so neither the unset of a TYPE1V2
+        // container's last group (which empties it) nor DestroyContainer can come in between
+        // and leave the new mapping behind in a container without an IOMMU.
+        lock (container.Sync)
+        {
+            CheckLive(container);
+            CheckIommu(container);
+            if (iova is null && container.Type == ContainerType.Type1v2)
+                throw ErrnoException.Invalid("a TYPE1V2 container needs an explicit iova; only IOMMUFD picks one");
+            return container.Iova.Map(session.Memory, vaddr, iova, size, read, write);
+        }
     }
 
     /// <summary>VFIO_IOMMU_UNMAP_DMA / IOMMU_IOAS_UNMAP: returns once no DMA can touch the range.</summary>
@@ -275,11 +286,12 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         session.Memory.Clear();
     }
 
-    private static Container IommuOf(Session session, ulong containerId)
+    private static Container IommuOf(Session session, ulong containerId) => CheckIommu(session.FindContainer(containerId));
+
+    private static Container CheckIommu(Container container)
     {
-        var container = session.FindContainer(containerId);
         if (!container.HasIommu)
-            throw ErrnoException.Conflict(Errno.EINVAL, $"container {containerId} has no IOMMU yet: set a group on it first (TYPE1V2)");
+            throw ErrnoException.Conflict(Errno.EINVAL, $"container {container.Id} has no IOMMU yet: set a group on it first (TYPE1V2)");
         return container;
     }
 
