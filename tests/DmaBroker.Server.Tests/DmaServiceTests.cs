@@ -363,13 +363,13 @@ public sealed class DmaTeardownTests
         var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
         Assert.Equal((0u, 0u, 0ul, 0u, 0u, 0u), (stats.Sessions, stats.Containers, stats.MemoryBytes, stats.OpenDevices, stats.DmaStreams, stats.Mappings));
 
-        // The next owner finds the device reset: Bus Master off, liveness register cleared.
+        // The next owner finds the device reset: Bus Master off, liveness register back to its power-on value.
         await using var b = await broker.Client.OpenSessionAsync("next-owner");
         await b.SetContainerAsync(14, await b.CreateContainerAsync(ContainerType.Type1V2));
         var reopened = (await b.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:08:00.0" }))).Handle;
         var command = await b.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = reopened, Index = 7, Offset = 4, Size = 2 }));
         Assert.Equal(new byte[] { 0, 0 }, command.Data.ToByteArray());
         var liveness = await b.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = reopened, Index = 0, Offset = 4, Size = 4 }));
-        Assert.Equal(new byte[] { 0xff, 0xff, 0xff, 0xff }, liveness.Data.ToByteArray());
+        Assert.Equal(new byte[] { 0, 0, 0, 0 }, liveness.Data.ToByteArray()); // a fresh edu reads 0; before the reset it read ~0x04030201
     }
 }
