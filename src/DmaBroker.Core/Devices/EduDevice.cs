@@ -150,7 +150,9 @@ public sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
     private void Raise(uint bits, IDevicePort port)
     {
         _irqStatus |= bits;
-        port.Interrupt(0);
+        // As QEMU's edu_raise_irq: MSI fires only while some interrupt status bit is set.
+        if (_irqStatus != 0)
+            port.Interrupt(0);
     }
 
     private static bool ValidWidth(ulong offset, int width) => offset < 0x80 ? width == 4 : width is 4 or 8;
