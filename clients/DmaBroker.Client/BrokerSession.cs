@@ -115,10 +115,10 @@ public sealed class BrokerSession : IAsyncDisposable
     }
 
     /// <summary>VFIO_GROUP_GET_DEVICE_FD: opens a device of a group this session claimed.</summary>
-    public async Task<Device> OpenDeviceAsync(string address, CancellationToken cancellationToken = default)
+    public async Task<VfioDevice> OpenDeviceAsync(string address, CancellationToken cancellationToken = default)
     {
         var response = await CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = address }, cancellationToken: cancellationToken)).ConfigureAwait(false);
-        return new Device(this, address, response.Handle);
+        return new VfioDevice(this, address, response.Handle);
     }
 
     /// <summary>VFIO_GROUP_SET_CONTAINER: claims the group for this session.</summary>

@@ -108,7 +108,7 @@ public sealed class DmaBuffer
 }
 
 /// <summary>An open device (a VFIO device fd): registers, config space, reset, and DMA channels.</summary>
-public sealed class Device : IAsyncDisposable
+public sealed class VfioDevice : IAsyncDisposable
 {
     /// <summary>VFIO region index of PCI config space.</summary>
     public const uint ConfigRegion = 7;
@@ -116,7 +116,7 @@ public sealed class Device : IAsyncDisposable
     private readonly BrokerSession _session;
     private int _closed;
 
-    internal Device(BrokerSession session, string address, ulong handle)
+    internal VfioDevice(BrokerSession session, string address, ulong handle)
     {
         _session = session;
         Address = address;
