@@ -1,3 +1,5 @@
+using System.Diagnostics;
+using System.Threading.Channels;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using DmaBroker.Server.Hosting;
@@ -6,11 +8,16 @@ using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.Extensions.DependencyInjection;
 
+// The tests run one at a time: they measure release latencies and lease expiry, and a 2-core CI
+// machine running several classes' client processes at once would measure its own load instead.
+[assembly: CollectionBehavior(DisableTestParallelization = true)]
+
 namespace DmaBroker.Integration.Tests;
 
 /// <summary>A real broker on a free loopback port, for client processes to reach.</summary>
 public sealed class LiveBroker : IAsyncDisposable
 {
+    private const int MinPoolThreads = 16;
     private readonly WebApplication _app;
 
     private LiveBroker(WebApplication app, string address)
@@ -23,8 +30,19 @@ public sealed class LiveBroker : IAsyncDisposable
     public string Address { get; }
     public BrokerClient Client { get; }
 
+    /// <summary>The broker's live counts (sessions, containers, user-owned groups…).</summary>
+    public async Task<BrokerStats> StatsAsync() =>
+        await Client.Kernel.GetStatsAsync(new GetStatsRequest()).ResponseAsync.WaitAsync(GroupWatch.DefaultTimeout);
+
     public static async Task<LiveBroker> StartAsync(params string[] args)
     {
+        // This broker shares the test host's thread pool, in which the test platform parks two
+        // workers in blocking calls (its message loop polls a socket for up to 1 s at a time). On a
+        // 2-core machine the pool starts with 2 threads, and work queued to it then waited up to
+        // ~1 s: past a short lease, so healthy streaming clients lost their sessions. A broker
+        // process of its own has no such neighbours; here the pool gets a floor instead.
+        ThreadPool.GetMinThreads(out var workers, out var io);
+        ThreadPool.SetMinThreads(Math.Max(workers, MinPoolThreads), Math.Max(io, MinPoolThreads));
         var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args]);
         await app.StartAsync();
         var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single()
@@ -40,59 +58,177 @@ public sealed class LiveBroker : IAsyncDisposable
     }
 }
 
-/// <summary>Group events from a watch stream, each wait bounded.</summary>
+/// <summary>
+/// The groups as a watcher sees them: kept current from the snapshot and every change, each
+/// change stamped with its arrival time, and every transition checked against SPEC §10 — a user
+/// owner always names a session, and ownership never passes from one session to another without
+/// a release in between (that would be two owners at once). Each wait is bounded.
+/// </summary>
 public sealed class GroupWatch : IAsyncDisposable
 {
+    public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
+
     private readonly CancellationTokenSource _cts = new();
-    private readonly IAsyncEnumerator<WatchEvent> _events;
+    private readonly Channel<(long At, WatchEvent Event)> _arrivals = Channel.CreateUnbounded<(long, WatchEvent)>(new UnboundedChannelOptions { SingleReader = true, SingleWriter = true });
+    private readonly Dictionary<uint, Group> _groups = [];
+    private readonly Dictionary<uint, long> _changedAt = [];
+    private readonly List<string> _violations = [];
+    private readonly Dictionary<ulong, string> _ended = [];
+    private readonly Task _pump;
+    private ulong _revision;
+    private bool _synced;
 
-    private GroupWatch(BrokerClient client) => _events = client.WatchAsync(_cts.Token).GetAsyncEnumerator(_cts.Token);
+    private GroupWatch(BrokerClient client) => _pump = PumpAsync(client);
 
+    /// <summary>The groups as of the last event applied.</summary>
+    public IReadOnlyDictionary<uint, Group> Groups => _groups;
+
+    /// <summary>Every broken rule seen so far, in order.</summary>
+    public IReadOnlyList<string> Violations => _violations;
+
+    /// <summary>Starts a watch and applies its snapshot.</summary>
     public static async Task<GroupWatch> StartAsync(BrokerClient client)
     {
         var watch = new GroupWatch(client);
-        await watch.NextAsync(); // the snapshot
+        await watch.WaitUntilAsync("the snapshot", _ => watch._synced);
         return watch;
     }
 
-    public async Task<WatchEvent> NextAsync()
+    /// <summary>Applies events until <paramref name="condition"/> holds (at once if it already does); fails after the timeout.</summary>
+    public async Task WaitUntilAsync(string what, Func<IReadOnlyDictionary<uint, Group>, bool> condition, TimeSpan? timeout = null)
     {
-        Assert.True(await _events.MoveNextAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30)), "watch ended");
-        return _events.Current;
-    }
-
-    public async Task<Group> WaitForAsync(uint groupId, OwnerKind owner)
-    {
-        while (true)
+        var limit = timeout ?? DefaultTimeout;
+        using var cts = new CancellationTokenSource(limit);
+        try
         {
-            var ev = await NextAsync();
-            if (ev.Group is { } g && g.Id == groupId && g.OwnerKind == owner)
-                return g;
+            while (!condition(_groups))
+            {
+                var (at, ev) = await _arrivals.Reader.ReadAsync(cts.Token);
+                Apply(at, ev);
+            }
+        }
+        catch (OperationCanceledException) when (cts.IsCancellationRequested)
+        {
+            throw new Xunit.Sdk.XunitException($"watch: {what} not seen within {limit}; groups now: {Describe()}");
+        }
+        catch (ChannelClosedException e)
+        {
+            throw new Xunit.Sdk.XunitException($"watch ended before {what}: {e.InnerException?.Message}; groups now: {Describe()}");
         }
     }
 
-    /// <summary>Waits until a session has ended with everything it held released.</summary>
-    public async Task<SessionEnded> WaitForSessionEndedAsync(ulong sessionId)
+    /// <summary>Waits until the group's owner is of the given kind; returns the group as it is then.</summary>
+    public async Task<Group> WaitForAsync(uint groupId, OwnerKind owner, TimeSpan? timeout = null)
     {
-        while (true)
+        await WaitUntilAsync($"group {groupId} {owner}", g => g.TryGetValue(groupId, out var group) && group.OwnerKind == owner, timeout);
+        return _groups[groupId];
+    }
+
+    /// <summary>The <see cref="Stopwatch"/> timestamp at which the group's latest change arrived.</summary>
+    public long ChangedAt(uint groupId) => _changedAt[groupId];
+
+    /// <summary>The user-owned groups and their owning sessions.</summary>
+    public IReadOnlyDictionary<uint, ulong> UserOwners() =>
+        _groups.Values.Where(g => g.OwnerKind == OwnerKind.User).ToDictionary(g => g.Id, g => g.OwnerSession);
+
+    public string Describe() => string.Join("; ", _groups.Values
+        .Where(g => g.OwnerKind != OwnerKind.Kernel)
+        .Select(g => $"{g.Id}:{g.OwnerKind}({g.OwnerSession}) count {g.OwnerCount} gen {g.Generation}"));
+
+    private async Task PumpAsync(BrokerClient client)
+    {
+        try
         {
-            var ev = await NextAsync();
-            if (ev.SessionEnded is { } ended && ended.SessionId == sessionId)
-                return ended;
+            await foreach (var ev in client.WatchAsync(_cts.Token))
+                _arrivals.Writer.TryWrite((Stopwatch.GetTimestamp(), ev));
+            _arrivals.Writer.TryComplete(new InvalidOperationException("the broker ended the watch"));
         }
+        catch (OperationCanceledException) when (_cts.IsCancellationRequested)
+        {
+            _arrivals.Writer.TryComplete();
+        }
+        catch (Exception e)
+        {
+            _arrivals.Writer.TryComplete(e);
+        }
+    }
+
+    private void Apply(long at, WatchEvent ev)
+    {
+        if (_synced && ev.Revision <= _revision)
+            _violations.Add($"revision {ev.Revision} after {_revision}");
+        _revision = ev.Revision;
+        switch (ev.EventCase)
+        {
+            case WatchEvent.EventOneofCase.Snapshot:
+                // Also a resynchronisation after an overflow: transitions in between are unknown.
+                _groups.Clear();
+                foreach (var g in ev.Snapshot.Groups)
+                {
+                    _groups[g.Id] = g;
+                    _changedAt[g.Id] = at;
+                }
+                _synced = true;
+                break;
+            case WatchEvent.EventOneofCase.Group:
+                var next = ev.Group;
+                if (_groups.TryGetValue(next.Id, out var previous))
+                    Check(previous, next);
+                _groups[next.Id] = next;
+                _changedAt[next.Id] = at;
+                break;
+            case WatchEvent.EventOneofCase.GroupRemoved:
+                _groups.Remove(ev.GroupRemoved.GroupId);
+                break;
+            case WatchEvent.EventOneofCase.SessionEnded:
+                _ended[ev.SessionEnded.SessionId] = ev.SessionEnded.Reason;
+                break;
+        }
+    }
+
+    private void Check(Group previous, Group next)
+    {
+        var at = $"rev {_revision} group {next.Id}";
+        if (next.OwnerKind == OwnerKind.User)
+        {
+            if (next.OwnerSession == 0 || next.OwnerCount == 0)
+                _violations.Add($"{at}: user-owned without an owner (session {next.OwnerSession}, count {next.OwnerCount})");
+            if (previous.OwnerKind == OwnerKind.User && previous.OwnerSession != next.OwnerSession)
+                _violations.Add($"{at}: passed from session {previous.OwnerSession} to {next.OwnerSession} without a release");
+            if (previous.OwnerKind != OwnerKind.User && next.Generation <= previous.Generation)
+                _violations.Add($"{at}: granted to session {next.OwnerSession} without a new generation ({previous.Generation} -> {next.Generation})");
+            if (previous.OwnerKind == OwnerKind.Kernel)
+                _violations.Add($"{at}: user-owned straight from kernel-owned");
+        }
+        else if (next.OwnerSession != 0)
+        {
+            _violations.Add($"{at}: {next.OwnerKind} but names session {next.OwnerSession}");
+        }
+    }
+
+    /// <summary>Waits until a session has ended with everything it held released; returns the reason.</summary>
+    public async Task<string> WaitForSessionEndedAsync(ulong sessionId)
+    {
+        await WaitUntilAsync($"session {sessionId} ended", _ => _ended.ContainsKey(sessionId));
+        return _ended[sessionId];
     }
 
     public async ValueTask DisposeAsync()
     {
         await _cts.CancelAsync();
-        try
-        {
-            await _events.DisposeAsync();
-        }
-        catch (Exception e) when (e is OperationCanceledException or BrokerException or Grpc.Core.RpcException)
-        {
-            // Cancelled on purpose.
-        }
+        await _pump;
         _cts.Dispose();
     }
+}
+
+/// <summary>The four edu devices of the default topology that are free for users, one per group, bound to vfio-pci.</summary>
+public static class FreeEduDevices
+{
+    public static readonly IReadOnlyList<(string Address, uint Group)> All =
+    [
+        ("0000:08:00.0", 14),
+        ("0000:09:00.0", 15),
+        ("0000:0a:00.0", 16),
+        ("0000:0b:00.0", 17),
+    ];
 }

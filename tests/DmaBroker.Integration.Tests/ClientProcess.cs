@@ -1,22 +1,40 @@
+using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
 
 namespace DmaBroker.Integration.Tests;
 
-/// <summary>A real dmactl process: its output lines as a stream, and POSIX signals.</summary>
+/// <summary>
+/// A real client process (<c>dotnet X.dll</c>, built next to the tests): its output lines as a
+/// stream, its exit, and POSIX signals.
+/// </summary>
 public sealed partial class ClientProcess : IAsyncDisposable
 {
+    private const int SigInt = 2;
     private const int SigKill = 9;
     private const int SigCont = 18;
     private const int SigStop = 19;
 
     private readonly Process _process;
     private readonly Channel<string> _lines = Channel.CreateUnbounded<string>();
+    private readonly ConcurrentQueue<string> _transcript = new();
+    private readonly TaskCompletionSource _outputEnded = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private int _openStreams = 2;
 
-    private ClientProcess(Process process)
+    static ClientProcess()
+    {
+        // Ignored signals stay ignored across exec. A test run started in the background of a
+        // script ('dotnet test &') ignores SIGINT, and so would every client it starts: none could
+        // be interrupted. Only an ignored SIGINT is reset; a handler the runtime installed stays.
+        if (IsIgnored(SigInt))
+            SetSignalDisposition(SigInt, 0 /* SIG_DFL */);
+    }
+
+    private ClientProcess(Process process, string name)
     {
         _process = process;
+        Name = name;
         _process.OutputDataReceived += (_, e) => Push(e.Data);
         _process.ErrorDataReceived += (_, e) => Push(e.Data is null ? null : "stderr: " + e.Data);
         _process.BeginOutputReadLine();
@@ -25,8 +43,14 @@ public sealed partial class ClientProcess : IAsyncDisposable
 
     public int Pid => _process.Id;
 
-    /// <summary>Starts <c>dotnet dmactl.dll --broker address args…</c>.</summary>
-    public static ClientProcess StartDmactl(string brokerAddress, params string[] args)
+    /// <summary>The program's name and pid, for messages.</summary>
+    public string Name { get; }
+
+    /// <summary>Every line printed so far, stdout and stderr (prefixed "stderr: ") in arrival order.</summary>
+    public string Transcript => string.Join('\n', _transcript);
+
+    /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c> from the test output directory.</summary>
+    public static ClientProcess Start(string dll, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
         var start = new ProcessStartInfo(dotnet)
@@ -35,37 +59,85 @@ public sealed partial class ClientProcess : IAsyncDisposable
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "dmactl.dll"));
-        start.ArgumentList.Add("--broker");
-        start.ArgumentList.Add(brokerAddress);
+        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, dll));
         foreach (var a in args)
             start.ArgumentList.Add(a);
-        return new ClientProcess(Process.Start(start) ?? throw new InvalidOperationException("could not start dmactl"));
+        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {dll}");
+        return new ClientProcess(process, $"{Path.GetFileNameWithoutExtension(dll)} (pid {process.Id})");
     }
 
+    /// <summary>Starts <c>dotnet dmactl.dll --broker address args…</c>.</summary>
+    public static ClientProcess StartDmactl(string brokerAddress, params string[] args) =>
+        Start("dmactl.dll", ["--broker", brokerAddress, .. args]);
+
+    /// <summary>Starts the streaming sample driver on one device; it prints "ready: session S, …" once streaming.</summary>
+    public static ClientProcess StartStreamingDriver(string brokerAddress, string device, params string[] args) =>
+        Start("StreamingDriver.dll", ["--broker", brokerAddress, "--device", device, .. args]);
+
+    /// <summary>Starts the edu sample driver on one device; it runs its checks and exits.</summary>
+    public static ClientProcess StartEduDriver(string brokerAddress, string device) =>
+        Start("EduDriver.dll", "--broker", brokerAddress, "--device", device);
+
     /// <summary>Waits for an output line containing <paramref name="text"/>; fails on exit or timeout.</summary>
-    public async Task<string> WaitForLineAsync(string text, TimeSpan timeout)
+    public async Task<string> WaitForLineAsync(string text, TimeSpan timeout) =>
+        await WaitForLineOrExitAsync(text, timeout)
+            ?? throw new Xunit.Sdk.XunitException($"{Name} exited without printing '{text}'; it printed:\n{Transcript}");
+
+    /// <summary>
+    /// Waits for an output line containing <paramref name="text"/>, or for the output to end (the
+    /// process exited: null); fails on timeout.
+    /// </summary>
+    public async Task<string?> WaitForLineOrExitAsync(string text, TimeSpan timeout)
     {
         using var cts = new CancellationTokenSource(timeout);
-        var seen = new List<string>();
         try
         {
             await foreach (var line in _lines.Reader.ReadAllAsync(cts.Token))
             {
                 if (line.Contains(text, StringComparison.Ordinal))
                     return line;
-                seen.Add(line);
             }
+            return null;
         }
         catch (OperationCanceledException)
         {
-            // Reported below with what was seen.
+            throw new Xunit.Sdk.XunitException($"{Name} did not print '{text}' within {timeout}; it printed:\n{Transcript}");
         }
-        throw new Xunit.Sdk.XunitException($"dmactl (pid {Pid}) never printed '{text}'; it printed:\n{string.Join('\n', seen)}");
     }
 
+    /// <summary>Forgets the lines not read yet, so the next wait sees only what is printed from now on.</summary>
+    public void SkipPendingLines()
+    {
+        while (_lines.Reader.TryRead(out _))
+        {
+        }
+    }
+
+    /// <summary>Waits for the process to exit and its output to end; returns the exit code (128 + n for signal n).</summary>
+    public async Task<int> WaitForExitAsync(TimeSpan timeout)
+    {
+        using var cts = new CancellationTokenSource(timeout);
+        try
+        {
+            await _process.WaitForExitAsync(cts.Token);
+            await _outputEnded.Task.WaitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            throw new Xunit.Sdk.XunitException($"{Name} did not exit within {timeout}; it printed:\n{Transcript}");
+        }
+        return _process.ExitCode;
+    }
+
+    public bool HasExited => _process.HasExited;
+
+    /// <summary>SIGINT, as Ctrl-C: the client stops gracefully.</summary>
+    public void Interrupt() => Signal(SigInt);
+
+    /// <summary>SIGKILL: the process dies at once, without closing anything itself.</summary>
     public void Kill() => Signal(SigKill);
 
+    /// <summary>SIGSTOP: the process freezes, its connection stays open.</summary>
     public void Stop() => Signal(SigStop);
 
     public void Continue() => Signal(SigCont);
@@ -76,24 +148,44 @@ public sealed partial class ClientProcess : IAsyncDisposable
             throw new InvalidOperationException($"kill({_process.Id}, {signal}) failed: errno {Marshal.GetLastPInvokeError()}");
     }
 
+    // Called by both stdout and stderr readers; null is the end of one of them.
     private void Push(string? line)
     {
-        if (line is null)
-            _lines.Writer.TryComplete();
-        else
+        if (line is not null)
+        {
+            _transcript.Enqueue(line);
             _lines.Writer.TryWrite(line);
+        }
+        else if (Interlocked.Decrement(ref _openStreams) == 0)
+        {
+            _lines.Writer.TryComplete();
+            _outputEnded.TrySetResult();
+        }
     }
 
     public async ValueTask DisposeAsync()
     {
         if (!_process.HasExited)
         {
+            // SIGKILL also ends a stopped process.
             _process.Kill(entireProcessTree: true);
             await _process.WaitForExitAsync();
         }
         _process.Dispose();
     }
 
+    // Linux: /proc/self/status lists the ignored signals as a hex mask, bit n-1 for signal n.
+    private static bool IsIgnored(int signal)
+    {
+        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("SigIgn:", StringComparison.Ordinal));
+        return line is not null
+            && ulong.TryParse(line.AsSpan("SigIgn:".Length).Trim(), System.Globalization.NumberStyles.HexNumber, System.Globalization.CultureInfo.InvariantCulture, out var mask)
+            && (mask & (1UL << (signal - 1))) != 0;
+    }
+
     [LibraryImport("libc", EntryPoint = "kill", SetLastError = true)]
     private static partial int Kill(int pid, int signal);
+
+    [LibraryImport("libc", EntryPoint = "signal")]
+    private static partial nint SetSignalDisposition(int signal, nint handler);
 }

@@ -37,7 +37,8 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
 
     public SessionOptions Options { get; } = options;
 
-    public SessionCounts Counts => new(_byId.Count, Interlocked.Read(ref _opened), Interlocked.Read(ref _closed));
+    /// <summary>A session stops counting as live, and counts as closed, the moment it starts to end.</summary>
+    public SessionCounts Counts => new(_byId.Values.Count(s => !s.Gate.IsRunDown), Interlocked.Read(ref _opened), Interlocked.Read(ref _closed));
 
     public IReadOnlyCollection<Session> Live => [.. _byId.Values];
 
@@ -114,7 +115,11 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         await Task.Yield();
         session.Lease?.Dispose();
         session.SignalEnding();
-        await session.Gate.RundownAsync().ConfigureAwait(false);
+        var drained = session.Gate.RundownAsync();
+        // Counted closed before the teardown publishes anything: whoever sees its groups released
+        // must not still count it (it is already unreachable by token and id).
+        Interlocked.Increment(ref _closed);
+        await drained.ConfigureAwait(false);
         try
         {
             teardown(session);
@@ -131,7 +136,6 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             _byToken.TryRemove(session.Token, out _);
             _byId.TryRemove(session.Id, out _);
             session.CompleteEvents();
-            Interlocked.Increment(ref _closed);
             ended?.Invoke(session);
         }
     }

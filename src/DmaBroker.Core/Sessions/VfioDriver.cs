@@ -257,7 +257,18 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         // Devices first: reset and closed, so none can start DMA while its group is released.
         foreach (var handle in session.Handles())
             Close(handle);
-        foreach (var container in session.Containers())
+        // Then the containers are emptied and closed and the memory freed; the groups are released
+        // and published last (SPEC §5), so a watcher that sees a group come back finds nothing of
+        // the session left.
+        var containers = session.Containers();
+        foreach (var container in containers)
+        {
+            container.Iova.Clear(session.Memory);
+            lock (container.Sync)
+                Destroy(container);
+        }
+        session.Memory.Clear();
+        foreach (var container in containers)
         {
             var (groups, devices) = container.Holdings();
             foreach (var device in devices)
@@ -279,11 +290,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                     }
                 }
             }
-            container.Iova.Clear(session.Memory);
-            lock (container.Sync)
-                Destroy(container);
         }
-        session.Memory.Clear();
     }
 
     private static Container IommuOf(Session session, ulong containerId) => CheckIommu(session.FindContainer(containerId));
