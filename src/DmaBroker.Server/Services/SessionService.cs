@@ -68,7 +68,10 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
         {
             try
             {
-                await stream.WriteAsync(new Wire.SessionEvent { Revoked = new Wire.Revoked { Reason = session.EndMessage ?? "" } }, callAborted);
+                // A client that no longer reads must not keep this call open: the session is gone already.
+                using var bounded = CancellationTokenSource.CreateLinkedTokenSource(callAborted);
+                bounded.CancelAfter(TimeSpan.FromSeconds(2));
+                await stream.WriteAsync(new Wire.SessionEvent { Revoked = new Wire.Revoked { Reason = session.EndMessage ?? "" } }, bounded.Token);
             }
             catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
             {
