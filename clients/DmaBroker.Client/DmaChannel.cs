@@ -62,6 +62,7 @@ public sealed class DmaChannel : IAsyncDisposable
     private Task _sender = Task.CompletedTask;
     private Task _receiver = Task.CompletedTask;
     private ulong _nextTag;
+    private int _disposed;
     private Exception? _broken;
 
     private DmaChannel(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, DmaChannelOptions options)
@@ -76,7 +77,8 @@ public sealed class DmaChannel : IAsyncDisposable
 
     internal static async Task<DmaChannel> OpenAsync(BrokerSession session, ulong handle, DmaChannelOptions options, CancellationToken cancellationToken)
     {
-        var call = session.Dma.Stream(cancellationToken: cancellationToken);
+        // The stream lives until the channel is disposed; the caller's token bounds only the opening.
+        var call = session.Dma.Stream(cancellationToken: CancellationToken.None);
         try
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle } }, cancellationToken).ConfigureAwait(false);
@@ -85,6 +87,11 @@ public sealed class DmaChannel : IAsyncDisposable
         {
             call.Dispose();
             throw BrokerException.From(e);
+        }
+        catch
+        {
+            call.Dispose();
+            throw;
         }
         var channel = new DmaChannel(call, options);
         channel._sender = channel.SendAsync();
@@ -166,6 +173,13 @@ public sealed class DmaChannel : IAsyncDisposable
     {
         if (batch.Count == 0)
             return;
+        if (Volatile.Read(ref _broken) is { } broken)
+        {
+            foreach (var p in batch)
+                p.Result.TrySetException(broken);
+            batch.Clear();
+            return;
+        }
         foreach (var p in batch)
             _awaiting.Enqueue(p);
         DmaRequest message;
@@ -207,8 +221,9 @@ public sealed class DmaChannel : IAsyncDisposable
         {
             Break(BrokerException.From(e));
         }
-        catch (InvalidOperationException e)
+        catch (Exception e)
         {
+            // A response this client cannot place breaks the channel rather than leaving callers waiting.
             Break(new BrokerException(StatusCode.Internal, "EPROTO", e.Message, e));
         }
         finally
@@ -233,6 +248,8 @@ public sealed class DmaChannel : IAsyncDisposable
     /// <summary>Waits for outstanding requests, then closes the stream.</summary>
     public async ValueTask DisposeAsync()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
         _outgoing.Writer.TryComplete();
         try
         {
@@ -246,6 +263,7 @@ public sealed class DmaChannel : IAsyncDisposable
         await _stop.CancelAsync().ConfigureAwait(false);
         _call.Dispose();
         await _receiver.ConfigureAwait(false);
+        await _sender.ConfigureAwait(false);
         Break(new ObjectDisposedException(nameof(DmaChannel)));
         _stop.Dispose();
         _window.Dispose();

@@ -86,6 +86,9 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
     [InlineData(10u, 3_628_800u)]
     [InlineData(12u, 479_001_600u)]
     [InlineData(13u, 1_932_053_504u)] // 13! mod 2^32, as QEMU's 32-bit arithmetic gives
+    [InlineData(33u, 2_147_483_648u)] // 33! mod 2^32 = 2^31
+    [InlineData(34u, 0u)]             // 34! holds 2^32: 0 from here on
+    [InlineData(0xffff_ffffu, 0u)]    // answered without looping four billion times under the device lock
     public void Factorial_Written_ReadsBackTheFactorialAndIsNotComputingAfterwards(uint n, uint factorial)
     {
         Write(EduDevice.RegFactorial, n);

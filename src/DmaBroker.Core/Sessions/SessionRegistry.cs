@@ -51,11 +51,12 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         var token = System.Buffers.Text.Base64Url.EncodeToString(RandomNumberGenerator.GetBytes(32));
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
             time.GetUtcNow(), Options.EventBuffer, Options.MemoryLimit);
+        // The lease exists before anyone can find the session, so a teardown always disposes it.
+        session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
+            Options.LeaseTtl, Timeout.InfiniteTimeSpan);
         _byId[id] = session;
         _byToken[token] = session;
         Interlocked.Increment(ref _opened);
-        session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
-            Options.LeaseTtl, Timeout.InfiniteTimeSpan);
         if (_shuttingDown)
         {
             // Shutdown began after the check above and may have missed this session: end it here.

@@ -26,11 +26,20 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
         var session = broker.Authenticate(context);
         using var counted = session.TrackStream();
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
-        if (!await requestStream.MoveNext(ended.Token))
-            return;
-        if (requestStream.Current.Open is not { } open)
-            throw ErrnoException.Invalid("the first request on a DMA stream must be open{handle}");
-        var handle = session.FindHandle(open.Handle);
+        DeviceHandle handle;
+        try
+        {
+            if (!await requestStream.MoveNext(ended.Token))
+                return;
+            if (requestStream.Current.Open is not { } open)
+                throw ErrnoException.Invalid("the first request on a DMA stream must be open{handle}");
+            using var op = session.Enter();
+            handle = session.FindHandle(open.Handle);
+        }
+        catch (OperationCanceledException) when (session.Ending.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
+        {
+            throw ErrnoException.Unauthenticated($"session {session.Id} ended: {session.EndMessage}");
+        }
 
         var outbox = Channel.CreateBounded<Outgoing>(new BoundedChannelOptions(OutboxCapacity)
         {

@@ -56,8 +56,11 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
                     LeaseTtlMs = (uint)broker.Sessions.Options.LeaseTtl.TotalMilliseconds,
                 },
             }, callAborted);
+            // Once the session ends, a write blocked by a client that stopped reading gets 2 s more.
+            using var writes = CancellationTokenSource.CreateLinkedTokenSource(callAborted);
+            using var onEnd = session.Ending.Register(static s => ((CancellationTokenSource)s!).CancelAfter(TimeSpan.FromSeconds(2)), writes);
             await foreach (var ev in session.Events.ReadAllAsync(session.Ending))
-                await stream.WriteAsync(ToProto(ev), callAborted);
+                await stream.WriteAsync(ToProto(ev), writes.Token);
         }
         catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
         {
