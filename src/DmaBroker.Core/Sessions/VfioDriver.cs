@@ -254,43 +254,69 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     /// </summary>
     internal void Teardown(Session session)
     {
+        // Every step runs even if one before it failed (a broker bug): one bad device must not
+        // leave the session's other groups owned by a session that no longer exists.
+        var failures = new List<Exception>();
+        void Step(Action step)
+        {
+            try
+            {
+                step();
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                failures.Add(e);
+            }
+        }
+
         // Devices first: reset and closed, so none can start DMA while its group is released.
         foreach (var handle in session.Handles())
-            Close(handle);
+            Step(() => Close(handle));
         // Then the containers are emptied and closed and the memory freed; the groups are released
         // and published last (SPEC §5), so a watcher that sees a group come back finds nothing of
         // the session left.
         var containers = session.Containers();
         foreach (var container in containers)
         {
-            container.Iova.Clear(session.Memory);
-            lock (container.Sync)
-                Destroy(container);
+            Step(() =>
+            {
+                container.Iova.Clear(session.Memory);
+                lock (container.Sync)
+                    Destroy(container);
+            });
         }
-        session.Memory.Clear();
+        Step(session.Memory.Clear);
         foreach (var container in containers)
         {
             var (groups, devices) = container.Holdings();
             foreach (var device in devices)
             {
-                lock (device.Group.Sync)
+                Step(() =>
                 {
-                    Unbind(device);
-                    table.PublishGroup(device.Group);
-                }
+                    lock (device.Group.Sync)
+                    {
+                        Unbind(device);
+                        table.PublishGroup(device.Group);
+                    }
+                });
             }
             foreach (var group in groups)
             {
-                lock (group.Sync)
+                Step(() =>
                 {
-                    if (group.ContainerSet == container)
+                    lock (group.Sync)
                     {
-                        Unset(group, container);
-                        table.PublishGroup(group);
+                        if (group.ContainerSet == container)
+                        {
+                            Unset(group, container);
+                            table.PublishGroup(group);
+                        }
                     }
-                }
+                });
             }
         }
+        if (failures.Count > 0)
+            throw new AggregateException($"teardown of session {session.Id} hit {failures.Count} failure(s); everything else was released", failures);
     }
 
     private static Container IommuOf(Session session, ulong containerId) => CheckIommu(session.FindContainer(containerId));

@@ -36,9 +36,15 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
         }
         finally
         {
-            await broker.Sessions.EndAsync(session, reason);
-            await writer;
-            LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
+            try
+            {
+                await broker.Sessions.EndAsync(session, reason);
+            }
+            finally
+            {
+                await writer;
+                LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
+            }
         }
     }
 
