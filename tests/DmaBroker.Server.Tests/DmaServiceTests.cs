@@ -373,3 +373,41 @@ public sealed class DmaTeardownTests
         Assert.Equal(new byte[] { 0, 0, 0, 0 }, liveness.Data.ToByteArray()); // a fresh edu reads 0; before the reset it read ~0x04030201
     }
 }
+
+/// <summary>DMA streams of a session that is ending or ended.</summary>
+public sealed class DmaStreamSessionEndTests
+{
+    [Fact]
+    public async Task Stream_SessionRevokedWhileOpen_StreamEndsUnauthenticated()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var session = await broker.Client.OpenSessionAsync("revoked");
+        var container = await session.NewContainerAsync(ContainerType.Type1V2);
+        await container.SetGroupAsync(16);
+        var device = await session.OpenDeviceAsync("0000:0a:00.0");
+        using var call = session.Dma.Stream();
+        await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = device.Handle } });
+        await call.RequestStream.WriteAsync(new DmaRequest { Tag = 1, MmioRead = new MmioRead { Index = 0, Offset = 0, Width = 4 } });
+        Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
+
+        await broker.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = session.Id });
+
+        var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
+        Assert.Equal((StatusCode.Unauthenticated, "EACCES"), (e.StatusCode, BrokerException.From(e).Reason));
+        var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
+        Assert.Equal((0u, 0u, 0u), (stats.Sessions, stats.OpenDevices, stats.UserOwnedGroups));
+    }
+
+    [Fact]
+    public async Task Stream_AfterSessionEnded_Unauthenticated()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var session = await broker.Client.OpenSessionAsync("gone");
+        var dma = session.Dma;
+        await session.DisposeAsync();
+        using var call = dma.Stream();
+        await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = 1 } });
+        var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
+        Assert.Equal((StatusCode.Unauthenticated, "EACCES"), (e.StatusCode, BrokerException.From(e).Reason));
+    }
+}
