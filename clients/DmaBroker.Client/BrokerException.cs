@@ -40,7 +40,8 @@ public sealed class BrokerException : Exception
         return new BrokerException(e.StatusCode, reason, message, e);
     }
 
-    internal static async Task<T> Wrap<T>(Func<Task<T>> call)
+    /// <summary>Runs a raw gRPC call, turning its <see cref="RpcException"/> into a <see cref="BrokerException"/>.</summary>
+    public static async Task<T> Wrap<T>(Func<Task<T>> call)
     {
         try
         {

@@ -142,14 +142,14 @@ internal static class Commands
     private static async Task<int> BindAsync(CommandContext c)
     {
         var request = new BindDriverRequest { Address = c.Arg(0, "address"), Driver = c.Arg(1, "driver") };
-        var device = await BrokerCall(() => c.Client.Kernel.BindDriverAsync(request, cancellationToken: c.Stop).ResponseAsync);
+        var device = await BrokerException.Wrap(() => c.Client.Kernel.BindDriverAsync(request, cancellationToken: c.Stop).ResponseAsync);
         return PrintDevice(c, device);
     }
 
     private static async Task<int> UnbindAsync(CommandContext c)
     {
         var request = new UnbindDriverRequest { Address = c.Arg(0, "address") };
-        var device = await BrokerCall(() => c.Client.Kernel.UnbindDriverAsync(request, cancellationToken: c.Stop).ResponseAsync);
+        var device = await BrokerException.Wrap(() => c.Client.Kernel.UnbindDriverAsync(request, cancellationToken: c.Stop).ResponseAsync);
         return PrintDevice(c, device);
     }
 
@@ -159,7 +159,7 @@ internal static class Commands
         if (!ulong.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var id))
             throw new UsageException($"<session> must be a session id such as 3, got '{text}'");
         var reason = c.Args.Length > 1 ? string.Join(' ', c.Args.Skip(1)) : "";
-        await BrokerCall(() => c.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = id, Reason = reason }, cancellationToken: c.Stop).ResponseAsync);
+        await BrokerException.Wrap(() => c.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = id, Reason = reason }, cancellationToken: c.Stop).ResponseAsync);
         if (!c.Output.Json)
             c.Output.Line($"revoked session {id}; everything it held is released");
         return Cli.Ok;
@@ -167,7 +167,7 @@ internal static class Commands
 
     private static async Task<int> StatsAsync(CommandContext c)
     {
-        var stats = await BrokerCall(() => c.Client.Kernel.GetStatsAsync(new GetStatsRequest(), cancellationToken: c.Stop).ResponseAsync);
+        var stats = await BrokerException.Wrap(() => c.Client.Kernel.GetStatsAsync(new GetStatsRequest(), cancellationToken: c.Stop).ResponseAsync);
         if (c.Output.Json)
             c.Output.Message(stats);
         else
@@ -187,17 +187,6 @@ internal static class Commands
         return Cli.Ok;
     }
 
-    private static async Task<T> BrokerCall<T>(Func<Task<T>> call)
-    {
-        try
-        {
-            return await call();
-        }
-        catch (Grpc.Core.RpcException e)
-        {
-            throw BrokerException.From(e);
-        }
-    }
 
     private static string[] GroupRow(Group g) =>
     [

@@ -8,8 +8,6 @@ using Google.Protobuf;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
@@ -142,10 +140,7 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
 
     private static async Task<Host> StartAsync(WebApplication app)
     {
-        await app.StartAsync();
-        var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single()
-            ?? throw new InvalidOperationException("no address");
-        return new Host(app, address);
+        return new Host(app, await app.StartAndGetAddressAsync());
     }
 
     /// <summary>Claims group 14, maps 1 MiB at <see cref="Iova"/>, opens the edu device with Bus Master on.</summary>

@@ -4,9 +4,6 @@ using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using DmaBroker.Server.Hosting;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
-using Microsoft.Extensions.DependencyInjection;
 
 // The tests run one at a time: they measure release latencies and lease expiry, and a 2-core CI
 // machine running several classes' client processes at once would measure its own load instead.
@@ -44,9 +41,7 @@ public sealed class LiveBroker : IAsyncDisposable
         ThreadPool.GetMinThreads(out var workers, out var io);
         ThreadPool.SetMinThreads(Math.Max(workers, MinPoolThreads), Math.Max(io, MinPoolThreads));
         var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args]);
-        await app.StartAsync();
-        var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single()
-            ?? throw new InvalidOperationException("the server reported no address");
+        var address = await app.StartAndGetAddressAsync();
         return new LiveBroker(app, address);
     }
 

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using static DmaBroker.Server.Tests.Errors;
@@ -15,10 +16,8 @@ public sealed class OwnershipServiceTests
     public async Task SetContainer_TwoSessionsContend_SecondGetsEinvalAndOwnerIsFirst()
     {
         await using var broker = await TestBroker.StartAsync();
-        await using var a = await broker.Client.OpenSessionAsync("a");
-        await using var b = await broker.Client.OpenSessionAsync("b");
-        var ca = await a.CreateContainerAsync(ContainerType.Type1V2);
-        var cb = await b.CreateContainerAsync(ContainerType.Type1V2);
+        await using var two = await TwoSessions.OpenAsync(broker, ContainerType.Type1V2);
+        var (a, ca, b, cb) = two;
 
         await a.SetContainerAsync(EduGroup, ca);
         await Expect("EINVAL", StatusCode.FailedPrecondition, () => b.SetContainerAsync(EduGroup, cb));
@@ -34,10 +33,8 @@ public sealed class OwnershipServiceTests
     public async Task BindDevice_GroupOwnedByOtherSession_Eperm()
     {
         await using var broker = await TestBroker.StartAsync();
-        await using var a = await broker.Client.OpenSessionAsync("a");
-        await using var b = await broker.Client.OpenSessionAsync("b");
-        var ca = await a.CreateContainerAsync(ContainerType.Iommufd);
-        var cb = await b.CreateContainerAsync(ContainerType.Iommufd);
+        await using var two = await TwoSessions.OpenAsync(broker, ContainerType.Iommufd);
+        var (a, ca, b, cb) = two;
 
         await a.BindDeviceAsync("0000:08:00.0", ca);
         await Expect("EPERM", StatusCode.PermissionDenied, () => b.BindDeviceAsync("0000:08:00.0", cb));
@@ -153,10 +150,8 @@ public sealed class OwnershipServiceTests
     public async Task UnsetContainer_ReleasesToDefaultAndNextOwnerGetsNewGeneration()
     {
         await using var broker = await TestBroker.StartAsync();
-        await using var a = await broker.Client.OpenSessionAsync("a");
-        await using var b = await broker.Client.OpenSessionAsync("b");
-        var ca = await a.CreateContainerAsync(ContainerType.Type1V2);
-        var cb = await b.CreateContainerAsync(ContainerType.Type1V2);
+        await using var two = await TwoSessions.OpenAsync(broker, ContainerType.Type1V2);
+        var (a, ca, b, cb) = two;
 
         await a.SetContainerAsync(EduGroup, ca);
         await a.UnsetContainerAsync(EduGroup);
@@ -166,6 +161,23 @@ public sealed class OwnershipServiceTests
         await b.SetContainerAsync(EduGroup, cb);
         var regranted = await broker.Client.GetGroupAsync(EduGroup);
         Assert.Equal((b.Id, 2ul), (regranted.OwnerSession, regranted.Generation));
+    }
+
+    /// <summary>Sessions "a" and "b", each with a container of one type: the two contenders.</summary>
+    private sealed record TwoSessions(BrokerSession A, ulong ContainerA, BrokerSession B, ulong ContainerB) : IAsyncDisposable
+    {
+        public static async Task<TwoSessions> OpenAsync(TestBroker broker, ContainerType type)
+        {
+            var a = await broker.Client.OpenSessionAsync("a");
+            var b = await broker.Client.OpenSessionAsync("b");
+            return new TwoSessions(a, await a.CreateContainerAsync(type), b, await b.CreateContainerAsync(type));
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await B.DisposeAsync();
+            await A.DisposeAsync();
+        }
     }
 
     private static (bool, bool) Status(GroupStatus s) => (s.Viable, s.ContainerSet);

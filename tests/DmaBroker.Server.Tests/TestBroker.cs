@@ -3,8 +3,6 @@ using DmaBroker.Protocol.V1;
 using DmaBroker.Server.Hosting;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.DependencyInjection.Extensions;
 
@@ -36,8 +34,7 @@ public sealed class TestBroker : IAsyncDisposable
             if (time is not null)
                 services.Replace(ServiceDescriptor.Singleton(time));
         });
-        await app.StartAsync();
-        var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single() ?? throw new InvalidOperationException("the server reported no address");
+        var address = await app.StartAndGetAddressAsync();
         return new TestBroker(app, address);
     }
 
@@ -116,20 +113,5 @@ public static class Errors
         return e;
     }
 
-    public static Task<T> Call<T>(Func<Task<T>> call) => BrokerExceptionWrapper.Wrap(call);
-
-    private static class BrokerExceptionWrapper
-    {
-        public static async Task<T> Wrap<T>(Func<Task<T>> call)
-        {
-            try
-            {
-                return await call();
-            }
-            catch (RpcException e)
-            {
-                throw BrokerException.From(e);
-            }
-        }
-    }
+    public static Task<T> Call<T>(Func<Task<T>> call) => BrokerException.Wrap(call);
 }

@@ -113,6 +113,9 @@ public abstract class DeviceModel
         _busMaster = false;
     }
 
+    /// <summary>The endpoint models that can be hot-added (bridges cannot).</summary>
+    public static IReadOnlyList<string> EndpointModels { get; } = ["edu", "nvme", "nic", "gpu", "audio"];
+
     /// <summary>The model for a function, by its <c>model</c> name.</summary>
     public static DeviceModel Create(PciFunctionSpec spec) => spec.Model switch
     {

@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Collections.Immutable;
+using DmaBroker.Core.Devices;
 using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Ownership;
@@ -94,8 +95,8 @@ public sealed class OwnershipTable
     /// </summary>
     public DeviceInfo AddDevice(PciFunctionSpec spec)
     {
-        if (spec.IsBridge)
-            throw ErrnoException.Invalid("only endpoints can be hot-added");
+        if (spec.IsBridge || !DeviceModel.EndpointModels.Contains(spec.Model))
+            throw ErrnoException.Invalid($"only endpoints can be hot-added, with model {string.Join(", ", DeviceModel.EndpointModels)}; not a {spec.Kind} '{spec.Model}'");
         if (spec.Driver is not null)
             Drivers.Validate(spec.Driver);
         lock (_hotplug)

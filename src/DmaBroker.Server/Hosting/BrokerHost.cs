@@ -1,6 +1,8 @@
 using DmaBroker.Core;
 using DmaBroker.Core.Topology;
 using DmaBroker.Server.Services;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
 
@@ -121,6 +123,17 @@ public static class BrokerHost
         // End every session (each is told `revoked`) before the server stops taking calls.
         app.Lifetime.ApplicationStopping.Register(() => broker.Sessions.ShutdownAsync().Wait(TimeSpan.FromSeconds(5)));
         return app;
+    }
+
+    /// <summary>
+    /// Starts a built app and returns the address it listens on, which is how a caller that asked
+    /// for port 0 (tests, benchmarks) learns the port it got.
+    /// </summary>
+    public static async Task<string> StartAndGetAddressAsync(this WebApplication app)
+    {
+        await app.StartAsync();
+        return app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single()
+            ?? throw new InvalidOperationException("the server reported no address");
     }
 
     private static void Validate(BrokerHostOptions o)

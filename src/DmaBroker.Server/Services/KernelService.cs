@@ -9,8 +9,6 @@ namespace DmaBroker.Server.Services;
 /// <summary>The kernel and operator side: driver binding, hotplug, revocation, counts.</summary>
 public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
 {
-    private static readonly string[] HotplugModels = ["edu", "nvme", "nic", "gpu", "audio"];
-
     public override Task<Wire.Device> BindDriver(Wire.BindDriverRequest request, ServerCallContext context) =>
         Task.FromResult(broker.Table.BindDriver(PciAddress.Parse(request.Address), request.Driver).ToProto());
 
@@ -24,8 +22,6 @@ public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
             throw ErrnoException.Invalid("vendor_id and device_id are 16-bit");
         if (request.ClassCode > 0xffffff)
             throw ErrnoException.Invalid("class_code is 24-bit");
-        if (!HotplugModels.Contains(request.Model))
-            throw ErrnoException.Invalid($"model '{request.Model}' cannot be hot-added; use one of {string.Join(", ", HotplugModels)}");
         var spec = new PciFunctionSpec(address, PciNodeKind.Endpoint, (ushort)request.VendorId, (ushort)request.DeviceId,
             request.ClassCode, request.Model, request.Acs, null, string.IsNullOrEmpty(request.Driver) ? null : request.Driver, null);
         return Task.FromResult(broker.Table.AddDevice(spec).ToProto());
