@@ -55,6 +55,7 @@ public sealed class ErrnoException(Errno errno, ErrorKind kind, string message) 
     public static ErrnoException Exhausted(Errno errno, string message) => new(errno, ErrorKind.ResourceExhausted, message);
     public static ErrnoException Fault(string message) => new(Errno.EFAULT, ErrorKind.InvalidArgument, message);
     public static ErrnoException Unauthenticated(string message) => new(Errno.EACCES, ErrorKind.Unauthenticated, message);
+    public static ErrnoException Denied(string message) => new(Errno.EACCES, ErrorKind.PermissionDenied, message);
 
     public static ErrnoException NoDevice(PciAddress address) => NotFound(Errno.ENODEV, $"no device {address}");
     public static ErrnoException NoGroup(uint groupId) => NotFound(Errno.ENOENT, $"no IOMMU group {groupId}");
