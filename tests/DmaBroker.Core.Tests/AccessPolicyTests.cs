@@ -178,3 +178,23 @@ public sealed class AccessPolicyTests
         Assert.DoesNotContain(hash, e.Message, StringComparison.Ordinal);
     }
 }
+
+/// <summary>The commented example auth file shipped in docs/ parses and says what its comments say.</summary>
+public sealed class AuthExampleFileTests
+{
+    [Fact]
+    public void DocsExample_ParsesAsDocumented()
+    {
+        var root = new DirectoryInfo(AppContext.BaseDirectory);
+        while (root is not null && !File.Exists(Path.Combine(root.FullName, "DmaBroker.sln")))
+            root = root.Parent;
+        Assert.NotNull(root);
+        var policy = AccessPolicy.Load(Path.Combine(root.FullName, "docs", "auth.example.json"), Quotas.Default);
+        Assert.Equal(4, policy.Count);
+        Assert.Equal("token:ci-runner", policy.AuthenticateBearer("test"));
+        Assert.Equal(Role.Admin, policy.Resolve("cert:ops")!.Role);
+        Assert.Equal(Quotas.Default, policy.Resolve("uid:1000")!.Quotas);
+        Assert.Equal(Role.Viewer, policy.Resolve("anonymous")!.Role);
+        Assert.Null(policy.Resolve("cert:someone-else"));
+    }
+}
