@@ -1,4 +1,5 @@
 using System.Runtime.CompilerServices;
+using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Grpc.Net.Client;
@@ -61,7 +62,7 @@ public sealed class BrokerClient : IDisposable
         return new BrokerClient(GrpcChannel.ForAddress(uri, new GrpcChannelOptions
         {
             HttpHandler = handler,
-            MaxReceiveMessageSize = 16 * 1024 * 1024,
+            MaxReceiveMessageSize = WireConstants.MaxMessageSize,
         }));
     }
 

@@ -1,4 +1,5 @@
 using System.Threading.Channels;
+using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Grpc.Core.Interceptors;
@@ -14,7 +15,7 @@ namespace DmaBroker.Client;
 public sealed class BrokerSession : IAsyncDisposable
 {
     /// <summary>The metadata key that carries the session token on user calls.</summary>
-    public const string TokenHeader = "dmabroker-session-token";
+    public const string TokenHeader = WireConstants.SessionTokenHeader;
 
     private readonly AsyncDuplexStreamingCall<SessionRequest, SessionEvent> _call;
     private readonly CancellationTokenSource _stop;
@@ -111,7 +112,7 @@ public sealed class BrokerSession : IAsyncDisposable
     public async Task<DmaBuffer> AllocateAsync(ulong size, CancellationToken cancellationToken = default)
     {
         var response = await BrokerException.Wrap(() => Memory.AllocateAsync(new AllocateRequest { Size = size }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
-        return new DmaBuffer(this, response.Vaddr, (size + 4095) / 4096 * 4096);
+        return new DmaBuffer(this, response.Vaddr, (size + WireConstants.PageSize - 1) / WireConstants.PageSize * WireConstants.PageSize);
     }
 
     /// <summary>VFIO_GROUP_GET_DEVICE_FD: opens a device of a group this session claimed.</summary>

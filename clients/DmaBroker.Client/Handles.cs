@@ -1,3 +1,4 @@
+using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Google.Protobuf;
 
@@ -120,8 +121,8 @@ public sealed class DmaBuffer
 /// <summary>An open device (a VFIO device fd): registers, config space, reset, and DMA channels.</summary>
 public sealed class VfioDevice : IAsyncDisposable
 {
-    /// <summary>VFIO region index of PCI config space.</summary>
-    public const uint ConfigRegion = 7;
+    /// <summary>VFIO region index of PCI config space (regions 0-5 are the BARs).</summary>
+    public const uint ConfigRegion = WireConstants.ConfigRegion;
 
     private readonly BrokerSession _session;
     private int _closed;
@@ -159,8 +160,9 @@ public sealed class VfioDevice : IAsyncDisposable
     /// <summary>Sets Memory Space and Bus Master in the command register, so the device may DMA.</summary>
     public async Task EnableBusMasterAsync(CancellationToken cancellationToken = default)
     {
-        var command = await ReadRegisterAsync(ConfigRegion, 4, 2, cancellationToken).ConfigureAwait(false);
-        await WriteRegisterAsync(ConfigRegion, 4, command | 0x6, 2, cancellationToken).ConfigureAwait(false);
+        var command = await ReadRegisterAsync(ConfigRegion, WireConstants.PciCommandRegister, 2, cancellationToken).ConfigureAwait(false);
+        var enabled = command | WireConstants.PciCommandMemorySpace | WireConstants.PciCommandBusMaster;
+        await WriteRegisterAsync(ConfigRegion, WireConstants.PciCommandRegister, enabled, 2, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>VFIO_DEVICE_RESET.</summary>
