@@ -78,7 +78,7 @@ public sealed class DmaChannel : IAsyncDisposable
     internal static async Task<DmaChannel> OpenAsync(BrokerSession session, ulong handle, DmaChannelOptions options, CancellationToken cancellationToken)
     {
         // The stream lives until the channel is disposed; the caller's token bounds only the opening.
-        var call = session.Dma.Stream(cancellationToken: CancellationToken.None);
+        var call = session.Raw.Dma.Stream(cancellationToken: CancellationToken.None);
         try
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle } }, cancellationToken).ConfigureAwait(false);

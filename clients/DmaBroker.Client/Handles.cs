@@ -105,17 +105,17 @@ public sealed class DmaBuffer
     /// <summary>The CPU reads the buffer.</summary>
     public async Task<byte[]> ReadAsync(ulong offset, int length, CancellationToken cancellationToken = default)
     {
-        var response = await BrokerException.Wrap(() => _session.Memory.ReadAsync(new ReadRequest { Vaddr = Vaddr + offset, Size = (uint)length }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        var response = await BrokerException.Wrap(() => _session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = Vaddr + offset, Size = (uint)length }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
         return response.Data.ToByteArray();
     }
 
     /// <summary>The CPU writes the buffer.</summary>
     public Task WriteAsync(ulong offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => _session.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => _session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
 
     /// <summary>Frees the block (EBUSY while mapped).</summary>
     public Task FreeAsync(CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => _session.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => _session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync);
 }
 
 /// <summary>An open device (a VFIO device fd): registers, config space, reset, and DMA channels.</summary>

@@ -53,14 +53,14 @@ public sealed class OwnershipServiceTests
 
         // 0000:07:00.0 is driver-less inside the user-owned group: a DMA-API driver must not bind.
         await Expect("EBUSY", StatusCode.FailedPrecondition,
-            () => Call(() => broker.Client.Kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:07:00.0", Driver = "nvme" }).ResponseAsync));
+            () => broker.Client.Admin.BindDriverAsync("0000:07:00.0", "nvme"));
 
         var devices = await broker.Client.ListDevicesAsync();
         Assert.Equal("", devices.Devices.Single(d => d.Address == "0000:07:00.0").Driver);
         var group = await broker.Client.GetGroupAsync(SwitchGroup);
         Assert.Equal((OwnerKind.User, 1u, a.Id), (group.OwnerKind, group.OwnerCount, group.OwnerSession));
         // vfio-pci manages DMA itself: it binds without touching ownership.
-        var bound = await Call(() => broker.Client.Kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:07:00.0", Driver = "vfio-pci" }).ResponseAsync);
+        var bound = await broker.Client.Admin.BindDriverAsync("0000:07:00.0", "vfio-pci");
         Assert.True(bound.DriverManagedDma);
     }
 
@@ -68,7 +68,7 @@ public sealed class OwnershipServiceTests
     public async Task BindDevice_SameSessionTwoDevicesOfOneGroup_CountsUpThenReleases()
     {
         await using var broker = await TestBroker.StartAsync();
-        await Call(() => broker.Client.Kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:07:00.0", Driver = "vfio-pci" }).ResponseAsync);
+        await broker.Client.Admin.BindDriverAsync("0000:07:00.0", "vfio-pci");
         await using var a = await broker.Client.OpenSessionAsync("a");
         var ca = await a.CreateContainerAsync(ContainerType.Iommufd);
 
@@ -139,7 +139,7 @@ public sealed class OwnershipServiceTests
     public async Task ErrorDetails_CarryErrorInfoWithDomainAndErrno()
     {
         await using var broker = await TestBroker.StartAsync();
-        var e = await Assert.ThrowsAsync<RpcException>(() => broker.Client.Topology.GetGroupAsync(new GetGroupRequest { GroupId = 999 }).ResponseAsync);
+        var e = await Assert.ThrowsAsync<RpcException>(() => broker.Client.Raw.Topology.GetGroupAsync(new GetGroupRequest { GroupId = 999 }).ResponseAsync);
         var info = Grpc.Core.RpcExceptionExtensions.GetRpcStatus(e)?.GetDetail<Google.Rpc.ErrorInfo>();
         Assert.NotNull(info);
         Assert.Equal(("ENOENT", "dmabroker", "2"), (info.Reason, info.Domain, info.Metadata["errno"]));

@@ -41,7 +41,7 @@ public sealed class TestBroker : IAsyncDisposable
     /// <summary>Raw clients authenticated with an arbitrary (possibly missing) token.</summary>
     public Vfio.VfioClient VfioWithToken(string? token)
     {
-        var invoker = Client.Channel.CreateCallInvoker();
+        var invoker = Client.Raw.Channel.CreateCallInvoker();
         return new Vfio.VfioClient(token is null ? invoker : Grpc.Core.Interceptors.CallInvokerExtensions.Intercept(invoker, m =>
         {
             m.Add(BrokerSession.TokenHeader, token);
