@@ -182,7 +182,7 @@ public sealed class VfioDevice : IAsyncDisposable
         {
             await _session.CallAsync(v => v.CloseDeviceAsync(new CloseDeviceRequest { Handle = Handle })).ConfigureAwait(false);
         }
-        catch (BrokerException e) when (e.Reason is "EBADF" or "EACCES" || e.IsBrokerUnavailable)
+        catch (BrokerException e) when (e.Errno is Errno.EBADF or Errno.EACCES || e is BrokerUnavailableException)
         {
             // Already closed with the session, or the broker is gone: nothing left to release.
         }

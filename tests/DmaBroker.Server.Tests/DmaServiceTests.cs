@@ -224,13 +224,13 @@ public sealed class DmaServiceTests
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = 999 } });
             var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext());
-            Assert.Equal((StatusCode.NotFound, "EBADF"), (e.StatusCode, BrokerException.From(e).Reason));
+            Assert.Equal((StatusCode.NotFound, Errno.EBADF), (e.StatusCode, BrokerException.From(e).Errno));
         }
         using (var call = rig.Session.Raw.Dma.Stream())
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Tag = 1, Read = new DmaRead { Iova = Iova, Length = 1 } });
             var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext());
-            Assert.Equal((StatusCode.InvalidArgument, "EINVAL"), (e.StatusCode, BrokerException.From(e).Reason));
+            Assert.Equal((StatusCode.InvalidArgument, Errno.EINVAL), (e.StatusCode, BrokerException.From(e).Errno));
         }
     }
 
@@ -241,27 +241,27 @@ public sealed class DmaServiceTests
         await using var session = await broker.Client.OpenSessionAsync("maps");
         var type1 = await session.CreateContainerAsync(ContainerType.Type1V2);
         var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 0x4000 })).Vaddr;
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = type1 })));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = type1 })));
         await session.SetContainerAsync(Group, type1);
         var info = await session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = type1 }));
         Assert.Equal((4096ul, 65535u, 2), (info.PageSizes, info.DmaAvail, info.IovaRanges.Count));
         Assert.Equal((0xfedffffful, 0xfef00000ul, (1ul << 48) - 1), (info.IovaRanges[0].End, info.IovaRanges[1].Start, info.IovaRanges[1].End));
 
         await session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0, Size = 0x4000, Read = true }));
-        await Expect("EEXIST", StatusCode.AlreadyExists, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0x2000, Size = 0x1000, Write = true })));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Size = 0x1000, Write = true })));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0xfee00000, Size = 0x1000, Write = true })));
-        await Expect("EFAULT", StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr + 0x4000, Iova = 0x10000, Size = 0x1000, Write = true })));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => Call(() => session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, Iova = 0x1000, Size = 0x1000 })));
+        await Expect(Errno.EEXIST, StatusCode.AlreadyExists, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0x2000, Size = 0x1000, Write = true })));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Size = 0x1000, Write = true })));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0xfee00000, Size = 0x1000, Write = true })));
+        await Expect(Errno.EFAULT, StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr + 0x4000, Iova = 0x10000, Size = 0x1000, Write = true })));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => Call(() => session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, Iova = 0x1000, Size = 0x1000 })));
         Assert.Equal(0ul, (await session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, Iova = 0x100000, Size = 0x1000 }))).Unmapped);
         Assert.Equal(0x4000ul, (await session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, All = true }))).Unmapped);
 
         var iommufd = await session.CreateContainerAsync(ContainerType.Iommufd);
         var picked = (await session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = iommufd, Vaddr = vaddr, Size = 0x2000, Read = true, Write = true }))).Iova;
         Assert.True(picked != 0 && picked % 4096 == 0);
-        await Expect("ENOENT", StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = picked, Size = 0x1000 })));
-        await Expect("ENOENT", StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = 0x7000_0000, Size = 0x1000 })));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = picked, Size = 0x1000 })));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = 0x7000_0000, Size = 0x1000 })));
         Assert.Equal(0x2000ul, (await session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = picked, Size = 0x2000 }))).Unmapped);
         await session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr });
     }
@@ -272,14 +272,14 @@ public sealed class DmaServiceTests
         await using var broker = await TestBroker.StartAsync(null, "--memory-limit-mb", "1");
         await using var session = await broker.Client.OpenSessionAsync("mem");
         var memory = session.Raw.Memory;
-        await Expect("ENOMEM", StatusCode.ResourceExhausted, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 2 * 1024 * 1024 }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 0 }).ResponseAsync));
+        await Expect(Errno.ENOMEM, StatusCode.ResourceExhausted, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 2 * 1024 * 1024 }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 0 }).ResponseAsync));
         var vaddr = (await memory.AllocateAsync(new AllocateRequest { Size = 100 })).Vaddr;
         Assert.Equal(0ul, vaddr % 4096);
         Assert.NotEqual(0ul, vaddr);
-        await Expect("EFAULT", StatusCode.InvalidArgument, () => Call(() => memory.ReadAsync(new ReadRequest { Vaddr = vaddr + 4000, Size = 200 }).ResponseAsync));
-        await Expect("EFAULT", StatusCode.InvalidArgument, () => Call(() => memory.WriteAsync(new WriteRequest { Vaddr = 0x1000, Data = ByteString.CopyFromUtf8("x") }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => memory.FreeAsync(new FreeRequest { Vaddr = vaddr + 4096 }).ResponseAsync));
+        await Expect(Errno.EFAULT, StatusCode.InvalidArgument, () => Call(() => memory.ReadAsync(new ReadRequest { Vaddr = vaddr + 4000, Size = 200 }).ResponseAsync));
+        await Expect(Errno.EFAULT, StatusCode.InvalidArgument, () => Call(() => memory.WriteAsync(new WriteRequest { Vaddr = 0x1000, Data = ByteString.CopyFromUtf8("x") }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => Call(() => memory.FreeAsync(new FreeRequest { Vaddr = vaddr + 4096 }).ResponseAsync));
         await memory.FreeAsync(new FreeRequest { Vaddr = vaddr });
     }
 
@@ -289,16 +289,16 @@ public sealed class DmaServiceTests
         await using var broker = await TestBroker.StartAsync();
         await using var rig = await Rig.StartAsync(broker);
         await using var other = await broker.Client.OpenSessionAsync("other");
-        await Expect("EPERM", StatusCode.PermissionDenied, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:09:00.0" })));
-        await Expect("ENODEV", StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:01:00.0" })));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => rig.Session.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => rig.Session.UnsetContainerAsync(Group));
+        await Expect(Errno.EPERM, StatusCode.PermissionDenied, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:09:00.0" })));
+        await Expect(Errno.ENODEV, StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:01:00.0" })));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => rig.Session.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => rig.Session.UnsetContainerAsync(Group));
 
         var config = await rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 7, Offset = 0, Size = 6 }));
         Assert.Equal(new byte[] { 0x34, 0x12, 0xe8, 0x11, 0x06, 0x00 }, config.Data.ToByteArray());
         await rig.Session.CallAsync(v => v.CloseDeviceAsync(new CloseDeviceRequest { Handle = rig.Handle }));
-        await Expect("EBADF", StatusCode.NotFound, () => rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 7, Size = 4 })));
+        await Expect(Errno.EBADF, StatusCode.NotFound, () => rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 7, Size = 4 })));
         var reopened = (await rig.Session.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu }))).Handle;
         var command = await rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = reopened, Index = 7, Offset = 4, Size = 2 }));
         Assert.Equal(new byte[] { 0, 0 }, command.Data.ToByteArray());
@@ -393,7 +393,7 @@ public sealed class DmaStreamSessionEndTests
         await broker.Client.Admin.RevokeSessionAsync(session.Id);
 
         var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
-        Assert.Equal((StatusCode.Unauthenticated, "EACCES"), (e.StatusCode, BrokerException.From(e).Reason));
+        Assert.Equal((StatusCode.Unauthenticated, Errno.EACCES), (e.StatusCode, BrokerException.From(e).Errno));
         var stats = await broker.Client.Admin.GetStatsAsync();
         Assert.Equal((0u, 0u, 0u), (stats.Sessions, stats.OpenDevices, stats.UserOwnedGroups));
     }
@@ -408,6 +408,6 @@ public sealed class DmaStreamSessionEndTests
         using var call = dma.Stream();
         await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = 1 } });
         var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
-        Assert.Equal((StatusCode.Unauthenticated, "EACCES"), (e.StatusCode, BrokerException.From(e).Reason));
+        Assert.Equal((StatusCode.Unauthenticated, Errno.EACCES), (e.StatusCode, BrokerException.From(e).Errno));
     }
 }

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Microsoft.Extensions.Time.Testing;
@@ -43,7 +44,7 @@ public sealed class SessionLifecycleTests
 
         var released = await watcher.WaitForGroupAsync(g => g.Id == EduGroup);
         Assert.Equal((OwnerKind.None, 0u, DomainKind.Default), (released.OwnerKind, released.OwnerCount, released.Domain));
-        await Expect("EACCES", StatusCode.Unauthenticated,
+        await Expect(Errno.EACCES, StatusCode.Unauthenticated,
             () => Call(() => vfio.CreateContainerAsync(new CreateContainerRequest { Type = ContainerType.Type1V2 }).ResponseAsync));
     }
 
@@ -96,7 +97,7 @@ public sealed class SessionLifecycleTests
 
         Assert.Equal(OwnerKind.None, (await broker.Client.GetGroupAsync(EduGroup)).OwnerKind);
         Assert.Equal("maintenance", await session.Ended.WaitAsync(TestBroker.Timeout));
-        await Expect("ENOENT", StatusCode.NotFound,
+        await Expect(Errno.ENOENT, StatusCode.NotFound,
             () => broker.Client.Admin.RevokeSessionAsync(session.Id));
     }
 

@@ -61,17 +61,17 @@ public sealed class TopologyServiceTests
         var admin = broker.Client.Admin;
         var before = await broker.Client.ListDevicesAsync();
 
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => admin.BindDriverAsync("nope", "nvme"));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => admin.BindDriverAsync("0000:03:00.1", "Bad Driver!"));
-        await Expect("ENODEV", StatusCode.NotFound, () => admin.BindDriverAsync("0000:99:00.0", "nvme"));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => admin.BindDriverAsync("0000:01:00.0", "vfio-pci"));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => admin.UnbindDriverAsync("0000:03:00.1"));
-        await Expect("ENODEV", StatusCode.NotFound, () => admin.RemoveDeviceAsync("0000:99:00.0"));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => admin.RemoveDeviceAsync("0000:04:00.0"));
-        await Expect("EEXIST", StatusCode.AlreadyExists, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.0", "edu")));
-        await Expect("ENODEV", StatusCode.NotFound, () => admin.AddDeviceAsync(new HotplugDevice("0000:42:00.0", "edu")));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.1", "bridge")));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.1", "edu") { VendorId = 0x10000 }));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.BindDriverAsync("nope", "nvme"));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.BindDriverAsync("0000:03:00.1", "Bad Driver!"));
+        await Expect(Errno.ENODEV, StatusCode.NotFound, () => admin.BindDriverAsync("0000:99:00.0", "nvme"));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => admin.BindDriverAsync("0000:01:00.0", "vfio-pci"));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => admin.UnbindDriverAsync("0000:03:00.1"));
+        await Expect(Errno.ENODEV, StatusCode.NotFound, () => admin.RemoveDeviceAsync("0000:99:00.0"));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => admin.RemoveDeviceAsync("0000:04:00.0"));
+        await Expect(Errno.EEXIST, StatusCode.AlreadyExists, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.0", "edu")));
+        await Expect(Errno.ENODEV, StatusCode.NotFound, () => admin.AddDeviceAsync(new HotplugDevice("0000:42:00.0", "edu")));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.1", "bridge")));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.1", "edu") { VendorId = 0x10000 }));
 
         var after = await broker.Client.ListDevicesAsync();
         Assert.Equal(before.Devices, after.Devices);

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol;
 
 namespace DmaBroker.Server.Tests;
@@ -16,5 +17,14 @@ public sealed class WireConstantsTests
         Assert.Equal(WireConstants.ConfigRegion, (uint)Core.Devices.DeviceModel.ConfigIndex);
         Assert.Equal(WireConstants.PciCommandMemorySpace, Core.Devices.DeviceModel.CommandMemory);
         Assert.Equal(WireConstants.PciCommandBusMaster, Core.Devices.DeviceModel.CommandBusMaster);
+    }
+
+    [Fact]
+    public void CoreErrnos_AreClientErrnosWithTheSameNumbers()
+    {
+        var client = Enum.GetValues<Errno>().Select(e => (e.ToString(), (int)e)).ToHashSet();
+        var core = Enum.GetValues<Core.Errno>().Select(e => (e.ToString(), (int)e)).ToHashSet();
+
+        Assert.Subset(client, core);
     }
 }
