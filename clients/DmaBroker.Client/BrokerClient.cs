@@ -1,4 +1,5 @@
 using System.Runtime.CompilerServices;
+using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Grpc.Net.Client;
@@ -29,19 +30,15 @@ public sealed class BrokerClient : IDisposable
 
     private BrokerClient(GrpcChannel channel)
     {
-        Channel = channel;
-        Topology = new Topology.TopologyClient(channel);
-        Kernel = new Kernel.KernelClient(channel);
+        Raw = new RawBrokerClients(channel);
+        Admin = new BrokerAdmin(Raw.Kernel);
     }
 
-    /// <summary>The underlying gRPC channel, for clients of services this class does not wrap.</summary>
-    public GrpcChannel Channel { get; }
+    /// <summary>The admin side: driver binding, hotplug, session revocation, live counts.</summary>
+    public BrokerAdmin Admin { get; }
 
-    /// <summary>The raw Topology client, for calls this class does not wrap.</summary>
-    public Topology.TopologyClient Topology { get; }
-
-    /// <summary>The raw Kernel (admin) client.</summary>
-    public Kernel.KernelClient Kernel { get; }
+    /// <summary>The generated gRPC clients and the channel underneath, for experts; see <see cref="RawBrokerClients"/>.</summary>
+    public RawBrokerClients Raw { get; }
 
     /// <summary>Connects (lazily) to a broker at <paramref name="address"/> such as http://127.0.0.1:50051.</summary>
     public static BrokerClient Connect(string? address = null, BrokerClientOptions? options = null)
@@ -61,26 +58,26 @@ public sealed class BrokerClient : IDisposable
         return new BrokerClient(GrpcChannel.ForAddress(uri, new GrpcChannelOptions
         {
             HttpHandler = handler,
-            MaxReceiveMessageSize = 16 * 1024 * 1024,
+            MaxReceiveMessageSize = WireConstants.MaxMessageSize,
         }));
     }
 
     /// <summary>All devices, in address order.</summary>
     public Task<ListDevicesResponse> ListDevicesAsync(CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => Topology.ListDevicesAsync(new ListDevicesRequest(), cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => Raw.Topology.ListDevicesAsync(new ListDevicesRequest(), cancellationToken: cancellationToken).ResponseAsync);
 
     /// <summary>All IOMMU groups with their owners, and the revision they were read at.</summary>
     public Task<ListGroupsResponse> ListGroupsAsync(CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => Topology.ListGroupsAsync(new ListGroupsRequest(), cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => Raw.Topology.ListGroupsAsync(new ListGroupsRequest(), cancellationToken: cancellationToken).ResponseAsync);
 
     /// <summary>One group; ENOENT if there is no such group.</summary>
     public Task<Group> GetGroupAsync(uint groupId, CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => Topology.GetGroupAsync(new GetGroupRequest { GroupId = groupId }, cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => Raw.Topology.GetGroupAsync(new GetGroupRequest { GroupId = groupId }, cancellationToken: cancellationToken).ResponseAsync);
 
     /// <summary>A snapshot, then every change; a fresh snapshot whenever the watcher fell behind.</summary>
     public async IAsyncEnumerable<WatchEvent> WatchAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
-        using var call = Topology.Watch(new WatchRequest(), cancellationToken: cancellationToken);
+        using var call = Raw.Topology.Watch(new WatchRequest(), cancellationToken: cancellationToken);
         var stream = call.ResponseStream;
         while (true)
         {
@@ -104,5 +101,5 @@ public sealed class BrokerClient : IDisposable
         BrokerSession.OpenAsync(this, clientName, cancellationToken);
 
     /// <summary>Closes the connection.</summary>
-    public void Dispose() => Channel.Dispose();
+    public void Dispose() => Raw.Channel.Dispose();
 }

@@ -1,4 +1,5 @@
 using System.Threading.Channels;
+using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Grpc.Core.Interceptors;
@@ -14,7 +15,7 @@ namespace DmaBroker.Client;
 public sealed class BrokerSession : IAsyncDisposable
 {
     /// <summary>The metadata key that carries the session token on user calls.</summary>
-    public const string TokenHeader = "dmabroker-session-token";
+    public const string TokenHeader = WireConstants.SessionTokenHeader;
 
     private readonly AsyncDuplexStreamingCall<SessionRequest, SessionEvent> _call;
     private readonly CancellationTokenSource _stop;
@@ -37,28 +38,20 @@ public sealed class BrokerSession : IAsyncDisposable
             metadata.Add(TokenHeader, Token);
             return metadata;
         });
-        Vfio = new Vfio.VfioClient(authenticated);
-        Memory = new Memory.MemoryClient(authenticated);
-        Dma = new Dma.DmaClient(authenticated);
+        Raw = new RawSessionClients(authenticated);
     }
 
     /// <summary>The public session id, shown as a group's owner.</summary>
     public ulong Id { get; }
 
-    /// <summary>The secret token; the clients below already send it.</summary>
+    /// <summary>The secret token; every call of this session already sends it.</summary>
     public string Token { get; }
 
     /// <summary>The broker ends the session if it hears nothing for this long; pings go out at a third of it.</summary>
     public TimeSpan LeaseTtl { get; }
 
-    /// <summary>The raw Vfio client, authenticated as this session.</summary>
-    public Vfio.VfioClient Vfio { get; }
-
-    /// <summary>The raw Memory client, authenticated as this session.</summary>
-    public Memory.MemoryClient Memory { get; }
-
-    /// <summary>The raw Dma client, authenticated as this session.</summary>
-    public Dma.DmaClient Dma { get; }
+    /// <summary>The generated Vfio, Memory and Dma clients, authenticated as this session, for experts; see <see cref="RawSessionClients"/>.</summary>
+    public RawSessionClients Raw { get; }
 
     /// <summary>Faults and interrupts; completes when the session ends.</summary>
     public ChannelReader<SessionEvent> Events => _events.Reader;
@@ -69,14 +62,14 @@ public sealed class BrokerSession : IAsyncDisposable
     internal static async Task<BrokerSession> OpenAsync(BrokerClient client, string? clientName, CancellationToken cancellationToken)
     {
         var stop = new CancellationTokenSource();
-        var call = new Session.SessionClient(client.Channel).Open(cancellationToken: stop.Token);
+        var call = client.Raw.Session.Open(cancellationToken: stop.Token);
         try
         {
             if (!string.IsNullOrEmpty(clientName))
                 await call.RequestStream.WriteAsync(new SessionRequest { Hello = new Hello { ClientName = clientName } }, cancellationToken).ConfigureAwait(false);
             if (!await call.ResponseStream.MoveNext(cancellationToken).ConfigureAwait(false) || call.ResponseStream.Current.Opened is not { } opened)
                 throw new BrokerException(StatusCode.Internal, "EPROTO", "the broker did not answer Session.Open with 'opened'");
-            var session = new BrokerSession(call, stop, opened, client.Channel.CreateCallInvoker());
+            var session = new BrokerSession(call, stop, opened, client.Raw.Channel.CreateCallInvoker());
             session._reader = session.ReadEventsAsync();
             session._pinger = session.PingAsync();
             return session;
@@ -95,9 +88,9 @@ public sealed class BrokerSession : IAsyncDisposable
         }
     }
 
-    /// <summary>Runs a call on behalf of this session, turning broker errors into <see cref="BrokerException"/>.</summary>
-    public Task<T> CallAsync<T>(Func<Vfio.VfioClient, AsyncUnaryCall<T>> call) =>
-        BrokerException.Wrap(() => call(Vfio).ResponseAsync);
+    /// <summary>Runs a Vfio call on behalf of this session, turning broker errors into <see cref="BrokerException"/>.</summary>
+    internal Task<T> CallAsync<T>(Func<Vfio.VfioClient, AsyncUnaryCall<T>> call) =>
+        BrokerException.Wrap(() => call(Raw.Vfio).ResponseAsync);
 
     /// <summary>Creates a container (TYPE1V2 or IOMMUFD) and returns its id.</summary>
     public async Task<ulong> CreateContainerAsync(ContainerType type, CancellationToken cancellationToken = default) =>
@@ -110,8 +103,8 @@ public sealed class BrokerSession : IAsyncDisposable
     /// <summary>Allocates session memory (zeroed, page-aligned).</summary>
     public async Task<DmaBuffer> AllocateAsync(ulong size, CancellationToken cancellationToken = default)
     {
-        var response = await BrokerException.Wrap(() => Memory.AllocateAsync(new AllocateRequest { Size = size }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
-        return new DmaBuffer(this, response.Vaddr, (size + 4095) / 4096 * 4096);
+        var response = await BrokerException.Wrap(() => Raw.Memory.AllocateAsync(new AllocateRequest { Size = size }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        return new DmaBuffer(this, response.Vaddr, (size + WireConstants.PageSize - 1) / WireConstants.PageSize * WireConstants.PageSize);
     }
 
     /// <summary>VFIO_GROUP_GET_DEVICE_FD: opens a device of a group this session claimed.</summary>

@@ -27,17 +27,33 @@ public sealed class DmaFaultException(DmaFault fault)
     public DmaFault Fault { get; } = fault;
 }
 
+/// <summary>
+/// A DMA request the device completed with an error rather than a fault, such as an edu DMA
+/// programmed outside the device buffer (EIO) or a malformed request (EINVAL). The stream itself
+/// is fine and later requests go on, so there is no gRPC status: <see cref="BrokerException.StatusCode"/>
+/// is null, and <see cref="BrokerException.Errno"/> says what went wrong.
+/// </summary>
+public sealed class DmaRequestException(ulong tag, string reason, string message)
+    : BrokerException(null, reason, message)
+{
+    /// <summary>The tag of the request that failed.</summary>
+    public ulong Tag { get; } = tag;
+}
+
 /// <summary>The completion of one DMA request.</summary>
 public sealed record DmaResult(ulong Tag, bool Ok, ReadOnlyMemory<byte> Data, ulong Value, DmaFault? Fault, DmaError? Error)
 {
-    /// <summary>Throws <see cref="DmaFaultException"/> or <see cref="BrokerException"/> unless the request succeeded.</summary>
+    /// <summary>
+    /// Returns this result if the request succeeded; otherwise throws <see cref="DmaFaultException"/>
+    /// for an IOMMU fault, or <see cref="DmaRequestException"/> with the device's errno for an error.
+    /// </summary>
     public DmaResult EnsureOk()
     {
         if (Ok)
             return this;
         if (Fault is { } fault)
             throw new DmaFaultException(fault);
-        throw new BrokerException(StatusCode.FailedPrecondition, Error?.Reason ?? "EIO", Error?.Message ?? "DMA request failed");
+        throw new DmaRequestException(Tag, Error?.Reason ?? nameof(Errno.EIO), Error?.Message ?? "DMA request failed");
     }
 
     internal static DmaResult From(DmaCompletion c) =>
@@ -78,7 +94,7 @@ public sealed class DmaChannel : IAsyncDisposable
     internal static async Task<DmaChannel> OpenAsync(BrokerSession session, ulong handle, DmaChannelOptions options, CancellationToken cancellationToken)
     {
         // The stream lives until the channel is disposed; the caller's token bounds only the opening.
-        var call = session.Dma.Stream(cancellationToken: CancellationToken.None);
+        var call = session.Raw.Dma.Stream(cancellationToken: CancellationToken.None);
         try
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle } }, cancellationToken).ConfigureAwait(false);

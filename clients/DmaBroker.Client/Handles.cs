@@ -1,3 +1,4 @@
+using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Google.Protobuf;
 
@@ -104,24 +105,24 @@ public sealed class DmaBuffer
     /// <summary>The CPU reads the buffer.</summary>
     public async Task<byte[]> ReadAsync(ulong offset, int length, CancellationToken cancellationToken = default)
     {
-        var response = await BrokerException.Wrap(() => _session.Memory.ReadAsync(new ReadRequest { Vaddr = Vaddr + offset, Size = (uint)length }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        var response = await BrokerException.Wrap(() => _session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = Vaddr + offset, Size = (uint)length }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
         return response.Data.ToByteArray();
     }
 
     /// <summary>The CPU writes the buffer.</summary>
     public Task WriteAsync(ulong offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => _session.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => _session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
 
     /// <summary>Frees the block (EBUSY while mapped).</summary>
     public Task FreeAsync(CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => _session.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync);
+        BrokerException.Wrap(() => _session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync);
 }
 
 /// <summary>An open device (a VFIO device fd): registers, config space, reset, and DMA channels.</summary>
 public sealed class VfioDevice : IAsyncDisposable
 {
-    /// <summary>VFIO region index of PCI config space.</summary>
-    public const uint ConfigRegion = 7;
+    /// <summary>VFIO region index of PCI config space (regions 0-5 are the BARs).</summary>
+    public const uint ConfigRegion = WireConstants.ConfigRegion;
 
     private readonly BrokerSession _session;
     private int _closed;
@@ -159,8 +160,9 @@ public sealed class VfioDevice : IAsyncDisposable
     /// <summary>Sets Memory Space and Bus Master in the command register, so the device may DMA.</summary>
     public async Task EnableBusMasterAsync(CancellationToken cancellationToken = default)
     {
-        var command = await ReadRegisterAsync(ConfigRegion, 4, 2, cancellationToken).ConfigureAwait(false);
-        await WriteRegisterAsync(ConfigRegion, 4, command | 0x6, 2, cancellationToken).ConfigureAwait(false);
+        var command = await ReadRegisterAsync(ConfigRegion, WireConstants.PciCommandRegister, 2, cancellationToken).ConfigureAwait(false);
+        var enabled = command | WireConstants.PciCommandMemorySpace | WireConstants.PciCommandBusMaster;
+        await WriteRegisterAsync(ConfigRegion, WireConstants.PciCommandRegister, enabled, 2, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>VFIO_DEVICE_RESET.</summary>
@@ -180,7 +182,7 @@ public sealed class VfioDevice : IAsyncDisposable
         {
             await _session.CallAsync(v => v.CloseDeviceAsync(new CloseDeviceRequest { Handle = Handle })).ConfigureAwait(false);
         }
-        catch (BrokerException e) when (e.Reason is "EBADF" or "EACCES" || e.IsBrokerUnavailable)
+        catch (BrokerException e) when (e.Errno is Errno.EBADF or Errno.EACCES || e is BrokerUnavailableException)
         {
             // Already closed with the session, or the broker is gone: nothing left to release.
         }

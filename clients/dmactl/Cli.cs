@@ -97,7 +97,7 @@ internal static class Cli
         {
             return Fail(stderr, Usage, e.Message);
         }
-        catch (BrokerException e) when (e.IsBrokerUnavailable)
+        catch (BrokerUnavailableException e)
         {
             return Fail(stderr, Unavailable, $"cannot reach the broker at {broker ?? BrokerClient.DefaultAddress}: {e.Message}");
         }

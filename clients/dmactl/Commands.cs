@@ -141,15 +141,13 @@ internal static class Commands
 
     private static async Task<int> BindAsync(CommandContext c)
     {
-        var request = new BindDriverRequest { Address = c.Arg(0, "address"), Driver = c.Arg(1, "driver") };
-        var device = await BrokerException.Wrap(() => c.Client.Kernel.BindDriverAsync(request, cancellationToken: c.Stop).ResponseAsync);
+        var device = await c.Client.Admin.BindDriverAsync(c.Arg(0, "address"), c.Arg(1, "driver"), c.Stop);
         return PrintDevice(c, device);
     }
 
     private static async Task<int> UnbindAsync(CommandContext c)
     {
-        var request = new UnbindDriverRequest { Address = c.Arg(0, "address") };
-        var device = await BrokerException.Wrap(() => c.Client.Kernel.UnbindDriverAsync(request, cancellationToken: c.Stop).ResponseAsync);
+        var device = await c.Client.Admin.UnbindDriverAsync(c.Arg(0, "address"), c.Stop);
         return PrintDevice(c, device);
     }
 
@@ -159,7 +157,7 @@ internal static class Commands
         if (!ulong.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var id))
             throw new UsageException($"<session> must be a session id such as 3, got '{text}'");
         var reason = c.Args.Length > 1 ? string.Join(' ', c.Args.Skip(1)) : "";
-        await BrokerException.Wrap(() => c.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = id, Reason = reason }, cancellationToken: c.Stop).ResponseAsync);
+        await c.Client.Admin.RevokeSessionAsync(id, reason, c.Stop);
         if (!c.Output.Json)
             c.Output.Line($"revoked session {id}; everything it held is released");
         return Cli.Ok;
@@ -167,7 +165,7 @@ internal static class Commands
 
     private static async Task<int> StatsAsync(CommandContext c)
     {
-        var stats = await BrokerException.Wrap(() => c.Client.Kernel.GetStatsAsync(new GetStatsRequest(), cancellationToken: c.Stop).ResponseAsync);
+        var stats = await c.Client.Admin.GetStatsAsync(c.Stop);
         if (c.Output.Json)
             c.Output.Message(stats);
         else

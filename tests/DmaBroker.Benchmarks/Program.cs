@@ -39,8 +39,8 @@ foreach (var (name, unit, make, opsPerMessage, bytesPerOp) in scenarios)
     var rawRates = new List<double>();
     for (var round = 0; round < rounds; round++)
     {
-        rawRates.Add(await Measure(new Dma.DmaClient(rawClient.Channel).Stream(), null, requests, opsPerMessage, seconds));
-        brokerRates.Add(await Measure(session.Dma.Stream(), handle, requests, opsPerMessage, seconds));
+        rawRates.Add(await Measure(new Dma.DmaClient(rawClient.Raw.Channel).Stream(), null, requests, opsPerMessage, seconds));
+        brokerRates.Add(await Measure(session.Raw.Dma.Stream(), handle, requests, opsPerMessage, seconds));
     }
     double Scale(double opsPerSecond) => unit == "MiB/s" ? opsPerSecond * bytesPerOp / (1024 * 1024) : opsPerSecond / 1e6;
     var b = Median(brokerRates);
@@ -148,10 +148,10 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
     {
         var container = await session.CreateContainerAsync(ContainerType.Type1V2);
         await session.SetContainerAsync(14, container);
-        var vaddr = (await session.Memory.AllocateAsync(new AllocateRequest { Size = 1 << 20 })).Vaddr;
-        await session.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = Iova, Size = 1 << 20, Read = true, Write = true });
-        var handle = (await session.Vfio.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:08:00.0" })).Handle;
-        await session.Vfio.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 7, Offset = 4, Data = ByteString.CopyFrom(0x06, 0x00) });
+        var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 1 << 20 })).Vaddr;
+        await session.Raw.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = Iova, Size = 1 << 20, Read = true, Write = true });
+        var handle = (await session.Raw.Vfio.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:08:00.0" })).Handle;
+        await session.Raw.Vfio.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 7, Offset = 4, Data = ByteString.CopyFrom(0x06, 0x00) });
         return handle;
     }
 

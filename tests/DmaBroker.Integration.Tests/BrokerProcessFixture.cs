@@ -29,7 +29,7 @@ public sealed class LiveBroker : IAsyncDisposable
 
     /// <summary>The broker's live counts (sessions, containers, user-owned groups…).</summary>
     public async Task<BrokerStats> StatsAsync() =>
-        await Client.Kernel.GetStatsAsync(new GetStatsRequest()).ResponseAsync.WaitAsync(GroupWatch.DefaultTimeout);
+        await Client.Admin.GetStatsAsync().WaitAsync(GroupWatch.DefaultTimeout);
 
     public static async Task<LiveBroker> StartAsync(params string[] args)
     {

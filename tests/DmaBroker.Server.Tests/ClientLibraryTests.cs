@@ -1,5 +1,8 @@
+using System.Net;
+using System.Net.Sockets;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
+using Grpc.Core;
 
 namespace DmaBroker.Server.Tests;
 
@@ -62,11 +65,82 @@ public sealed class ClientLibraryTests
         var (session, container, buffer, _) = await ClaimAsync(broker);
         await using var _ = session;
         var busy = await Assert.ThrowsAsync<BrokerException>(() => buffer.FreeAsync());
-        Assert.Equal("EBUSY", busy.Reason);
+        Assert.Equal(Errno.EBUSY, busy.Errno);
         var exists = await Assert.ThrowsAsync<BrokerException>(() => container.MapAsync(buffer, Iova));
-        Assert.Equal("EEXIST", exists.Reason);
+        Assert.Equal(Errno.EEXIST, exists.Errno);
         Assert.Equal(0x10000ul, await container.UnmapAllAsync());
         await buffer.FreeAsync();
+    }
+
+    [Fact]
+    public async Task Admin_RejectedByBroker_BrokerExceptionWithErrnoAndStatus()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var session = await broker.Client.OpenSessionAsync("owner");
+        await session.SetContainerAsync(13, await session.CreateContainerAsync(ContainerType.Type1V2));
+
+        // A DMA-API driver into the user-owned switch group.
+        var e = await Assert.ThrowsAsync<BrokerException>(() => broker.Client.Admin.BindDriverAsync("0000:07:00.0", "nvme"));
+
+        Assert.Equal((Errno.EBUSY, "EBUSY", StatusCode.FailedPrecondition), (e.Errno, e.Reason, e.StatusCode));
+    }
+
+    [Fact]
+    public async Task RevokedSession_NextCall_BrokerAuthenticationException()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var session = await broker.Client.OpenSessionAsync("victim");
+        await broker.Client.Admin.RevokeSessionAsync(session.Id);
+
+        var e = await Assert.ThrowsAsync<BrokerAuthenticationException>(() => session.CreateContainerAsync(ContainerType.Type1V2));
+
+        Assert.Equal((Errno.EACCES, StatusCode.Unauthenticated), (e.Errno, e.StatusCode));
+    }
+
+    [Fact]
+    public async Task RawCall_UnknownToken_FromGivesBrokerAuthenticationException()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var request = new CreateContainerRequest { Type = ContainerType.Type1V2 };
+
+        var rpc = await Assert.ThrowsAsync<RpcException>(() => broker.VfioWithToken("not-a-token").CreateContainerAsync(request).ResponseAsync);
+
+        var e = Assert.IsType<BrokerAuthenticationException>(BrokerException.From(rpc));
+        Assert.Equal((Errno.EACCES, "EACCES"), (e.Errno, e.Reason));
+    }
+
+    [Fact]
+    public async Task Connect_NothingListening_BrokerUnavailableException()
+    {
+        int port;
+        using (var listener = new TcpListener(IPAddress.Loopback, 0))
+        {
+            listener.Start();
+            port = ((IPEndPoint)listener.LocalEndpoint).Port;
+        }
+        using var client = BrokerClient.Connect($"http://127.0.0.1:{port}");
+
+        var e = await Assert.ThrowsAsync<BrokerUnavailableException>(() => client.ListDevicesAsync().WaitAsync(TestBroker.Timeout));
+
+        Assert.Equal((StatusCode.Unavailable, Errno.Unknown, "Unavailable"), (e.StatusCode, e.Errno, e.Reason));
+    }
+
+    [Fact]
+    public async Task EnsureOk_DeviceError_DmaRequestExceptionWithErrnoAndNoStatus()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var (session, _, _, device) = await ClaimAsync(broker);
+        await using var _ = session;
+        await using var dma = await device.OpenDmaChannelAsync();
+        await dma.MmioWriteAsync(0, 0x80, Iova, 8);
+        await dma.MmioWriteAsync(0, 0x88, 0x40f00, 8);  // the 4 KiB device buffer ends at 0x41000
+        await dma.MmioWriteAsync(0, 0x90, 0x1000, 8);
+        var result = await dma.MmioWriteAsync(0, 0x98, 0x1, 8);
+
+        var e = Assert.Throws<DmaRequestException>(() => result.EnsureOk());
+
+        Assert.Equal((Errno.EIO, "EIO", (StatusCode?)null, result.Tag), (e.Errno, e.Reason, e.StatusCode, e.Tag));
+        Assert.True((await dma.MmioReadAsync(0, 0x00)).Ok, "the channel carries on after a device error");
     }
 
     [Fact]
@@ -81,7 +155,7 @@ public sealed class ClientLibraryTests
 
         var reason = await session.Ended.WaitAsync(TestBroker.Timeout);
         Assert.False(string.IsNullOrEmpty(reason));
-        await Assert.ThrowsAsync<BrokerException>(() => dma.MmioReadAsync(0, 0).WaitAsync(TestBroker.Timeout));
+        await Assert.ThrowsAnyAsync<BrokerException>(() => dma.MmioReadAsync(0, 0).WaitAsync(TestBroker.Timeout));
         await dma.DisposeAsync().AsTask().WaitAsync(TestBroker.Timeout);
         await session.DisposeAsync().AsTask().WaitAsync(TestBroker.Timeout);
     }

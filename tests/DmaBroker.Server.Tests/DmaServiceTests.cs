@@ -26,17 +26,17 @@ public sealed class DmaServiceTests
             var session = await broker.Client.OpenSessionAsync("rig");
             var container = await session.CreateContainerAsync(type);
             await session.SetContainerAsync(Group, container);
-            var vaddr = (await session.Memory.AllocateAsync(new AllocateRequest { Size = 0x10000 })).Vaddr;
-            await session.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = Iova, Size = 0x10000, Read = true, Write = true });
-            var handle = (await session.Vfio.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })).Handle;
+            var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 0x10000 })).Vaddr;
+            await session.Raw.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = Iova, Size = 0x10000, Read = true, Write = true });
+            var handle = (await session.Raw.Vfio.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })).Handle;
             if (busMaster)
-                await session.Vfio.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 7, Offset = 4, Data = ByteString.CopyFrom(0x06, 0x00) });
+                await session.Raw.Vfio.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 7, Offset = 4, Data = ByteString.CopyFrom(0x06, 0x00) });
             return new Rig { Session = session, Container = container, Vaddr = vaddr, Handle = handle };
         }
 
         public async Task<DmaStream> OpenStreamAsync()
         {
-            var stream = new DmaStream(Session.Dma.Stream());
+            var stream = new DmaStream(Session.Raw.Dma.Stream());
             await stream.Call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = Handle } });
             return stream;
         }
@@ -83,7 +83,7 @@ public sealed class DmaServiceTests
         await using var broker = await TestBroker.StartAsync();
         await using var rig = await Rig.StartAsync(broker);
         var payload = Enumerable.Range(0, 1024).Select(i => (byte)(i * 7 + 3)).ToArray();
-        await rig.Session.Memory.WriteAsync(new WriteRequest { Vaddr = rig.Vaddr, Data = ByteString.CopyFrom(payload) });
+        await rig.Session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = rig.Vaddr, Data = ByteString.CopyFrom(payload) });
         using var dma = await rig.OpenStreamAsync();
 
         Assert.Equal(0x010000edul, (await dma.SendAsync(MmioRead(1, 0x00))).Value);
@@ -107,7 +107,7 @@ public sealed class DmaServiceTests
         var toRam = await dma.SendAsync(MmioWrite(14, 0x98, 0x1 | 0x2 | 0x4, 8));
         Assert.True(toRam.Ok, toRam.ToString());
 
-        var copied = await rig.Session.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr + 0x1000, Size = (uint)payload.Length });
+        var copied = await rig.Session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr + 0x1000, Size = (uint)payload.Length });
         Assert.Equal(payload, copied.Data.ToByteArray());
         Assert.Equal(2, dma.Interrupts.Count);
         // The same interrupts reach the session stream, naming the handle.
@@ -130,7 +130,7 @@ public sealed class DmaServiceTests
         var read = await dma.SendAsync(new DmaRequest { Tag = 2, Read = new DmaRead { Iova = Iova + 100, Length = 6000 } });
         Assert.Equal(data, read.Data);
         Assert.True((await dma.SendAsync(new DmaRequest { Tag = 3, Copy = new DmaCopy { SrcIova = Iova + 100, DstIova = Iova + 0x8000, Length = 6000 } })).Ok);
-        var memory = await rig.Session.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr + 0x8000, Size = 6000 });
+        var memory = await rig.Session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr + 0x8000, Size = 6000 });
         Assert.Equal(data, memory.Data);
 
         var batch = new DmaBatch();
@@ -160,7 +160,7 @@ public sealed class DmaServiceTests
         Assert.False(c.Ok);
         Assert.Equal((Access.Write, FaultReason.Unmapped), (c.Fault.Access, c.Fault.Reason));
         Assert.Equal(Math.Max(iova, Iova + 0x10000), c.Fault.Iova);
-        var memory = await rig.Session.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr, Size = 0x10000 });
+        var memory = await rig.Session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr, Size = 0x10000 });
         Assert.All(memory.Data.ToByteArray(), b => Assert.Equal(0, b));
         var ev = await rig.Session.Events.ReadAsync().AsTask().WaitAsync(TestBroker.Timeout);
         Assert.Equal((Edu, c.Fault.Iova, FaultReason.Unmapped), (ev.Fault.Address, ev.Fault.Iova, ev.Fault.Reason));
@@ -176,8 +176,8 @@ public sealed class DmaServiceTests
         Assert.Equal(FaultReason.BusMasterOff, off.Fault.Reason);
 
         await dma.SendAsync(new DmaRequest { Tag = 2, MmioWrite = new MmioWrite { Index = 7, Offset = 4, Width = 2, Value = 0x6 } });
-        var vaddr = (await rig.Session.Memory.AllocateAsync(new AllocateRequest { Size = 4096 })).Vaddr;
-        await rig.Session.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = rig.Container, Vaddr = vaddr, Iova = 0x80_0000, Size = 4096, Read = true });
+        var vaddr = (await rig.Session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 4096 })).Vaddr;
+        await rig.Session.Raw.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = rig.Container, Vaddr = vaddr, Iova = 0x80_0000, Size = 4096, Read = true });
         var denied = await dma.SendAsync(new DmaRequest { Tag = 3, Write = new DmaWrite { Iova = 0x80_0000, Data = ByteString.CopyFromUtf8("x") } });
         Assert.Equal((Access.Write, FaultReason.Permission), (denied.Fault.Access, denied.Fault.Reason));
     }
@@ -220,17 +220,17 @@ public sealed class DmaServiceTests
     {
         await using var broker = await TestBroker.StartAsync();
         await using var rig = await Rig.StartAsync(broker);
-        using (var call = rig.Session.Dma.Stream())
+        using (var call = rig.Session.Raw.Dma.Stream())
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = 999 } });
             var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext());
-            Assert.Equal((StatusCode.NotFound, "EBADF"), (e.StatusCode, BrokerException.From(e).Reason));
+            Assert.Equal((StatusCode.NotFound, Errno.EBADF), (e.StatusCode, BrokerException.From(e).Errno));
         }
-        using (var call = rig.Session.Dma.Stream())
+        using (var call = rig.Session.Raw.Dma.Stream())
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Tag = 1, Read = new DmaRead { Iova = Iova, Length = 1 } });
             var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext());
-            Assert.Equal((StatusCode.InvalidArgument, "EINVAL"), (e.StatusCode, BrokerException.From(e).Reason));
+            Assert.Equal((StatusCode.InvalidArgument, Errno.EINVAL), (e.StatusCode, BrokerException.From(e).Errno));
         }
     }
 
@@ -240,30 +240,30 @@ public sealed class DmaServiceTests
         await using var broker = await TestBroker.StartAsync();
         await using var session = await broker.Client.OpenSessionAsync("maps");
         var type1 = await session.CreateContainerAsync(ContainerType.Type1V2);
-        var vaddr = (await session.Memory.AllocateAsync(new AllocateRequest { Size = 0x4000 })).Vaddr;
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = type1 })));
+        var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 0x4000 })).Vaddr;
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = type1 })));
         await session.SetContainerAsync(Group, type1);
         var info = await session.CallAsync(v => v.GetIommuInfoAsync(new GetIommuInfoRequest { ContainerId = type1 }));
         Assert.Equal((4096ul, 65535u, 2), (info.PageSizes, info.DmaAvail, info.IovaRanges.Count));
         Assert.Equal((0xfedffffful, 0xfef00000ul, (1ul << 48) - 1), (info.IovaRanges[0].End, info.IovaRanges[1].Start, info.IovaRanges[1].End));
 
         await session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0, Size = 0x4000, Read = true }));
-        await Expect("EEXIST", StatusCode.AlreadyExists, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0x2000, Size = 0x1000, Write = true })));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Size = 0x1000, Write = true })));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0xfee00000, Size = 0x1000, Write = true })));
-        await Expect("EFAULT", StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr + 0x4000, Iova = 0x10000, Size = 0x1000, Write = true })));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => Call(() => session.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, Iova = 0x1000, Size = 0x1000 })));
+        await Expect(Errno.EEXIST, StatusCode.AlreadyExists, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0x2000, Size = 0x1000, Write = true })));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Size = 0x1000, Write = true })));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr, Iova = 0xfee00000, Size = 0x1000, Write = true })));
+        await Expect(Errno.EFAULT, StatusCode.InvalidArgument, () => session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = type1, Vaddr = vaddr + 0x4000, Iova = 0x10000, Size = 0x1000, Write = true })));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => Call(() => session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, Iova = 0x1000, Size = 0x1000 })));
         Assert.Equal(0ul, (await session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, Iova = 0x100000, Size = 0x1000 }))).Unmapped);
         Assert.Equal(0x4000ul, (await session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = type1, All = true }))).Unmapped);
 
         var iommufd = await session.CreateContainerAsync(ContainerType.Iommufd);
         var picked = (await session.CallAsync(v => v.MapDmaAsync(new MapDmaRequest { ContainerId = iommufd, Vaddr = vaddr, Size = 0x2000, Read = true, Write = true }))).Iova;
         Assert.True(picked != 0 && picked % 4096 == 0);
-        await Expect("ENOENT", StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = picked, Size = 0x1000 })));
-        await Expect("ENOENT", StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = 0x7000_0000, Size = 0x1000 })));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = picked, Size = 0x1000 })));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = 0x7000_0000, Size = 0x1000 })));
         Assert.Equal(0x2000ul, (await session.CallAsync(v => v.UnmapDmaAsync(new UnmapDmaRequest { ContainerId = iommufd, Iova = picked, Size = 0x2000 }))).Unmapped);
-        await session.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr });
+        await session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = vaddr });
     }
 
     [Fact]
@@ -271,15 +271,15 @@ public sealed class DmaServiceTests
     {
         await using var broker = await TestBroker.StartAsync(null, "--memory-limit-mb", "1");
         await using var session = await broker.Client.OpenSessionAsync("mem");
-        var memory = session.Memory;
-        await Expect("ENOMEM", StatusCode.ResourceExhausted, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 2 * 1024 * 1024 }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 0 }).ResponseAsync));
+        var memory = session.Raw.Memory;
+        await Expect(Errno.ENOMEM, StatusCode.ResourceExhausted, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 2 * 1024 * 1024 }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => Call(() => memory.AllocateAsync(new AllocateRequest { Size = 0 }).ResponseAsync));
         var vaddr = (await memory.AllocateAsync(new AllocateRequest { Size = 100 })).Vaddr;
         Assert.Equal(0ul, vaddr % 4096);
         Assert.NotEqual(0ul, vaddr);
-        await Expect("EFAULT", StatusCode.InvalidArgument, () => Call(() => memory.ReadAsync(new ReadRequest { Vaddr = vaddr + 4000, Size = 200 }).ResponseAsync));
-        await Expect("EFAULT", StatusCode.InvalidArgument, () => Call(() => memory.WriteAsync(new WriteRequest { Vaddr = 0x1000, Data = ByteString.CopyFromUtf8("x") }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => memory.FreeAsync(new FreeRequest { Vaddr = vaddr + 4096 }).ResponseAsync));
+        await Expect(Errno.EFAULT, StatusCode.InvalidArgument, () => Call(() => memory.ReadAsync(new ReadRequest { Vaddr = vaddr + 4000, Size = 200 }).ResponseAsync));
+        await Expect(Errno.EFAULT, StatusCode.InvalidArgument, () => Call(() => memory.WriteAsync(new WriteRequest { Vaddr = 0x1000, Data = ByteString.CopyFromUtf8("x") }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => Call(() => memory.FreeAsync(new FreeRequest { Vaddr = vaddr + 4096 }).ResponseAsync));
         await memory.FreeAsync(new FreeRequest { Vaddr = vaddr });
     }
 
@@ -289,16 +289,16 @@ public sealed class DmaServiceTests
         await using var broker = await TestBroker.StartAsync();
         await using var rig = await Rig.StartAsync(broker);
         await using var other = await broker.Client.OpenSessionAsync("other");
-        await Expect("EPERM", StatusCode.PermissionDenied, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:09:00.0" })));
-        await Expect("ENODEV", StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:01:00.0" })));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => rig.Session.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => rig.Session.UnsetContainerAsync(Group));
+        await Expect(Errno.EPERM, StatusCode.PermissionDenied, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:09:00.0" })));
+        await Expect(Errno.ENODEV, StatusCode.FailedPrecondition, () => other.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:01:00.0" })));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => rig.Session.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu })));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => rig.Session.UnsetContainerAsync(Group));
 
         var config = await rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 7, Offset = 0, Size = 6 }));
         Assert.Equal(new byte[] { 0x34, 0x12, 0xe8, 0x11, 0x06, 0x00 }, config.Data.ToByteArray());
         await rig.Session.CallAsync(v => v.CloseDeviceAsync(new CloseDeviceRequest { Handle = rig.Handle }));
-        await Expect("EBADF", StatusCode.NotFound, () => rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 7, Size = 4 })));
+        await Expect(Errno.EBADF, StatusCode.NotFound, () => rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 7, Size = 4 })));
         var reopened = (await rig.Session.CallAsync(v => v.OpenDeviceAsync(new OpenDeviceRequest { Address = Edu }))).Handle;
         var command = await rig.Session.CallAsync(v => v.RegionReadAsync(new RegionReadRequest { Handle = reopened, Index = 7, Offset = 4, Size = 2 }));
         Assert.Equal(new byte[] { 0, 0 }, command.Data.ToByteArray());
@@ -317,13 +317,13 @@ public sealed class DmaTeardownTests
 
         // Session A, on a raw stream we can cancel, keeps a DMA stream busy with 64 KiB writes.
         using var cancelA = new CancellationTokenSource();
-        using var openA = new Session.SessionClient(broker.Client.Channel).Open(cancellationToken: cancelA.Token);
+        using var openA = broker.Client.Raw.Session.Open(cancellationToken: cancelA.Token);
         Assert.True(await openA.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
         var tokenA = openA.ResponseStream.Current.Opened.Token;
         var vfioA = broker.VfioWithToken(tokenA);
         var metadata = new Metadata { { BrokerSession.TokenHeader, tokenA } };
-        var memoryA = new Memory.MemoryClient(broker.Client.Channel);
-        var dmaA = new Dma.DmaClient(broker.Client.Channel);
+        var memoryA = new Memory.MemoryClient(broker.Client.Raw.Channel);
+        var dmaA = new Dma.DmaClient(broker.Client.Raw.Channel);
         var container = (await vfioA.CreateContainerAsync(new CreateContainerRequest { Type = ContainerType.Iommufd })).ContainerId;
         await vfioA.SetContainerAsync(new SetContainerRequest { GroupId = 14, ContainerId = container });
         var vaddr = (await memoryA.AllocateAsync(new AllocateRequest { Size = 1 << 20 }, metadata)).Vaddr;
@@ -360,7 +360,7 @@ public sealed class DmaTeardownTests
         await pump.WaitAsync(TestBroker.Timeout);
         // Ending is idempotent: this awaits the teardown the cancellation started.
         await broker.Broker.Sessions.EndAsync(coreA, Core.Sessions.SessionEndReason.ClientClosed).WaitAsync(TestBroker.Timeout);
-        var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
+        var stats = await broker.Client.Admin.GetStatsAsync();
         Assert.Equal((0u, 0u, 0ul, 0u, 0u, 0u), (stats.Sessions, stats.Containers, stats.MemoryBytes, stats.OpenDevices, stats.DmaStreams, stats.Mappings));
 
         // The next owner finds the device reset: Bus Master off, liveness register back to its power-on value.
@@ -385,16 +385,16 @@ public sealed class DmaStreamSessionEndTests
         var container = await session.NewContainerAsync(ContainerType.Type1V2);
         await container.SetGroupAsync(16);
         var device = await session.OpenDeviceAsync("0000:0a:00.0");
-        using var call = session.Dma.Stream();
+        using var call = session.Raw.Dma.Stream();
         await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = device.Handle } });
         await call.RequestStream.WriteAsync(new DmaRequest { Tag = 1, MmioRead = new MmioRead { Index = 0, Offset = 0, Width = 4 } });
         Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
 
-        await broker.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = session.Id });
+        await broker.Client.Admin.RevokeSessionAsync(session.Id);
 
         var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
-        Assert.Equal((StatusCode.Unauthenticated, "EACCES"), (e.StatusCode, BrokerException.From(e).Reason));
-        var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
+        Assert.Equal((StatusCode.Unauthenticated, Errno.EACCES), (e.StatusCode, BrokerException.From(e).Errno));
+        var stats = await broker.Client.Admin.GetStatsAsync();
         Assert.Equal((0u, 0u, 0u), (stats.Sessions, stats.OpenDevices, stats.UserOwnedGroups));
     }
 
@@ -403,11 +403,11 @@ public sealed class DmaStreamSessionEndTests
     {
         await using var broker = await TestBroker.StartAsync();
         var session = await broker.Client.OpenSessionAsync("gone");
-        var dma = session.Dma;
+        var dma = session.Raw.Dma;
         await session.DisposeAsync();
         using var call = dma.Stream();
         await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = 1 } });
         var e = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
-        Assert.Equal((StatusCode.Unauthenticated, "EACCES"), (e.StatusCode, BrokerException.From(e).Reason));
+        Assert.Equal((StatusCode.Unauthenticated, Errno.EACCES), (e.StatusCode, BrokerException.From(e).Errno));
     }
 }

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Google.Protobuf;
 using Grpc.Core;
@@ -12,11 +13,11 @@ public sealed class OversizeTests
     {
         await using var broker = await TestBroker.StartAsync();
         await using var session = await broker.Client.OpenSessionAsync("big");
-        var vaddr = (await session.Memory.AllocateAsync(new AllocateRequest { Size = 4096 })).Vaddr;
-        var e = await Expect("E2BIG", StatusCode.ResourceExhausted,
-            () => Call(() => session.Memory.WriteAsync(new WriteRequest { Vaddr = vaddr, Data = ByteString.CopyFrom(new byte[17 * 1024 * 1024]) }).ResponseAsync));
+        var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 4096 })).Vaddr;
+        var e = await Expect(Errno.E2BIG, StatusCode.ResourceExhausted,
+            () => Call(() => session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = vaddr, Data = ByteString.CopyFrom(new byte[17 * 1024 * 1024]) }).ResponseAsync));
         Assert.Contains("exceeds", e.Message, StringComparison.Ordinal);
         // The broker keeps serving the session.
-        await session.Memory.WriteAsync(new WriteRequest { Vaddr = vaddr, Data = ByteString.CopyFromUtf8("ok") });
+        await session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = vaddr, Data = ByteString.CopyFromUtf8("ok") });
     }
 }

@@ -20,7 +20,7 @@ public sealed class OwnershipServiceTests
         var (a, ca, b, cb) = two;
 
         await a.SetContainerAsync(EduGroup, ca);
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => b.SetContainerAsync(EduGroup, cb));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => b.SetContainerAsync(EduGroup, cb));
 
         var group = await broker.Client.GetGroupAsync(EduGroup);
         Assert.Equal((OwnerKind.User, 1u, a.Id, 1ul, DomainKind.User),
@@ -37,10 +37,10 @@ public sealed class OwnershipServiceTests
         var (a, ca, b, cb) = two;
 
         await a.BindDeviceAsync("0000:08:00.0", ca);
-        await Expect("EPERM", StatusCode.PermissionDenied, () => b.BindDeviceAsync("0000:08:00.0", cb));
+        await Expect(Errno.EPERM, StatusCode.PermissionDenied, () => b.BindDeviceAsync("0000:08:00.0", cb));
         // A group claim on a group with a device claim fails EPERM even for the same session.
-        await Expect("EPERM", StatusCode.PermissionDenied, () => a.SetContainerAsync(EduGroup, ca));
-        await Expect("EPERM", StatusCode.PermissionDenied, () => b.SetContainerAsync(NvmeGroup, cb));
+        await Expect(Errno.EPERM, StatusCode.PermissionDenied, () => a.SetContainerAsync(EduGroup, ca));
+        await Expect(Errno.EPERM, StatusCode.PermissionDenied, () => b.SetContainerAsync(NvmeGroup, cb));
     }
 
     [Fact]
@@ -52,15 +52,15 @@ public sealed class OwnershipServiceTests
         await a.SetContainerAsync(SwitchGroup, ca);
 
         // 0000:07:00.0 is driver-less inside the user-owned group: a DMA-API driver must not bind.
-        await Expect("EBUSY", StatusCode.FailedPrecondition,
-            () => Call(() => broker.Client.Kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:07:00.0", Driver = "nvme" }).ResponseAsync));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition,
+            () => broker.Client.Admin.BindDriverAsync("0000:07:00.0", "nvme"));
 
         var devices = await broker.Client.ListDevicesAsync();
         Assert.Equal("", devices.Devices.Single(d => d.Address == "0000:07:00.0").Driver);
         var group = await broker.Client.GetGroupAsync(SwitchGroup);
         Assert.Equal((OwnerKind.User, 1u, a.Id), (group.OwnerKind, group.OwnerCount, group.OwnerSession));
         // vfio-pci manages DMA itself: it binds without touching ownership.
-        var bound = await Call(() => broker.Client.Kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:07:00.0", Driver = "vfio-pci" }).ResponseAsync);
+        var bound = await broker.Client.Admin.BindDriverAsync("0000:07:00.0", "vfio-pci");
         Assert.True(bound.DriverManagedDma);
     }
 
@@ -68,7 +68,7 @@ public sealed class OwnershipServiceTests
     public async Task BindDevice_SameSessionTwoDevicesOfOneGroup_CountsUpThenReleases()
     {
         await using var broker = await TestBroker.StartAsync();
-        await Call(() => broker.Client.Kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:07:00.0", Driver = "vfio-pci" }).ResponseAsync);
+        await broker.Client.Admin.BindDriverAsync("0000:07:00.0", "vfio-pci");
         await using var a = await broker.Client.OpenSessionAsync("a");
         var ca = await a.CreateContainerAsync(ContainerType.Iommufd);
 
@@ -80,7 +80,7 @@ public sealed class OwnershipServiceTests
         Assert.Equal((OwnerKind.User, 1u), Owner(await broker.Client.GetGroupAsync(SwitchGroup)));
         await a.UnbindDeviceAsync("0000:07:00.0");
         Assert.Equal((OwnerKind.None, 0u), Owner(await broker.Client.GetGroupAsync(SwitchGroup)));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => a.UnbindDeviceAsync("0000:07:00.0"));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => a.UnbindDeviceAsync("0000:07:00.0"));
     }
 
     [Fact]
@@ -88,22 +88,22 @@ public sealed class OwnershipServiceTests
     {
         await using var broker = await TestBroker.StartAsync();
         var request = new CreateContainerRequest { Type = ContainerType.Type1V2 };
-        await Expect("EACCES", StatusCode.Unauthenticated, () => Call(() => broker.VfioWithToken(null).CreateContainerAsync(request).ResponseAsync));
-        await Expect("EACCES", StatusCode.Unauthenticated, () => Call(() => broker.VfioWithToken("not-a-token").CreateContainerAsync(request).ResponseAsync));
+        await Expect(Errno.EACCES, StatusCode.Unauthenticated, () => Call(() => broker.VfioWithToken(null).CreateContainerAsync(request).ResponseAsync));
+        await Expect(Errno.EACCES, StatusCode.Unauthenticated, () => Call(() => broker.VfioWithToken("not-a-token").CreateContainerAsync(request).ResponseAsync));
 
         var session = await broker.Client.OpenSessionAsync("ended");
         var token = session.Token;
         await session.DisposeAsync();
-        await Expect("EACCES", StatusCode.Unauthenticated, () => Call(() => broker.VfioWithToken(token).CreateContainerAsync(request).ResponseAsync));
+        await Expect(Errno.EACCES, StatusCode.Unauthenticated, () => Call(() => broker.VfioWithToken(token).CreateContainerAsync(request).ResponseAsync));
     }
 
     [Theory]
-    [InlineData("0000:08:00", "EINVAL", StatusCode.InvalidArgument)]
-    [InlineData("zz:00.0", "EINVAL", StatusCode.InvalidArgument)]
-    [InlineData("0000:08:20.0", "EINVAL", StatusCode.InvalidArgument)]
-    [InlineData("", "EINVAL", StatusCode.InvalidArgument)]
-    [InlineData("0000:42:00.0", "ENODEV", StatusCode.NotFound)]
-    public async Task BindDevice_BadAddress_ClearErrorAndNoStateChange(string address, string errno, StatusCode code)
+    [InlineData("0000:08:00", Errno.EINVAL, StatusCode.InvalidArgument)]
+    [InlineData("zz:00.0", Errno.EINVAL, StatusCode.InvalidArgument)]
+    [InlineData("0000:08:20.0", Errno.EINVAL, StatusCode.InvalidArgument)]
+    [InlineData("", Errno.EINVAL, StatusCode.InvalidArgument)]
+    [InlineData("0000:42:00.0", Errno.ENODEV, StatusCode.NotFound)]
+    public async Task BindDevice_BadAddress_ClearErrorAndNoStateChange(string address, Errno errno, StatusCode code)
     {
         await using var broker = await TestBroker.StartAsync();
         await using var a = await broker.Client.OpenSessionAsync("a");
@@ -123,14 +123,14 @@ public sealed class OwnershipServiceTests
         var ca = await a.CreateContainerAsync(ContainerType.Type1V2);
         var before = await broker.Client.ListGroupsAsync();
 
-        await Expect("ENOENT", StatusCode.NotFound, () => a.SetContainerAsync(999, ca));
-        await Expect("ENOENT", StatusCode.NotFound, () => a.SetContainerAsync(EduGroup, 12345));
-        await Expect("ENOENT", StatusCode.NotFound, () => a.GetGroupStatusAsync(999));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => a.UnsetContainerAsync(EduGroup));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => a.UnbindDeviceAsync("0000:08:00.0"));
-        await Expect("ENODEV", StatusCode.FailedPrecondition, () => a.BindDeviceAsync("0000:07:00.0", ca));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => a.CreateContainerAsync(ContainerType.Unspecified));
-        await Expect("ENOENT", StatusCode.NotFound, () => broker.Client.GetGroupAsync(999));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => a.SetContainerAsync(999, ca));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => a.SetContainerAsync(EduGroup, 12345));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => a.GetGroupStatusAsync(999));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => a.UnsetContainerAsync(EduGroup));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => a.UnbindDeviceAsync("0000:08:00.0"));
+        await Expect(Errno.ENODEV, StatusCode.FailedPrecondition, () => a.BindDeviceAsync("0000:07:00.0", ca));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => a.CreateContainerAsync(ContainerType.Unspecified));
+        await Expect(Errno.ENOENT, StatusCode.NotFound, () => broker.Client.GetGroupAsync(999));
 
         Assert.Equal(before, await broker.Client.ListGroupsAsync());
     }
@@ -139,7 +139,7 @@ public sealed class OwnershipServiceTests
     public async Task ErrorDetails_CarryErrorInfoWithDomainAndErrno()
     {
         await using var broker = await TestBroker.StartAsync();
-        var e = await Assert.ThrowsAsync<RpcException>(() => broker.Client.Topology.GetGroupAsync(new GetGroupRequest { GroupId = 999 }).ResponseAsync);
+        var e = await Assert.ThrowsAsync<RpcException>(() => broker.Client.Raw.Topology.GetGroupAsync(new GetGroupRequest { GroupId = 999 }).ResponseAsync);
         var info = Grpc.Core.RpcExceptionExtensions.GetRpcStatus(e)?.GetDetail<Google.Rpc.ErrorInfo>();
         Assert.NotNull(info);
         Assert.Equal(("ENOENT", "dmabroker", "2"), (info.Reason, info.Domain, info.Metadata["errno"]));

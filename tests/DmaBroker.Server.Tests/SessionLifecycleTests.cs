@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Microsoft.Extensions.Time.Testing;
@@ -14,7 +15,7 @@ public sealed class SessionLifecycleTests
     public async Task Open_FirstEventIsOpenedWithIdTokenAndLease()
     {
         await using var broker = await TestBroker.StartAsync(null, "--lease-ttl-ms", "1500");
-        using var call = new Session.SessionClient(broker.Client.Channel).Open();
+        using var call = broker.Client.Raw.Session.Open();
         Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
         var opened = call.ResponseStream.Current.Opened;
         Assert.NotNull(opened);
@@ -30,7 +31,7 @@ public sealed class SessionLifecycleTests
         await using var watcher = new Watcher(broker.Client);
         Assert.Equal(WatchEvent.EventOneofCase.Snapshot, (await watcher.NextAsync()).EventCase);
         using var cancel = new CancellationTokenSource();
-        using var call = new Session.SessionClient(broker.Client.Channel).Open(cancellationToken: cancel.Token);
+        using var call = broker.Client.Raw.Session.Open(cancellationToken: cancel.Token);
         Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
         var opened = call.ResponseStream.Current.Opened;
         var vfio = broker.VfioWithToken(opened.Token);
@@ -43,7 +44,7 @@ public sealed class SessionLifecycleTests
 
         var released = await watcher.WaitForGroupAsync(g => g.Id == EduGroup);
         Assert.Equal((OwnerKind.None, 0u, DomainKind.Default), (released.OwnerKind, released.OwnerCount, released.Domain));
-        await Expect("EACCES", StatusCode.Unauthenticated,
+        await Expect(Errno.EACCES, StatusCode.Unauthenticated,
             () => Call(() => vfio.CreateContainerAsync(new CreateContainerRequest { Type = ContainerType.Type1V2 }).ResponseAsync));
     }
 
@@ -57,7 +58,7 @@ public sealed class SessionLifecycleTests
 
         Assert.Equal(OwnerKind.None, (await broker.Client.GetGroupAsync(EduGroup)).OwnerKind);
         Assert.Equal("closed", await session.Ended);
-        var stats = await broker.Client.Kernel.GetStatsAsync(new GetStatsRequest());
+        var stats = await broker.Client.Admin.GetStatsAsync();
         Assert.Equal((0u, 0u, 0u, 1ul, 1ul), (stats.Sessions, stats.Containers, stats.UserOwnedGroups, stats.SessionsOpened, stats.SessionsClosed));
     }
 
@@ -69,7 +70,7 @@ public sealed class SessionLifecycleTests
         await using var watcher = new Watcher(broker.Client);
         await watcher.NextAsync();
         // A raw stream that never pings, standing for a hung client.
-        using var call = new Session.SessionClient(broker.Client.Channel).Open();
+        using var call = broker.Client.Raw.Session.Open();
         Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout));
         var vfio = broker.VfioWithToken(call.ResponseStream.Current.Opened.Token);
         var container = (await vfio.CreateContainerAsync(new CreateContainerRequest { Type = ContainerType.Type1V2 })).ContainerId;
@@ -92,12 +93,12 @@ public sealed class SessionLifecycleTests
         await using var session = await broker.Client.OpenSessionAsync("victim");
         await session.SetContainerAsync(EduGroup, await session.CreateContainerAsync(ContainerType.Type1V2));
 
-        await broker.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = session.Id, Reason = "maintenance" });
+        await broker.Client.Admin.RevokeSessionAsync(session.Id, "maintenance");
 
         Assert.Equal(OwnerKind.None, (await broker.Client.GetGroupAsync(EduGroup)).OwnerKind);
         Assert.Equal("maintenance", await session.Ended.WaitAsync(TestBroker.Timeout));
-        await Expect("ENOENT", StatusCode.NotFound,
-            () => Call(() => broker.Client.Kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = session.Id }).ResponseAsync));
+        await Expect(Errno.ENOENT, StatusCode.NotFound,
+            () => broker.Client.Admin.RevokeSessionAsync(session.Id));
     }
 
     [Fact]

@@ -41,7 +41,7 @@ public sealed class TestBroker : IAsyncDisposable
     /// <summary>Raw clients authenticated with an arbitrary (possibly missing) token.</summary>
     public Vfio.VfioClient VfioWithToken(string? token)
     {
-        var invoker = Client.Channel.CreateCallInvoker();
+        var invoker = Client.Raw.Channel.CreateCallInvoker();
         return new Vfio.VfioClient(token is null ? invoker : Grpc.Core.Interceptors.CallInvokerExtensions.Intercept(invoker, m =>
         {
             m.Add(BrokerSession.TokenHeader, token);
@@ -106,10 +106,10 @@ public sealed class Watcher : IAsyncDisposable
 public static class Errors
 {
     /// <summary>Asserts a call fails with the given errno and status code, never INTERNAL.</summary>
-    public static async Task<BrokerException> Expect(string errno, StatusCode code, Func<Task> call)
+    public static async Task<BrokerException> Expect(Errno errno, StatusCode code, Func<Task> call)
     {
-        var e = await Assert.ThrowsAsync<BrokerException>(call);
-        Assert.Equal((errno, code), (e.Reason, e.StatusCode));
+        var e = await Assert.ThrowsAnyAsync<BrokerException>(call);
+        Assert.Equal((errno, code), (e.Errno, e.StatusCode));
         return e;
     }
 

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
 using Grpc.Health.V1;
@@ -40,15 +41,15 @@ public sealed class TopologyServiceTests
         await using var watcher = new Watcher(broker.Client);
         await watcher.NextAsync();
 
-        var added = await broker.Client.Kernel.AddDeviceAsync(new AddDeviceRequest
+        var added = await broker.Client.Admin.AddDeviceAsync(new HotplugDevice("0000:07:00.1", "edu")
         {
-            Address = "0000:07:00.1", VendorId = 0x1234, DeviceId = 0x11e8, ClassCode = 0x00ff00, Model = "edu", Acs = true,
+            VendorId = 0x1234, DeviceId = 0x11e8, ClassCode = 0x00ff00, Acs = true,
         });
         Assert.Equal(13u, added.GroupId);
         Assert.Equal("0000:07:00.1", (await watcher.NextAsync()).Device.Address);
         Assert.Contains("0000:07:00.1", (await watcher.NextAsync()).Group.Devices);
 
-        await broker.Client.Kernel.RemoveDeviceAsync(new RemoveDeviceRequest { Address = "0000:07:00.1" });
+        await broker.Client.Admin.RemoveDeviceAsync("0000:07:00.1");
         Assert.Equal("0000:07:00.1", (await watcher.NextAsync()).DeviceRemoved.Address);
         Assert.DoesNotContain("0000:07:00.1", (await watcher.NextAsync()).Group.Devices);
     }
@@ -57,20 +58,20 @@ public sealed class TopologyServiceTests
     public async Task Kernel_BadRequests_ClearErrorsAndNoStateChange()
     {
         await using var broker = await TestBroker.StartAsync();
-        var kernel = broker.Client.Kernel;
+        var admin = broker.Client.Admin;
         var before = await broker.Client.ListDevicesAsync();
 
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "nope", Driver = "nvme" }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:03:00.1", Driver = "Bad Driver!" }).ResponseAsync));
-        await Expect("ENODEV", StatusCode.NotFound, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:99:00.0", Driver = "nvme" }).ResponseAsync));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => Call(() => kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:01:00.0", Driver = "vfio-pci" }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.FailedPrecondition, () => Call(() => kernel.UnbindDriverAsync(new UnbindDriverRequest { Address = "0000:03:00.1" }).ResponseAsync));
-        await Expect("ENODEV", StatusCode.NotFound, () => Call(() => kernel.RemoveDeviceAsync(new RemoveDeviceRequest { Address = "0000:99:00.0" }).ResponseAsync));
-        await Expect("EBUSY", StatusCode.FailedPrecondition, () => Call(() => kernel.RemoveDeviceAsync(new RemoveDeviceRequest { Address = "0000:04:00.0" }).ResponseAsync));
-        await Expect("EEXIST", StatusCode.AlreadyExists, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:08:00.0", Model = "edu" }).ResponseAsync));
-        await Expect("ENODEV", StatusCode.NotFound, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:42:00.0", Model = "edu" }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:08:00.1", Model = "bridge" }).ResponseAsync));
-        await Expect("EINVAL", StatusCode.InvalidArgument, () => Call(() => kernel.AddDeviceAsync(new AddDeviceRequest { Address = "0000:08:00.1", Model = "edu", VendorId = 0x10000 }).ResponseAsync));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.BindDriverAsync("nope", "nvme"));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.BindDriverAsync("0000:03:00.1", "Bad Driver!"));
+        await Expect(Errno.ENODEV, StatusCode.NotFound, () => admin.BindDriverAsync("0000:99:00.0", "nvme"));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => admin.BindDriverAsync("0000:01:00.0", "vfio-pci"));
+        await Expect(Errno.EINVAL, StatusCode.FailedPrecondition, () => admin.UnbindDriverAsync("0000:03:00.1"));
+        await Expect(Errno.ENODEV, StatusCode.NotFound, () => admin.RemoveDeviceAsync("0000:99:00.0"));
+        await Expect(Errno.EBUSY, StatusCode.FailedPrecondition, () => admin.RemoveDeviceAsync("0000:04:00.0"));
+        await Expect(Errno.EEXIST, StatusCode.AlreadyExists, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.0", "edu")));
+        await Expect(Errno.ENODEV, StatusCode.NotFound, () => admin.AddDeviceAsync(new HotplugDevice("0000:42:00.0", "edu")));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.1", "bridge")));
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.AddDeviceAsync(new HotplugDevice("0000:08:00.1", "edu") { VendorId = 0x10000 }));
 
         var after = await broker.Client.ListDevicesAsync();
         Assert.Equal(before.Devices, after.Devices);
@@ -81,9 +82,8 @@ public sealed class TopologyServiceTests
     public async Task Kernel_UnbindKernelDriverThenClaim_GroupBecomesFree()
     {
         await using var broker = await TestBroker.StartAsync();
-        var kernel = broker.Client.Kernel;
-        await kernel.UnbindDriverAsync(new UnbindDriverRequest { Address = "0000:01:00.0" });
-        await kernel.BindDriverAsync(new BindDriverRequest { Address = "0000:01:00.0", Driver = "vfio-pci" });
+        await broker.Client.Admin.UnbindDriverAsync("0000:01:00.0");
+        await broker.Client.Admin.BindDriverAsync("0000:01:00.0", "vfio-pci");
         var group = await broker.Client.GetGroupAsync(9);
         Assert.Equal((OwnerKind.None, 0u), (group.OwnerKind, group.OwnerCount));
         await using var session = await broker.Client.OpenSessionAsync("nvme-user");
@@ -95,7 +95,7 @@ public sealed class TopologyServiceTests
     public async Task Health_Serving()
     {
         await using var broker = await TestBroker.StartAsync();
-        var health = new Health.HealthClient(broker.Client.Channel);
+        var health = new Health.HealthClient(broker.Client.Raw.Channel);
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new HealthCheckRequest())).Status);
     }
 
@@ -103,7 +103,7 @@ public sealed class TopologyServiceTests
     public async Task Reflection_ListsTheBrokerServices()
     {
         await using var broker = await TestBroker.StartAsync();
-        var reflection = new Grpc.Reflection.V1Alpha.ServerReflection.ServerReflectionClient(broker.Client.Channel);
+        var reflection = new Grpc.Reflection.V1Alpha.ServerReflection.ServerReflectionClient(broker.Client.Raw.Channel);
         using var call = reflection.ServerReflectionInfo();
         await call.RequestStream.WriteAsync(new Grpc.Reflection.V1Alpha.ServerReflectionRequest { ListServices = "" });
         await call.RequestStream.CompleteAsync();

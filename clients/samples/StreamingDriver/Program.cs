@@ -89,7 +89,7 @@ try
 catch (BrokerException e)
 {
     Console.Error.WriteLine($"streaming-driver: {e.Reason}: {e.Message}");
-    return e.IsBrokerUnavailable ? 3 : 1;
+    return e is BrokerUnavailableException ? 3 : 1;
 }
 catch (DmaFaultException e)
 {

@@ -14,10 +14,10 @@ namespace DmaBroker.Server.Hosting;
 /// </summary>
 public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) : Interceptor
 {
-    public const string ErrorDomain = "dmabroker";
+    public const string ErrorDomain = Protocol.WireConstants.ErrorDomain;
 
     /// <summary>The largest message the broker receives.</summary>
-    public const int MaxMessageSize = 16 * 1024 * 1024;
+    public const int MaxMessageSize = Protocol.WireConstants.MaxMessageSize;
 
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(
         TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
