@@ -89,4 +89,11 @@ public sealed class BrokerAdmin
     /// <summary>Live counts of what the broker holds (sessions, containers, owned groups, memory, ...), for operators and leak checks.</summary>
     public Task<BrokerStats> GetStatsAsync(CancellationToken cancellationToken = default) =>
         BrokerException.Wrap(() => _kernel.GetStatsAsync(new GetStatsRequest(), cancellationToken: cancellationToken).ResponseAsync);
+
+    /// <summary>
+    /// The live sessions, oldest first, with their principal, client name, peer, age and what they
+    /// hold. Viewers and admins see all; a caller whose highest role is user sees only its own.
+    /// </summary>
+    public async Task<IReadOnlyList<SessionInfo>> ListSessionsAsync(CancellationToken cancellationToken = default) =>
+        (await BrokerException.Wrap(() => _kernel.ListSessionsAsync(new ListSessionsRequest(), cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false)).Sessions;
 }

@@ -1,7 +1,11 @@
+using System.Net.Security;
+using System.Net.Sockets;
 using System.Runtime.CompilerServices;
+using System.Security.Cryptography.X509Certificates;
 using DmaBroker.Protocol;
 using DmaBroker.Protocol.V1;
 using Grpc.Core;
+using Grpc.Core.Interceptors;
 using Grpc.Net.Client;
 
 namespace DmaBroker.Client;
@@ -14,6 +18,21 @@ public sealed record BrokerClientOptions
 
     /// <summary>How long a keepalive ping may go unanswered before the connection counts as lost.</summary>
     public TimeSpan KeepAliveTimeout { get; init; } = TimeSpan.FromSeconds(3);
+
+    /// <summary>
+    /// A bearer token sent as <c>authorization: Bearer &lt;token&gt;</c> on every call; the broker's
+    /// auth file names its principal <c>token:&lt;name&gt;</c> (SPEC §12). Null sends none.
+    /// </summary>
+    public string? BearerToken { get; init; }
+
+    /// <summary>
+    /// CA certificates that may vouch for an <c>https://</c> broker's certificate, instead of the
+    /// system's trust store (a test or private CA). Null trusts the system store only.
+    /// </summary>
+    public X509Certificate2Collection? TrustedAuthorities { get; init; }
+
+    /// <summary>A client certificate (with its private key) for a broker that requires mTLS; its subject CN is the principal <c>cert:&lt;CN&gt;</c>.</summary>
+    public X509Certificate2? ClientCertificate { get; init; }
 }
 
 /// <summary>
@@ -28,11 +47,15 @@ public sealed class BrokerClient : IDisposable
     /// <summary>The environment variable that names the broker for dmactl and the samples.</summary>
     public const string AddressVariable = "DMABROKER_ADDRESS";
 
-    private BrokerClient(GrpcChannel channel)
+    private BrokerClient(GrpcChannel channel, CallInvoker invoker)
     {
-        Raw = new RawBrokerClients(channel);
+        Invoker = invoker;
+        Raw = new RawBrokerClients(channel, invoker);
         Admin = new BrokerAdmin(Raw.Kernel);
     }
+
+    /// <summary>Every call goes through this: the channel, with the bearer token when there is one.</summary>
+    internal CallInvoker Invoker { get; }
 
     /// <summary>The admin side: driver binding, hotplug, session revocation, live counts.</summary>
     public BrokerAdmin Admin { get; }
@@ -40,13 +63,16 @@ public sealed class BrokerClient : IDisposable
     /// <summary>The generated gRPC clients and the channel underneath, for experts; see <see cref="RawBrokerClients"/>.</summary>
     public RawBrokerClients Raw { get; }
 
-    /// <summary>Connects (lazily) to a broker at <paramref name="address"/> such as http://127.0.0.1:50051.</summary>
+    /// <summary>
+    /// Connects (lazily) to a broker at <paramref name="address"/>: <c>http://host:port</c> (HTTP/2
+    /// cleartext), <c>https://host:port</c> (TLS, see <see cref="BrokerClientOptions.TrustedAuthorities"/>
+    /// and <see cref="BrokerClientOptions.ClientCertificate"/>) or <c>unix:///path</c> (a Unix socket
+    /// on this host, where the broker knows the caller by its uid).
+    /// </summary>
     public static BrokerClient Connect(string? address = null, BrokerClientOptions? options = null)
     {
         options ??= new BrokerClientOptions();
         address = string.IsNullOrWhiteSpace(address) ? DefaultAddress : address;
-        if (!Uri.TryCreate(address, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https"))
-            throw new ArgumentException($"broker address must be a URL such as {DefaultAddress}, got '{address}'", nameof(address));
         var handler = new SocketsHttpHandler
         {
             KeepAlivePingDelay = options.KeepAliveInterval,
@@ -55,11 +81,70 @@ public sealed class BrokerClient : IDisposable
             EnableMultipleHttp2Connections = true,
             ConnectTimeout = TimeSpan.FromSeconds(5),
         };
-        return new BrokerClient(GrpcChannel.ForAddress(uri, new GrpcChannelOptions
+        Uri uri;
+        if (address.StartsWith("unix:", StringComparison.OrdinalIgnoreCase))
+        {
+            var path = address["unix:".Length..];
+            path = path.StartsWith("//", StringComparison.Ordinal) ? path[2..] : path;
+            if (!path.StartsWith('/'))
+                throw new ArgumentException($"a Unix socket address is unix:///absolute/path, got '{address}'", nameof(address));
+            var endpoint = new UnixDomainSocketEndPoint(path);
+            handler.ConnectCallback = async (_, cancellationToken) =>
+            {
+                var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    await socket.ConnectAsync(endpoint, cancellationToken).ConfigureAwait(false);
+                    return new NetworkStream(socket, ownsSocket: true);
+                }
+                catch
+                {
+                    socket.Dispose();
+                    throw;
+                }
+            };
+            // gRPC needs an http address; the socket above is what it connects to.
+            uri = new Uri("http://localhost");
+        }
+        else if (!Uri.TryCreate(address, UriKind.Absolute, out uri!) || uri.Scheme is not ("http" or "https"))
+        {
+            throw new ArgumentException($"broker address must be a URL such as {DefaultAddress}, https://host:port or unix:///path, got '{address}'", nameof(address));
+        }
+        if (options.ClientCertificate is { } certificate)
+            handler.SslOptions.ClientCertificates = [certificate];
+        if (options.TrustedAuthorities is { Count: > 0 } authorities)
+            handler.SslOptions.RemoteCertificateValidationCallback = (_, presented, _, errors) => Trusts(authorities, presented, errors);
+        var channel = GrpcChannel.ForAddress(uri, new GrpcChannelOptions
         {
             HttpHandler = handler,
             MaxReceiveMessageSize = WireConstants.MaxMessageSize,
-        }));
+        });
+        CallInvoker invoker = channel.CreateCallInvoker();
+        if (options.BearerToken is { Length: > 0 } token)
+        {
+            var authorization = $"Bearer {token}";
+            invoker = invoker.Intercept(metadata =>
+            {
+                metadata.Add("authorization", authorization);
+                return metadata;
+            });
+        }
+        return new BrokerClient(channel, invoker);
+    }
+
+    // The system store already vouched, or the given authorities do (name checks still apply).
+    private static bool Trusts(X509Certificate2Collection authorities, X509Certificate? presented, SslPolicyErrors errors)
+    {
+        if (errors == SslPolicyErrors.None)
+            return true;
+        if (presented is null || (errors & ~SslPolicyErrors.RemoteCertificateChainErrors) != 0)
+            return false;
+        using var chain = new X509Chain();
+        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+        chain.ChainPolicy.CustomTrustStore.AddRange(authorities);
+        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        using var certificate = new X509Certificate2(presented);
+        return chain.Build(certificate);
     }
 
     /// <summary>All devices, in address order.</summary>

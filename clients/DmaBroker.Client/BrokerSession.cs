@@ -69,7 +69,7 @@ public sealed class BrokerSession : IAsyncDisposable
                 await call.RequestStream.WriteAsync(new SessionRequest { Hello = new Hello { ClientName = clientName } }, cancellationToken).ConfigureAwait(false);
             if (!await call.ResponseStream.MoveNext(cancellationToken).ConfigureAwait(false) || call.ResponseStream.Current.Opened is not { } opened)
                 throw new BrokerException(StatusCode.Internal, "EPROTO", "the broker did not answer Session.Open with 'opened'");
-            var session = new BrokerSession(call, stop, opened, client.Raw.Channel.CreateCallInvoker());
+            var session = new BrokerSession(call, stop, opened, client.Invoker);
             session._reader = session.ReadEventsAsync();
             session._pinger = session.PingAsync();
             return session;

@@ -13,15 +13,18 @@ namespace DmaBroker.Client;
 /// </summary>
 public sealed class RawBrokerClients
 {
-    internal RawBrokerClients(GrpcChannel channel)
+    internal RawBrokerClients(GrpcChannel channel, CallInvoker invoker)
     {
         Channel = channel;
-        Topology = new Topology.TopologyClient(channel);
-        Kernel = new Kernel.KernelClient(channel);
-        Session = new Session.SessionClient(channel);
+        Topology = new Topology.TopologyClient(invoker);
+        Kernel = new Kernel.KernelClient(invoker);
+        Session = new Session.SessionClient(invoker);
     }
 
-    /// <summary>The gRPC channel every call of this client uses, for clients of other services (health, reflection).</summary>
+    /// <summary>
+    /// The gRPC channel every call of this client uses, for clients of other services (health,
+    /// reflection). Calls made on it directly carry no bearer token; the clients here do.
+    /// </summary>
     public GrpcChannel Channel { get; }
 
     /// <summary>The Topology service: devices, groups, watch.</summary>

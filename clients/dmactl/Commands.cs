@@ -46,6 +46,7 @@ internal static class Commands
         new("bind", "bind <address> <driver>", "Bind a driver to a device, as the kernel would (vfio-pci, pci-stub and pcieport manage DMA themselves; others use the DMA API).", BindAsync),
         new("unbind", "unbind <address>", "Unbind a device's driver.", UnbindAsync),
         new("revoke", "revoke <session> [reason]", "End a session; the broker tells it why and releases everything it held.", RevokeAsync),
+        new("sessions", "sessions", "List live sessions, oldest first: id, principal, client name, peer, age, groups held, memory and DMA streams. Viewers and admins see all; a user sees its own.", SessionsAsync),
         new("stats", "stats", "Live sessions, containers, user-owned groups and watchers.", StatsAsync),
         new("dma", "dma <address> [--bytes N]", "Claim the device's group, map memory, and run a DMA round trip: the device writes a pattern, the CPU checks it, the device reads it back.", DeviceCommands.DmaAsync),
         new("bench", "bench <address> [--size BYTES] [--seconds N] [--window N]", "Claim the device's group and measure DMA write throughput, with a live progress line.", DeviceCommands.BenchAsync),
@@ -175,6 +176,33 @@ internal static class Commands
                     .Select(v => v.ToString(CultureInfo.InvariantCulture))]]);
         return Cli.Ok;
     }
+
+    private static async Task<int> SessionsAsync(CommandContext c)
+    {
+        var sessions = await c.Client.Admin.ListSessionsAsync(c.Stop);
+        if (c.Output.Json)
+        {
+            var response = new ListSessionsResponse();
+            response.Sessions.AddRange(sessions);
+            c.Output.Message(response);
+            return Cli.Ok;
+        }
+        c.Output.Table(["SESSION", "PRINCIPAL", "CLIENT", "PEER", "AGE", "GROUPS", "MEMORY", "STREAMS"],
+            sessions.Select(s => new[]
+            {
+                s.SessionId.ToString(CultureInfo.InvariantCulture), s.Principal, s.ClientName, s.Peer,
+                Age(TimeSpan.FromMilliseconds(s.AgeMs)),
+                s.Groups.Count == 0 ? "-" : string.Join(",", s.Groups),
+                s.MemoryBytes.ToString(CultureInfo.InvariantCulture),
+                s.DmaStreams.ToString(CultureInfo.InvariantCulture),
+            }));
+        return Cli.Ok;
+    }
+
+    private static string Age(TimeSpan age) => age.TotalSeconds < 60
+        ? string.Create(CultureInfo.InvariantCulture, $"{age.TotalSeconds:F1}s")
+        : age.TotalHours < 1 ? string.Create(CultureInfo.InvariantCulture, $"{(int)age.TotalMinutes}m{age.Seconds:D2}s")
+        : string.Create(CultureInfo.InvariantCulture, $"{(int)age.TotalHours}h{age.Minutes:D2}m");
 
     private static int PrintDevice(CommandContext c, Device device)
     {
