@@ -1,3 +1,4 @@
+using DmaBroker.Core.Access;
 using DmaBroker.Core.Topology;
 using DmaBroker.Server.Hosting;
 
@@ -12,10 +13,9 @@ try
 {
     app = BrokerHost.Build(args);
 }
-catch (Exception e) when (e is ArgumentException or TopologyException or IOException or FormatException or InvalidOperationException)
+catch (Exception e) when (e is ArgumentException or TopologyException or IOException or FormatException or InvalidOperationException or AccessPolicyException)
 {
-    Console.Error.WriteLine($"dmabroker: {e.Message}");
-    Console.Error.WriteLine("Run with --help for the options.");
+    Console.Error.WriteLine($"dmabroker: {e.Message} (see --help)");
     return 2;
 }
 

@@ -1,9 +1,13 @@
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
 using DmaBroker.Core;
+using DmaBroker.Core.Access;
 using DmaBroker.Core.Topology;
 using DmaBroker.Server.Services;
 using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
-using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Grpc.AspNetCore.Server.Model;
+using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
 
 namespace DmaBroker.Server.Hosting;
@@ -14,8 +18,29 @@ public sealed record BrokerHostOptions
     public const string Section = "DmaBroker";
     public const string DefaultListen = "http://127.0.0.1:50051";
 
-    /// <summary>Where to listen (HTTP/2 cleartext).</summary>
-    public string Listen { get; init; } = DefaultListen;
+    /// <summary>
+    /// Where to listen, one or more of <c>http://host:port</c>, <c>https://host:port</c> and
+    /// <c>unix:///path</c> (SPEC §12); each carries HTTP/2.
+    /// </summary>
+    public string[] Listen { get; init; } = [DefaultListen];
+
+    /// <summary>The auth file (SPEC §12); without one the broker runs in open mode.</summary>
+    public string? AuthFile { get; init; }
+
+    /// <summary>Allows open mode on a listener other hosts can reach.</summary>
+    public bool Insecure { get; init; }
+
+    /// <summary>The server certificate (PEM) for https:// listeners.</summary>
+    public string? TlsCert { get; init; }
+
+    /// <summary>The server certificate's private key (PEM).</summary>
+    public string? TlsKey { get; init; }
+
+    /// <summary>CA certificates (PEM); with it, https:// listeners require client certificates issued by them (mTLS).</summary>
+    public string? ClientCa { get; init; }
+
+    /// <summary>The file mode of Unix socket listeners, octal.</summary>
+    public string UnixSocketMode { get; init; } = "0660";
 
     /// <summary>A topology JSON file; the embedded default topology when empty.</summary>
     public string? Topology { get; init; }
@@ -45,7 +70,16 @@ public static class BrokerHost
         Usage: dotnet run --project src/DmaBroker.Server -- [options]
 
         Options:
-          --listen <url>        where to serve gRPC (HTTP/2 cleartext)   [default: http://127.0.0.1:50051]
+          --listen <url>        where to serve gRPC; repeat for several  [default: http://127.0.0.1:50051]
+                                http://host:port (HTTP/2 cleartext), https://host:port (TLS),
+                                unix:///path (Unix socket: callers are known by uid)
+          --auth-file <json>    principals, roles, groups and quotas     [default: open mode]
+                                (reloaded when it changes; see docs/auth.example.json)
+          --insecure            allow open mode on a non-loopback listener
+          --tls-cert <pem>      server certificate for https:// listeners
+          --tls-key <pem>       its private key
+          --client-ca <pem>     require client certificates issued by these CAs (mTLS)
+          --unix-socket-mode <octal>  file mode of unix:// sockets       [default: 0660]
           --topology <file>     a topology JSON file                     [default: the embedded topology]
           --lease-ttl-ms <ms>   end a session silent for this long        [default: 3000]
           --keepalive-ms <ms>   HTTP/2 keepalive ping interval           [default: 1000]
@@ -55,11 +89,17 @@ public static class BrokerHost
           -h, --help            show this help
 
         Every option is also a setting DmaBroker:<Name> (environment: DmaBroker__Listen=...).
+        Without --auth-file every caller is 'anonymous' with every role (open mode); open mode is
+        refused on a listener other hosts can reach unless --insecure is given.
         """;
 
     private static readonly Dictionary<string, string> Switches = new()
     {
-        ["--listen"] = "DmaBroker:Listen",
+        ["--auth-file"] = "DmaBroker:AuthFile",
+        ["--tls-cert"] = "DmaBroker:TlsCert",
+        ["--tls-key"] = "DmaBroker:TlsKey",
+        ["--client-ca"] = "DmaBroker:ClientCa",
+        ["--unix-socket-mode"] = "DmaBroker:UnixSocketMode",
         ["--topology"] = "DmaBroker:Topology",
         ["--lease-ttl-ms"] = "DmaBroker:LeaseTtlMs",
         ["--keepalive-ms"] = "DmaBroker:KeepAlivePingMs",
@@ -72,22 +112,32 @@ public static class BrokerHost
     public static WebApplication Build(string[] args, Action<IServiceCollection>? configure = null)
     {
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
-        builder.Configuration.AddCommandLine(args, Switches);
-        var options = builder.Configuration.GetSection(BrokerHostOptions.Section).Get<BrokerHostOptions>() ?? new BrokerHostOptions();
+        builder.Configuration.AddCommandLine(ExpandRepeatable(args), Switches);
+        var options = ReadOptions(builder.Configuration);
         Validate(options);
+        var listeners = options.Listen.Select(Listener.Parse).ToArray();
+        CheckOpenMode(options, listeners);
         var topology = string.IsNullOrEmpty(options.Topology) ? TopologyDocument.Default() : TopologyDocument.Load(options.Topology);
         var leaseTtl = TimeSpan.FromMilliseconds(options.LeaseTtlMs);
+        var serverCertificate = LoadServerCertificate(options, listeners);
+        var clientTrust = options.ClientCa is { } ca ? ClientCertificateTrust.Load(ca) : null;
+        var memoryLimit = (ulong)options.MemoryLimitMb * 1024 * 1024;
 
-        builder.WebHost.UseUrls(options.Listen);
         builder.WebHost.ConfigureKestrel(kestrel =>
         {
-            kestrel.ConfigureEndpointDefaults(endpoint => endpoint.Protocols = HttpProtocols.Http2);
+            foreach (var listener in listeners)
+                listener.Configure(kestrel, serverCertificate, clientTrust is not null);
             // A hung client's connection is dropped when it stops answering pings; its lease ends it even sooner.
             kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromMilliseconds(options.KeepAlivePingMs);
             kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl;
         });
 
         builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(sp => new AccessControl(options.AuthFile,
+            Quotas.Default with { MemoryBytes = memoryLimit, Mappings = options.DmaLimit },
+            Quotas.Unlimited(memoryLimit, options.DmaLimit),
+            sp.GetRequiredService<ILogger<AccessControl>>()));
+        builder.Services.AddSingleton(sp => new AccessGate(sp.GetRequiredService<AccessControl>(), clientTrust));
         builder.Services.AddSingleton(TimeProvider.System);
         builder.Services.AddSingleton(sp => new Broker(topology, new BrokerOptions
         {
@@ -104,12 +154,18 @@ public static class BrokerHost
             grpc.Interceptors.Add<ErrorInterceptor>();
             grpc.MaxReceiveMessageSize = ErrorInterceptor.MaxMessageSize;
         });
+        // Every service's requests are parsed by GuardedMethodProvider: malformed protobuf is EINVAL.
+        builder.Services.RemoveAll(typeof(IServiceMethodProvider<>));
+        builder.Services.TryAddEnumerable(ServiceDescriptor.Singleton(typeof(IServiceMethodProvider<>), typeof(GuardedMethodProvider<>)));
         builder.Services.AddGrpcReflection();
         builder.Services.AddGrpcHealthChecks().AddCheck("broker", () => HealthCheckResult.Healthy());
         configure?.Invoke(builder.Services);
 
         var app = builder.Build();
+        // Read now, so a bad auth file stops the start with its reason rather than failing the first call.
+        var access = app.Services.GetRequiredService<AccessControl>();
         app.Use(ErrorInterceptor.AddErrnoToFrameworkErrors);
+        app.Use(app.Services.GetRequiredService<AccessGate>().InvokeAsync);
         app.MapGrpcService<TopologyService>();
         app.MapGrpcService<KernelService>();
         app.MapGrpcService<SessionService>();
@@ -118,6 +174,16 @@ public static class BrokerHost
         app.MapGrpcService<DmaService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
+
+        var socketMode = ParseMode(options.UnixSocketMode);
+        app.Lifetime.ApplicationStarted.Register(() =>
+        {
+            if (OperatingSystem.IsWindows())
+                return;
+            foreach (var listener in listeners.Where(l => l.Kind == ListenerKind.Unix))
+                File.SetUnixFileMode(listener.SocketPath!, socketMode);
+        });
+        app.Lifetime.ApplicationStopped.Register(access.Dispose);
 
         var broker = app.Services.GetRequiredService<Broker>();
         // End every session (each is told `revoked`) before the server stops taking calls.
@@ -132,14 +198,84 @@ public static class BrokerHost
     public static async Task<string> StartAndGetAddressAsync(this WebApplication app)
     {
         await app.StartAsync();
-        return app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.Single()
-            ?? throw new InvalidOperationException("the server reported no address");
+        return app.Addresses().Single();
     }
+
+    /// <summary>The addresses a started app listens on, one per listener, with the ports it got.</summary>
+    public static IReadOnlyList<string> Addresses(this WebApplication app) =>
+        [.. app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses
+            ?? throw new InvalidOperationException("the server reported no address")];
+
+    // --listen may be given more than once, and --insecure takes no value; the configuration's
+    // command-line reader knows neither, so both become settings it does know.
+    private static string[] ExpandRepeatable(string[] args)
+    {
+        var expanded = new List<string>(args.Length);
+        var listens = 0;
+        for (var i = 0; i < args.Length; i++)
+        {
+            var arg = args[i];
+            if (arg == "--insecure")
+                expanded.Add("--DmaBroker:Insecure=true");
+            else if (arg.StartsWith("--listen=", StringComparison.Ordinal))
+                expanded.Add($"--DmaBroker:Listen:{listens++}={arg["--listen=".Length..]}");
+            else if (arg == "--listen" && i + 1 < args.Length)
+                expanded.Add($"--DmaBroker:Listen:{listens++}={args[++i]}");
+            else
+                expanded.Add(arg);
+        }
+        return [.. expanded];
+    }
+
+    private static BrokerHostOptions ReadOptions(ConfigurationManager configuration)
+    {
+        var section = configuration.GetSection(BrokerHostOptions.Section);
+        var options = section.Get<BrokerHostOptions>() ?? new BrokerHostOptions();
+        // One address may come as a plain setting (DmaBroker__Listen=...), several as a list.
+        var listen = section.GetSection("Listen");
+        string[] addresses = listen.Value is { Length: > 0 } one ? [one] : [.. listen.GetChildren().Select(c => c.Value ?? "")];
+        return addresses.Length > 0 ? options with { Listen = addresses } : options with { Listen = [BrokerHostOptions.DefaultListen] };
+    }
+
+    /// <summary>Open mode lets anyone who reaches the broker do anything: only on this host, unless --insecure.</summary>
+    private static void CheckOpenMode(BrokerHostOptions options, Listener[] listeners)
+    {
+        if (options.AuthFile is not null || options.Insecure)
+            return;
+        if (listeners.FirstOrDefault(l => !l.IsLocal) is { } exposed)
+            throw new ArgumentException($"refusing open mode on {exposed.Text}: without --auth-file anyone who reaches it may claim devices and revoke sessions; give --auth-file, listen on loopback or a unix:// socket, or accept the risk with --insecure");
+    }
+
+    private static X509Certificate2? LoadServerCertificate(BrokerHostOptions o, Listener[] listeners)
+    {
+        if (o.TlsCert is null != (o.TlsKey is null))
+            throw new ArgumentException("--tls-cert and --tls-key go together: the server certificate and its private key, both PEM");
+        if (o.TlsCert is null)
+        {
+            if (listeners.Any(l => l.Kind == ListenerKind.Https))
+                throw new ArgumentException("an https:// listener needs --tls-cert and --tls-key");
+            if (o.ClientCa is not null)
+                throw new ArgumentException("--client-ca needs an https:// listener with --tls-cert and --tls-key");
+            return null;
+        }
+        try
+        {
+            return X509Certificate2.CreateFromPemFile(o.TlsCert, o.TlsKey);
+        }
+        catch (Exception e) when (e is CryptographicException or IOException or UnauthorizedAccessException)
+        {
+            throw new ArgumentException($"cannot load --tls-cert {o.TlsCert} with --tls-key {o.TlsKey}: {e.Message}", e);
+        }
+    }
+
+    private static UnixFileMode ParseMode(string text) =>
+        text.Length is >= 3 and <= 4 && text.All(c => c is >= '0' and <= '7')
+            ? (UnixFileMode)Convert.ToInt32(text, 8)
+            : throw new ArgumentException($"--unix-socket-mode takes an octal mode such as 0660, got '{AccessGate.Clip(text)}'");
 
     private static void Validate(BrokerHostOptions o)
     {
-        if (!Uri.TryCreate(o.Listen, UriKind.Absolute, out var uri) || uri.Scheme != "http")
-            throw new ArgumentException($"--listen must be an http:// URL such as {BrokerHostOptions.DefaultListen}, got '{o.Listen}'");
+        ParseMode(o.UnixSocketMode);
         if (o.LeaseTtlMs is < 100 or > 3_600_000)
             throw new ArgumentException($"--lease-ttl-ms must be between 100 and 3600000, got {o.LeaseTtlMs}");
         if (o.KeepAlivePingMs is < 100 or > 3_600_000)

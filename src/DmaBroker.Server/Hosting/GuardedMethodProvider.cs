@@ -24,8 +24,9 @@ internal sealed class GuardedMethodProvider<TService> : IServiceMethodProvider<T
         {
             if (type.GetCustomAttribute<BindServiceMethodAttribute>(inherit: false) is not { } bind)
                 continue;
-            var method = bind.BindType.GetMethod(bind.BindMethodName, BindingFlags.Public | BindingFlags.Static)
-                ?? throw new InvalidOperationException($"{bind.BindType} has no static {bind.BindMethodName}");
+            // BindService(ServiceBinderBase, TBase); an overload BindService(TBase) builds a Grpc.Core definition.
+            var method = bind.BindType.GetMethod(bind.BindMethodName, BindingFlags.Public | BindingFlags.Static, [typeof(ServiceBinderBase), type])
+                ?? throw new InvalidOperationException($"{bind.BindType} has no static {bind.BindMethodName}(ServiceBinderBase, {type.Name})");
             method.Invoke(null, [new Binder(context), null]);
             return;
         }
