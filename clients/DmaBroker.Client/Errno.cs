@@ -56,6 +56,9 @@ public enum Errno
     /// <summary>No space left: a container, mapping or DMA stream limit was reached.</summary>
     ENOSPC = 28,
 
+    /// <summary>A method this broker does not serve (UNIMPLEMENTED).</summary>
+    ENOSYS = 38,
+
     /// <summary>Protocol error: the broker answered something this client cannot place.</summary>
     EPROTO = 71,
 

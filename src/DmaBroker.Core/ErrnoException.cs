@@ -16,6 +16,9 @@ public enum Errno
     EACCES = 13,
     E2BIG = 7,
     EIO = 5,
+    EAGAIN = 11,
+    EMFILE = 24,
+    ENOSYS = 38,
 }
 
 /// <summary>The nature of a failure; the edge maps it to a gRPC status code (SPEC §9).</summary>
@@ -33,8 +36,10 @@ public enum ErrorKind
     ResourceExhausted,
     /// <summary>No, unknown or ended session.</summary>
     Unauthenticated,
-    /// <summary>Owned by someone else.</summary>
+    /// <summary>Owned by someone else, or not allowed to the caller.</summary>
     PermissionDenied,
+    /// <summary>A method the broker does not serve.</summary>
+    Unimplemented,
 }
 
 /// <summary>

@@ -76,24 +76,33 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
 
     /// <summary>
     /// Middleware for the errors gRPC raises before any interceptor runs (a unary request over the
-    /// message size limit): it adds the ErrorInfo detail every other error carries.
+    /// message size limit, a method the broker does not serve): it adds the ErrorInfo detail every
+    /// other error carries, E2BIG and ENOSYS.
     /// </summary>
     public static Task AddErrnoToFrameworkErrors(HttpContext context, RequestDelegate next)
     {
         // Such an error goes out as a trailers-only response: the status travels in the headers.
         context.Response.OnStarting(static state =>
         {
-            var response = (Microsoft.AspNetCore.Http.HttpResponse)state;
-            var headers = response.Headers;
-            if (headers["grpc-status"] == "8" && !headers.ContainsKey("grpc-status-details-bin"))
+            var http = (HttpContext)state;
+            var headers = http.Response.Headers;
+            if (headers.ContainsKey("grpc-status-details-bin"))
+                return Task.CompletedTask;
+            var message = Uri.UnescapeDataString(headers["grpc-message"].ToString());
+            ErrnoException? error = headers["grpc-status"].ToString() switch
             {
-                var message = Uri.UnescapeDataString(headers["grpc-message"].ToString());
-                var status = ToRpcException(ErrnoException.Exhausted(Errno.E2BIG, $"{message} (the broker accepts messages up to {MaxMessageSize} bytes)")).GetRpcStatus();
-                if (status is not null)
-                    headers["grpc-status-details-bin"] = Convert.ToBase64String(status.ToByteArray());
+                "8" => ErrnoException.Exhausted(Errno.E2BIG, $"{message} (the broker accepts messages up to {MaxMessageSize} bytes)"),
+                "12" => new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented, $"{AccessGate.Clip(http.Request.Path.Value)}: {message} (this broker serves the dmabroker.v1 services, grpc.health.v1 and server reflection)"),
+                _ => null,
+            };
+            if (error is not null)
+            {
+                var status = GrpcErrors.ToStatus(error);
+                headers["grpc-message"] = GrpcErrors.PercentEncode(status.Message);
+                headers["grpc-status-details-bin"] = Convert.ToBase64String(status.ToByteArray());
             }
             return Task.CompletedTask;
-        }, context.Response);
+        }, context);
         return next(context);
     }
 
@@ -126,6 +135,7 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
         ErrorKind.ResourceExhausted => StatusCode.ResourceExhausted,
         ErrorKind.Unauthenticated => StatusCode.Unauthenticated,
         ErrorKind.PermissionDenied => StatusCode.PermissionDenied,
+        ErrorKind.Unimplemented => StatusCode.Unimplemented,
         _ => StatusCode.Internal,
     };
 

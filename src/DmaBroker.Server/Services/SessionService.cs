@@ -20,6 +20,7 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
         var writer = WriteEventsAsync(session, responseStream, context.CancellationToken);
         var reason = SessionEndReason.ClientClosed;
+        RpcException? malformed = null;
         try
         {
             while (await requestStream.MoveNext(ended.Token))
@@ -28,6 +29,12 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
                 if (requestStream.Current.Hello is { } hello)
                     session.Rename(hello.ClientName);
             }
+        }
+        catch (RpcException e) when (e.StatusCode == StatusCode.InvalidArgument && !context.CancellationToken.IsCancellationRequested)
+        {
+            // A frame that is not a SessionRequest (the parser's EINVAL): the session ends, and
+            // the call fails with that error once everything is released.
+            malformed = e;
         }
         catch (Exception e) when (e is OperationCanceledException or IOException or RpcException)
         {
@@ -38,7 +45,7 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
         {
             try
             {
-                await broker.Sessions.EndAsync(session, reason);
+                await broker.Sessions.EndAsync(session, reason, malformed is null ? null : "malformed request on the session stream");
             }
             finally
             {
@@ -46,6 +53,8 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
                 LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
             }
         }
+        if (malformed is not null)
+            throw malformed;
     }
 
     // The stream's only writer.
