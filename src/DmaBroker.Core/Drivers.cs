@@ -21,7 +21,7 @@ public static class Drivers
     public static string Validate(string? driver)
     {
         if (string.IsNullOrEmpty(driver) || driver.Length > 32 || driver.AsSpan().ContainsAnyExcept(NameChars))
-            throw ErrnoException.Invalid($"bad driver name '{driver}': expected 1 to 32 of [a-z0-9_-], for example vfio-pci");
+            throw ErrnoException.Invalid($"bad driver name {ErrnoException.Quote(driver)}: expected 1 to 32 of [a-z0-9_-], for example vfio-pci");
         return driver;
     }
 }

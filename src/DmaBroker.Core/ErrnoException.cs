@@ -62,6 +62,17 @@ public sealed class ErrnoException(Errno errno, ErrorKind kind, string message) 
     public static ErrnoException Unauthenticated(string message) => new(Errno.EACCES, ErrorKind.Unauthenticated, message);
     public static ErrnoException Denied(string message) => new(Errno.EACCES, ErrorKind.PermissionDenied, message);
 
+    /// <summary>
+    /// Quotes caller input for an error message, cut to a short prefix: a message echoing a
+    /// megabyte-long argument would not fit the HTTP/2 trailer it travels in (and helps nobody).
+    /// </summary>
+    public static string Quote(string? input) => input is null ? "''"
+        : input.Length <= QuoteLimit ? $"'{input}'"
+        : $"'{input[..QuoteLimit]}…' ({input.Length} characters)";
+
+    /// <summary>The most characters of caller input an error message quotes.</summary>
+    public const int QuoteLimit = 40;
+
     public static ErrnoException NoDevice(PciAddress address) => NotFound(Errno.ENODEV, $"no device {address}");
     public static ErrnoException NoGroup(uint groupId) => NotFound(Errno.ENOENT, $"no IOMMU group {groupId}");
 }

@@ -50,7 +50,7 @@ public readonly record struct PciAddress(ushort Domain, byte Bus, byte Device, b
     public static PciAddress Parse(string? text) =>
         TryParse(text, out var address)
             ? address
-            : throw ErrnoException.Invalid($"malformed PCI address '{text}': expected DDDD:BB:DD.F, for example 0000:06:00.0");
+            : throw ErrnoException.Invalid($"malformed PCI address {ErrnoException.Quote(text)}: expected DDDD:BB:DD.F, for example 0000:06:00.0");
 
     private static bool TryHex(ReadOnlySpan<char> digits, out uint value)
     {

@@ -97,3 +97,32 @@ public sealed class HardeningTests
         Assert.Equal(all.Order(), covered.Order());
     }
 }
+
+/// <summary>Huge strings in arguments: refused at once, quoted only as a prefix, and the caller's connection survives.</summary>
+public sealed class LongStringTests
+{
+    public static TheoryData<int> Lengths() => [33, 50_000, 1_000_000];
+
+    [Theory]
+    [MemberData(nameof(Lengths))]
+    public async Task LongAddressOrDriver_EinvalWithShortMessage_SessionSurvives(int length)
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var session = await broker.Client.OpenSessionAsync("long");
+        var huge = new string('A', length);
+        var errors = new List<BrokerException>
+        {
+            await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => broker.Client.Admin.BindDriverAsync(huge, "vfio-pci")),
+            await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => broker.Client.Admin.BindDriverAsync("0000:08:00.0", huge)),
+            await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => broker.Client.Admin.RemoveDeviceAsync(huge)),
+            await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => broker.Client.Admin.AddDeviceAsync(new HotplugDevice("0000:0c:00.0", huge))),
+            await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => session.OpenDeviceAsync(huge)),
+            await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => broker.Client.Admin.RevokeSessionAsync(session.Id, huge.Length > 256 ? huge : huge + new string('x', 257))),
+        };
+        Assert.All(errors, e => Assert.True(e.Message.Length < 300, $"message of {e.Message.Length} characters: {e.Message[..Math.Min(e.Message.Length, 300)]}"));
+        // The connection and the session are alive: a call on it still works.
+        Assert.False(session.Ended.IsCompleted);
+        var container = await session.NewContainerAsync(ContainerType.Type1V2);
+        Assert.NotEqual(0ul, container.Id);
+    }
+}

@@ -96,7 +96,7 @@ public sealed class OwnershipTable
     public DeviceInfo AddDevice(PciFunctionSpec spec)
     {
         if (spec.IsBridge || !DeviceModel.EndpointModels.Contains(spec.Model))
-            throw ErrnoException.Invalid($"only endpoints can be hot-added, with model {string.Join(", ", DeviceModel.EndpointModels)}; not a {spec.Kind} '{spec.Model}'");
+            throw ErrnoException.Invalid($"only endpoints can be hot-added, with model {string.Join(", ", DeviceModel.EndpointModels)}; not a {spec.Kind} {ErrnoException.Quote(spec.Model)}");
         if (spec.Driver is not null)
             Drivers.Validate(spec.Driver);
         lock (_hotplug)

@@ -89,8 +89,15 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     }
 
     /// <summary>Revokes a live session and waits until everything it held is released.</summary>
-    public Task RevokeAsync(ulong id, string? message) =>
-        EndAsync(Find(id), SessionEndReason.Revoked, string.IsNullOrWhiteSpace(message) ? "revoked by admin" : message);
+    public Task RevokeAsync(ulong id, string? message)
+    {
+        if (message?.Length > MaxReasonLength)
+            throw ErrnoException.Invalid($"a revocation reason is at most {MaxReasonLength} characters, not {message.Length}");
+        return EndAsync(Find(id), SessionEndReason.Revoked, string.IsNullOrWhiteSpace(message) ? "revoked by admin" : message);
+    }
+
+    /// <summary>The longest revocation reason, which the revoked client is sent.</summary>
+    public const int MaxReasonLength = 256;
 
     /// <summary>
     /// Ends a session; the first call runs the teardown, every call returns the same task. Order

@@ -39,7 +39,7 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         {
             grant = Authenticate(http, access.Current);
             if (CallRoles.For(http.Request.Path) is { } needed && !grant.Permits(needed))
-                throw ErrnoException.Denied($"{grant.Principal} ({Describe(grant.Role)}) may not call {Clip(http.Request.Path.Value)}: it needs the {needed.ToString().ToLowerInvariant()} role");
+                throw ErrnoException.Denied($"{grant.Principal} ({Describe(grant.Role)}) may not call {ErrnoException.Quote(http.Request.Path.Value)}: it needs the {needed.ToString().ToLowerInvariant()} role");
         }
         catch (ErrnoException e)
         {
@@ -77,15 +77,13 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
             principal = AccessPolicy.Anonymous;
         }
         return policy.Resolve(principal)
-            ?? throw ErrnoException.Unauthenticated($"{Clip(principal)} is not a principal of the auth file");
+            ?? throw ErrnoException.Unauthenticated($"{ErrnoException.Quote(principal)} is not a principal of the auth file");
     }
 
     private static bool IsGrpc(HttpRequest request) =>
         request.ContentType is { } type && type.StartsWith("application/grpc", StringComparison.OrdinalIgnoreCase);
 
     private static string Describe(Role? role) => role?.ToString().ToLowerInvariant() ?? "no role";
-
-    internal static string Clip(string? text) => text is null ? "" : text.Length <= 64 ? text : text[..64] + "…";
 }
 
 /// <summary>Which role each gRPC method needs (SPEC §12's roles table); null for a method the broker does not serve.</summary>

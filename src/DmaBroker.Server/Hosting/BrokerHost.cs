@@ -271,7 +271,7 @@ public static class BrokerHost
     private static UnixFileMode ParseMode(string text) =>
         text.Length is >= 3 and <= 4 && text.All(c => c is >= '0' and <= '7')
             ? (UnixFileMode)Convert.ToInt32(text, 8)
-            : throw new ArgumentException($"--unix-socket-mode takes an octal mode such as 0660, got '{AccessGate.Clip(text)}'");
+            : throw new ArgumentException($"--unix-socket-mode takes an octal mode such as 0660, got {ErrnoException.Quote(text)}");
 
     private static void Validate(BrokerHostOptions o)
     {

@@ -92,7 +92,7 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
             ErrnoException? error = headers["grpc-status"].ToString() switch
             {
                 "8" => ErrnoException.Exhausted(Errno.E2BIG, $"{message} (the broker accepts messages up to {MaxMessageSize} bytes)"),
-                "12" => new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented, $"{AccessGate.Clip(http.Request.Path.Value)}: {message} (this broker serves the dmabroker.v1 services, grpc.health.v1 and server reflection)"),
+                "12" => new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented, $"{ErrnoException.Quote(http.Request.Path.Value)}: {message} (this broker serves the dmabroker.v1 services, grpc.health.v1 and server reflection)"),
                 _ => null,
             };
             if (error is not null)
@@ -106,13 +106,17 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
         return next(context);
     }
 
+    /// <summary>The longest error message the broker sends, in characters.</summary>
+    public const int MaxErrorMessage = 1024;
+
     /// <summary>The wire form of a core error.</summary>
     public static RpcException ToRpcException(ErrnoException e)
     {
         var status = new Google.Rpc.Status
         {
             Code = (int)ToStatusCode(e.Kind),
-            Message = e.Message,
+            // Messages quote input cut short already; this bound keeps any message inside the trailer.
+            Message = e.Message.Length <= MaxErrorMessage ? e.Message : e.Message[..MaxErrorMessage] + "…",
             Details =
             {
                 Any.Pack(new ErrorInfo

@@ -1,6 +1,7 @@
 using System.Net;
 using System.Net.Sockets;
 using System.Security.Cryptography.X509Certificates;
+using DmaBroker.Core;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.AspNetCore.Server.Kestrel.Https;
 
@@ -36,14 +37,14 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
             if (path.StartsWith("//", StringComparison.Ordinal))
                 path = path[2..];
             if (!path.StartsWith('/') || path.Length < 2 || path.EndsWith('/'))
-                throw new ArgumentException($"--listen {AccessGate.Clip(text)}: a Unix socket is unix:///absolute/path, for example unix:///run/dmabroker.sock");
+                throw new ArgumentException($"--listen {ErrnoException.Quote(text)}: a Unix socket is unix:///absolute/path, for example unix:///run/dmabroker.sock");
             return new Listener(ListenerKind.Unix, text, null, false, false, 0, path);
         }
         if (!Uri.TryCreate(text, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https")
             || uri.AbsolutePath != "/" || uri.Query.Length > 0 || uri.UserInfo.Length > 0)
-            throw new ArgumentException($"--listen takes an address such as {Forms}; got '{AccessGate.Clip(text)}'");
+            throw new ArgumentException($"--listen takes an address such as {Forms}; got {ErrnoException.Quote(text)}");
         if (uri.IsDefaultPort && !text.Contains($":{uri.Port}", StringComparison.Ordinal))
-            throw new ArgumentException($"--listen {AccessGate.Clip(text)}: give the port, for example {uri.Scheme}://{uri.Host}:50051");
+            throw new ArgumentException($"--listen {ErrnoException.Quote(text)}: give the port, for example {uri.Scheme}://{uri.Host}:50051");
         var kind = uri.Scheme == "https" ? ListenerKind.Https : ListenerKind.Http;
         var host = uri.Host.Trim('[', ']');
         if (host is "localhost")
@@ -51,7 +52,7 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
         if (host is "*" or "+" or "0.0.0.0" or "::")
             return new Listener(kind, text, host == "::" ? IPAddress.IPv6Any : IPAddress.Any, true, false, uri.Port, null);
         if (!IPAddress.TryParse(host, out var address))
-            throw new ArgumentException($"--listen {AccessGate.Clip(text)}: the host must be an IP address, localhost or 0.0.0.0");
+            throw new ArgumentException($"--listen {ErrnoException.Quote(text)}: the host must be an IP address, localhost or 0.0.0.0");
         return new Listener(kind, text, address, false, false, uri.Port, null);
     }
 
