@@ -156,7 +156,10 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
                 return ToRpcException(ErrnoException.Exhausted(Errno.E2BIG, $"{tooBig.Status.Detail} (the broker accepts messages up to {MaxMessageSize} bytes)"));
             case RpcException:
                 return null;
-            case OperationCanceledException or IOException when context.CancellationToken.IsCancellationRequested:
+            case OperationCanceledException or IOException:
+                // Only the transport throws these here: the client cancelled, reset its stream or
+                // lost its connection, and the call's token may not show it yet. Not a broker error.
+                LogClientGone(logger, context.Method, e.Message);
                 return null;
             default:
                 LogBug(logger, context.Method, e);
@@ -166,6 +169,9 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
 
     [LoggerMessage(EventId = 100, Level = LogLevel.Debug, Message = "{Method} rejected: {Errno} {Reason}")]
     private static partial void LogRejected(ILogger logger, string method, Errno errno, string reason);
+
+    [LoggerMessage(EventId = 102, Level = LogLevel.Debug, Message = "{Method}: the client went away ({Reason})")]
+    private static partial void LogClientGone(ILogger logger, string method, string reason);
 
     [LoggerMessage(EventId = 101, Level = LogLevel.Error, Message = "{Method} failed with an unexpected exception (a broker bug)")]
     private static partial void LogBug(ILogger logger, string method, Exception exception);
