@@ -15,12 +15,13 @@ public sealed partial class AccessControl : IDisposable
     private readonly ILogger _logger;
     private readonly FileSystemWatcher? _watcher;
     private readonly Lock _reload = new();
+    private readonly ITimer? _settle;
     private AccessPolicy _current;
     private byte[] _loadedHash = [];
     private long _reloads;
 
     /// <summary>Open mode when <paramref name="authFile"/> is null; otherwise the file, which must parse now.</summary>
-    public AccessControl(string? authFile, Quotas defaults, Quotas openQuotas, ILogger<AccessControl> logger)
+    public AccessControl(string? authFile, Quotas defaults, Quotas openQuotas, ILogger<AccessControl> logger, TimeProvider? time = null)
     {
         _defaults = defaults;
         _logger = logger;
@@ -38,9 +39,12 @@ public sealed partial class AccessControl : IDisposable
         {
             NotifyFilter = NotifyFilters.LastWrite | NotifyFilters.FileName | NotifyFilters.Size | NotifyFilters.CreationTime,
         };
-        _watcher.Changed += (_, _) => Reload();
-        _watcher.Created += (_, _) => Reload();
-        _watcher.Renamed += (_, _) => Reload();
+        // A write in place raises several events, the first while the file is half written: each
+        // event restarts a short settle timer, and the file is read once it has been quiet.
+        _settle = (time ?? TimeProvider.System).CreateTimer(static s => ((AccessControl)s!).Reload(), this, Timeout.InfiniteTimeSpan, Timeout.InfiniteTimeSpan);
+        _watcher.Changed += (_, _) => Settle();
+        _watcher.Created += (_, _) => Settle();
+        _watcher.Renamed += (_, _) => Settle();
         _watcher.EnableRaisingEvents = true;
     }
 
@@ -55,6 +59,11 @@ public sealed partial class AccessControl : IDisposable
 
     /// <summary>Raised after a changed file is in force, or after a bad one was refused (with its error).</summary>
     public event Action<AccessPolicy, string?>? Reloaded;
+
+    /// <summary>How long the file must be quiet after a change before it is read.</summary>
+    public static readonly TimeSpan SettleTime = TimeSpan.FromMilliseconds(250);
+
+    private void Settle() => _settle?.Change(SettleTime, Timeout.InfiniteTimeSpan);
 
     /// <summary>Reads the file again; takes it into force when it changed and parses, else logs why not.</summary>
     public void Reload()
@@ -97,7 +106,11 @@ public sealed partial class AccessControl : IDisposable
     }
 
     /// <summary>Stops watching the file.</summary>
-    public void Dispose() => _watcher?.Dispose();
+    public void Dispose()
+    {
+        _watcher?.Dispose();
+        _settle?.Dispose();
+    }
 
     private static string Read(string path)
     {
