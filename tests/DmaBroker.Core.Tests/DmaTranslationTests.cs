@@ -1,6 +1,7 @@
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 

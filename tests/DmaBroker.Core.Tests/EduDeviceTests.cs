@@ -1,7 +1,9 @@
 using System.Buffers.Binary;
 using DmaBroker.Core.Devices;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 

@@ -1,5 +1,4 @@
 using DmaBroker.Core.Memory;
-using DmaBroker.Core.Sessions;
 
 namespace DmaBroker.Core.Iommu;
 

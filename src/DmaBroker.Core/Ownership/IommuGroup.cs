@@ -1,4 +1,5 @@
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Ownership;
 

@@ -1,6 +1,7 @@
 using DmaBroker.Core.Devices;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Ownership;
 

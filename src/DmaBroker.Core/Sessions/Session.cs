@@ -1,5 +1,7 @@
 using System.Threading.Channels;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Sessions;
 
@@ -26,22 +28,6 @@ public sealed record FaultEvent(PciAddress Address, ulong Iova, DmaAccess Access
 
 /// <summary>An interrupt raised by one of the session's open devices.</summary>
 public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
-
-/// <summary>A device access direction, from the device's point of view.</summary>
-public enum DmaAccess
-{
-    Read = 1,
-    Write = 2,
-}
-
-/// <summary>Why a device access faulted.</summary>
-public enum FaultReason
-{
-    Unmapped = 1,
-    Permission = 2,
-    BusMasterOff = 3,
-    Blocked = 4,
-}
 
 /// <summary>
 /// A client's identity, as a <c>struct file *</c> is in Linux: everything it claims is released

@@ -2,7 +2,7 @@ using System.Buffers;
 using System.Threading.Channels;
 using DmaBroker.Core;
 using DmaBroker.Core.Iommu;
-using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 using DmaBroker.Server.Hosting;
 using Google.Protobuf;
 using Grpc.Core;

@@ -1,4 +1,5 @@
 using DmaBroker.Core;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Sessions;
 using Grpc.Core;
 using Wire = DmaBroker.Protocol.V1;

@@ -1,7 +1,8 @@
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
 
-namespace DmaBroker.Core.Sessions;
+namespace DmaBroker.Core.Vfio;
 
 /// <summary>VFIO_IOMMU_GET_INFO: page sizes (a bitmap), usable IOVA ranges (inclusive) and mappings left.</summary>
 public sealed record IommuInfo(ulong PageSizes, IReadOnlyList<(ulong First, ulong Last)> IovaRanges, int DmaAvailable);

@@ -1,7 +1,8 @@
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
 
-namespace DmaBroker.Core.Sessions;
+namespace DmaBroker.Core.Vfio;
 
 /// <summary>The two container flavours: a legacy VFIO type1v2 container or an iommufd IOAS.</summary>
 public enum ContainerType

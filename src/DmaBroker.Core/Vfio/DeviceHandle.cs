@@ -3,8 +3,9 @@ using DmaBroker.Core.Devices;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
 
-namespace DmaBroker.Core.Sessions;
+namespace DmaBroker.Core.Vfio;
 
 /// <summary>
 /// An open device (a VFIO device fd): the driver's register accesses, and the DMA the device
