@@ -52,9 +52,9 @@ public sealed class Broker : IAsyncDisposable
             counts.Opened,
             counts.Closed,
             live.Aggregate(0UL, (sum, s) => sum + s.Memory.Used),
-            live.Sum(s => s.Handles().Length),
+            Vfio.OpenDevices,
             live.Sum(s => s.StreamCount),
-            live.Sum(s => s.Containers().Sum(c => c.Iova.Count)));
+            Vfio.Mappings);
     }
 
 

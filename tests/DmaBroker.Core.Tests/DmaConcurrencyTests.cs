@@ -1,7 +1,6 @@
 using System.Collections.Concurrent;
 using DmaBroker.Core.Devices;
 using DmaBroker.Core.Iommu;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;

@@ -2,7 +2,6 @@ using System.Globalization;
 using DmaBroker.Core.Devices;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;

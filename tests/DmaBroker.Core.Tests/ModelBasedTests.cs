@@ -1,6 +1,5 @@
 using System.Globalization;
 using System.Text;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;

@@ -1,4 +1,3 @@
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;

@@ -1,5 +1,5 @@
 using DmaBroker.Core.Sessions;
-using DmaBroker.Core.Vfio;
+using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Ownership;
 
@@ -20,8 +20,8 @@ public sealed class IommuGroup(uint id)
     internal Session? Owner { get; set; }
     internal DomainKind Domain { get; set; } = DomainKind.Default;
     internal ulong Generation { get; set; }
-    /// <summary>The container whose domain is attached (Domain == User).</summary>
-    internal Container? Attached
+    /// <summary>The user domain attached (Domain == User): a container's address space.</summary>
+    internal IUserDomain? Attached
     {
         get => Volatile.Read(ref _attached);
         set
@@ -48,9 +48,7 @@ public sealed class IommuGroup(uint id)
         }
     }
 
-    private Container? _attached;
-    /// <summary>The container set with SetContainer (the VFIO group flow), if any.</summary>
-    internal Container? ContainerSet { get; set; }
+    private IUserDomain? _attached;
     internal bool Removed { get; set; }
 
     internal OwnerKind OwnerKind => OwnerCount == 0 ? OwnerKind.None : Owner is null ? OwnerKind.Kernel : OwnerKind.User;
@@ -149,18 +147,18 @@ public sealed class IommuGroup(uint id)
 
     // --- user domains ---
 
-    internal void CheckAttach(Container container)
+    internal void CheckAttach(IUserDomain domain)
     {
         if (OwnerKind != OwnerKind.User)
             throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} is not user-owned");
-        if (Domain == DomainKind.User && Attached != container)
+        if (Domain == DomainKind.User && Attached != domain)
             throw ErrnoException.Busy($"group {Id} already has container {Attached?.Id}'s domain attached");
     }
 
-    internal void AttachUserDomain(Container container)
+    internal void AttachUserDomain(IUserDomain domain)
     {
-        CheckAttach(container);
-        Attached = container;
+        CheckAttach(domain);
+        Attached = domain;
         Domain = DomainKind.User;
     }
 

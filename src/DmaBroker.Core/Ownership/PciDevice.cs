@@ -1,7 +1,6 @@
 using DmaBroker.Core.Devices;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
-using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Ownership;
 
@@ -19,9 +18,8 @@ public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
 
     internal string? Driver { get; set; }
     internal bool DriverManagesDma => Driver is not null && Drivers.ManagesDma(Driver);
-    /// <summary>The session that bound the device with BindDevice, and into which container.</summary>
+    /// <summary>The session whose device claim (BindDevice) holds the device.</summary>
     internal Session? BoundBy { get; set; }
-    internal Container? BoundContainer { get; set; }
     /// <summary>Open device handles (VFIO device fds).</summary>
     internal int OpenHandles { get; set; }
     internal bool Removed { get; set; }

@@ -1,7 +1,6 @@
 using System.Threading.Channels;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
-using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Sessions;
 
@@ -38,8 +37,6 @@ public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
 public sealed class Session
 {
     private readonly Lock _sync = new();
-    private readonly IdTable<Container> _containers;
-    private readonly IdTable<DeviceHandle> _handles;
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
     private long _droppedEvents;
@@ -49,8 +46,6 @@ public sealed class Session
     internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, ulong memoryLimit)
     {
         Memory = new SessionMemory(memoryLimit);
-        _containers = new(_sync, c => ErrnoException.NotFound(Errno.ENOENT, $"container {c} is not a container of session {id}"));
-        _handles = new(_sync, h => ErrnoException.NotFound(Errno.EBADF, $"device handle {h} is not open in session {id}"));
         Id = id;
         Token = token;
         ClientName = clientName;
@@ -156,27 +151,6 @@ public sealed class Session
 
     internal void CompleteEvents() => _events.Writer.TryComplete();
 
-    internal Container AddContainer(Container container)
-    {
-        _containers.Add(container.Id, container);
-        return container;
-    }
-
-    internal Container FindContainer(ulong id) => _containers.Find(id);
-
-    internal void RemoveContainer(Container container) => _containers.Remove(container.Id);
-
-    internal Container[] Containers() => _containers.Snapshot();
-
-    internal void AddHandle(DeviceHandle handle) => _handles.Add(handle.Id, handle);
-
-    /// <summary>An open device handle of this session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>
-    public DeviceHandle FindHandle(ulong id) => _handles.Find(id);
-
-    internal void RemoveHandle(DeviceHandle handle) => _handles.Remove(handle.Id);
-
-    internal DeviceHandle[] Handles() => _handles.Snapshot();
-
     /// <summary>Memory.Allocate: zeroed, page-aligned memory of the session.</summary>
     public MemoryBlock Allocate(ulong size)
     {
@@ -209,37 +183,6 @@ public sealed class Session
 
 
     public override string ToString() => $"session {Id} ({ClientName})";
-
-    /// <summary>A session's table of objects by id (its containers, its open handles), like a file table.</summary>
-    private sealed class IdTable<T>(Lock sync, Func<ulong, ErrnoException> missing)
-        where T : class
-    {
-        private readonly Dictionary<ulong, T> _items = [];
-
-        public void Add(ulong id, T item)
-        {
-            lock (sync)
-                _items.Add(id, item);
-        }
-
-        public T Find(ulong id)
-        {
-            lock (sync)
-                return _items.TryGetValue(id, out var item) ? item : throw missing(id);
-        }
-
-        public void Remove(ulong id)
-        {
-            lock (sync)
-                _items.Remove(id);
-        }
-
-        public T[] Snapshot()
-        {
-            lock (sync)
-                return [.. _items.Values];
-        }
-    }
 
     /// <summary>One DMA stream of a session, counted until disposed.</summary>
     public readonly struct StreamScope(Session session) : IDisposable

@@ -1,7 +1,6 @@
 using System.Collections.Immutable;
 using System.Runtime.CompilerServices;
 using System.Threading.Channels;
-using DmaBroker.Core.Ownership;
 
 namespace DmaBroker.Core.Topology;
 

@@ -15,7 +15,7 @@ public enum ContainerType
 /// An IOMMU address space owned by one session. Its group and device sets change only under the
 /// lock of the group concerned and then this container's lock (lock order: group, container).
 /// </summary>
-public sealed class Container(ulong id, ContainerType type, Session owner, int dmaLimit)
+public sealed class Container(ulong id, ContainerType type, Session owner, int dmaLimit) : IUserDomain
 {
     internal readonly Lock Sync = new();
 

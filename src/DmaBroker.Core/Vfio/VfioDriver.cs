@@ -1,6 +1,8 @@
+using System.Collections.Concurrent;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Vfio;
 
@@ -18,11 +20,24 @@ public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 /// </summary>
 public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
 {
+    private readonly ConcurrentDictionary<Session, SessionFiles> _files = new();
+    // VFIO's own side of a claim, kept here and not in the group or device, as Linux keeps it in
+    // struct vfio_group and the vfio_device rather than in struct iommu_group: the container set on
+    // a group (SetContainer), the container a device is bound into (BindDevice). Changed only
+    // under the group's lock.
+    private readonly ConcurrentDictionary<IommuGroup, Container> _containerSet = new();
+    private readonly ConcurrentDictionary<PciDevice, Container> _boundInto = new();
     private long _nextHandleId;
     private long _nextContainerId;
     private int _liveContainers;
 
     public int LiveContainers => Volatile.Read(ref _liveContainers);
+
+    /// <summary>Device handles open in every session.</summary>
+    public int OpenDevices => _files.Values.Sum(f => f.Handles.Snapshot().Length);
+
+    /// <summary>IOVA mappings in every session's containers.</summary>
+    public int Mappings => _files.Values.Sum(f => f.Containers.Snapshot().Sum(c => c.Iova.Count));
 
     public GroupStatus GetGroupStatus(Session session, uint groupId)
     {
@@ -31,7 +46,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
-            var mine = group.ContainerSet?.Owner == session;
+            var mine = ContainerSetOn(group)?.Owner == session;
             return new GroupStatus(group.OwnerCount == 0 || mine, mine);
         }
     }
@@ -41,14 +56,15 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         using var op = session.Enter();
         var container = new Container((ulong)Interlocked.Increment(ref _nextContainerId), type, session, dmaLimit);
         Interlocked.Increment(ref _liveContainers);
-        return session.AddContainer(container);
+        FilesOf(session).Containers.Add(container.Id, container);
+        return container;
     }
 
     /// <summary>Destroys an empty container, as closing the container fd would.</summary>
     public void DestroyContainer(Session session, ulong containerId)
     {
         using var op = session.Enter();
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         lock (container.Sync)
         {
             if (container.Destroyed)
@@ -67,11 +83,11 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     {
         using var op = session.Enter();
         var group = table.GetGroup(groupId);
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
-            if (group.ContainerSet is { } set)
+            if (ContainerSetOn(group) is { } set)
                 throw ErrnoException.Conflict(Errno.EINVAL, set.Owner == session
                     ? $"group {groupId} already has container {set.Id} set"
                     : $"group {groupId} already has a container set by another session");
@@ -83,7 +99,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 CheckLive(container);
                 group.ClaimGroup(session);
                 group.AttachUserDomain(container);
-                group.ContainerSet = container;
+                _containerSet[group] = container;
                 container.AddGroup(group);
             }
             table.PublishGroup(group);
@@ -98,7 +114,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
-            if (group.ContainerSet is not { } container || container.Owner != session)
+            if (ContainerSetOn(group) is not { } container || container.Owner != session)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"group {groupId} has no container of session {session.Id} set");
             if (group.Devices.Sum(d => d.OpenHandles) is var open and > 0)
                 throw ErrnoException.Busy($"group {groupId} has {open} device handle(s) open; close them first");
@@ -114,7 +130,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     {
         using var op = session.Enter();
         var device = table.GetDevice(address);
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         var group = device.Group;
         lock (group.Sync)
         {
@@ -137,7 +153,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                     container.AddGroup(group);
                 }
                 device.BoundBy = session;
-                device.BoundContainer = container;
+                _boundInto[device] = container;
                 container.AddDevice(device);
             }
             table.PublishGroup(group);
@@ -162,8 +178,6 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         }
     }
 
-    // The IOMMU and device calls need no driver-wide state, but they are the driver's API, as the ioctls are.
-#pragma warning disable CA1822
     /// <summary>VFIO_IOMMU_GET_INFO. A type1v2 container without a group has no IOMMU yet (EINVAL).</summary>
     public IommuInfo GetIommuInfo(Session session, ulong containerId)
     {
@@ -179,7 +193,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     public ulong MapDma(Session session, ulong containerId, ulong vaddr, ulong? iova, ulong size, bool read, bool write)
     {
         using var op = session.Enter();
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         // Checked and mapped under the container's lock, so neither the unset of a TYPE1V2
         // container's last group (which empties it) nor DestroyContainer can come in between
         // and leave the new mapping behind in a container without an IOMMU.
@@ -202,8 +216,6 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             container.Type == ContainerType.Iommufd ? UnmapRules.Iommufd : UnmapRules.Type1v2);
     }
 
-#pragma warning restore CA1822
-
     /// <summary>
     /// VFIO_GROUP_GET_DEVICE_FD: the device must be bound to vfio-pci (ENODEV), its group not
     /// owned by another session (EPERM) and claimed by this one (EINVAL); one handle at a time (EBUSY).
@@ -220,35 +232,32 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 throw ErrnoException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
             if (group.OwnerKind == OwnerKind.User && group.Owner != session)
                 throw ErrnoException.NotPermitted($"group {group.Id} is {group.Describe()}");
-            if (group.ContainerSet?.Owner != session && device.BoundBy != session)
+            if (ContainerSetOn(group)?.Owner != session && device.BoundBy != session)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"{address}: claim it first (SetContainer on group {group.Id}, or BindDevice)");
             if (device.OpenHandles > 0)
                 throw ErrnoException.Busy($"{address} is already open");
             var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session);
             device.OpenHandles++;
-            session.AddHandle(handle);
+            FilesOf(session).Handles.Add(handle.Id, handle);
             return handle;
         }
     }
 
-#pragma warning disable CA1822
     /// <summary>Closes a device handle; the device is reset so the next user finds it clean.</summary>
     public void CloseDevice(Session session, ulong handleId)
     {
         using var op = session.Enter();
-        Close(session.FindHandle(handleId));
+        Close(FindHandle(session, handleId));
     }
 
     /// <summary>VFIO_DEVICE_RESET: a function-level reset.</summary>
     public void ResetDevice(Session session, ulong handleId)
     {
         using var op = session.Enter();
-        var handle = session.FindHandle(handleId);
+        var handle = FindHandle(session, handleId);
         lock (handle.Device.Model.Sync)
             handle.Device.Model.Reset();
     }
-#pragma warning restore CA1822
-
     /// <summary>
     /// Releases everything a session holds. Called by the registry once the session admits no
     /// more operations and those in flight have finished, so nothing here races its own calls.
@@ -271,12 +280,13 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         }
 
         // Devices first: reset and closed, so none can start DMA while its group is released.
-        foreach (var handle in session.Handles())
+        var files = _files.GetValueOrDefault(session);
+        foreach (var handle in files?.Handles.Snapshot() ?? [])
             Step(() => Close(handle));
         // Then the containers are emptied and closed and the memory freed; the groups are released
         // and published last (SPEC §5), so a watcher that sees a group come back finds nothing of
         // the session left.
-        var containers = session.Containers();
+        var containers = files?.Containers.Snapshot() ?? [];
         foreach (var container in containers)
         {
             Step(() =>
@@ -307,7 +317,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 {
                     lock (group.Sync)
                     {
-                        if (group.ContainerSet == container)
+                        if (ContainerSetOn(group) == container)
                         {
                             Unset(group, container);
                             table.PublishGroup(group);
@@ -316,11 +326,34 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 });
             }
         }
+        _files.TryRemove(session, out _);
         if (failures.Count > 0)
             throw new AggregateException($"teardown of session {session.Id} hit {failures.Count} failure(s); everything else was released", failures);
     }
 
-    private static Container IommuOf(Session session, ulong containerId) => CheckIommu(session.FindContainer(containerId));
+    /// <summary>An open device handle of the session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>
+    public DeviceHandle FindHandle(Session session, ulong handleId)
+    {
+        using var op = session.Enter();
+        return FilesOf(session).Handles.Find(handleId);
+    }
+
+    /// <summary>The session's containers, for teardown checks and counts.</summary>
+    internal Container[] ContainersOf(Session session) => _files.GetValueOrDefault(session)?.Containers.Snapshot() ?? [];
+
+    /// <summary>The container set on a group with SetContainer, if any; read under the group's lock.</summary>
+    internal Container? ContainerSetOn(IommuGroup group) => _containerSet.GetValueOrDefault(group);
+
+    /// <summary>The container a device is bound into with BindDevice, if any; read under its group's lock.</summary>
+    internal Container? BoundContainerOf(PciDevice device) => _boundInto.GetValueOrDefault(device);
+
+    // Only inside the session's operation scope (or its teardown), so an ended session's files,
+    // removed by its teardown, never come back.
+    private SessionFiles FilesOf(Session session) => _files.GetOrAdd(session, static s => new SessionFiles(s));
+
+    private Container FindContainer(Session session, ulong containerId) => FilesOf(session).Containers.Find(containerId);
+
+    private Container IommuOf(Session session, ulong containerId) => CheckIommu(FindContainer(session, containerId));
 
     private static Container CheckIommu(Container container)
     {
@@ -329,7 +362,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         return container;
     }
 
-    private static void Close(DeviceHandle handle)
+    private void Close(DeviceHandle handle)
     {
         var device = handle.Device;
         lock (device.Group.Sync)
@@ -344,7 +377,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             device.OpenHandles--;
         }
         handle.SetInterruptListener(null);
-        handle.Session.RemoveHandle(handle);
+        FilesOf(handle.Session).Handles.Remove(handle.Id);
     }
 
     private void Destroy(Container container)
@@ -352,7 +385,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         if (container.Destroyed)
             return;
         container.Destroyed = true;
-        container.Owner.RemoveContainer(container);
+        FilesOf(container.Owner).Containers.Remove(container.Id);
         Interlocked.Decrement(ref _liveContainers);
     }
 
@@ -366,23 +399,24 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     }
 
     // Under the group's lock; preconditions checked.
-    private static void Unset(IommuGroup group, Container container)
+    private void Unset(IommuGroup group, Container container)
     {
         var owner = group.Owner!;
-        group.ContainerSet = null;
+        _containerSet.TryRemove(group, out _);
         group.DetachUserDomain();
         group.ReleaseGroup(owner);
         container.RemoveGroup(group);
     }
 
     // Under the group's lock; preconditions checked.
-    private static void Unbind(PciDevice device)
+    private void Unbind(PciDevice device)
     {
         var group = device.Group;
-        var container = device.BoundContainer!;
+        var container = _boundInto.TryRemove(device, out var into)
+            ? into
+            : throw new InvalidOperationException($"{device.Address} is bound by session {device.BoundBy?.Id} into no container");
         var owner = device.BoundBy!;
         device.BoundBy = null;
-        device.BoundContainer = null;
         container.RemoveDevice(device);
         group.ReleaseDevice(owner);
         // Every claim in a group shares one container, so the group leaves it only with the last claim.

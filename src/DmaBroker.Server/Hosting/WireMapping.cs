@@ -1,5 +1,4 @@
 using DmaBroker.Core;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Topology;
 using Wire = DmaBroker.Protocol.V1;
 

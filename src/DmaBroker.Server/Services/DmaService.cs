@@ -33,8 +33,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
                 return;
             if (requestStream.Current.Open is not { } open)
                 throw ErrnoException.Invalid("the first request on a DMA stream must be open{handle}");
-            using var op = session.Enter();
-            handle = session.FindHandle(open.Handle);
+            handle = broker.Vfio.FindHandle(session, open.Handle);
         }
         catch (OperationCanceledException) when (session.Ending.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
         {

@@ -1,6 +1,6 @@
 using System.Collections.Immutable;
 
-namespace DmaBroker.Core.Ownership;
+namespace DmaBroker.Core.Topology;
 
 /// <summary>Who holds a group's DMA ownership.</summary>
 public enum OwnerKind
