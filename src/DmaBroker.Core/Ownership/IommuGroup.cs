@@ -20,32 +20,15 @@ public sealed class IommuGroup(uint id)
     internal Session? Owner { get; set; }
     internal DomainKind Domain { get; set; } = DomainKind.Default;
     internal ulong Generation { get; set; }
-    /// <summary>The user domain attached (Domain == User): a container's address space.</summary>
+    /// <summary>
+    /// The user domain attached (Domain == User): a container's address space. Assign it to
+    /// attach; detach only with <see cref="DetachAndDrain"/>, which waits out the DMA still
+    /// translating through it. Device accesses read it without the group's lock.
+    /// </summary>
     internal IUserDomain? Attached
     {
         get => Volatile.Read(ref _attached);
-        set
-        {
-            var old = _attached;
-            if (ReferenceEquals(old, value))
-                return;
-            if (old is null)
-            {
-                Volatile.Write(ref _attached, value);
-                return;
-            }
-            // Taking the old address space exclusively waits out every device access that may
-            // still be translating through it: once this returns, none of its DMA can land.
-            old.Iova.EnterExclusive();
-            try
-            {
-                Volatile.Write(ref _attached, value);
-            }
-            finally
-            {
-                old.Iova.ExitExclusive();
-            }
-        }
+        set => Volatile.Write(ref _attached, value);
     }
 
     private IUserDomain? _attached;
@@ -131,7 +114,7 @@ public sealed class IommuGroup(uint id)
         CheckUserRelease(session);
         OwnerCount = 0;
         Owner = null;
-        Attached = null;
+        DetachAndDrain();
         Domain = DomainKind.Default;
     }
 
@@ -167,8 +150,28 @@ public sealed class IommuGroup(uint id)
     {
         if (Domain != DomainKind.User)
             throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} has no user domain attached");
-        Attached = null;
+        DetachAndDrain();
         Domain = OwnerKind == OwnerKind.User ? DomainKind.Blocking : DomainKind.Default;
+    }
+
+    /// <summary>
+    /// Detaches the user domain, if any, and returns only once no device access can still be
+    /// translating through it: taking its address space exclusively waits out every access that
+    /// entered before, and every later one sees no domain. So none of its DMA lands afterwards.
+    /// </summary>
+    internal void DetachAndDrain()
+    {
+        if (_attached is not { } old)
+            return;
+        old.Iova.EnterExclusive();
+        try
+        {
+            Volatile.Write(ref _attached, null);
+        }
+        finally
+        {
+            old.Iova.ExitExclusive();
+        }
     }
 
     internal string Describe() => OwnerKind switch
