@@ -48,6 +48,10 @@ public abstract class DeviceModel
         ResetConfig();
     }
 
+    /// <summary>
+    /// The device's lock (lock 4 of <c>docs/locking.md</c>), held for a whole register access or
+    /// device DMA: taken after its group's lock, before the IOVA space the DMA translates through.
+    /// </summary>
     internal readonly Lock Sync = new();
 
     public PciFunctionSpec Spec { get; }

@@ -52,6 +52,8 @@ public sealed class IovaSpace(int dmaLimit) : IDisposable
     public const ulong MsiFirst = 0xfee0_0000;
     public const ulong MsiLast = 0xfeef_ffff;
 
+    // Lock 5 of docs/locking.md: shared by device accesses, exclusive for changes and detaches;
+    // taken after the group, container and device locks, before session memory's.
     private readonly ReaderWriterLockSlim _lock = new(LockRecursionPolicy.NoRecursion);
     private IovaMapping[] _mappings = new IovaMapping[16];
     private int _count;

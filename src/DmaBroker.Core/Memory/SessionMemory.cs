@@ -29,6 +29,7 @@ public sealed class SessionMemory(ulong limit)
     /// <summary>The most one Read or Write may move.</summary>
     public const int MaxTransfer = 4 * 1024 * 1024;
 
+    // Lock 6 of docs/locking.md: a leaf, taken under an IOVA space's lock when a mapping pins or unpins.
     private readonly Lock _sync = new();
     private readonly List<MemoryBlock> _blocks = []; // sorted by Vaddr
     private ulong _next = Base;

@@ -11,6 +11,7 @@ namespace DmaBroker.Core.Ownership;
 /// </summary>
 public sealed class IommuGroup(uint id)
 {
+    /// <summary>The group's lock (lock 2 of <c>docs/locking.md</c>): below the hotplug lock, above every other.</summary>
     internal readonly Lock Sync = new();
 
     public uint Id { get; } = id;

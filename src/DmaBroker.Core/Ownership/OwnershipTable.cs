@@ -9,12 +9,13 @@ namespace DmaBroker.Core.Ownership;
 /// The table of devices and IOMMU groups, and the kernel side of DMA ownership: driver binding
 /// and hotplug. Lookups are lock-free; each group's state is guarded by that group's lock, so
 /// work on different groups never serialises. Structural changes (hotplug) also take one
-/// hotplug lock. Lock order: hotplug, group, container, journal.
+/// hotplug lock. Lock order: <c>docs/locking.md</c>.
 /// </summary>
 public sealed class OwnershipTable
 {
     private readonly ConcurrentDictionary<PciAddress, PciDevice> _devices = new();
     private readonly ConcurrentDictionary<uint, IommuGroup> _groups = new();
+    // Lock 1 of docs/locking.md: the table's shape (which devices and groups exist); taken before any group's lock.
     private readonly Lock _hotplug = new();
     private readonly Dictionary<byte, PciDevice> _bridgeBySecondaryBus = [];
     private readonly HashSet<uint> _pinnedGroupIds;

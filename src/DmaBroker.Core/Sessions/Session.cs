@@ -36,6 +36,7 @@ public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The ending token source has no timer; it lives exactly as long as the session and is never disposed early, so linked tokens never observe a disposed source.")]
 public sealed class Session
 {
+    // The session state lock, lock 7 of docs/locking.md: a leaf, taken under a group's or container's lock.
     private readonly Lock _sync = new();
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
@@ -72,6 +73,7 @@ public sealed class Session
 
     internal RundownGate Gate { get; } = new();
 
+    /// <summary>The session state lock (lock 7 of <c>docs/locking.md</c>); also guards the session's VFIO files.</summary>
     internal Lock Sync => _sync;
 
     internal ITimer? Lease { get; set; }

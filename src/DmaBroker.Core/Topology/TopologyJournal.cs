@@ -47,6 +47,7 @@ public readonly record struct TopologyEvent(ulong Revision, TopologyChange? Chan
 /// </summary>
 public sealed class TopologyJournal
 {
+    // Lock 8 of docs/locking.md: a leaf; publishers hold their group's lock (or the hotplug lock) around it.
     private readonly Lock _sync = new();
     private readonly int _watchBuffer;
     private TopologySnapshot _current;

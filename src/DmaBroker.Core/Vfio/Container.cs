@@ -13,10 +13,11 @@ public enum ContainerType
 
 /// <summary>
 /// An IOMMU address space owned by one session. Its group and device sets change only under the
-/// lock of the group concerned and then this container's lock (lock order: group, container).
+/// lock of the group concerned and then this container's lock.
 /// </summary>
 public sealed class Container(ulong id, ContainerType type, Session owner, int dmaLimit) : IUserDomain
 {
+    /// <summary>The container's lock (lock 3 of <c>docs/locking.md</c>): taken after a group's lock, before the IOVA space's.</summary>
     internal readonly Lock Sync = new();
 
     /// <summary>The address space: mappings, and the lock that fences device accesses.</summary>
