@@ -171,9 +171,27 @@ public sealed class Session
     public void ReadMemory(ulong vaddr, Span<byte> destination)
     {
         using var op = Enter();
-        if (destination.Length > SessionMemory.MaxTransfer)
-            throw ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per read");
+        CheckRead((ulong)destination.Length);
         Memory.Read(vaddr, destination);
+    }
+
+    /// <summary>
+    /// Memory.Read into a new buffer of <paramref name="size"/> bytes. The size is checked
+    /// (EINVAL beyond <see cref="SessionMemory.MaxTransfer"/>) before anything is allocated, so a
+    /// caller can pass a size straight from the wire.
+    /// </summary>
+    public byte[] ReadMemory(ulong vaddr, ulong size)
+    {
+        CheckRead(size);
+        var data = new byte[size];
+        ReadMemory(vaddr, data);
+        return data;
+    }
+
+    private static void CheckRead(ulong size)
+    {
+        if (size > SessionMemory.MaxTransfer)
+            throw ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per read, not {size}");
     }
 
     /// <summary>Memory.Write: the CPU's view.</summary>

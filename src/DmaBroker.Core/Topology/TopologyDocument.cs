@@ -29,6 +29,21 @@ public sealed record PciFunctionSpec(
     uint? PinnedGroup)
 {
     public bool IsBridge => Kind is not PciNodeKind.Endpoint;
+
+    /// <summary>
+    /// An endpoint to hot-add (Kernel.AddDevice), from the wire's wider integers: vendor and
+    /// device ids must fit 16 bits and the class code 24 (EINVAL otherwise); an empty driver
+    /// name means none. Whether the model can be hot-added is the table's to decide.
+    /// </summary>
+    public static PciFunctionSpec HotplugEndpoint(PciAddress address, uint vendorId, uint deviceId, uint classCode, string model, bool acs, string? driver)
+    {
+        if (vendorId > 0xffff || deviceId > 0xffff)
+            throw ErrnoException.Invalid("vendor_id and device_id are 16-bit");
+        if (classCode > 0xffffff)
+            throw ErrnoException.Invalid("class_code is 24-bit");
+        return new PciFunctionSpec(address, PciNodeKind.Endpoint, (ushort)vendorId, (ushort)deviceId, classCode, model, acs,
+            SecondaryBus: null, string.IsNullOrEmpty(driver) ? null : driver, PinnedGroup: null);
+    }
 }
 
 /// <summary>A topology: the functions of a PCI tree, in address order.</summary>

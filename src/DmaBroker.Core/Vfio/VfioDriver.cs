@@ -259,6 +259,24 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             handle.Device.Model.Reset();
     }
     /// <summary>
+    /// Reads a region of an open device (pread on the device fd): config space (index 7) in any
+    /// size, a BAR (0-5) as one register access of 1, 2, 4 or 8 bytes.
+    /// </summary>
+    public byte[] RegionRead(Session session, ulong handleId, uint index, ulong offset, uint size) =>
+        FindHandle(session, handleId).RegionRead(index, offset, size);
+
+    /// <summary>
+    /// Writes a region of an open device (pwrite on the device fd). A DMA fault the write causes
+    /// is reported on the session stream, as the device's own business; a device error fails the
+    /// write with EIO.
+    /// </summary>
+    public void RegionWrite(Session session, ulong handleId, uint index, ulong offset, ReadOnlySpan<byte> data)
+    {
+        if (FindHandle(session, handleId).RegionWrite(index, offset, data).Error is { } error)
+            throw ErrnoException.Conflict(Errno.EIO, error);
+    }
+
+    /// <summary>
     /// Releases everything a session holds. Called by the registry once the session admits no
     /// more operations and those in flight have finished, so nothing here races its own calls.
     /// </summary>
