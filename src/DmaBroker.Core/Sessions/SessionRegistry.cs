@@ -17,6 +17,18 @@ public sealed record SessionOptions
 
     /// <summary>Mappings per container (type1's dma_entry_limit); beyond it, ENOSPC.</summary>
     public int DmaLimit { get; init; } = 65535;
+
+    /// <summary>
+    /// How long a session's teardown waits for its DMA streams to close, once it has released
+    /// everything, before it counts the session gone anyway: a wedged connection holds nothing.
+    /// </summary>
+    public TimeSpan StreamCloseGrace { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// How long a write to an ending session's stream may still block (its `revoked`, or events
+    /// queued before the end) before the broker gives up on a client that stopped reading.
+    /// </summary>
+    public TimeSpan EndingWriteGrace { get; init; } = TimeSpan.FromSeconds(2);
 }
 
 /// <summary>Live counts, for operators and leak checks.</summary>
@@ -126,7 +138,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             teardown(session);
             // Its streams were told to stop when the session began to end; the session counts as
             // gone once they have (bounded, so a wedged connection cannot hold teardown hostage).
-            await session.WhenStreamsClosed().WaitAsync(TimeSpan.FromSeconds(5), time).ConfigureAwait(false);
+            await session.WhenStreamsClosed().WaitAsync(Options.StreamCloseGrace, time).ConfigureAwait(false);
         }
         catch (TimeoutException)
         {
