@@ -3,7 +3,7 @@ using DmaBroker.Core.Memory;
 namespace DmaBroker.Core.Iommu;
 
 /// <summary>One IOVA range of a container, mapped onto session memory with device-side permissions.</summary>
-public sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulong vaddr, bool read, bool write)
+internal sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulong vaddr, bool read, bool write)
 {
     public ulong Iova { get; } = iova;
     public ulong Size { get; } = size;
@@ -21,15 +21,21 @@ public sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulong
 }
 
 /// <summary>What a device access came to: done, or a fault at the first page that failed.</summary>
+/// <param name="Ok">The access went through.</param>
+/// <param name="FaultIova">The page-aligned IOVA of the first page that failed.</param>
+/// <param name="Access">The direction that faulted.</param>
+/// <param name="Reason">Why it faulted.</param>
 public readonly record struct DmaOutcome(bool Ok, ulong FaultIova, DmaAccess Access, FaultReason Reason)
 {
+    /// <summary>The access went through: every page was mapped with the permission it needed.</summary>
     public static readonly DmaOutcome Success = new(true, 0, default, default);
 
+    /// <summary>The access faulted at the page <paramref name="iova"/>, and nothing was written.</summary>
     public static DmaOutcome Faulted(ulong iova, DmaAccess access, FaultReason reason) => new(false, iova, access, reason);
 }
 
 /// <summary>Which Linux interface's unmap rules apply.</summary>
-public enum UnmapRules
+internal enum UnmapRules
 {
     /// <summary>VFIO type1v2: bisecting a mapping is EINVAL; nothing mapped unmaps 0 bytes.</summary>
     Type1v2,
@@ -43,7 +49,7 @@ public enum UnmapRules
 /// read side of a reader-writer lock and changes under the write side, so when an unmap (or a
 /// domain detach) returns, no device access that could see the old mapping is still running.
 /// </summary>
-public sealed class IovaSpace(int dmaLimit) : IDisposable
+internal sealed class IovaSpace(int dmaLimit) : IDisposable
 {
     public const ulong PageSize = 4096;
     public const ulong PageMask = PageSize - 1;

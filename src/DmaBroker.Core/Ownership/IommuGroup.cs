@@ -14,6 +14,7 @@ public sealed class IommuGroup(uint id)
     /// <summary>The group's lock (lock 2 of <c>docs/locking.md</c>): below the hotplug lock, above every other.</summary>
     internal readonly Lock Sync = new();
 
+    /// <summary>The group's number, stable across restarts for one topology (SPEC §2).</summary>
     public uint Id { get; } = id;
 
     internal List<PciDevice> Devices { get; } = [];

@@ -21,7 +21,7 @@ public sealed class OwnershipTable
     private readonly HashSet<uint> _pinnedGroupIds;
     private uint _nextGroupId;
 
-    public OwnershipTable(TopologyDocument topology, int watchBuffer = 1024)
+    internal OwnershipTable(TopologyDocument topology, int watchBuffer = 1024)
     {
         _pinnedGroupIds = [.. topology.Functions.Where(f => f.PinnedGroup.HasValue).Select(f => f.PinnedGroup!.Value)];
         foreach (var spec in topology.Functions)
@@ -43,9 +43,11 @@ public sealed class OwnershipTable
     /// <summary>The revisioned record of this table, for readers and watchers.</summary>
     public TopologyJournal Journal { get; }
 
+    /// <summary>The device at <paramref name="address"/>; ENODEV (NOT_FOUND) if there is none.</summary>
     public PciDevice GetDevice(PciAddress address) =>
         _devices.TryGetValue(address, out var d) ? d : throw ErrnoException.NoDevice(address);
 
+    /// <summary>The group numbered <paramref name="id"/>; ENOENT (NOT_FOUND) if there is none.</summary>
     public IommuGroup GetGroup(uint id) =>
         _groups.TryGetValue(id, out var g) ? g : throw ErrnoException.NoGroup(id);
 

@@ -23,9 +23,15 @@ public enum SessionEndReason
 public abstract record SessionEvent;
 
 /// <summary>An IOMMU fault caused by one of the session's devices.</summary>
+/// <param name="Address">The device whose DMA faulted.</param>
+/// <param name="Iova">The page-aligned IOVA of the first page that failed.</param>
+/// <param name="Access">The direction of the access.</param>
+/// <param name="Reason">Why it faulted.</param>
 public sealed record FaultEvent(PciAddress Address, ulong Iova, DmaAccess Access, FaultReason Reason) : SessionEvent;
 
 /// <summary>An interrupt raised by one of the session's open devices.</summary>
+/// <param name="Handle">The device handle it came through.</param>
+/// <param name="Vector">The MSI vector.</param>
 public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
 
 /// <summary>
@@ -64,12 +70,14 @@ public sealed class Session
     /// <summary>The secret that authenticates calls; 256 random bits.</summary>
     public string Token { get; }
 
+    /// <summary>The name the client gave in its hello (or <c>client-N</c>), for logs and admin views.</summary>
     public string ClientName { get; internal set; }
 
+    /// <summary>When the session was opened, on the broker's clock.</summary>
     public DateTimeOffset OpenedAt { get; }
 
     /// <summary>The session's own memory (the process's address space).</summary>
-    public SessionMemory Memory { get; }
+    internal SessionMemory Memory { get; }
 
     internal RundownGate Gate { get; } = new();
 
@@ -86,6 +94,7 @@ public sealed class Session
     /// <summary>Set once the session starts to end.</summary>
     public SessionEndReason? EndReason { get; internal set; }
 
+    /// <summary>Why the session ended, in words: what its stream's <c>revoked</c> and the watch's <c>session_ended</c> say.</summary>
     public string? EndMessage { get; internal set; }
 
     /// <summary>Faults and interrupts for the session stream; completes when the session ends.</summary>
@@ -98,7 +107,7 @@ public sealed class Session
     /// Marks one operation on the session's behalf; dispose it when done. A session that has
     /// started to end admits none (UNAUTHENTICATED).
     /// </summary>
-    public OperationScope Enter() =>
+    internal OperationScope Enter() =>
         Gate.TryEnter() ? new OperationScope(this) : throw ErrnoException.Unauthenticated($"session {Id} has ended");
 
     /// <summary>Names the client (from its hello) in logs and admin views.</summary>
@@ -201,17 +210,18 @@ public sealed class Session
         Memory.Write(vaddr, source);
     }
 
-
+    /// <summary>The session as logs name it: its id and client name.</summary>
     public override string ToString() => $"session {Id} ({ClientName})";
 
     /// <summary>One DMA stream of a session, counted until disposed.</summary>
     public readonly struct StreamScope(Session session) : IDisposable
     {
+        /// <summary>The stream is closed: teardown no longer waits for it.</summary>
         public void Dispose() => session.StreamClosed();
     }
 
     /// <summary>One operation in flight on a session's behalf.</summary>
-    public readonly struct OperationScope(Session session) : IDisposable
+    internal readonly struct OperationScope(Session session) : IDisposable
     {
         public void Dispose() => session.Gate.Exit();
     }

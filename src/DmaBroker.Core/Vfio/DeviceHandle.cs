@@ -27,8 +27,13 @@ public sealed class DeviceHandle : IDevicePort
         Session = session;
     }
 
+    /// <summary>The handle's number, as a DMA stream's <c>open</c> and the device calls name it.</summary>
     public ulong Id { get; }
+
+    /// <summary>The PCI function the handle opens.</summary>
     public PciDevice Device { get; }
+
+    /// <summary>The session that opened it: its memory is all the device's DMA can reach, and its events carry the faults.</summary>
     public Session Session { get; }
     internal bool Closed { get; set; }
 

@@ -7,9 +7,14 @@ using DmaBroker.Core.Topology;
 namespace DmaBroker.Core.Vfio;
 
 /// <summary>VFIO_IOMMU_GET_INFO: page sizes (a bitmap), usable IOVA ranges (inclusive) and mappings left.</summary>
+/// <param name="PageSizes">The supported page sizes as a bitmap (here only 4096).</param>
+/// <param name="IovaRanges">The IOVA ranges a mapping may use: the aperture minus the reserved MSI window.</param>
+/// <param name="DmaAvailable">How many more mappings the container takes (dma_avail).</param>
 public sealed record IommuInfo(ulong PageSizes, IReadOnlyList<(ulong First, ulong Last)> IovaRanges, int DmaAvailable);
 
 /// <summary>What VFIO_GROUP_GET_STATUS reports to one session.</summary>
+/// <param name="Viable">The group can be used: unowned, or this session's container is set on it.</param>
+/// <param name="ContainerSet">This session's container is set on the group.</param>
 public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 
 /// <summary>
@@ -31,6 +36,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     private long _nextContainerId;
     private int _liveContainers;
 
+    /// <summary>Containers created and not yet destroyed, across every session.</summary>
     public int LiveContainers => Volatile.Read(ref _liveContainers);
 
     /// <summary>Device handles open in every session.</summary>
@@ -39,6 +45,10 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     /// <summary>IOVA mappings in every session's containers.</summary>
     public int Mappings => _files.Values.Sum(f => f.Containers.Snapshot().Sum(c => c.Iova.Count));
 
+    /// <summary>
+    /// VFIO_GROUP_GET_STATUS: viable when the group is unowned or this session's container is set
+    /// on it; container_set only for this session's own container.
+    /// </summary>
     public GroupStatus GetGroupStatus(Session session, uint groupId)
     {
         using var op = session.Enter();
@@ -51,6 +61,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         }
     }
 
+    /// <summary>Opens a container (or an IOAS) for the session, as opening /dev/vfio/vfio or /dev/iommu would.</summary>
     public Container CreateContainer(Session session, ContainerType type)
     {
         using var op = session.Enter();
