@@ -1,12 +1,14 @@
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core;
 
-/// <summary>Broker settings.</summary>
+/// <summary>What a broker is built with; the defaults are SPEC's.</summary>
 public sealed record BrokerOptions
 {
+    /// <summary>Leases, limits and grace periods that apply to every session.</summary>
     public SessionOptions Sessions { get; init; } = new();
 
     /// <summary>Events a watcher may fall behind before it is resynchronised with a snapshot.</summary>
@@ -14,6 +16,16 @@ public sealed record BrokerOptions
 }
 
 /// <summary>Live counts of what the broker holds, for operators and leak checks.</summary>
+/// <param name="Sessions">Sessions live and not ending.</param>
+/// <param name="Containers">Containers not yet destroyed.</param>
+/// <param name="UserOwnedGroups">Groups a session owns.</param>
+/// <param name="Watchers">Open watches.</param>
+/// <param name="SessionsOpened">Sessions opened since start.</param>
+/// <param name="SessionsClosed">Sessions that have ended (or begun to) since start.</param>
+/// <param name="MemoryBytes">Session memory allocated, in bytes.</param>
+/// <param name="OpenDevices">Device handles open.</param>
+/// <param name="DmaStreams">DMA streams open.</param>
+/// <param name="Mappings">IOVA mappings in every container.</param>
 public readonly record struct BrokerStats(
     int Sessions, int Containers, int UserOwnedGroups, int Watchers, long SessionsOpened, long SessionsClosed,
     ulong MemoryBytes, int OpenDevices, int DmaStreams, int Mappings);
@@ -24,6 +36,10 @@ public readonly record struct BrokerStats(
 /// </summary>
 public sealed class Broker : IAsyncDisposable
 {
+    /// <summary>
+    /// A broker whose table starts from <paramref name="topology"/> (SPEC §2). Leases and grace
+    /// periods run on <paramref name="time"/>, so tests can drive them with a fake clock.
+    /// </summary>
     public Broker(TopologyDocument topology, BrokerOptions? options = null, TimeProvider? time = null)
     {
         Options = options ?? new BrokerOptions();
@@ -33,12 +49,22 @@ public sealed class Broker : IAsyncDisposable
             s => Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? "")));
     }
 
+    /// <summary>The settings the broker was built with.</summary>
     public BrokerOptions Options { get; }
+
+    /// <summary>The kernel and operator side: devices, groups, driver binding, hotplug.</summary>
     public OwnershipTable Table { get; }
+
+    /// <summary>The user side: containers, group and device claims, mappings, open devices.</summary>
     public VfioDriver Vfio { get; }
+
+    /// <summary>Who is connected: opens, authenticates and ends sessions, releasing what they held.</summary>
     public SessionRegistry Sessions { get; }
+
+    /// <summary>The table's revisioned snapshots and changes, for readers and watchers.</summary>
     public TopologyJournal Journal => Table.Journal;
 
+    /// <summary>What the broker holds right now; a moment's counts, not a consistent snapshot.</summary>
     public BrokerStats GetStats()
     {
         var counts = Sessions.Counts;
@@ -51,11 +77,11 @@ public sealed class Broker : IAsyncDisposable
             counts.Opened,
             counts.Closed,
             live.Aggregate(0UL, (sum, s) => sum + s.Memory.Used),
-            live.Sum(s => s.Handles().Length),
+            Vfio.OpenDevices,
             live.Sum(s => s.StreamCount),
-            live.Sum(s => s.Containers().Sum(c => c.Iova.Count)));
+            Vfio.Mappings);
     }
 
-
+    /// <summary>Ends every session, each released as if revoked, and refuses new ones.</summary>
     public async ValueTask DisposeAsync() => await Sessions.ShutdownAsync().ConfigureAwait(false);
 }

@@ -8,13 +8,19 @@ namespace DmaBroker.Core;
 /// </summary>
 public static class Drivers
 {
+    /// <summary>The VFIO driver: binding it is what makes a device openable by a user driver (OpenDevice, BindDevice).</summary>
     public const string VfioPci = "vfio-pci";
+
+    /// <summary>A placeholder driver that only keeps others off the device; it does no DMA.</summary>
     public const string PciStub = "pci-stub";
+
+    /// <summary>The PCIe port driver that bridges are bound to at boot; it does no DMA of its own.</summary>
     public const string PciePort = "pcieport";
 
     private static readonly SearchValues<char> NameChars =
         SearchValues.Create("abcdefghijklmnopqrstuvwxyz0123456789_-");
 
+    /// <summary>Whether <paramref name="driver"/> sets <c>driver_managed_dma</c>, so binding it takes no DMA ownership (SPEC §1).</summary>
     public static bool ManagesDma(string driver) => driver is VfioPci or PciStub or PciePort;
 
     /// <summary>Checks a driver name: 1 to 32 of <c>[a-z0-9_-]</c>, as module names are.</summary>

@@ -4,6 +4,10 @@ using System.Globalization;
 namespace DmaBroker.Core;
 
 /// <summary>A PCI function address, <c>DDDD:BB:DD.F</c>; ordered as lspci orders them.</summary>
+/// <param name="Domain">The PCI segment (domain), 16 bits.</param>
+/// <param name="Bus">The bus number.</param>
+/// <param name="Device">The device (slot) number, 0 to 31.</param>
+/// <param name="Function">The function number, 0 to 7.</param>
 public readonly record struct PciAddress(ushort Domain, byte Bus, byte Device, byte Function) : IComparable<PciAddress>
 {
     private uint Packed => ((uint)Domain << 16) | ((uint)Bus << 8) | ((uint)Device << 3) | Function;
@@ -11,13 +15,22 @@ public readonly record struct PciAddress(ushort Domain, byte Bus, byte Device, b
     /// <summary>The slot (domain, bus, device) shared by the functions of one multi-function device.</summary>
     public PciAddress Slot => this with { Function = 0 };
 
+    /// <summary>Orders by domain, bus, device, function, as lspci lists them.</summary>
     public int CompareTo(PciAddress other) => Packed.CompareTo(other.Packed);
 
+    /// <summary>Comes before in lspci order.</summary>
     public static bool operator <(PciAddress left, PciAddress right) => left.CompareTo(right) < 0;
+
+    /// <summary>Comes before in lspci order, or is the same function.</summary>
     public static bool operator <=(PciAddress left, PciAddress right) => left.CompareTo(right) <= 0;
+
+    /// <summary>Comes after in lspci order.</summary>
     public static bool operator >(PciAddress left, PciAddress right) => left.CompareTo(right) > 0;
+
+    /// <summary>Comes after in lspci order, or is the same function.</summary>
     public static bool operator >=(PciAddress left, PciAddress right) => left.CompareTo(right) >= 0;
 
+    /// <summary>The canonical form, <c>DDDD:BB:DD.F</c> in lowercase hex, as the wire and sysfs write it.</summary>
     public override string ToString() =>
         string.Create(CultureInfo.InvariantCulture, $"{Domain:x4}:{Bus:x2}:{Device:x2}.{Function:x1}");
 

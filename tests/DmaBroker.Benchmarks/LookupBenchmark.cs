@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using DmaBroker.Core;
-using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Benchmarks;
 

@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Core.Tests;
@@ -94,7 +95,7 @@ public sealed class ConcurrencyTests
         Assert.True(failures.IsEmpty, string.Join('\n', failures));
         CoreState.AssertInvariants(broker);
         Assert.DoesNotContain(broker.Journal.Current.Groups.Values, g => g.OwnerSession == victim.Id);
-        Assert.Empty(victim.Containers());
+        Assert.Empty(broker.Vfio.ContainersOf(victim));
         Assert.Equal(0, broker.GetStats().UserOwnedGroups);
         Assert.Equal(0, broker.GetStats().Containers);
     }
@@ -246,7 +247,7 @@ public sealed class ConcurrencyTests
             foreach (var g in broker.Table.Groups)
             {
                 lock (g.Sync)
-                    CoreState.CheckGroup(g, null, problems);
+                    CoreState.CheckGroup(broker.Vfio, g, null, problems);
             }
         }
         foreach (var p in problems)
@@ -258,7 +259,7 @@ public sealed class ConcurrencyTests
     private static string Baseline(Broker broker)
     {
         var groups = broker.Table.Groups.OrderBy(g => g.Id).Select(g =>
-            $"{g.Id}:{g.OwnerKind}({g.OwnerCount}) owner={g.Owner?.Id} {g.Domain} set={g.ContainerSet?.Id} attached={g.Attached?.Id} "
+            $"{g.Id}:{g.OwnerKind}({g.OwnerCount}) owner={g.Owner?.Id} {g.Domain} set={broker.Vfio.ContainerSetOn(g)?.Id} attached={g.Attached?.Id} "
             + string.Join(',', g.Devices.Select(d => $"{d.Address}={d.Driver}/{d.BoundBy?.Id}")));
         return string.Join('\n', groups);
     }

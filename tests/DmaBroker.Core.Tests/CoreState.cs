@@ -29,14 +29,14 @@ internal static class CoreState
         foreach (var g in groups)
         {
             // The core keeps each group's devices in address order, as the model does.
-            GroupLine(sb, g.Id, g.OwnerCount, g.Owner?.Id, g.Domain, g.Generation, g.Attached?.Id, g.ContainerSet?.Id,
+            GroupLine(sb, g.Id, g.OwnerCount, g.Owner?.Id, g.Domain, g.Generation, g.Attached?.Id, broker.Vfio.ContainerSetOn(g)?.Id,
                 g.Devices.Select(d => d.Address));
             foreach (var d in g.Devices)
-                DeviceLine(sb, d.Address, g.Id, d.Driver, d.BoundBy?.Id, d.BoundContainer?.Id, d.OpenHandles);
+                DeviceLine(sb, d.Address, g.Id, d.Driver, d.BoundBy?.Id, broker.Vfio.BoundContainerOf(d)?.Id, d.OpenHandles);
         }
         var live = broker.Sessions.Live.ToArray();
         Array.Sort(live, static (x, y) => x.Id.CompareTo(y.Id));
-        var containers = live.SelectMany(s => s.Containers()).ToArray();
+        var containers = live.SelectMany(broker.Vfio.ContainersOf).ToArray();
         Array.Sort(containers, static (x, y) => x.Id.CompareTo(y.Id));
         foreach (var c in containers)
         {
@@ -113,16 +113,16 @@ internal static class CoreState
         var problems = new List<string>();
         var live = broker.Sessions.Live.ToHashSet();
         foreach (var g in broker.Table.Groups)
-            CheckGroup(g, live, problems);
+            CheckGroup(broker.Vfio, g, live, problems);
         CheckJournal(broker, problems);
         return problems;
     }
 
     /// <summary>One group's invariants; call under <c>group.Sync</c> when other threads run.</summary>
-    public static void CheckGroup(IommuGroup g, IReadOnlySet<Sessions.Session>? liveSessions, List<string> problems)
+    public static void CheckGroup(Vfio.VfioDriver vfio, IommuGroup g, IReadOnlySet<Sessions.Session>? liveSessions, List<string> problems)
     {
         var dmaApi = g.Devices.Count(d => UsesDmaApi(d.Driver));
-        var userClaims = (g.ContainerSet is null ? 0 : 1) + g.Devices.Count(d => d.BoundBy is not null);
+        var userClaims = (vfio.ContainerSetOn(g) is null ? 0 : 1) + g.Devices.Count(d => d.BoundBy is not null);
         if (g.OwnerCount < 0)
             problems.Add($"{Where(g)}: negative owner count");
         if (g.Owner is null)
@@ -142,7 +142,7 @@ internal static class CoreState
                 problems.Add($"{Where(g)}: user-owned with {dmaApi} DMA-API driver(s) bound");
             if (g.OwnerCount != userClaims || g.OwnerCount == 0)
                 problems.Add($"{Where(g)}: user-owned count {g.OwnerCount} but {userClaims} user claim(s)");
-            if (g.ContainerSet is { } set && set.Owner != g.Owner)
+            if (vfio.ContainerSetOn(g) is { } set && set.Owner != g.Owner)
                 problems.Add($"{Where(g)}: container c{set.Id} of session {set.Owner.Id} set on it");
             if (g.Devices.FirstOrDefault(d => d.BoundBy is not null && d.BoundBy != g.Owner) is { } other)
                 problems.Add($"{Where(g)}: {other.Address} bound by another session {other.BoundBy!.Id}");
@@ -150,7 +150,7 @@ internal static class CoreState
                 problems.Add($"{Where(g)}: user-owned in the default domain");
             if (liveSessions is not null && !liveSessions.Contains(g.Owner))
                 problems.Add($"{Where(g)}: owned by session {g.Owner.Id}, which has ended");
-            if (g.Attached is { Destroyed: true } destroyed)
+            if (g.Attached is Vfio.Container { Destroyed: true } destroyed)
                 problems.Add($"{Where(g)}: destroyed container c{destroyed.Id} attached");
         }
         if ((g.Domain == DomainKind.User) != (g.Attached is not null))

@@ -1,8 +1,9 @@
 using System.Collections.Concurrent;
 using DmaBroker.Core.Devices;
-using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 

@@ -2,9 +2,9 @@ using System.Globalization;
 using DmaBroker.Core.Devices;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Core.Tests;

@@ -5,6 +5,7 @@ using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Core.Tests;

@@ -1,6 +1,7 @@
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 
@@ -118,7 +119,7 @@ public sealed class DmaTranslationTests
         var before = DmaRig.Contents(block);
         lock (group.Sync)
             group.DetachUserDomain();
-        Assert.Equal(Ownership.DomainKind.Blocking, group.Domain);
+        Assert.Equal(Topology.DomainKind.Blocking, group.Domain);
 
         Assert.Equal(DmaOutcome.Faulted(Rw, DmaAccess.Write, FaultReason.Blocked), handle.DmaWrite(Rw + 4, [1, 2, 3]));
         Assert.Equal(DmaOutcome.Faulted(Rw, DmaAccess.Read, FaultReason.Blocked), handle.DmaRead(Rw + 4, new byte[3]));

@@ -1,7 +1,9 @@
 using System.Buffers.Binary;
 using DmaBroker.Core.Devices;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 
@@ -41,9 +43,9 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
 
     private EduDevice Model => (EduDevice)_edu.Device.Model;
 
-    private ulong Read(ulong offset, int width = 4) => _edu.MmioRead(0, offset, width);
+    private ulong Read(ulong offset, int width = 4) => _edu.MmioRead(0, offset, (uint)width);
 
-    private void Write(ulong offset, ulong value, int width = 4) => Assert.True(_edu.MmioWrite(0, offset, width, value).Ok);
+    private void Write(ulong offset, ulong value, int width = 4) => Assert.True(_edu.MmioWrite(0, offset, (uint)width, value).Ok);
 
     private MmioResult StartDma(ulong source, ulong destination, ulong count, ulong command)
     {

@@ -1,5 +1,5 @@
-using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Core.Tests;

@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 

@@ -1,8 +1,8 @@
 using System.Globalization;
 using System.Text;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Core.Tests;

@@ -1,6 +1,7 @@
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Core.Tests;
 
@@ -272,7 +273,7 @@ public sealed class OwnershipTableTests
 
         private static string Inside(string text, string head) => text[(head.Length + 1)..^1];
 
-        private static string Name<T>(Dictionary<string, T> names, T value) =>
+        private static string Name<T>(Dictionary<string, T> names, object value) =>
             names.FirstOrDefault(kv => ReferenceEquals(kv.Value, value)).Key ?? "?";
 
         public async ValueTask DisposeAsync()

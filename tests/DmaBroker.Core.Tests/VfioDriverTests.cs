@@ -1,6 +1,6 @@
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Core.Tests;

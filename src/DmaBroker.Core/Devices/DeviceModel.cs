@@ -5,7 +5,7 @@ using DmaBroker.Core.Topology;
 namespace DmaBroker.Core.Devices;
 
 /// <summary>What a device can do to the host: DMA through the IOMMU and interrupts.</summary>
-public interface IDevicePort
+internal interface IDevicePort
 {
     /// <summary>The device writes host memory (inbound DMA).</summary>
     DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data);
@@ -18,12 +18,18 @@ public interface IDevicePort
 }
 
 /// <summary>The result of a register write that may have started device work.</summary>
+/// <param name="Ok">The write, and any DMA it started, went through.</param>
+/// <param name="Dma">The outcome of the DMA the write started: a fault also goes to the session's events.</param>
+/// <param name="Error">Why the device itself failed the work (bad programming), or null.</param>
 public readonly record struct MmioResult(bool Ok, DmaOutcome Dma, string? Error)
 {
+    /// <summary>The write went through, and any DMA it started too.</summary>
     public static readonly MmioResult Done = new(true, DmaOutcome.Success, null);
 
+    /// <summary>The write started DMA that faulted in the IOMMU.</summary>
     public static MmioResult Faulted(DmaOutcome dma) => new(false, dma, null);
 
+    /// <summary>The device refused the work it was programmed for; the broker keeps running where QEMU would abort.</summary>
     public static MmioResult Failed(string error) => new(false, DmaOutcome.Success, error);
 }
 
@@ -31,7 +37,7 @@ public readonly record struct MmioResult(bool Ok, DmaOutcome Dma, string? Error)
 /// A simulated PCI function: a config space (VFIO region 7) whose command register gates DMA,
 /// and up to six BARs (regions 0-5). Callers hold <see cref="Sync"/> around every access.
 /// </summary>
-public abstract class DeviceModel
+internal abstract class DeviceModel
 {
     public const int ConfigIndex = 7;
     public const int ConfigSize = 256;
@@ -48,6 +54,10 @@ public abstract class DeviceModel
         ResetConfig();
     }
 
+    /// <summary>
+    /// The device's lock (lock 4 of <c>docs/locking.md</c>), held for a whole register access or
+    /// device DMA: taken after its group's lock, before the IOVA space the DMA translates through.
+    /// </summary>
     internal readonly Lock Sync = new();
 
     public PciFunctionSpec Spec { get; }
@@ -129,7 +139,7 @@ public abstract class DeviceModel
 }
 
 /// <summary>A device whose BAR0 is plain registers that read back what was written (or no BAR at all).</summary>
-public sealed class RegisterFileDevice(PciFunctionSpec spec, ulong bar0Size) : DeviceModel(spec)
+internal sealed class RegisterFileDevice(PciFunctionSpec spec, ulong bar0Size) : DeviceModel(spec)
 {
     private readonly Dictionary<ulong, byte> _bytes = [];
     private readonly ulong[] _bars = [bar0Size, 0, 0, 0, 0, 0];

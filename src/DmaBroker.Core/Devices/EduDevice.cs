@@ -8,7 +8,7 @@ namespace DmaBroker.Core.Devices;
 /// address 0x40000 and a 28-bit DMA mask. The DMA runs when the command is written (QEMU runs
 /// it from a timer); a range outside the buffer fails the DMA where QEMU would abort.
 /// </summary>
-public sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
+internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
 {
     public const ulong Bar0Size = 1 << 20;
     public const uint Identification = 0x010000ed;

@@ -1,10 +1,9 @@
 using DmaBroker.Core.Memory;
-using DmaBroker.Core.Sessions;
 
 namespace DmaBroker.Core.Iommu;
 
 /// <summary>One IOVA range of a container, mapped onto session memory with device-side permissions.</summary>
-public sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulong vaddr, bool read, bool write)
+internal sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulong vaddr, bool read, bool write)
 {
     public ulong Iova { get; } = iova;
     public ulong Size { get; } = size;
@@ -22,15 +21,21 @@ public sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulong
 }
 
 /// <summary>What a device access came to: done, or a fault at the first page that failed.</summary>
+/// <param name="Ok">The access went through.</param>
+/// <param name="FaultIova">The page-aligned IOVA of the first page that failed.</param>
+/// <param name="Access">The direction that faulted.</param>
+/// <param name="Reason">Why it faulted.</param>
 public readonly record struct DmaOutcome(bool Ok, ulong FaultIova, DmaAccess Access, FaultReason Reason)
 {
+    /// <summary>The access went through: every page was mapped with the permission it needed.</summary>
     public static readonly DmaOutcome Success = new(true, 0, default, default);
 
+    /// <summary>The access faulted at the page <paramref name="iova"/>, and nothing was written.</summary>
     public static DmaOutcome Faulted(ulong iova, DmaAccess access, FaultReason reason) => new(false, iova, access, reason);
 }
 
 /// <summary>Which Linux interface's unmap rules apply.</summary>
-public enum UnmapRules
+internal enum UnmapRules
 {
     /// <summary>VFIO type1v2: bisecting a mapping is EINVAL; nothing mapped unmaps 0 bytes.</summary>
     Type1v2,
@@ -44,7 +49,7 @@ public enum UnmapRules
 /// read side of a reader-writer lock and changes under the write side, so when an unmap (or a
 /// domain detach) returns, no device access that could see the old mapping is still running.
 /// </summary>
-public sealed class IovaSpace(int dmaLimit) : IDisposable
+internal sealed class IovaSpace(int dmaLimit) : IDisposable
 {
     public const ulong PageSize = 4096;
     public const ulong PageMask = PageSize - 1;
@@ -53,6 +58,8 @@ public sealed class IovaSpace(int dmaLimit) : IDisposable
     public const ulong MsiFirst = 0xfee0_0000;
     public const ulong MsiLast = 0xfeef_ffff;
 
+    // Lock 5 of docs/locking.md: shared by device accesses, exclusive for changes and detaches;
+    // taken after the group, container and device locks, before session memory's.
     private readonly ReaderWriterLockSlim _lock = new(LockRecursionPolicy.NoRecursion);
     private IovaMapping[] _mappings = new IovaMapping[16];
     private int _count;

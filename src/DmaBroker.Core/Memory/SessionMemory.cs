@@ -3,8 +3,13 @@ namespace DmaBroker.Core.Memory;
 /// <summary>One block from <see cref="SessionMemory.Allocate"/>: page-aligned, zeroed, pinned while mapped.</summary>
 public sealed class MemoryBlock(ulong vaddr, byte[] bytes)
 {
+    /// <summary>Where the block starts in the session's address space: the address MapDma and Memory calls name.</summary>
     public ulong Vaddr { get; } = vaddr;
+
+    /// <summary>The block's size, the request rounded up to whole pages.</summary>
     public ulong Size { get; } = (ulong)bytes.LongLength;
+
+    /// <summary>The first address past the block; the page there is an unmapped guard.</summary>
     public ulong End => Vaddr + Size;
     internal byte[] Bytes { get; } = bytes;
 
@@ -21,7 +26,7 @@ public sealed class MemoryBlock(ulong vaddr, byte[] bytes)
 /// page-aligned addresses with an unmapped guard page between them, a limit like
 /// RLIMIT_MEMLOCK, and pins that keep mapped memory from being freed.
 /// </summary>
-public sealed class SessionMemory(ulong limit)
+internal sealed class SessionMemory(ulong limit)
 {
     public const ulong PageSize = 4096;
     /// <summary>Where the first block goes; never 0, so a zero vaddr is always a mistake.</summary>
@@ -29,6 +34,7 @@ public sealed class SessionMemory(ulong limit)
     /// <summary>The most one Read or Write may move.</summary>
     public const int MaxTransfer = 4 * 1024 * 1024;
 
+    // Lock 6 of docs/locking.md: a leaf, taken under an IOVA space's lock when a mapping pins or unpins.
     private readonly Lock _sync = new();
     private readonly List<MemoryBlock> _blocks = []; // sorted by Vaddr
     private ulong _next = Base;

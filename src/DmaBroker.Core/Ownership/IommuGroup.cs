@@ -1,4 +1,5 @@
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Ownership;
 
@@ -10,8 +11,10 @@ namespace DmaBroker.Core.Ownership;
 /// </summary>
 public sealed class IommuGroup(uint id)
 {
+    /// <summary>The group's lock (lock 2 of <c>docs/locking.md</c>): below the hotplug lock, above every other.</summary>
     internal readonly Lock Sync = new();
 
+    /// <summary>The group's number, stable across restarts for one topology (SPEC §2).</summary>
     public uint Id { get; } = id;
 
     internal List<PciDevice> Devices { get; } = [];
@@ -19,37 +22,18 @@ public sealed class IommuGroup(uint id)
     internal Session? Owner { get; set; }
     internal DomainKind Domain { get; set; } = DomainKind.Default;
     internal ulong Generation { get; set; }
-    /// <summary>The container whose domain is attached (Domain == User).</summary>
-    internal Container? Attached
+    /// <summary>
+    /// The user domain attached (Domain == User): a container's address space. Assign it to
+    /// attach; detach only with <see cref="DetachAndDrain"/>, which waits out the DMA still
+    /// translating through it. Device accesses read it without the group's lock.
+    /// </summary>
+    internal IUserDomain? Attached
     {
         get => Volatile.Read(ref _attached);
-        set
-        {
-            var old = _attached;
-            if (ReferenceEquals(old, value))
-                return;
-            if (old is null)
-            {
-                Volatile.Write(ref _attached, value);
-                return;
-            }
-            // Taking the old address space exclusively waits out every device access that may
-            // still be translating through it: once this returns, none of its DMA can land.
-            old.Iova.EnterExclusive();
-            try
-            {
-                Volatile.Write(ref _attached, value);
-            }
-            finally
-            {
-                old.Iova.ExitExclusive();
-            }
-        }
+        set => Volatile.Write(ref _attached, value);
     }
 
-    private Container? _attached;
-    /// <summary>The container set with SetContainer (the VFIO group flow), if any.</summary>
-    internal Container? ContainerSet { get; set; }
+    private IUserDomain? _attached;
     internal bool Removed { get; set; }
 
     internal OwnerKind OwnerKind => OwnerCount == 0 ? OwnerKind.None : Owner is null ? OwnerKind.Kernel : OwnerKind.User;
@@ -132,7 +116,7 @@ public sealed class IommuGroup(uint id)
         CheckUserRelease(session);
         OwnerCount = 0;
         Owner = null;
-        Attached = null;
+        DetachAndDrain();
         Domain = DomainKind.Default;
     }
 
@@ -148,18 +132,18 @@ public sealed class IommuGroup(uint id)
 
     // --- user domains ---
 
-    internal void CheckAttach(Container container)
+    internal void CheckAttach(IUserDomain domain)
     {
         if (OwnerKind != OwnerKind.User)
             throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} is not user-owned");
-        if (Domain == DomainKind.User && Attached != container)
+        if (Domain == DomainKind.User && Attached != domain)
             throw ErrnoException.Busy($"group {Id} already has container {Attached?.Id}'s domain attached");
     }
 
-    internal void AttachUserDomain(Container container)
+    internal void AttachUserDomain(IUserDomain domain)
     {
-        CheckAttach(container);
-        Attached = container;
+        CheckAttach(domain);
+        Attached = domain;
         Domain = DomainKind.User;
     }
 
@@ -168,8 +152,28 @@ public sealed class IommuGroup(uint id)
     {
         if (Domain != DomainKind.User)
             throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} has no user domain attached");
-        Attached = null;
+        DetachAndDrain();
         Domain = OwnerKind == OwnerKind.User ? DomainKind.Blocking : DomainKind.Default;
+    }
+
+    /// <summary>
+    /// Detaches the user domain, if any, and returns only once no device access can still be
+    /// translating through it: taking its address space exclusively waits out every access that
+    /// entered before, and every later one sees no domain. So none of its DMA lands afterwards.
+    /// </summary>
+    internal void DetachAndDrain()
+    {
+        if (_attached is not { } old)
+            return;
+        old.Iova.EnterExclusive();
+        try
+        {
+            Volatile.Write(ref _attached, null);
+        }
+        finally
+        {
+            old.Iova.ExitExclusive();
+        }
     }
 
     internal string Describe() => OwnerKind switch

@@ -9,18 +9,19 @@ namespace DmaBroker.Core.Ownership;
 /// The table of devices and IOMMU groups, and the kernel side of DMA ownership: driver binding
 /// and hotplug. Lookups are lock-free; each group's state is guarded by that group's lock, so
 /// work on different groups never serialises. Structural changes (hotplug) also take one
-/// hotplug lock. Lock order: hotplug, group, container, journal.
+/// hotplug lock. Lock order: <c>docs/locking.md</c>.
 /// </summary>
 public sealed class OwnershipTable
 {
     private readonly ConcurrentDictionary<PciAddress, PciDevice> _devices = new();
     private readonly ConcurrentDictionary<uint, IommuGroup> _groups = new();
+    // Lock 1 of docs/locking.md: the table's shape (which devices and groups exist); taken before any group's lock.
     private readonly Lock _hotplug = new();
     private readonly Dictionary<byte, PciDevice> _bridgeBySecondaryBus = [];
     private readonly HashSet<uint> _pinnedGroupIds;
     private uint _nextGroupId;
 
-    public OwnershipTable(TopologyDocument topology, int watchBuffer = 1024)
+    internal OwnershipTable(TopologyDocument topology, int watchBuffer = 1024)
     {
         _pinnedGroupIds = [.. topology.Functions.Where(f => f.PinnedGroup.HasValue).Select(f => f.PinnedGroup!.Value)];
         foreach (var spec in topology.Functions)
@@ -42,9 +43,11 @@ public sealed class OwnershipTable
     /// <summary>The revisioned record of this table, for readers and watchers.</summary>
     public TopologyJournal Journal { get; }
 
+    /// <summary>The device at <paramref name="address"/>; ENODEV (NOT_FOUND) if there is none.</summary>
     public PciDevice GetDevice(PciAddress address) =>
         _devices.TryGetValue(address, out var d) ? d : throw ErrnoException.NoDevice(address);
 
+    /// <summary>The group numbered <paramref name="id"/>; ENOENT (NOT_FOUND) if there is none.</summary>
     public IommuGroup GetGroup(uint id) =>
         _groups.TryGetValue(id, out var g) ? g : throw ErrnoException.NoGroup(id);
 

@@ -9,18 +9,22 @@ namespace DmaBroker.Core.Ownership;
 /// </summary>
 public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
 {
+    /// <summary>The function's address, its identity in every call.</summary>
     public PciAddress Address => Spec.Address;
+
+    /// <summary>What the topology (or the hotplug request) says the function is.</summary>
     public PciFunctionSpec Spec { get; } = spec;
+
+    /// <summary>The IOMMU group the function was placed in when it appeared; it never moves.</summary>
     public IommuGroup Group { get; } = group;
 
     /// <summary>The simulated hardware behind the function; accessed under its own lock.</summary>
-    public DeviceModel Model { get; } = DeviceModel.Create(spec);
+    internal DeviceModel Model { get; } = DeviceModel.Create(spec);
 
     internal string? Driver { get; set; }
     internal bool DriverManagesDma => Driver is not null && Drivers.ManagesDma(Driver);
-    /// <summary>The session that bound the device with BindDevice, and into which container.</summary>
+    /// <summary>The session whose device claim (BindDevice) holds the device.</summary>
     internal Session? BoundBy { get; set; }
-    internal Container? BoundContainer { get; set; }
     /// <summary>Open device handles (VFIO device fds).</summary>
     internal int OpenHandles { get; set; }
     internal bool Removed { get; set; }

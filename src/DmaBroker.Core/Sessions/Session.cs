@@ -1,4 +1,5 @@
 using System.Threading.Channels;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 
 namespace DmaBroker.Core.Sessions;
@@ -22,26 +23,16 @@ public enum SessionEndReason
 public abstract record SessionEvent;
 
 /// <summary>An IOMMU fault caused by one of the session's devices.</summary>
+/// <param name="Address">The device whose DMA faulted.</param>
+/// <param name="Iova">The page-aligned IOVA of the first page that failed.</param>
+/// <param name="Access">The direction of the access.</param>
+/// <param name="Reason">Why it faulted.</param>
 public sealed record FaultEvent(PciAddress Address, ulong Iova, DmaAccess Access, FaultReason Reason) : SessionEvent;
 
 /// <summary>An interrupt raised by one of the session's open devices.</summary>
+/// <param name="Handle">The device handle it came through.</param>
+/// <param name="Vector">The MSI vector.</param>
 public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
-
-/// <summary>A device access direction, from the device's point of view.</summary>
-public enum DmaAccess
-{
-    Read = 1,
-    Write = 2,
-}
-
-/// <summary>Why a device access faulted.</summary>
-public enum FaultReason
-{
-    Unmapped = 1,
-    Permission = 2,
-    BusMasterOff = 3,
-    Blocked = 4,
-}
 
 /// <summary>
 /// A client's identity, as a <c>struct file *</c> is in Linux: everything it claims is released
@@ -51,9 +42,8 @@ public enum FaultReason
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The ending token source has no timer; it lives exactly as long as the session and is never disposed early, so linked tokens never observe a disposed source.")]
 public sealed class Session
 {
+    // The session state lock, lock 7 of docs/locking.md: a leaf, taken under a group's or container's lock.
     private readonly Lock _sync = new();
-    private readonly IdTable<Container> _containers;
-    private readonly IdTable<DeviceHandle> _handles;
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
     private long _droppedEvents;
@@ -63,8 +53,6 @@ public sealed class Session
     internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, ulong memoryLimit)
     {
         Memory = new SessionMemory(memoryLimit);
-        _containers = new(_sync, c => ErrnoException.NotFound(Errno.ENOENT, $"container {c} is not a container of session {id}"));
-        _handles = new(_sync, h => ErrnoException.NotFound(Errno.EBADF, $"device handle {h} is not open in session {id}"));
         Id = id;
         Token = token;
         ClientName = clientName;
@@ -82,15 +70,18 @@ public sealed class Session
     /// <summary>The secret that authenticates calls; 256 random bits.</summary>
     public string Token { get; }
 
+    /// <summary>The name the client gave in its hello (or <c>client-N</c>), for logs and admin views.</summary>
     public string ClientName { get; internal set; }
 
+    /// <summary>When the session was opened, on the broker's clock.</summary>
     public DateTimeOffset OpenedAt { get; }
 
     /// <summary>The session's own memory (the process's address space).</summary>
-    public SessionMemory Memory { get; }
+    internal SessionMemory Memory { get; }
 
     internal RundownGate Gate { get; } = new();
 
+    /// <summary>The session state lock (lock 7 of <c>docs/locking.md</c>); also guards the session's VFIO files.</summary>
     internal Lock Sync => _sync;
 
     internal ITimer? Lease { get; set; }
@@ -103,6 +94,7 @@ public sealed class Session
     /// <summary>Set once the session starts to end.</summary>
     public SessionEndReason? EndReason { get; internal set; }
 
+    /// <summary>Why the session ended, in words: what its stream's <c>revoked</c> and the watch's <c>session_ended</c> say.</summary>
     public string? EndMessage { get; internal set; }
 
     /// <summary>Faults and interrupts for the session stream; completes when the session ends.</summary>
@@ -115,7 +107,7 @@ public sealed class Session
     /// Marks one operation on the session's behalf; dispose it when done. A session that has
     /// started to end admits none (UNAUTHENTICATED).
     /// </summary>
-    public OperationScope Enter() =>
+    internal OperationScope Enter() =>
         Gate.TryEnter() ? new OperationScope(this) : throw ErrnoException.Unauthenticated($"session {Id} has ended");
 
     /// <summary>Names the client (from its hello) in logs and admin views.</summary>
@@ -170,27 +162,6 @@ public sealed class Session
 
     internal void CompleteEvents() => _events.Writer.TryComplete();
 
-    internal Container AddContainer(Container container)
-    {
-        _containers.Add(container.Id, container);
-        return container;
-    }
-
-    internal Container FindContainer(ulong id) => _containers.Find(id);
-
-    internal void RemoveContainer(Container container) => _containers.Remove(container.Id);
-
-    internal Container[] Containers() => _containers.Snapshot();
-
-    internal void AddHandle(DeviceHandle handle) => _handles.Add(handle.Id, handle);
-
-    /// <summary>An open device handle of this session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>
-    public DeviceHandle FindHandle(ulong id) => _handles.Find(id);
-
-    internal void RemoveHandle(DeviceHandle handle) => _handles.Remove(handle.Id);
-
-    internal DeviceHandle[] Handles() => _handles.Snapshot();
-
     /// <summary>Memory.Allocate: zeroed, page-aligned memory of the session.</summary>
     public MemoryBlock Allocate(ulong size)
     {
@@ -209,9 +180,27 @@ public sealed class Session
     public void ReadMemory(ulong vaddr, Span<byte> destination)
     {
         using var op = Enter();
-        if (destination.Length > SessionMemory.MaxTransfer)
-            throw ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per read");
+        CheckRead((ulong)destination.Length);
         Memory.Read(vaddr, destination);
+    }
+
+    /// <summary>
+    /// Memory.Read into a new buffer of <paramref name="size"/> bytes. The size is checked
+    /// (EINVAL beyond <see cref="SessionMemory.MaxTransfer"/>) before anything is allocated, so a
+    /// caller can pass a size straight from the wire.
+    /// </summary>
+    public byte[] ReadMemory(ulong vaddr, ulong size)
+    {
+        CheckRead(size);
+        var data = new byte[size];
+        ReadMemory(vaddr, data);
+        return data;
+    }
+
+    private static void CheckRead(ulong size)
+    {
+        if (size > SessionMemory.MaxTransfer)
+            throw ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per read, not {size}");
     }
 
     /// <summary>Memory.Write: the CPU's view.</summary>
@@ -221,48 +210,18 @@ public sealed class Session
         Memory.Write(vaddr, source);
     }
 
-
+    /// <summary>The session as logs name it: its id and client name.</summary>
     public override string ToString() => $"session {Id} ({ClientName})";
-
-    /// <summary>A session's table of objects by id (its containers, its open handles), like a file table.</summary>
-    private sealed class IdTable<T>(Lock sync, Func<ulong, ErrnoException> missing)
-        where T : class
-    {
-        private readonly Dictionary<ulong, T> _items = [];
-
-        public void Add(ulong id, T item)
-        {
-            lock (sync)
-                _items.Add(id, item);
-        }
-
-        public T Find(ulong id)
-        {
-            lock (sync)
-                return _items.TryGetValue(id, out var item) ? item : throw missing(id);
-        }
-
-        public void Remove(ulong id)
-        {
-            lock (sync)
-                _items.Remove(id);
-        }
-
-        public T[] Snapshot()
-        {
-            lock (sync)
-                return [.. _items.Values];
-        }
-    }
 
     /// <summary>One DMA stream of a session, counted until disposed.</summary>
     public readonly struct StreamScope(Session session) : IDisposable
     {
+        /// <summary>The stream is closed: teardown no longer waits for it.</summary>
         public void Dispose() => session.StreamClosed();
     }
 
     /// <summary>One operation in flight on a session's behalf.</summary>
-    public readonly struct OperationScope(Session session) : IDisposable
+    internal readonly struct OperationScope(Session session) : IDisposable
     {
         public void Dispose() => session.Gate.Exit();
     }

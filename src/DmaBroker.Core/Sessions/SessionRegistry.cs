@@ -3,7 +3,7 @@ using System.Security.Cryptography;
 
 namespace DmaBroker.Core.Sessions;
 
-/// <summary>Session settings.</summary>
+/// <summary>The leases, limits and grace periods every session of a broker gets; the defaults are SPEC's.</summary>
 public sealed record SessionOptions
 {
     /// <summary>A session that sends nothing for this long ends (SPEC §5: default 3 s).</summary>
@@ -17,9 +17,24 @@ public sealed record SessionOptions
 
     /// <summary>Mappings per container (type1's dma_entry_limit); beyond it, ENOSPC.</summary>
     public int DmaLimit { get; init; } = 65535;
+
+    /// <summary>
+    /// How long a session's teardown waits for its DMA streams to close, once it has released
+    /// everything, before it counts the session gone anyway: a wedged connection holds nothing.
+    /// </summary>
+    public TimeSpan StreamCloseGrace { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// How long a write to an ending session's stream may still block (its `revoked`, or events
+    /// queued before the end) before the broker gives up on a client that stopped reading.
+    /// </summary>
+    public TimeSpan EndingWriteGrace { get; init; } = TimeSpan.FromSeconds(2);
 }
 
 /// <summary>Live counts, for operators and leak checks.</summary>
+/// <param name="Live">Sessions live and not ending.</param>
+/// <param name="Opened">Sessions opened since start.</param>
+/// <param name="Closed">Sessions that have begun to end since start.</param>
 public readonly record struct SessionCounts(int Live, long Opened, long Closed);
 
 /// <summary>
@@ -35,11 +50,13 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     private long _closed;
     private volatile bool _shuttingDown;
 
+    /// <summary>The leases, limits and grace periods every session gets.</summary>
     public SessionOptions Options { get; } = options;
 
     /// <summary>A session stops counting as live, and counts as closed, the moment it starts to end.</summary>
     public SessionCounts Counts => new(_byId.Values.Count(s => !s.Gate.IsRunDown), Interlocked.Read(ref _opened), Interlocked.Read(ref _closed));
 
+    /// <summary>The sessions not yet gone, including those still being torn down; a copy.</summary>
     public IReadOnlyCollection<Session> Live => [.. _byId.Values];
 
     /// <summary>Opens a session with a fresh id, a 256-bit token and a running lease.</summary>
@@ -76,6 +93,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         return session;
     }
 
+    /// <summary>The live session with this public id (an admin names sessions so); ENOENT if none or ending.</summary>
     public Session Find(ulong id) =>
         _byId.TryGetValue(id, out var s) && !s.Gate.IsRunDown
             ? s
@@ -133,7 +151,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             teardown(session);
             // Its streams were told to stop when the session began to end; the session counts as
             // gone once they have (bounded, so a wedged connection cannot hold teardown hostage).
-            await session.WhenStreamsClosed().WaitAsync(TimeSpan.FromSeconds(5), time).ConfigureAwait(false);
+            await session.WhenStreamsClosed().WaitAsync(Options.StreamCloseGrace, time).ConfigureAwait(false);
         }
         catch (TimeoutException)
         {
@@ -155,7 +173,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         return Task.WhenAll(_byId.Values.Select(s => EndAsync(s, SessionEndReason.Shutdown)));
     }
 
-    public static string Describe(SessionEndReason reason) => reason switch
+    private static string Describe(SessionEndReason reason) => reason switch
     {
         SessionEndReason.ClientClosed => "closed by client",
         SessionEndReason.ConnectionLost => "connection lost",

@@ -8,14 +8,29 @@ namespace DmaBroker.Core.Topology;
 /// <summary>Where a function sits in the PCI tree; decides how it groups (SPEC §2).</summary>
 public enum PciNodeKind
 {
+    /// <summary>The host bridge on bus 0: a bridge without a secondary bus.</summary>
     HostBridge,
+    /// <summary>A PCIe root port, leading to the bus below it.</summary>
     RootPort,
+    /// <summary>A switch's upstream port.</summary>
     SwitchUpstream,
+    /// <summary>A switch's downstream port: without ACS, it shares a group with its siblings and everything below them.</summary>
     SwitchDownstream,
+    /// <summary>A device function, such as an NVMe drive or an edu device.</summary>
     Endpoint,
 }
 
 /// <summary>One function as a topology file describes it, validated.</summary>
+/// <param name="Address">Where the function sits.</param>
+/// <param name="Kind">Bridge or endpoint, which decides how it groups.</param>
+/// <param name="VendorId">The PCI vendor id, as config space shows it.</param>
+/// <param name="DeviceId">The PCI device id.</param>
+/// <param name="ClassCode">The 24-bit class code (class, subclass, programming interface).</param>
+/// <param name="Model">The simulated hardware behind it: <c>edu</c>, <c>nvme</c>, <c>nic</c>, <c>gpu</c>, <c>audio</c> or <c>bridge</c>.</param>
+/// <param name="Acs">Whether it isolates its traffic (Access Control Services); without it, functions share a group.</param>
+/// <param name="SecondaryBus">For a bridge, the bus below it.</param>
+/// <param name="Driver">The driver bound at boot, if any.</param>
+/// <param name="PinnedGroup">A group id the topology fixes instead of the grouping rules.</param>
 public sealed record PciFunctionSpec(
     PciAddress Address,
     PciNodeKind Kind,
@@ -28,20 +43,38 @@ public sealed record PciFunctionSpec(
     string? Driver,
     uint? PinnedGroup)
 {
+    /// <summary>Anything but an endpoint: bridges can carry buses below them and cannot be hot-added.</summary>
     public bool IsBridge => Kind is not PciNodeKind.Endpoint;
+
+    /// <summary>
+    /// An endpoint to hot-add (Kernel.AddDevice), from the wire's wider integers: vendor and
+    /// device ids must fit 16 bits and the class code 24 (EINVAL otherwise); an empty driver
+    /// name means none. Whether the model can be hot-added is the table's to decide.
+    /// </summary>
+    public static PciFunctionSpec HotplugEndpoint(PciAddress address, uint vendorId, uint deviceId, uint classCode, string model, bool acs, string? driver)
+    {
+        if (vendorId > 0xffff || deviceId > 0xffff)
+            throw ErrnoException.Invalid("vendor_id and device_id are 16-bit");
+        if (classCode > 0xffffff)
+            throw ErrnoException.Invalid("class_code is 24-bit");
+        return new PciFunctionSpec(address, PciNodeKind.Endpoint, (ushort)vendorId, (ushort)deviceId, classCode, model, acs,
+            SecondaryBus: null, string.IsNullOrEmpty(driver) ? null : driver, PinnedGroup: null);
+    }
 }
 
 /// <summary>A topology: the functions of a PCI tree, in address order.</summary>
 public sealed class TopologyDocument
 {
-    public const string DefaultResourceName = "DmaBroker.Core.default-topology.json";
+    private const string DefaultResourceName = "DmaBroker.Core.default-topology.json";
 
+    /// <summary>A topology of these functions; <see cref="TopologyException"/> if they do not form a valid tree.</summary>
     public TopologyDocument(IEnumerable<PciFunctionSpec> functions)
     {
         Functions = [.. functions.OrderBy(f => f.Address)];
         Validate();
     }
 
+    /// <summary>Every function, bridges included, in address order: the order groups are numbered in.</summary>
     public IReadOnlyList<PciFunctionSpec> Functions { get; }
 
     /// <summary>The embedded default topology of SPEC §2.</summary>
@@ -52,6 +85,7 @@ public sealed class TopologyDocument
         return Parse(stream, "embedded default topology");
     }
 
+    /// <summary>Reads a topology JSON file (the broker's <c>--topology</c>); <see cref="TopologyException"/> names the file.</summary>
     public static TopologyDocument Load(string path)
     {
         using var stream = File.OpenRead(path);

@@ -1,25 +1,37 @@
 using System.Collections.Immutable;
 using System.Runtime.CompilerServices;
 using System.Threading.Channels;
-using DmaBroker.Core.Ownership;
 
 namespace DmaBroker.Core.Topology;
 
 /// <summary>One change to the device and group table.</summary>
 public abstract record TopologyChange;
 
+/// <summary>A group's ownership, domain or devices changed; carries the whole group as it is now.</summary>
+/// <param name="Group">The group after the change.</param>
 public sealed record GroupChanged(GroupInfo Group) : TopologyChange;
 
+/// <summary>A device appeared or its driver changed; carries the whole device as it is now.</summary>
+/// <param name="Device">The device after the change.</param>
 public sealed record DeviceChanged(DeviceInfo Device) : TopologyChange;
 
+/// <summary>A device was hot-removed.</summary>
+/// <param name="Address">Where it was.</param>
 public sealed record DeviceRemoved(PciAddress Address) : TopologyChange;
 
+/// <summary>A group lost its last device and is gone.</summary>
+/// <param name="GroupId">Its number.</param>
 public sealed record GroupRemoved(uint GroupId) : TopologyChange;
 
 /// <summary>A session ended and everything it held is released; changes no table entry.</summary>
+/// <param name="SessionId">The session's public id.</param>
+/// <param name="Reason">Why it ended, in words.</param>
 public sealed record SessionEnded(ulong SessionId, string Reason) : TopologyChange;
 
 /// <summary>The whole table at one revision; immutable, so readers never lock.</summary>
+/// <param name="Revision">The revision of the last change it includes; each change adds one.</param>
+/// <param name="Groups">Every group by id.</param>
+/// <param name="Devices">Every device by address.</param>
 public sealed record TopologySnapshot(
     ulong Revision,
     ImmutableSortedDictionary<uint, GroupInfo> Groups,
@@ -37,6 +49,9 @@ public sealed record TopologySnapshot(
 }
 
 /// <summary>What a watcher receives: a change at a revision, or a whole snapshot.</summary>
+/// <param name="Revision">The table's revision once this event is applied.</param>
+/// <param name="Change">The change, or null when this is a snapshot.</param>
+/// <param name="Snapshot">The whole table (first, and after the watcher fell behind), or null for a change.</param>
 public readonly record struct TopologyEvent(ulong Revision, TopologyChange? Change, TopologySnapshot? Snapshot);
 
 /// <summary>
@@ -48,25 +63,27 @@ public readonly record struct TopologyEvent(ulong Revision, TopologyChange? Chan
 /// </summary>
 public sealed class TopologyJournal
 {
+    // Lock 8 of docs/locking.md: a leaf; publishers hold their group's lock (or the hotplug lock) around it.
     private readonly Lock _sync = new();
     private readonly int _watchBuffer;
     private TopologySnapshot _current;
     private ImmutableArray<TopologyWatcher> _watchers = [];
 
-    public TopologyJournal(TopologySnapshot initial, int watchBuffer)
+    internal TopologyJournal(TopologySnapshot initial, int watchBuffer)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(watchBuffer, 1);
         _current = initial;
         _watchBuffer = watchBuffer;
     }
 
-    /// <summary>The latest snapshot.</summary>
+    /// <summary>The latest snapshot: the table as of the last published change, read without a lock.</summary>
     public TopologySnapshot Current => Volatile.Read(ref _current);
 
+    /// <summary>Watches open now, for operators and leak checks.</summary>
     public int WatcherCount => _watchers.Length;
 
     /// <summary>Appends changes in order, one revision each, and hands them to every watcher without blocking.</summary>
-    public void Publish(params ReadOnlySpan<TopologyChange> changes)
+    internal void Publish(params ReadOnlySpan<TopologyChange> changes)
     {
         lock (_sync)
         {
@@ -176,6 +193,7 @@ public sealed class TopologyWatcher : IDisposable
         }
     }
 
+    /// <summary>Stops the watch: the journal forgets it and its reader sees the end.</summary>
     public void Dispose()
     {
         _journal.Remove(this);

@@ -59,6 +59,9 @@ public sealed record BrokerHostOptions
 
     /// <summary>Mappings per container (dma_avail).</summary>
     public int DmaLimit { get; init; } = 65535;
+
+    /// <summary>How long stopping waits for every session to end (each told `revoked`) before the server stops anyway.</summary>
+    public TimeSpan ShutdownGrace { get; init; } = TimeSpan.FromSeconds(5);
 }
 
 /// <summary>Builds the broker's web host; Program and the tests share it.</summary>
@@ -159,6 +162,7 @@ public static class BrokerHost
         builder.Services.TryAddEnumerable(ServiceDescriptor.Singleton(typeof(IServiceMethodProvider<>), typeof(GuardedMethodProvider<>)));
         builder.Services.AddGrpcReflection();
         builder.Services.AddGrpcHealthChecks().AddCheck("broker", () => HealthCheckResult.Healthy());
+        builder.Services.AddHostedService<SessionShutdown>();
         configure?.Invoke(builder.Services);
 
         var app = builder.Build();
@@ -184,10 +188,6 @@ public static class BrokerHost
                 File.SetUnixFileMode(listener.SocketPath!, socketMode);
         });
         app.Lifetime.ApplicationStopped.Register(access.Dispose);
-
-        var broker = app.Services.GetRequiredService<Broker>();
-        // End every session (each is told `revoked`) before the server stops taking calls.
-        app.Lifetime.ApplicationStopping.Register(() => broker.Sessions.ShutdownAsync().Wait(TimeSpan.FromSeconds(5)));
         return app;
     }
 
@@ -286,5 +286,7 @@ public static class BrokerHost
             throw new ArgumentException($"--dma-limit must be between 1 and 1000000, got {o.DmaLimit}");
         if (o.WatchBuffer is < 1 or > 1_000_000)
             throw new ArgumentException($"--watch-buffer must be between 1 and 1000000, got {o.WatchBuffer}");
+        if (o.ShutdownGrace < TimeSpan.Zero || o.ShutdownGrace > TimeSpan.FromHours(1))
+            throw new ArgumentException($"DmaBroker:ShutdownGrace must be between 00:00:00 and 01:00:00, got {o.ShutdownGrace}");
     }
 }

@@ -1,5 +1,4 @@
 using DmaBroker.Core;
-using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Topology;
 using Wire = DmaBroker.Protocol.V1;
 
@@ -81,10 +80,10 @@ internal static class WireMapping
         return ev;
     }
 
-    public static Core.Sessions.ContainerType ToCore(this Wire.ContainerType type) => type switch
+    public static Core.Vfio.ContainerType ToCore(this Wire.ContainerType type) => type switch
     {
-        Wire.ContainerType.Type1V2 => Core.Sessions.ContainerType.Type1v2,
-        Wire.ContainerType.Iommufd => Core.Sessions.ContainerType.Iommufd,
+        Wire.ContainerType.Type1V2 => Core.Vfio.ContainerType.Type1v2,
+        Wire.ContainerType.Iommufd => Core.Vfio.ContainerType.Iommufd,
         _ => throw ErrnoException.Invalid($"container type {type} is not one of TYPE1V2, IOMMUFD"),
     };
 }

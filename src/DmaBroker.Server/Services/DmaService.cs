@@ -2,7 +2,7 @@ using System.Buffers;
 using System.Threading.Channels;
 using DmaBroker.Core;
 using DmaBroker.Core.Iommu;
-using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Vfio;
 using DmaBroker.Server.Hosting;
 using Google.Protobuf;
 using Grpc.Core;
@@ -33,8 +33,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
                 return;
             if (requestStream.Current.Open is not { } open)
                 throw ErrnoException.Invalid("the first request on a DMA stream must be open{handle}");
-            using var op = session.Enter();
-            handle = session.FindHandle(open.Handle);
+            handle = broker.Vfio.FindHandle(session, open.Handle);
         }
         catch (OperationCanceledException) when (session.Ending.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
         {
@@ -107,7 +106,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
                     break;
                 case Wire.DmaRequest.OpOneofCase.MmioWrite:
                     var w = request.MmioWrite;
-                    var result = handle.MmioWrite(w.Index, w.Offset, Width(w.Width), w.Value);
+                    var result = handle.MmioWrite(w.Index, w.Offset, w.Width, w.Value);
                     if (result.Error is { } error)
                         Fail(completion, Errno.EIO, error);
                     else
@@ -115,7 +114,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
                     break;
                 case Wire.DmaRequest.OpOneofCase.MmioRead:
                     var r = request.MmioRead;
-                    completion.Value = handle.MmioRead(r.Index, r.Offset, Width(r.Width));
+                    completion.Value = handle.MmioRead(r.Index, r.Offset, r.Width);
                     break;
                 case Wire.DmaRequest.OpOneofCase.Open:
                     Fail(completion, Errno.EINVAL, "this stream is already open on a device handle");
@@ -190,8 +189,6 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
 
     private static int Length(uint length) =>
         length <= DeviceHandle.MaxTransfer ? (int)length : throw ErrnoException.Invalid($"a device access moves at most {DeviceHandle.MaxTransfer} bytes, not {length}");
-
-    private static int Width(uint width) => width <= 8 ? (int)width : throw ErrnoException.Invalid($"a register access is 1, 2, 4 or 8 bytes wide, not {width}");
 
     /// <summary>A response on its way out, with the pooled buffer its data borrows.</summary>
     internal readonly record struct Outgoing(Wire.DmaResponse Response, byte[]? Rented)

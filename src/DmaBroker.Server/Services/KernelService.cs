@@ -17,13 +17,8 @@ public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
 
     public override Task<Wire.Device> AddDevice(Wire.AddDeviceRequest request, ServerCallContext context)
     {
-        var address = PciAddress.Parse(request.Address);
-        if (request.VendorId > 0xffff || request.DeviceId > 0xffff)
-            throw ErrnoException.Invalid("vendor_id and device_id are 16-bit");
-        if (request.ClassCode > 0xffffff)
-            throw ErrnoException.Invalid("class_code is 24-bit");
-        var spec = new PciFunctionSpec(address, PciNodeKind.Endpoint, (ushort)request.VendorId, (ushort)request.DeviceId,
-            request.ClassCode, request.Model, request.Acs, null, string.IsNullOrEmpty(request.Driver) ? null : request.Driver, null);
+        var spec = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse(request.Address), request.VendorId, request.DeviceId,
+            request.ClassCode, request.Model, request.Acs, request.Driver);
         return Task.FromResult(broker.Table.AddDevice(spec).ToProto());
     }
 

@@ -1,4 +1,3 @@
-using DmaBroker.Core.Memory;
 using DmaBroker.Server.Hosting;
 using Google.Protobuf;
 using Grpc.Core;
@@ -20,11 +19,7 @@ public sealed class MemoryService(Core.Broker broker) : Wire.Memory.MemoryBase
 
     public override Task<Wire.ReadResponse> Read(Wire.ReadRequest request, ServerCallContext context)
     {
-        var session = broker.Authenticate(context);
-        if (request.Size > SessionMemory.MaxTransfer)
-            throw Core.ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per read, not {request.Size}");
-        var data = new byte[request.Size];
-        session.ReadMemory(request.Vaddr, data);
+        var data = broker.Authenticate(context).ReadMemory(request.Vaddr, request.Size);
         return Task.FromResult(new Wire.ReadResponse { Data = UnsafeByteOperations.UnsafeWrap(data) });
     }
 

@@ -1,4 +1,5 @@
 using DmaBroker.Core;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Sessions;
 using Grpc.Core;
 using Wire = DmaBroker.Protocol.V1;
@@ -10,7 +11,7 @@ namespace DmaBroker.Server.Services;
 /// `opened`, then faults and interrupts, then `revoked` if the broker ended it. However the
 /// stream ends, the session is torn down before the call completes.
 /// </summary>
-public sealed partial class SessionService(Broker broker, ILogger<SessionService> logger) : Wire.Session.SessionBase
+public sealed partial class SessionService(Broker broker, TimeProvider time, ILogger<SessionService> logger) : Wire.Session.SessionBase
 {
     public override async Task Open(IAsyncStreamReader<Wire.SessionRequest> requestStream,
         IServerStreamWriter<Wire.SessionEvent> responseStream, ServerCallContext context)
@@ -71,9 +72,9 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
                     LeaseTtlMs = (uint)broker.Sessions.Options.LeaseTtl.TotalMilliseconds,
                 },
             }, callAborted);
-            // Once the session ends, a write blocked by a client that stopped reading gets 2 s more.
-            using var writes = CancellationTokenSource.CreateLinkedTokenSource(callAborted);
-            using var onEnd = session.Ending.Register(static s => ((CancellationTokenSource)s!).CancelAfter(TimeSpan.FromSeconds(2)), writes);
+            // Once the session ends, a write blocked by a client that stopped reading gets a grace more.
+            using var writes = new WriteBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
+            using var onEnd = session.Ending.Register(static s => ((WriteBound)s!).Arm(), writes);
             await foreach (var ev in session.Events.ReadAllAsync(session.Ending))
                 await stream.WriteAsync(ToProto(ev), writes.Token);
         }
@@ -87,14 +88,43 @@ public sealed partial class SessionService(Broker broker, ILogger<SessionService
             try
             {
                 // A client that no longer reads must not keep this call open: the session is gone already.
-                using var bounded = CancellationTokenSource.CreateLinkedTokenSource(callAborted);
-                bounded.CancelAfter(TimeSpan.FromSeconds(2));
+                using var bounded = new WriteBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
+                bounded.Arm();
                 await stream.WriteAsync(new Wire.SessionEvent { Revoked = new Wire.Revoked { Reason = session.EndMessage ?? "" } }, bounded.Token);
             }
             catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
             {
                 // The client is gone: nobody to tell.
             }
+        }
+    }
+
+    /// <summary>
+    /// Cancels writes to the stream when the call is aborted, or a grace (the session options'
+    /// <c>EndingWriteGrace</c>) after <see cref="Arm"/>, on the broker's clock.
+    /// </summary>
+    private sealed class WriteBound : IDisposable
+    {
+        private readonly CancellationTokenSource _source;
+        private readonly CancellationTokenRegistration _aborted;
+        private readonly TimeSpan _grace;
+
+        public WriteBound(TimeProvider time, TimeSpan grace, CancellationToken callAborted)
+        {
+            _source = new CancellationTokenSource(Timeout.InfiniteTimeSpan, time);
+            _aborted = callAborted.Register(static s => ((CancellationTokenSource)s!).Cancel(), _source);
+            _grace = grace;
+        }
+
+        public CancellationToken Token => _source.Token;
+
+        public void Arm() => _source.CancelAfter(_grace);
+
+        public void Dispose()
+        {
+            // The registration first: its disposal waits out a cancel already running.
+            _aborted.Dispose();
+            _source.Dispose();
         }
     }
 

@@ -98,18 +98,13 @@ public sealed class VfioService(Broker broker) : Wire.Vfio.VfioBase
 
     public override Task<Wire.RegionReadResponse> RegionRead(Wire.RegionReadRequest request, ServerCallContext context)
     {
-        var handle = broker.Authenticate(context).FindHandle(request.Handle);
-        var data = handle.RegionRead(request.Index, request.Offset, checked((int)Math.Min(request.Size, int.MaxValue)));
+        var data = broker.Vfio.RegionRead(broker.Authenticate(context), request.Handle, request.Index, request.Offset, request.Size);
         return Task.FromResult(new Wire.RegionReadResponse { Data = UnsafeByteOperations.UnsafeWrap(data) });
     }
 
     public override Task<Wire.RegionWriteResponse> RegionWrite(Wire.RegionWriteRequest request, ServerCallContext context)
     {
-        var handle = broker.Authenticate(context).FindHandle(request.Handle);
-        var result = handle.RegionWrite(request.Index, request.Offset, request.Data.Span);
-        // A DMA fault the write caused is reported on the session stream; a device error fails the call.
-        if (result.Error is { } error)
-            throw ErrnoException.Conflict(Errno.EIO, error);
+        broker.Vfio.RegionWrite(broker.Authenticate(context), request.Handle, request.Index, request.Offset, request.Data.Span);
         return Task.FromResult(new Wire.RegionWriteResponse());
     }
 }

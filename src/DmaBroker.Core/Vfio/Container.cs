@@ -1,28 +1,39 @@
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
 
-namespace DmaBroker.Core.Sessions;
+namespace DmaBroker.Core.Vfio;
 
 /// <summary>The two container flavours: a legacy VFIO type1v2 container or an iommufd IOAS.</summary>
 public enum ContainerType
 {
+    /// <summary>A legacy VFIO container (VFIO_TYPE1v2_IOMMU): no IOMMU until its first group is set; explicit IOVAs only.</summary>
     Type1v2,
+    /// <summary>An iommufd IOAS: an IOMMU from the start, and it can pick IOVAs itself.</summary>
     Iommufd,
 }
 
 /// <summary>
 /// An IOMMU address space owned by one session. Its group and device sets change only under the
-/// lock of the group concerned and then this container's lock (lock order: group, container).
+/// lock of the group concerned and then this container's lock.
 /// </summary>
-public sealed class Container(ulong id, ContainerType type, Session owner, int dmaLimit)
+public sealed class Container(ulong id, ContainerType type, Session owner, int dmaLimit) : IUserDomain
 {
+    /// <summary>The container's lock (lock 3 of <c>docs/locking.md</c>): taken after a group's lock, before the IOVA space's.</summary>
     internal readonly Lock Sync = new();
 
     /// <summary>The address space: mappings, and the lock that fences device accesses.</summary>
-    public IovaSpace Iova { get; } = new(dmaLimit);
+    internal IovaSpace Iova { get; } = new(dmaLimit);
 
+    IovaSpace IUserDomain.Iova => Iova;
+
+    /// <summary>The container's number in the broker, as its owner's calls name it.</summary>
     public ulong Id { get; } = id;
+
+    /// <summary>Which Linux interface's rules the container follows (unmap, IOVA choice, when it has an IOMMU).</summary>
     public ContainerType Type { get; } = type;
+
+    /// <summary>The session that created it; no other session can use or see it.</summary>
     public Session Owner { get; } = owner;
 
     /// <summary>Groups whose user domain is this container's.</summary>

@@ -1,12 +1,20 @@
+using System.Collections.Concurrent;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
 
-namespace DmaBroker.Core.Sessions;
+namespace DmaBroker.Core.Vfio;
 
 /// <summary>VFIO_IOMMU_GET_INFO: page sizes (a bitmap), usable IOVA ranges (inclusive) and mappings left.</summary>
+/// <param name="PageSizes">The supported page sizes as a bitmap (here only 4096).</param>
+/// <param name="IovaRanges">The IOVA ranges a mapping may use: the aperture minus the reserved MSI window.</param>
+/// <param name="DmaAvailable">How many more mappings the container takes (dma_avail).</param>
 public sealed record IommuInfo(ulong PageSizes, IReadOnlyList<(ulong First, ulong Last)> IovaRanges, int DmaAvailable);
 
 /// <summary>What VFIO_GROUP_GET_STATUS reports to one session.</summary>
+/// <param name="Viable">The group can be used: unowned, or this session's container is set on it.</param>
+/// <param name="ContainerSet">This session's container is set on the group.</param>
 public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 
 /// <summary>
@@ -17,12 +25,30 @@ public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 /// </summary>
 public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
 {
+    private readonly ConcurrentDictionary<Session, SessionFiles> _files = new();
+    // VFIO's own side of a claim, kept here and not in the group or device, as Linux keeps it in
+    // struct vfio_group and the vfio_device rather than in struct iommu_group: the container set on
+    // a group (SetContainer), the container a device is bound into (BindDevice). Changed only
+    // under the group's lock.
+    private readonly ConcurrentDictionary<IommuGroup, Container> _containerSet = new();
+    private readonly ConcurrentDictionary<PciDevice, Container> _boundInto = new();
     private long _nextHandleId;
     private long _nextContainerId;
     private int _liveContainers;
 
+    /// <summary>Containers created and not yet destroyed, across every session.</summary>
     public int LiveContainers => Volatile.Read(ref _liveContainers);
 
+    /// <summary>Device handles open in every session.</summary>
+    public int OpenDevices => _files.Values.Sum(f => f.Handles.Snapshot().Length);
+
+    /// <summary>IOVA mappings in every session's containers.</summary>
+    public int Mappings => _files.Values.Sum(f => f.Containers.Snapshot().Sum(c => c.Iova.Count));
+
+    /// <summary>
+    /// VFIO_GROUP_GET_STATUS: viable when the group is unowned or this session's container is set
+    /// on it; container_set only for this session's own container.
+    /// </summary>
     public GroupStatus GetGroupStatus(Session session, uint groupId)
     {
         using var op = session.Enter();
@@ -30,24 +56,26 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
-            var mine = group.ContainerSet?.Owner == session;
+            var mine = ContainerSetOn(group)?.Owner == session;
             return new GroupStatus(group.OwnerCount == 0 || mine, mine);
         }
     }
 
+    /// <summary>Opens a container (or an IOAS) for the session, as opening /dev/vfio/vfio or /dev/iommu would.</summary>
     public Container CreateContainer(Session session, ContainerType type)
     {
         using var op = session.Enter();
         var container = new Container((ulong)Interlocked.Increment(ref _nextContainerId), type, session, dmaLimit);
         Interlocked.Increment(ref _liveContainers);
-        return session.AddContainer(container);
+        FilesOf(session).Containers.Add(container.Id, container);
+        return container;
     }
 
     /// <summary>Destroys an empty container, as closing the container fd would.</summary>
     public void DestroyContainer(Session session, ulong containerId)
     {
         using var op = session.Enter();
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         lock (container.Sync)
         {
             if (container.Destroyed)
@@ -66,11 +94,11 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     {
         using var op = session.Enter();
         var group = table.GetGroup(groupId);
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
-            if (group.ContainerSet is { } set)
+            if (ContainerSetOn(group) is { } set)
                 throw ErrnoException.Conflict(Errno.EINVAL, set.Owner == session
                     ? $"group {groupId} already has container {set.Id} set"
                     : $"group {groupId} already has a container set by another session");
@@ -82,7 +110,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 CheckLive(container);
                 group.ClaimGroup(session);
                 group.AttachUserDomain(container);
-                group.ContainerSet = container;
+                _containerSet[group] = container;
                 container.AddGroup(group);
             }
             table.PublishGroup(group);
@@ -97,7 +125,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
-            if (group.ContainerSet is not { } container || container.Owner != session)
+            if (ContainerSetOn(group) is not { } container || container.Owner != session)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"group {groupId} has no container of session {session.Id} set");
             if (group.Devices.Sum(d => d.OpenHandles) is var open and > 0)
                 throw ErrnoException.Busy($"group {groupId} has {open} device handle(s) open; close them first");
@@ -113,7 +141,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     {
         using var op = session.Enter();
         var device = table.GetDevice(address);
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         var group = device.Group;
         lock (group.Sync)
         {
@@ -136,7 +164,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                     container.AddGroup(group);
                 }
                 device.BoundBy = session;
-                device.BoundContainer = container;
+                _boundInto[device] = container;
                 container.AddDevice(device);
             }
             table.PublishGroup(group);
@@ -161,8 +189,6 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         }
     }
 
-    // The IOMMU and device calls need no driver-wide state, but they are the driver's API, as the ioctls are.
-#pragma warning disable CA1822
     /// <summary>VFIO_IOMMU_GET_INFO. A type1v2 container without a group has no IOMMU yet (EINVAL).</summary>
     public IommuInfo GetIommuInfo(Session session, ulong containerId)
     {
@@ -178,7 +204,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     public ulong MapDma(Session session, ulong containerId, ulong vaddr, ulong? iova, ulong size, bool read, bool write)
     {
         using var op = session.Enter();
-        var container = session.FindContainer(containerId);
+        var container = FindContainer(session, containerId);
         // Checked and mapped under the container's lock, so neither the unset of a TYPE1V2
         // container's last group (which empties it) nor DestroyContainer can come in between
         // and leave the new mapping behind in a container without an IOMMU.
@@ -201,8 +227,6 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             container.Type == ContainerType.Iommufd ? UnmapRules.Iommufd : UnmapRules.Type1v2);
     }
 
-#pragma warning restore CA1822
-
     /// <summary>
     /// VFIO_GROUP_GET_DEVICE_FD: the device must be bound to vfio-pci (ENODEV), its group not
     /// owned by another session (EPERM) and claimed by this one (EINVAL); one handle at a time (EBUSY).
@@ -219,34 +243,49 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 throw ErrnoException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
             if (group.OwnerKind == OwnerKind.User && group.Owner != session)
                 throw ErrnoException.NotPermitted($"group {group.Id} is {group.Describe()}");
-            if (group.ContainerSet?.Owner != session && device.BoundBy != session)
+            if (ContainerSetOn(group)?.Owner != session && device.BoundBy != session)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"{address}: claim it first (SetContainer on group {group.Id}, or BindDevice)");
             if (device.OpenHandles > 0)
                 throw ErrnoException.Busy($"{address} is already open");
             var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session);
             device.OpenHandles++;
-            session.AddHandle(handle);
+            FilesOf(session).Handles.Add(handle.Id, handle);
             return handle;
         }
     }
 
-#pragma warning disable CA1822
     /// <summary>Closes a device handle; the device is reset so the next user finds it clean.</summary>
     public void CloseDevice(Session session, ulong handleId)
     {
         using var op = session.Enter();
-        Close(session.FindHandle(handleId));
+        Close(FindHandle(session, handleId));
     }
 
     /// <summary>VFIO_DEVICE_RESET: a function-level reset.</summary>
     public void ResetDevice(Session session, ulong handleId)
     {
         using var op = session.Enter();
-        var handle = session.FindHandle(handleId);
+        var handle = FindHandle(session, handleId);
         lock (handle.Device.Model.Sync)
             handle.Device.Model.Reset();
     }
-#pragma warning restore CA1822
+    /// <summary>
+    /// Reads a region of an open device (pread on the device fd): config space (index 7) in any
+    /// size, a BAR (0-5) as one register access of 1, 2, 4 or 8 bytes.
+    /// </summary>
+    public byte[] RegionRead(Session session, ulong handleId, uint index, ulong offset, uint size) =>
+        FindHandle(session, handleId).RegionRead(index, offset, size);
+
+    /// <summary>
+    /// Writes a region of an open device (pwrite on the device fd). A DMA fault the write causes
+    /// is reported on the session stream, as the device's own business; a device error fails the
+    /// write with EIO.
+    /// </summary>
+    public void RegionWrite(Session session, ulong handleId, uint index, ulong offset, ReadOnlySpan<byte> data)
+    {
+        if (FindHandle(session, handleId).RegionWrite(index, offset, data).Error is { } error)
+            throw ErrnoException.Conflict(Errno.EIO, error);
+    }
 
     /// <summary>
     /// Releases everything a session holds. Called by the registry once the session admits no
@@ -270,12 +309,13 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         }
 
         // Devices first: reset and closed, so none can start DMA while its group is released.
-        foreach (var handle in session.Handles())
+        var files = _files.GetValueOrDefault(session);
+        foreach (var handle in files?.Handles.Snapshot() ?? [])
             Step(() => Close(handle));
         // Then the containers are emptied and closed and the memory freed; the groups are released
         // and published last (SPEC §5), so a watcher that sees a group come back finds nothing of
         // the session left.
-        var containers = session.Containers();
+        var containers = files?.Containers.Snapshot() ?? [];
         foreach (var container in containers)
         {
             Step(() =>
@@ -306,7 +346,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 {
                     lock (group.Sync)
                     {
-                        if (group.ContainerSet == container)
+                        if (ContainerSetOn(group) == container)
                         {
                             Unset(group, container);
                             table.PublishGroup(group);
@@ -315,11 +355,34 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 });
             }
         }
+        _files.TryRemove(session, out _);
         if (failures.Count > 0)
             throw new AggregateException($"teardown of session {session.Id} hit {failures.Count} failure(s); everything else was released", failures);
     }
 
-    private static Container IommuOf(Session session, ulong containerId) => CheckIommu(session.FindContainer(containerId));
+    /// <summary>An open device handle of the session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>
+    public DeviceHandle FindHandle(Session session, ulong handleId)
+    {
+        using var op = session.Enter();
+        return FilesOf(session).Handles.Find(handleId);
+    }
+
+    /// <summary>The session's containers, for teardown checks and counts.</summary>
+    internal Container[] ContainersOf(Session session) => _files.GetValueOrDefault(session)?.Containers.Snapshot() ?? [];
+
+    /// <summary>The container set on a group with SetContainer, if any; read under the group's lock.</summary>
+    internal Container? ContainerSetOn(IommuGroup group) => _containerSet.GetValueOrDefault(group);
+
+    /// <summary>The container a device is bound into with BindDevice, if any; read under its group's lock.</summary>
+    internal Container? BoundContainerOf(PciDevice device) => _boundInto.GetValueOrDefault(device);
+
+    // Only inside the session's operation scope (or its teardown), so an ended session's files,
+    // removed by its teardown, never come back.
+    private SessionFiles FilesOf(Session session) => _files.GetOrAdd(session, static s => new SessionFiles(s));
+
+    private Container FindContainer(Session session, ulong containerId) => FilesOf(session).Containers.Find(containerId);
+
+    private Container IommuOf(Session session, ulong containerId) => CheckIommu(FindContainer(session, containerId));
 
     private static Container CheckIommu(Container container)
     {
@@ -328,7 +391,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         return container;
     }
 
-    private static void Close(DeviceHandle handle)
+    private void Close(DeviceHandle handle)
     {
         var device = handle.Device;
         lock (device.Group.Sync)
@@ -343,7 +406,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             device.OpenHandles--;
         }
         handle.SetInterruptListener(null);
-        handle.Session.RemoveHandle(handle);
+        FilesOf(handle.Session).Handles.Remove(handle.Id);
     }
 
     private void Destroy(Container container)
@@ -351,7 +414,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         if (container.Destroyed)
             return;
         container.Destroyed = true;
-        container.Owner.RemoveContainer(container);
+        FilesOf(container.Owner).Containers.Remove(container.Id);
         Interlocked.Decrement(ref _liveContainers);
     }
 
@@ -365,23 +428,24 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     }
 
     // Under the group's lock; preconditions checked.
-    private static void Unset(IommuGroup group, Container container)
+    private void Unset(IommuGroup group, Container container)
     {
         var owner = group.Owner!;
-        group.ContainerSet = null;
+        _containerSet.TryRemove(group, out _);
         group.DetachUserDomain();
         group.ReleaseGroup(owner);
         container.RemoveGroup(group);
     }
 
     // Under the group's lock; preconditions checked.
-    private static void Unbind(PciDevice device)
+    private void Unbind(PciDevice device)
     {
         var group = device.Group;
-        var container = device.BoundContainer!;
+        var container = _boundInto.TryRemove(device, out var into)
+            ? into
+            : throw new InvalidOperationException($"{device.Address} is bound by session {device.BoundBy?.Id} into no container");
         var owner = device.BoundBy!;
         device.BoundBy = null;
-        device.BoundContainer = null;
         container.RemoveDevice(device);
         group.ReleaseDevice(owner);
         // Every claim in a group shares one container, so the group leaves it only with the last claim.

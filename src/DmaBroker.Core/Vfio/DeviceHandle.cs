@@ -3,8 +3,9 @@ using DmaBroker.Core.Devices;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
 
-namespace DmaBroker.Core.Sessions;
+namespace DmaBroker.Core.Vfio;
 
 /// <summary>
 /// An open device (a VFIO device fd): the driver's register accesses, and the DMA the device
@@ -26,8 +27,13 @@ public sealed class DeviceHandle : IDevicePort
         Session = session;
     }
 
+    /// <summary>The handle's number, as a DMA stream's <c>open</c> and the device calls name it.</summary>
     public ulong Id { get; }
+
+    /// <summary>The PCI function the handle opens.</summary>
     public PciDevice Device { get; }
+
+    /// <summary>The session that opened it: its memory is all the device's DMA can reach, and its events carry the faults.</summary>
     public Session Session { get; }
     internal bool Closed { get; set; }
 
@@ -94,7 +100,7 @@ public sealed class DeviceHandle : IDevicePort
     }
 
     /// <summary>A register read by the driver: region 0-5 (BAR, width 1/2/4/8) or 7 (config).</summary>
-    public ulong MmioRead(uint index, ulong offset, int width)
+    public ulong MmioRead(uint index, ulong offset, uint width)
     {
         CheckAccess(index, offset, width, mmio: true);
         using var op = Session.Enter();
@@ -105,16 +111,16 @@ public sealed class DeviceHandle : IDevicePort
             {
                 Span<byte> bytes = stackalloc byte[8];
                 bytes.Clear();
-                Model.ConfigRead((int)offset, bytes[..width]);
+                Model.ConfigRead((int)offset, bytes[..(int)width]);
                 return BitConverter.ToUInt64(bytes);
             }
             // The bus carries only the bytes accessed: a 4-byte read of a 64-bit register sees its low half.
-            return Model.MmioRead((int)index, offset, width) & WidthMask(width);
+            return Model.MmioRead((int)index, offset, (int)width) & WidthMask(width);
         }
     }
 
     /// <summary>A register write by the driver; it may start device DMA, whose outcome it returns.</summary>
-    public MmioResult MmioWrite(uint index, ulong offset, int width, ulong value)
+    public MmioResult MmioWrite(uint index, ulong offset, uint width, ulong value)
     {
         CheckAccess(index, offset, width, mmio: true);
         using var op = Session.Enter();
@@ -125,15 +131,15 @@ public sealed class DeviceHandle : IDevicePort
             {
                 Span<byte> bytes = stackalloc byte[8];
                 BitConverter.TryWriteBytes(bytes, value);
-                Model.ConfigWrite((int)offset, bytes[..width]);
+                Model.ConfigWrite((int)offset, bytes[..(int)width]);
                 return MmioResult.Done;
             }
-            return Model.MmioWrite((int)index, offset, width, value & WidthMask(width), this);
+            return Model.MmioWrite((int)index, offset, (int)width, value & WidthMask(width), this);
         }
     }
 
     /// <summary>Reads a region: config space in any size, a BAR as one register access.</summary>
-    public byte[] RegionRead(uint index, ulong offset, int size)
+    internal byte[] RegionRead(uint index, ulong offset, uint size)
     {
         if (index == DeviceModel.ConfigIndex)
         {
@@ -149,15 +155,15 @@ public sealed class DeviceHandle : IDevicePort
         }
         var value = MmioRead(index, offset, size);
         var bytes = BitConverter.GetBytes(value);
-        return bytes[..size];
+        return bytes[..(int)size];
     }
 
     /// <summary>Writes a region: config space in any size, a BAR as one register access.</summary>
-    public MmioResult RegionWrite(uint index, ulong offset, ReadOnlySpan<byte> data)
+    internal MmioResult RegionWrite(uint index, ulong offset, ReadOnlySpan<byte> data)
     {
         if (index == DeviceModel.ConfigIndex)
         {
-            CheckAccess(index, offset, data.Length, mmio: false);
+            CheckAccess(index, offset, (uint)data.Length, mmio: false);
             using var op = Session.Enter();
             lock (Model.Sync)
             {
@@ -166,11 +172,11 @@ public sealed class DeviceHandle : IDevicePort
                 return MmioResult.Done;
             }
         }
-        CheckAccess(index, offset, data.Length, mmio: true);
+        CheckAccess(index, offset, (uint)data.Length, mmio: true);
         Span<byte> bytes = stackalloc byte[8];
         bytes.Clear();
         data.CopyTo(bytes);
-        return MmioWrite(index, offset, data.Length, BitConverter.ToUInt64(bytes));
+        return MmioWrite(index, offset, (uint)data.Length, BitConverter.ToUInt64(bytes));
     }
 
     // ---- IDevicePort: called by the device model, under its lock ----
@@ -242,7 +248,7 @@ public sealed class DeviceHandle : IDevicePort
             throw ErrnoException.NotFound(Errno.EBADF, $"device handle {Id} is closed");
     }
 
-    private static ulong WidthMask(int width) => width == 8 ? ulong.MaxValue : (1UL << (8 * width)) - 1;
+    private static ulong WidthMask(uint width) => width == 8 ? ulong.MaxValue : (1UL << (int)(8 * width)) - 1;
 
     private static void CheckLength(int length)
     {
@@ -250,7 +256,7 @@ public sealed class DeviceHandle : IDevicePort
             throw ErrnoException.Invalid($"a device access moves 0 to {MaxTransfer} bytes, not {length}");
     }
 
-    private void CheckAccess(uint index, ulong offset, int size, bool mmio)
+    private void CheckAccess(uint index, ulong offset, uint size, bool mmio)
     {
         var regionSize = Model.RegionSize(index);
         if (regionSize == 0)
@@ -259,7 +265,7 @@ public sealed class DeviceHandle : IDevicePort
                 : $"{Device.Address} has no BAR{index}");
         if (mmio && size is not (1 or 2 or 4 or 8))
             throw ErrnoException.Invalid($"a register access is 1, 2, 4 or 8 bytes wide, not {size}");
-        if (size <= 0 || offset >= regionSize || (ulong)size > regionSize - offset)
+        if (size == 0 || offset >= regionSize || size > regionSize - offset)
             throw ErrnoException.Invalid($"[0x{offset:x}, +{size}) is outside region {index} (0x{regionSize:x} bytes)");
     }
 }
