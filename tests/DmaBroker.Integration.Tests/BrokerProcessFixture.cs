@@ -74,10 +74,17 @@ public sealed class LiveBroker : IAsyncDisposable
         Assert.True(health.Status == HealthCheckResponse.Types.ServingStatus.Serving, $"{_process.Name} answers {health.Status}:\n{_process.Transcript}");
     }
 
+    /// <summary>
+    /// Kills the broker, then fails if it logged an error (the console logger's <c>fail:</c> and
+    /// <c>crit:</c> lines), as the server tests' <c>BrokerLog</c> does for a broker in the test host.
+    /// </summary>
     public async ValueTask DisposeAsync()
     {
         Client.Dispose();
         await _process.DisposeAsync();
+        var transcript = _process.Transcript;
+        if (transcript.Split('\n').Any(line => line.StartsWith("fail: ", StringComparison.Ordinal) || line.StartsWith("crit: ", StringComparison.Ordinal)))
+            throw new Xunit.Sdk.XunitException($"the broker logged errors; any failure of the test itself is replaced by this one. It printed:\n{transcript}");
     }
 }
 

@@ -181,6 +181,8 @@ public sealed partial class ClientProcess : IAsyncDisposable
             KillTree(_process);
             await _process.WaitForExitAsync().WaitAsync(KillTimeout);
         }
+        // The last lines it printed, for the transcript.
+        await _outputEnded.Task.WaitAsync(KillTimeout);
         Running.TryRemove(_process, out _);
         _process.Dispose();
     }
