@@ -1,4 +1,3 @@
-using System.Globalization;
 using DmaBroker.Core.Devices;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
@@ -53,20 +52,8 @@ public sealed class DmaModelTests
     {
         var topology = TopologyDocument.Default();
         var options = new BrokerOptions { Sessions = new SessionOptions { DmaLimit = DmaLimit, MemoryLimit = MemoryLimit } };
-        var seen = new HashSet<string>();
-        var replay = Environment.GetEnvironmentVariable(SeedVariable);
-        var seeds = replay is null ? Enumerable.Range(0, Sequences) : [int.Parse(replay, CultureInfo.InvariantCulture)];
-
-        foreach (var seed in seeds)
-        {
-            // Not `await using`: after a failure, disposing a broken broker could throw and hide the seed and trace.
-            var broker = new Broker(topology, options, new FakeTimeProvider());
-            await new Sequence(seed, broker, seen).RunAsync();
-            await broker.DisposeAsync().AsTask().WaitAsync(CoreState.Timeout);
-        }
-
-        if (replay is null)
-            Assert.Empty(RequiredOutcomes.Except(seen));
+        await ModelHarness.RunAsync("DMA model-based sequence", SeedVariable, Sequences, RequiredOutcomes,
+            run => new Sequence(run, run.Use(new Broker(topology, options, new FakeTimeProvider()))).RunAsync());
     }
 
     private enum OpKind
@@ -89,7 +76,7 @@ public sealed class DmaModelTests
         DmaCopy,
     }
 
-    private sealed class Sequence(int seed, Broker broker, HashSet<string> seen)
+    private sealed class Sequence(ModelRun run, Broker broker)
     {
         private static readonly (OpKind Kind, int Weight)[] Weights =
         [
@@ -99,10 +86,7 @@ public sealed class DmaModelTests
             (OpKind.DmaCopy, 5),
         ];
 
-        private static readonly int TotalWeight = Weights.Sum(w => w.Weight);
-
-        private readonly Random _rng = new(seed);
-        private readonly List<string> _trace = [];
+        private readonly Random _rng = run.Random;
         private readonly List<ModelSession> _sessions = [];
         private readonly ModelDevice[] _devices = [.. DmaRig.Edus.Select((a, i) => new ModelDevice(a, DmaRig.EduGroups[i]))];
         /// <summary>Every handle ever opened, open or not: stale ones must do nothing.</summary>
@@ -125,17 +109,7 @@ public sealed class DmaModelTests
             CheckAllMemory("at the end");
         }
 
-        private OpKind NextKind()
-        {
-            var roll = _rng.Next(TotalWeight);
-            foreach (var (kind, weight) in Weights)
-            {
-                if (roll < weight)
-                    return kind;
-                roll -= weight;
-            }
-            throw new InvalidOperationException("unreachable");
-        }
+        private OpKind NextKind() => run.Pick(Weights);
 
         /// <summary>An operation that has nothing to work on yet becomes the one that makes that thing.</summary>
         private OpKind Resolve(OpKind kind) => kind switch
@@ -151,20 +125,7 @@ public sealed class DmaModelTests
         private async Task StepAsync(OpKind kind, ModelSession? endThis = null)
         {
             kind = Resolve(kind);
-            (string Description, string Actual, string Expected) step;
-            try
-            {
-                step = await RunAsync(kind, endThis);
-            }
-            catch (Exception e) when (e is not Xunit.Sdk.XunitException)
-            {
-                Fail($"step {_trace.Count} ({kind}) threw {e}");
-                throw;
-            }
-            _trace.Add($"#{_trace.Count,-3} {step.Description,-56} -> {step.Actual}");
-            seen.Add($"{kind} {Category(step.Actual)}");
-            if (step.Actual != step.Expected)
-                Fail($"the core answered {step.Actual}, the model {step.Expected}");
+            await run.StepAsync(kind, () => RunAsync(kind, endThis), Category);
             CheckTables();
             if (kind is OpKind.DmaWrite or OpKind.DmaCopy or OpKind.CpuWrite or OpKind.EndSession)
                 CheckAllMemory("after the last step");
@@ -715,38 +676,18 @@ public sealed class DmaModelTests
             return data;
         }
 
-        private const string Unauthenticated = "UNAUTHENTICATED";
+        private const string Unauthenticated = ModelRun.Unauthenticated;
 
         private static ulong RoundUp(ulong size) => (size + Page - 1) / Page * Page;
 
         private static string Text(DmaOutcome outcome) =>
             outcome.Ok ? "ok" : $"fault {outcome.Reason} 0x{outcome.FaultIova:x} {outcome.Access}";
 
-        private static string Outcome(Action call) => Outcome(() =>
-        {
-            call();
-            return "ok";
-        });
+        private static string Outcome(Action call) => ModelRun.Outcome(call);
 
-        private static string Outcome(Func<string> call)
-        {
-            try
-            {
-                return call();
-            }
-            catch (ErrnoException e)
-            {
-                return e.Kind == ErrorKind.Unauthenticated ? Unauthenticated : e.Errno.ToString();
-            }
-        }
+        private static string Outcome(Func<string> call) => ModelRun.Outcome(call);
 
-        private void Fail(string why) =>
-            Assert.Fail($"""
-                DMA model-based sequence failed: seed {seed}
-                {why}
-                trace ({_trace.Count} steps; replay with {SeedVariable}={seed}):
-                {string.Join('\n', _trace)}
-                """);
+        private void Fail(string why) => run.Fail(why);
     }
 
     // ---- the reference model: plain data ----

@@ -1,4 +1,3 @@
-using System.Globalization;
 using System.Text;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
@@ -64,29 +63,19 @@ public sealed class ModelBasedTests
     {
         var small = CoreState.ParseTopology(SmallTopologyJson, "small topology");
         var full = TopologyDocument.Default();
-        var seen = new HashSet<string>();
-        var replay = Environment.GetEnvironmentVariable(SeedVariable);
-        var seeds = replay is null ? Enumerable.Range(0, Sequences) : [int.Parse(replay, CultureInfo.InvariantCulture)];
-
-        foreach (var seed in seeds)
+        await ModelHarness.RunAsync("model-based sequence", SeedVariable, Sequences, RequiredOutcomes, run =>
         {
             // One sequence in five on the default topology, the rest on the small one.
-            var (topology, name) = seed % 5 == 4 ? (full, "default topology") : (small, "small topology");
-            // Not `await using`: after a failure, disposing a corrupted broker could throw and hide the seed and trace.
-            var broker = new Broker(topology, null, new FakeTimeProvider());
-            await new Sequence(seed, broker, topology, name, seen).RunAsync();
-            await broker.DisposeAsync().AsTask().WaitAsync(CoreState.Timeout);
-        }
-
-        if (replay is null)
-            Assert.Empty(RequiredOutcomes.Except(seen));
+            var (topology, name) = run.Seed % 5 == 4 ? (full, "default topology") : (small, "small topology");
+            var broker = run.Use(new Broker(topology, null, new FakeTimeProvider()), $"on the {name}");
+            return new Sequence(run, broker, topology).RunAsync();
+        });
     }
 
-    /// <summary>One seeded sequence: the real broker, the model, and the trace for the failure message.</summary>
-    private sealed class Sequence(int seed, Broker broker, TopologyDocument topology, string topologyName, HashSet<string> seen)
+    /// <summary>One seeded sequence: the real broker and the model.</summary>
+    private sealed class Sequence(ModelRun run, Broker broker, TopologyDocument topology)
     {
-        private readonly Random _rng = new(seed);
-        private readonly List<string> _trace = [];
+        private readonly Random _rng = run.Random;
         private readonly List<Session> _sessions = [];
         private readonly List<ulong> _containerIds = [];
         private readonly Broker _broker = broker;
@@ -128,38 +117,13 @@ public sealed class ModelBasedTests
             (OpKind.GetGroupStatus, 4), (OpKind.OpenSession, 3), (OpKind.EndSession, 3),
         ];
 
-        private static readonly int TotalWeight = Weights.Sum(w => w.Weight);
-
-        private OpKind NextKind()
-        {
-            var roll = _rng.Next(TotalWeight);
-            foreach (var (kind, weight) in Weights)
-            {
-                if (roll < weight)
-                    return kind;
-                roll -= weight;
-            }
-            throw new InvalidOperationException("unreachable");
-        }
+        private OpKind NextKind() => run.Pick(Weights);
 
         private async Task StepAsync(OpKind kind, Session? endThis = null)
         {
             var before = _state;
             var revision = _broker.Journal.Current.Revision;
-            string description, actual, expected;
-            try
-            {
-                (description, actual, expected) = await RunAsync(kind, endThis);
-            }
-            catch (Exception e) when (e is not Xunit.Sdk.XunitException)
-            {
-                Fail($"step {_trace.Count} ({kind}) threw {e}");
-                throw;
-            }
-            _trace.Add($"#{_trace.Count,-3} {description,-48} -> {actual}");
-            seen.Add($"{kind} {actual}");
-            if (actual != expected)
-                Fail($"the core answered {actual}, the model {expected}");
+            var actual = await run.StepAsync(kind, () => RunAsync(kind, endThis));
             var after = _state = CoreState.Render(_broker);
             if (actual != "ok" && !actual.StartsWith("ok ", StringComparison.Ordinal))
             {
@@ -266,18 +230,7 @@ public sealed class ModelBasedTests
             }
         }
 
-        private static string Outcome(Action call)
-        {
-            try
-            {
-                call();
-                return "ok";
-            }
-            catch (ErrnoException e)
-            {
-                return e.Kind == ErrorKind.Unauthenticated ? "UNAUTHENTICATED" : e.Errno.ToString();
-            }
-        }
+        private static string Outcome(Action call) => ModelRun.Outcome(call);
 
         /// <summary>Mostly a live session; now and then an ended one.</summary>
         private Session PickSession()
@@ -314,13 +267,7 @@ public sealed class ModelBasedTests
             return candidates[_rng.Next(candidates.Count)];
         }
 
-        private void Fail(string why) =>
-            Assert.Fail($"""
-                model-based sequence failed: seed {seed} on the {topologyName}
-                {why}
-                trace ({_trace.Count} steps; replay with {SeedVariable}={seed}):
-                {string.Join('\n', _trace)}
-                """);
+        private void Fail(string why) => run.Fail(why);
 
         private static string Diff(string expected, string actual)
         {

@@ -1,9 +1,10 @@
 using System.Diagnostics;
+using System.Reflection;
 using System.Threading.Channels;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
-using DmaBroker.Server.Hosting;
-using Microsoft.AspNetCore.Builder;
+using Grpc.Core;
+using Grpc.Health.V1;
 
 // The tests run one at a time: they measure release latencies and lease expiry, and a 2-core CI
 // machine running several classes' client processes at once would measure its own load instead.
@@ -11,15 +12,26 @@ using Microsoft.AspNetCore.Builder;
 
 namespace DmaBroker.Integration.Tests;
 
-/// <summary>A real broker on a free loopback port, for client processes to reach.</summary>
+/// <summary>
+/// A real broker in a process of its own (<c>dotnet DmaBroker.Server.dll</c>, from its build
+/// output), on a loopback port the OS chose, for client processes to reach. Its thread pool is its
+/// own: the test host's, in which the test platform parks workers in blocking calls, cannot delay
+/// it past a short lease. Disposing it kills its process tree, whatever the test's outcome.
+/// </summary>
 public sealed class LiveBroker : IAsyncDisposable
 {
-    private const int MinPoolThreads = 16;
-    private readonly WebApplication _app;
+    private const string ListeningOn = "Now listening on: ";
+    private static readonly TimeSpan StartupTimeout = TimeSpan.FromSeconds(30);
 
-    private LiveBroker(WebApplication app, string address)
+    /// <summary>The broker's assembly in its own output folder (the build writes its path into this assembly).</summary>
+    public static readonly string AssemblyPath = typeof(LiveBroker).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>()
+        .Single(a => a.Key == "BrokerAssemblyPath").Value!;
+
+    private readonly ClientProcess _process;
+
+    private LiveBroker(ClientProcess process, string address)
     {
-        _app = app;
+        _process = process;
         Address = address;
         Client = BrokerClient.Connect(address);
     }
@@ -31,25 +43,48 @@ public sealed class LiveBroker : IAsyncDisposable
     public async Task<BrokerStats> StatsAsync() =>
         await Client.Admin.GetStatsAsync().WaitAsync(GroupWatch.DefaultTimeout);
 
+    /// <summary>Starts the broker with the given options and returns once it answers its health check.</summary>
     public static async Task<LiveBroker> StartAsync(params string[] args)
     {
-        // This broker shares the test host's thread pool, in which the test platform parks two
-        // workers in blocking calls (its message loop polls a socket for up to 1 s at a time). On a
-        // 2-core machine the pool starts with 2 threads, and work queued to it then waited up to
-        // ~1 s: past a short lease, so healthy streaming clients lost their sessions. A broker
-        // process of its own has no such neighbours; here the pool gets a floor instead.
-        ThreadPool.GetMinThreads(out var workers, out var io);
-        ThreadPool.SetMinThreads(Math.Max(workers, MinPoolThreads), Math.Max(io, MinPoolThreads));
-        var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args]);
-        var address = await app.StartAndGetAddressAsync();
-        return new LiveBroker(app, address);
+        // Warnings and errors only, but for the lifetime's line that tells the address the OS gave.
+        var process = ClientProcess.Start(AssemblyPath,
+            ["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", .. args]);
+        LiveBroker? broker = null;
+        try
+        {
+            var line = await process.WaitForLineAsync(ListeningOn, StartupTimeout);
+            broker = new LiveBroker(process, line[(line.IndexOf(ListeningOn, StringComparison.Ordinal) + ListeningOn.Length)..].Trim());
+            await broker.WaitUntilServingAsync();
+            return broker;
+        }
+        catch
+        {
+            if (broker is null)
+                await process.DisposeAsync();
+            else
+                await broker.DisposeAsync();
+            throw;
+        }
     }
 
+    private async Task WaitUntilServingAsync()
+    {
+        var options = new CallOptions(deadline: DateTime.UtcNow + StartupTimeout).WithWaitForReady();
+        var health = await new Health.HealthClient(Client.Raw.Channel).CheckAsync(new HealthCheckRequest(), options).ResponseAsync.WaitAsync(StartupTimeout);
+        Assert.True(health.Status == HealthCheckResponse.Types.ServingStatus.Serving, $"{_process.Name} answers {health.Status}:\n{_process.Transcript}");
+    }
+
+    /// <summary>
+    /// Kills the broker, then fails if it logged an error (the console logger's <c>fail:</c> and
+    /// <c>crit:</c> lines), as the server tests' <c>BrokerLog</c> does for a broker in the test host.
+    /// </summary>
     public async ValueTask DisposeAsync()
     {
         Client.Dispose();
-        await _app.StopAsync();
-        await _app.DisposeAsync();
+        await _process.DisposeAsync();
+        var transcript = _process.Transcript;
+        if (transcript.Split('\n').Any(line => line.StartsWith("fail: ", StringComparison.Ordinal) || line.StartsWith("crit: ", StringComparison.Ordinal)))
+            throw new Xunit.Sdk.XunitException($"the broker logged errors; any failure of the test itself is replaced by this one. It printed:\n{transcript}");
     }
 }
 

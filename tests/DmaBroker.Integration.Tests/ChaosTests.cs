@@ -10,7 +10,9 @@ namespace DmaBroker.Integration.Tests;
 /// Streaming drivers doing DMA on every free edu device while, round after round, some of them are
 /// killed (SIGKILL) or frozen past their lease (SIGSTOP). After each round: every dead client's
 /// group is released, only live sessions own groups, nothing leaked; freed devices get new
-/// drivers. At the end the survivors stop gracefully and must report their data intact.
+/// drivers. At the end the survivors stop gracefully and must report their data intact. The seed
+/// of the rounds is the test's first output line, shown when it fails; <c>DMABROKER_CHAOS_SEED=N</c>
+/// replays it.
 /// </summary>
 public sealed partial class ChaosTests(ITestOutputHelper output)
 {

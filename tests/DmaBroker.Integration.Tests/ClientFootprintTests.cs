@@ -25,9 +25,10 @@ public sealed class ClientFootprintTests
     public void Broker_IsTheOnlyProgramOnAspNetCore()
     {
         // The check above would pass vacuously if it could not see a framework reference at all.
-        Assert.Contains("Microsoft.AspNetCore.App", Frameworks("DmaBroker.Server"));
+        Assert.Contains("Microsoft.AspNetCore.App", Frameworks(Path.ChangeExtension(LiveBroker.AssemblyPath, null)));
     }
 
+    /// <summary>The shared frameworks a program (a name next to the tests, or a path without extension) asks for.</summary>
     private static string[] Frameworks(string program)
     {
         using var config = JsonDocument.Parse(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, $"{program}.runtimeconfig.json")));

@@ -6,8 +6,9 @@ using System.Threading.Channels;
 namespace DmaBroker.Integration.Tests;
 
 /// <summary>
-/// A real client process (<c>dotnet X.dll</c>, built next to the tests): its output lines as a
-/// stream, its exit, and POSIX signals.
+/// A real process (<c>dotnet X.dll</c>): a client program built next to the tests, or the broker
+/// itself (<see cref="LiveBroker"/>). Its output lines as a stream, its exit, and POSIX signals.
+/// Disposing it kills its process tree; so does the test host's exit, for any still running then.
 /// </summary>
 public sealed partial class ClientProcess : IAsyncDisposable
 {
@@ -15,6 +16,9 @@ public sealed partial class ClientProcess : IAsyncDisposable
     private const int SigKill = 9;
     private const int SigCont = 18;
     private const int SigStop = 19;
+    private static readonly TimeSpan KillTimeout = TimeSpan.FromSeconds(10);
+    /// <summary>The processes started and not yet disposed (a set: the values mean nothing).</summary>
+    private static readonly ConcurrentDictionary<Process, byte> Running = new();
 
     private readonly Process _process;
     private readonly Channel<string> _lines = Channel.CreateUnbounded<string>();
@@ -29,6 +33,12 @@ public sealed partial class ClientProcess : IAsyncDisposable
         // be interrupted. Only an ignored SIGINT is reset; a handler the runtime installed stays.
         if (IsIgnored(SigInt))
             SetSignalDisposition(SigInt, 0 /* SIG_DFL */);
+        // A test that never got to dispose its processes (the host ended mid-test) leaves none behind.
+        AppDomain.CurrentDomain.ProcessExit += (_, _) =>
+        {
+            foreach (var process in Running.Keys)
+                KillTree(process);
+        };
     }
 
     private ClientProcess(Process process, string name)
@@ -49,7 +59,7 @@ public sealed partial class ClientProcess : IAsyncDisposable
     /// <summary>Every line printed so far, stdout and stderr (prefixed "stderr: ") in arrival order.</summary>
     public string Transcript => string.Join('\n', _transcript);
 
-    /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c> from the test output directory.</summary>
+    /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c>; a relative <paramref name="dll"/> is in the test output directory.</summary>
     public static ClientProcess Start(string dll, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
@@ -63,6 +73,7 @@ public sealed partial class ClientProcess : IAsyncDisposable
         foreach (var a in args)
             start.ArgumentList.Add(a);
         var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {dll}");
+        Running.TryAdd(process, 0);
         return new ClientProcess(process, $"{Path.GetFileNameWithoutExtension(dll)} (pid {process.Id})");
     }
 
@@ -167,11 +178,26 @@ public sealed partial class ClientProcess : IAsyncDisposable
     {
         if (!_process.HasExited)
         {
-            // SIGKILL also ends a stopped process.
-            _process.Kill(entireProcessTree: true);
-            await _process.WaitForExitAsync();
+            KillTree(_process);
+            await _process.WaitForExitAsync().WaitAsync(KillTimeout);
         }
+        // The last lines it printed, for the transcript.
+        await _outputEnded.Task.WaitAsync(KillTimeout);
+        Running.TryRemove(_process, out _);
         _process.Dispose();
+    }
+
+    // SIGKILL also ends a stopped process.
+    private static void KillTree(Process process)
+    {
+        try
+        {
+            process.Kill(entireProcessTree: true);
+        }
+        catch (InvalidOperationException)
+        {
+            // It exited meanwhile.
+        }
     }
 
     // Linux: /proc/self/status lists the ignored signals as a hex mask, bit n-1 for signal n.

@@ -36,7 +36,7 @@ public sealed class ProcessDeathTests(ITestOutputHelper output)
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(30), $"release took {clock.Elapsed}");
         }
         output.WriteLine($"SIGKILL -> watcher saw release: {string.Join(", ", latencies.Select(l => $"{l:F1} ms"))}");
-        var stats = await broker.Client.Admin.GetStatsAsync();
+        var stats = await broker.StatsAsync();
         Assert.Equal((0u, 0u, 0u, 3ul), (stats.Sessions, stats.Containers, stats.UserOwnedGroups, stats.SessionsClosed));
     }
 

@@ -123,6 +123,8 @@ public sealed class AuthenticationTests
         Assert.NotEmpty((await broker.Connect().ListGroupsAsync()).Groups);
 
         reloaded = new TaskCompletionSource<string?>(TaskCreationOptions.RunContinuationsAsynchronously);
+        // The broker logs a rejected file as an error (AccessControl, event 301): this one is on purpose.
+        broker.ExpectErrors(r => r.EventId.Id == 301 && r.Category == typeof(Hosting.AccessControl).FullName);
         await File.WriteAllTextAsync(broker.AuthFile, "{ \"principals\": [ { \"name\": \"bob\" } ] }");
         Assert.Contains("bob", await reloaded.Task.WaitAsync(TestBroker.Timeout), StringComparison.Ordinal);
         // The previous file stays in force.

@@ -5,6 +5,7 @@ using DmaBroker.Client;
 using DmaBroker.Server.Hosting;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 
 namespace DmaBroker.Server.Tests;
 
@@ -75,16 +76,18 @@ public sealed class TestPki
 /// <summary>
 /// A broker with an auth file and three real listeners: HTTP/2 cleartext on loopback, TLS that
 /// requires client certificates from <see cref="Pki"/>, and a Unix socket. Connect as a bearer
-/// token, a certificate, the socket's uid, or anonymous.
+/// token, a certificate, the socket's uid, or anonymous. Like <see cref="TestBroker"/>, disposing it
+/// fails the test if the broker logged an error the test did not declare with <see cref="ExpectErrors"/>.
 /// </summary>
 public sealed class SecureBroker : IAsyncDisposable
 {
     private readonly WebApplication _app;
     private readonly List<BrokerClient> _clients = [];
 
-    private SecureBroker(WebApplication app, string directory, TestPki pki, string authFile, string http, string https, string socket)
+    private SecureBroker(WebApplication app, BrokerLog log, string directory, TestPki pki, string authFile, string http, string https, string socket)
     {
         _app = app;
+        Log = log;
         Directory = directory;
         Pki = pki;
         AuthFile = authFile;
@@ -104,6 +107,12 @@ public sealed class SecureBroker : IAsyncDisposable
     public Core.Broker Broker { get; }
     public AccessControl Access { get; }
 
+    /// <summary>Everything the broker logged at Warning or above.</summary>
+    public BrokerLog Log { get; }
+
+    /// <summary>Declares errors the broker may log in this test.</summary>
+    public void ExpectErrors(Func<BrokerLogRecord, bool> match) => Log.ExpectErrors(match);
+
     /// <summary>The SHA-256 of a token as the auth file stores it.</summary>
     public static string Sha256(string token) => Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(token)));
 
@@ -114,13 +123,14 @@ public sealed class SecureBroker : IAsyncDisposable
         var authFile = Path.Combine(directory, "auth.json");
         await File.WriteAllTextAsync(authFile, authJson);
         var socket = Path.Combine(directory, "broker.sock");
+        var log = new BrokerLog();
         var app = BrokerHost.Build([
             "--listen", "http://127.0.0.1:0", "--listen", "https://127.0.0.1:0", "--listen", $"unix://{socket}",
             "--auth-file", authFile, "--tls-cert", pki.ServerCertFile, "--tls-key", pki.ServerKeyFile, "--client-ca", pki.CaFile,
-            "--Logging:LogLevel:Default=Warning", .. args]);
+            "--Logging:LogLevel:Default=Warning", .. args], services => services.AddLogging(logging => logging.AddProvider(log)));
         await app.StartAsync();
         var addresses = app.Addresses();
-        return new SecureBroker(app, directory, pki, authFile, addresses.Single(a => a.StartsWith("http://127.0.0.1:", StringComparison.Ordinal)),
+        return new SecureBroker(app, log, directory, pki, authFile, addresses.Single(a => a.StartsWith("http://127.0.0.1:", StringComparison.Ordinal)),
             addresses.Single(a => a.StartsWith("https://", StringComparison.Ordinal)), $"unix://{socket}");
     }
 
@@ -147,5 +157,6 @@ public sealed class SecureBroker : IAsyncDisposable
         await _app.StopAsync();
         await _app.DisposeAsync();
         System.IO.Directory.Delete(Directory, recursive: true);
+        Log.VerifyNoUnexpectedErrors();
     }
 }

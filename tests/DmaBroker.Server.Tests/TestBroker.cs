@@ -5,20 +5,25 @@ using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.DependencyInjection.Extensions;
+using Microsoft.Extensions.Logging;
 
 namespace DmaBroker.Server.Tests;
 
-/// <summary>A real broker on a free loopback port, with an optional fake clock.</summary>
+/// <summary>
+/// A real broker on a free loopback port, with an optional fake clock. Disposing it fails the test
+/// if the broker logged an error the test did not declare with <see cref="ExpectErrors"/>.
+/// </summary>
 public sealed class TestBroker : IAsyncDisposable
 {
     public static readonly TimeSpan Timeout = TimeSpan.FromSeconds(10);
 
     private readonly WebApplication _app;
 
-    private TestBroker(WebApplication app, string address)
+    private TestBroker(WebApplication app, string address, BrokerLog log)
     {
         _app = app;
         Address = address;
+        Log = log;
         Client = BrokerClient.Connect(address);
         Broker = app.Services.GetRequiredService<Core.Broker>();
     }
@@ -27,15 +32,26 @@ public sealed class TestBroker : IAsyncDisposable
     public BrokerClient Client { get; }
     public Core.Broker Broker { get; }
 
+    /// <summary>The broker host's services (its loggers, options…).</summary>
+    public IServiceProvider Services => _app.Services;
+
+    /// <summary>Everything the broker logged at Warning or above.</summary>
+    public BrokerLog Log { get; }
+
+    /// <summary>Declares errors the broker may log in this test, e.g. <c>r => r.EventId.Id == 101</c>.</summary>
+    public void ExpectErrors(Func<BrokerLogRecord, bool> match) => Log.ExpectErrors(match);
+
     public static async Task<TestBroker> StartAsync(TimeProvider? time = null, params string[] args)
     {
+        var log = new BrokerLog();
         var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args], services =>
         {
+            services.AddLogging(logging => logging.AddProvider(log));
             if (time is not null)
                 services.Replace(ServiceDescriptor.Singleton(time));
         });
         var address = await app.StartAndGetAddressAsync();
-        return new TestBroker(app, address);
+        return new TestBroker(app, address, log);
     }
 
     /// <summary>Raw clients authenticated with an arbitrary (possibly missing) token.</summary>
@@ -49,11 +65,13 @@ public sealed class TestBroker : IAsyncDisposable
         }));
     }
 
+    /// <summary>Stops the broker, then fails if it logged an unexpected error, while running or while stopping.</summary>
     public async ValueTask DisposeAsync()
     {
         Client.Dispose();
         await _app.StopAsync();
         await _app.DisposeAsync();
+        Log.VerifyNoUnexpectedErrors();
     }
 }
 
