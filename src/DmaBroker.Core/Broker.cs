@@ -1,3 +1,4 @@
+using DmaBroker.Core.Access;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
@@ -29,6 +30,18 @@ public sealed record BrokerOptions
 public readonly record struct BrokerStats(
     int Sessions, int Containers, int UserOwnedGroups, int Watchers, long SessionsOpened, long SessionsClosed,
     ulong MemoryBytes, int OpenDevices, int DmaStreams, int Mappings);
+
+/// <summary>One live session as Kernel.ListSessions shows it.</summary>
+/// <param name="Id">The public session id.</param>
+/// <param name="Principal">Who opened it.</param>
+/// <param name="ClientName">The name from its hello.</param>
+/// <param name="Peer">The peer address of the connection that opened it.</param>
+/// <param name="Age">How long it has been open, on the broker's clock.</param>
+/// <param name="Groups">The groups it owns, ascending.</param>
+/// <param name="MemoryBytes">Session memory it has allocated.</param>
+/// <param name="DmaStreams">Its DMA streams open.</param>
+public sealed record SessionSummary(ulong Id, string Principal, string ClientName, string Peer, TimeSpan Age,
+    IReadOnlyList<uint> Groups, ulong MemoryBytes, int DmaStreams);
 
 /// <summary>
 /// The broker's core, composed: the ownership table, the VFIO user side, and the session
@@ -80,6 +93,18 @@ public sealed class Broker : IAsyncDisposable
             Vfio.OpenDevices,
             live.Sum(s => s.StreamCount),
             Vfio.Mappings);
+    }
+
+    /// <summary>
+    /// Who holds what (Kernel.ListSessions): the sessions <paramref name="caller"/> may see,
+    /// oldest first, each with the groups it owns at this revision, its memory and DMA streams.
+    /// </summary>
+    public IReadOnlyList<SessionSummary> ListSessions(Grant caller)
+    {
+        var groups = Journal.Current.Groups.Values.Where(g => g.OwnerKind == OwnerKind.User).ToLookup(g => g.OwnerSession, g => g.Id);
+        var now = Sessions.Now;
+        return [.. Sessions.Visible(caller).Select(s => new SessionSummary(
+            s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount))];
     }
 
     /// <summary>Ends every session, each released as if revoked, and refuses new ones.</summary>

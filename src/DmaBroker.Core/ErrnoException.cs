@@ -70,6 +70,9 @@ public sealed class ErrnoException(Errno errno, ErrorKind kind, string message) 
     /// <summary>The nature of the failure, which picks the gRPC status code.</summary>
     public ErrorKind Kind { get; } = kind;
 
+    /// <summary>When a retry may succeed (EAGAIN); sent as <c>google.rpc.RetryInfo</c>.</summary>
+    public TimeSpan? RetryAfter { get; init; }
+
     /// <summary>EINVAL for a malformed request.</summary>
     public static ErrnoException Invalid(string message) => new(Errno.EINVAL, ErrorKind.InvalidArgument, message);
 

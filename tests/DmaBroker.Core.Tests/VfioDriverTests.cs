@@ -165,17 +165,21 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
     }
 
     [Fact]
-    public void UnsetContainer_DeviceStillBound_FailsEbusy()
+    public void BindDevice_GroupHeldThroughContainer_FailsEbusyAndReverseOrderEperm()
     {
+        // Linux's vfio_device_block_group: one device is not held through the group path and the
+        // device path at once. Group path first: the device-path bind is EBUSY, nothing changes.
         var container = NewContainer(_a);
         Vfio.SetContainer(_a, EduGroup, container.Id);
-        Vfio.BindDevice(_a, Edu, container.Id);
-        Assert.Equal(2, CoreState.Group(_broker, EduGroup).OwnerCount);
-
-        CoreState.AssertRejected(_broker, Errno.EBUSY, () => Vfio.UnsetContainer(_a, EduGroup));
-
-        Vfio.UnbindDevice(_a, Edu);
+        CoreState.AssertRejected(_broker, Errno.EBUSY, () => Vfio.BindDevice(_a, Edu, container.Id));
+        Assert.Equal(1, CoreState.Group(_broker, EduGroup).OwnerCount);
         Vfio.UnsetContainer(_a, EduGroup);
+
+        // Device path first: the group claim is EPERM, as §3 says for a group already owned, even by the same session.
+        var ioas = NewContainer(_a, ContainerType.Iommufd);
+        Vfio.BindDevice(_a, Edu, ioas.Id);
+        CoreState.AssertRejected(_broker, Errno.EPERM, () => Vfio.SetContainer(_a, EduGroup, container.Id));
+        Vfio.UnbindDevice(_a, Edu);
         Assert.Equal((OwnerKind.None, DomainKind.Default), (CoreState.Group(_broker, EduGroup).OwnerKind, CoreState.Group(_broker, EduGroup).Domain));
     }
 

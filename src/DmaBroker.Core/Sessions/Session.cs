@@ -1,4 +1,5 @@
 using System.Threading.Channels;
+using DmaBroker.Core.Access;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 
@@ -50,9 +51,11 @@ public sealed class Session
     private int _streams;
     private TaskCompletionSource? _streamsClosed;
 
-    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, ulong memoryLimit)
+    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, Grant grant, string peer)
     {
-        Memory = new SessionMemory(memoryLimit);
+        Memory = new SessionMemory(grant.Quotas.MemoryBytes);
+        Grant = grant;
+        Peer = peer;
         Id = id;
         Token = token;
         ClientName = clientName;
@@ -75,6 +78,18 @@ public sealed class Session
 
     /// <summary>When the session was opened, on the broker's clock.</summary>
     public DateTimeOffset OpenedAt { get; }
+
+    /// <summary>
+    /// What the principal that opened the session may do, as resolved then: its role, the groups
+    /// it may claim and its quotas (SPEC §12). Its token is valid only for that same principal.
+    /// </summary>
+    public Grant Grant { get; }
+
+    /// <summary>Who the session belongs to: <c>cert:&lt;CN&gt;</c>, <c>token:&lt;name&gt;</c>, <c>uid:&lt;n&gt;</c> or <c>anonymous</c>.</summary>
+    public string Principal => Grant.Principal;
+
+    /// <summary>The peer address of the connection that opened it, as gRPC names it.</summary>
+    public string Peer { get; }
 
     /// <summary>The session's own memory (the process's address space).</summary>
     internal SessionMemory Memory { get; }
@@ -124,7 +139,11 @@ public sealed class Session
     public StreamScope TrackStream()
     {
         lock (_sync)
+        {
+            if (_streams >= Grant.Quotas.DmaStreams)
+                throw ErrnoException.Exhausted(Errno.ENOSPC, $"session {Id} has {_streams} DMA stream(s) open, its principal's quota");
             _streams++;
+        }
         return new StreamScope(this);
     }
 
@@ -207,6 +226,8 @@ public sealed class Session
     public void WriteMemory(ulong vaddr, ReadOnlySpan<byte> source)
     {
         using var op = Enter();
+        if (source.Length > SessionMemory.MaxTransfer)
+            throw ErrnoException.Invalid($"at most {SessionMemory.MaxTransfer} bytes per write, not {source.Length}");
         Memory.Write(vaddr, source);
     }
 

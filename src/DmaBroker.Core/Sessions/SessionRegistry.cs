@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Security.Cryptography;
+using DmaBroker.Core.Access;
 
 namespace DmaBroker.Core.Sessions;
 
@@ -45,6 +46,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
 {
     private readonly ConcurrentDictionary<ulong, Session> _byId = new();
     private readonly ConcurrentDictionary<string, Session> _byToken = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, PrincipalLedger> _ledgers = new(StringComparer.Ordinal);
     private long _nextId;
     private long _opened;
     private long _closed;
@@ -53,21 +55,42 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// <summary>The leases, limits and grace periods every session gets.</summary>
     public SessionOptions Options { get; } = options;
 
+    /// <summary>The registry's clock, now: what session ages are measured against.</summary>
+    public DateTimeOffset Now => time.GetUtcNow();
+
     /// <summary>A session stops counting as live, and counts as closed, the moment it starts to end.</summary>
     public SessionCounts Counts => new(_byId.Values.Count(s => !s.Gate.IsRunDown), Interlocked.Read(ref _opened), Interlocked.Read(ref _closed));
 
     /// <summary>The sessions not yet gone, including those still being torn down; a copy.</summary>
     public IReadOnlyCollection<Session> Live => [.. _byId.Values];
 
-    /// <summary>Opens a session with a fresh id, a 256-bit token and a running lease.</summary>
-    public Session Open(string? clientName = null)
+    /// <summary>
+    /// Open mode's grant (no auth file): <c>anonymous</c>, every role, no per-principal quota,
+    /// and the broker's per-session memory and per-container mapping limits.
+    /// </summary>
+    public Grant OpenModeGrant => _openGrant ??= new Grant(AccessPolicy.Anonymous, Role.Admin, GroupPolicy.All,
+        Quotas.Unlimited(Options.MemoryLimit, Options.DmaLimit));
+
+    private Grant? _openGrant;
+
+    /// <summary>Opens an open-mode session (see <see cref="OpenModeGrant"/>), as in-process callers and tests do.</summary>
+    public Session Open(string? clientName = null) => Open(OpenModeGrant, clientName, "");
+
+    /// <summary>
+    /// Opens a session for a principal with a fresh id, a 256-bit token and a running lease. Its
+    /// quotas are checked first: faster than its Session.Open rate is EAGAIN (with the time to
+    /// wait), more live sessions than its quota EMFILE (a session is a file).
+    /// </summary>
+    public Session Open(Grant grant, string? clientName, string peer)
     {
         if (_shuttingDown)
             throw ErrnoException.Conflict(Errno.EBUSY, "the broker is shutting down");
+        var ledger = PrincipalLedger.Limits(grant.Quotas) ? _ledgers.GetOrAdd(grant.Principal, static _ => new PrincipalLedger()) : null;
+        ledger?.Admit(grant, time);
         var id = (ulong)Interlocked.Increment(ref _nextId);
         var token = System.Buffers.Text.Base64Url.EncodeToString(RandomNumberGenerator.GetBytes(32));
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
-            time.GetUtcNow(), Options.EventBuffer, Options.MemoryLimit);
+            time.GetUtcNow(), Options.EventBuffer, grant, peer);
         // The lease exists before anyone can find the session, so a teardown always disposes it.
         session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
             Options.LeaseTtl, Timeout.InfiniteTimeSpan);
@@ -83,15 +106,27 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         return session;
     }
 
-    /// <summary>The live session a token names; UNAUTHENTICATED when missing, unknown or ended.</summary>
-    public Session Authenticate(string? token)
+    /// <summary>
+    /// The live session a token names; UNAUTHENTICATED when missing, unknown or ended, and, when
+    /// <paramref name="principal"/> is given, when another principal opened it (exactly as unknown:
+    /// a stolen token is worth nothing, and says nothing).
+    /// </summary>
+    public Session Authenticate(string? token, string? principal = null)
     {
         if (string.IsNullOrEmpty(token))
             throw ErrnoException.Unauthenticated("missing session token: open a session with Session.Open and send its token as metadata 'dmabroker-session-token'");
-        if (!_byToken.TryGetValue(token, out var session) || session.Gate.IsRunDown)
+        if (!_byToken.TryGetValue(token, out var session) || session.Gate.IsRunDown
+            || (principal is not null && !string.Equals(principal, session.Principal, StringComparison.Ordinal)))
             throw ErrnoException.Unauthenticated("unknown or ended session token");
         return session;
     }
+
+    /// <summary>
+    /// The live sessions <paramref name="caller"/> may see, oldest first: viewers and admins see
+    /// all; a principal whose highest role is user sees only its own (SPEC §12).
+    /// </summary>
+    public IReadOnlyList<Session> Visible(Grant caller) =>
+        [.. _byId.Values.Where(s => !s.Gate.IsRunDown && (caller.Role != Role.User || s.Principal == caller.Principal)).OrderBy(s => s.Id)];
 
     /// <summary>The live session with this public id (an admin names sessions so); ENOENT if none or ending.</summary>
     public Session Find(ulong id) =>
@@ -106,12 +141,19 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
     }
 
-    /// <summary>Revokes a live session and waits until everything it held is released.</summary>
-    public Task RevokeAsync(ulong id, string? message)
+    /// <summary>
+    /// Revokes a live session and waits until everything it held is released. An admin may revoke
+    /// any session; anyone else (<paramref name="caller"/> given) only its own principal's.
+    /// </summary>
+    public Task RevokeAsync(ulong id, string? message, Grant? caller = null)
     {
         if (message?.Length > MaxReasonLength)
             throw ErrnoException.Invalid($"a revocation reason is at most {MaxReasonLength} characters, not {message.Length}");
-        return EndAsync(Find(id), SessionEndReason.Revoked, string.IsNullOrWhiteSpace(message) ? "revoked by admin" : message);
+        var session = Find(id);
+        if (caller is not null && !caller.Permits(Role.Admin) && !string.Equals(caller.Principal, session.Principal, StringComparison.Ordinal))
+            throw ErrnoException.Denied($"{caller.Principal} may revoke only its own sessions; session {id} is another principal's");
+        var revoker = caller is null || caller.Permits(Role.Admin) ? "admin" : caller.Principal;
+        return EndAsync(session, SessionEndReason.Revoked, string.IsNullOrWhiteSpace(message) ? $"revoked by {revoker}" : message);
     }
 
     /// <summary>The longest revocation reason, which the revoked client is sent.</summary>
@@ -161,6 +203,8 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         {
             _byToken.TryRemove(session.Token, out _);
             _byId.TryRemove(session.Id, out _);
+            if (_ledgers.TryGetValue(session.Principal, out var ledger))
+                ledger.Release();
             session.CompleteEvents();
             ended?.Invoke(session);
         }
@@ -186,5 +230,55 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     private sealed record LeaseState(SessionRegistry Registry, Session Session)
     {
         public void Expire() => _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+    }
+
+    /// <summary>
+    /// One principal's live sessions and its Session.Open rate, a token bucket as deep as the rate
+    /// that refills at the rate per second on the registry's clock.
+    /// </summary>
+    private sealed class PrincipalLedger
+    {
+        private readonly Lock _sync = new();
+        private int _live;
+        private double _tokens = double.NaN;
+        private long _refilledAt;
+
+        /// <summary>Whether the quotas limit anything a ledger counts (open mode's do not).</summary>
+        public static bool Limits(Quotas quotas) => quotas.Sessions != int.MaxValue || quotas.OpensPerSecond != int.MaxValue;
+
+        /// <summary>Takes one open from the bucket and one session from the quota, or throws EAGAIN / EMFILE.</summary>
+        public void Admit(Grant grant, TimeProvider time)
+        {
+            var quotas = grant.Quotas;
+            lock (_sync)
+            {
+                var now = time.GetTimestamp();
+                var rate = (double)quotas.OpensPerSecond;
+                _tokens = double.IsNaN(_tokens)
+                    ? rate
+                    : Math.Min(rate, _tokens + (time.GetElapsedTime(_refilledAt, now).TotalSeconds * rate));
+                _refilledAt = now;
+                if (_tokens < 1)
+                {
+                    var wait = rate > 0 ? TimeSpan.FromSeconds((1 - _tokens) / rate) : TimeSpan.FromSeconds(1);
+                    throw new ErrnoException(Errno.EAGAIN, ErrorKind.ResourceExhausted,
+                        $"{grant.Principal} opens sessions faster than its quota of {quotas.OpensPerSecond} per second; retry in {Math.Ceiling(wait.TotalMilliseconds)} ms")
+                    {
+                        RetryAfter = wait,
+                    };
+                }
+                _tokens -= 1;
+                if (_live >= quotas.Sessions)
+                    throw ErrnoException.Exhausted(Errno.EMFILE, $"{grant.Principal} has {_live} live session(s), its quota");
+                _live++;
+            }
+        }
+
+        /// <summary>A session of the principal is gone.</summary>
+        public void Release()
+        {
+            lock (_sync)
+                _live--;
+        }
     }
 }

@@ -22,6 +22,16 @@ internal sealed class SessionFiles(Session session)
     {
         private readonly Dictionary<ulong, T> _items = [];
 
+        /// <summary>How many items the table holds.</summary>
+        public int Count
+        {
+            get
+            {
+                lock (sync)
+                    return _items.Count;
+            }
+        }
+
         public void Add(ulong id, T item)
         {
             lock (sync)

@@ -65,10 +65,18 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     public Container CreateContainer(Session session, ContainerType type)
     {
         using var op = session.Enter();
-        var container = new Container((ulong)Interlocked.Increment(ref _nextContainerId), type, session, dmaLimit);
-        Interlocked.Increment(ref _liveContainers);
-        FilesOf(session).Containers.Add(container.Id, container);
-        return container;
+        var quotas = session.Grant.Quotas;
+        var files = FilesOf(session);
+        // Counted and added under the session's lock, so racing creates cannot pass the quota together.
+        lock (session.Sync)
+        {
+            if (files.Containers.Count >= quotas.Containers)
+                throw ErrnoException.Exhausted(Errno.ENOSPC, $"session {session.Id} holds {quotas.Containers} container(s), its principal's quota");
+            var container = new Container((ulong)Interlocked.Increment(ref _nextContainerId), type, session, Math.Min(dmaLimit, quotas.Mappings));
+            Interlocked.Increment(ref _liveContainers);
+            files.Containers.Add(container.Id, container);
+            return container;
+        }
     }
 
     /// <summary>Destroys an empty container, as closing the container fd would.</summary>
@@ -98,6 +106,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
         lock (group.Sync)
         {
             OwnershipTable.CheckPresent(group);
+            CheckAllowed(session, group);
             if (ContainerSetOn(group) is { } set)
                 throw ErrnoException.Conflict(Errno.EINVAL, set.Owner == session
                     ? $"group {groupId} already has container {set.Id} set"
@@ -148,9 +157,14 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             OwnershipTable.CheckPresent(device);
             if (device.Driver != Drivers.VfioPci)
                 throw ErrnoException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
+            CheckAllowed(session, group);
             if (device.BoundBy == session)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"{address} is already bound by this session");
             group.CheckDeviceClaim(session);
+            // vfio_device_block_group: a group held through the group path (a container set on it)
+            // takes no device-path claim, or one session would hold it both ways at once.
+            if (ContainerSetOn(group) is { } set)
+                throw ErrnoException.Busy($"group {group.Id} is held through container {set.Id} (the group path); its devices cannot also be bound with BindDevice");
             if (group.Domain == DomainKind.User && group.Attached != container)
                 throw ErrnoException.Busy($"group {group.Id} already has container {group.Attached?.Id}'s domain attached");
             // As in SetContainer: no DestroyContainer between the check and the join.
@@ -241,6 +255,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
             OwnershipTable.CheckPresent(device);
             if (device.Driver != Drivers.VfioPci)
                 throw ErrnoException.Conflict(Errno.ENODEV, $"{address} is not bound to vfio-pci (driver: {device.Driver ?? "none"})");
+            CheckAllowed(session, group);
             if (group.OwnerKind == OwnerKind.User && group.Owner != session)
                 throw ErrnoException.NotPermitted($"group {group.Id} is {group.Describe()}");
             if (ContainerSetOn(group)?.Owner != session && device.BoundBy != session)
@@ -381,6 +396,17 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     private SessionFiles FilesOf(Session session) => _files.GetOrAdd(session, static s => new SessionFiles(s));
 
     private Container FindContainer(Session session, ulong containerId) => FilesOf(session).Containers.Find(containerId);
+
+    /// <summary>
+    /// The principal's allowed groups (SPEC §12), checked on every claim path under the group's
+    /// lock, so the devices matched against its globs are the group's devices at that instant.
+    /// </summary>
+    private static void CheckAllowed(Session session, IommuGroup group)
+    {
+        var policy = session.Grant.Groups;
+        if (!policy.AllowsAll && !policy.Allows(group.Id, [.. group.Devices.Select(d => d.Address)]))
+            throw ErrnoException.Denied($"{session.Principal} may not claim group {group.Id}: it is outside the groups its auth entry allows ({policy})");
+    }
 
     private Container IommuOf(Session session, ulong containerId) => CheckIommu(FindContainer(session, containerId));
 

@@ -127,6 +127,8 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
                 }),
             },
         };
+        if (e.RetryAfter is { } wait)
+            status.Details.Add(Any.Pack(new RetryInfo { RetryDelay = Duration.FromTimeSpan(wait) }));
         return status.ToRpcException();
     }
 

@@ -86,4 +86,20 @@ internal static class WireMapping
         Wire.ContainerType.Iommufd => Core.Vfio.ContainerType.Iommufd,
         _ => throw ErrnoException.Invalid($"container type {type} is not one of TYPE1V2, IOMMUFD"),
     };
+
+    public static Wire.SessionInfo ToProto(this SessionSummary s)
+    {
+        var info = new Wire.SessionInfo
+        {
+            SessionId = s.Id,
+            Principal = s.Principal,
+            ClientName = s.ClientName,
+            Peer = s.Peer,
+            AgeMs = (ulong)Math.Max(0, s.Age.TotalMilliseconds),
+            MemoryBytes = s.MemoryBytes,
+            DmaStreams = (uint)s.DmaStreams,
+        };
+        info.Groups.AddRange(s.Groups);
+        return info;
+    }
 }

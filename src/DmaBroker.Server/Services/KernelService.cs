@@ -30,8 +30,15 @@ public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
 
     public override async Task<Wire.RevokeSessionResponse> RevokeSession(Wire.RevokeSessionRequest request, ServerCallContext context)
     {
-        await broker.Sessions.RevokeAsync(request.SessionId, request.Reason);
+        await broker.Sessions.RevokeAsync(request.SessionId, request.Reason, context.Caller().Grant);
         return new Wire.RevokeSessionResponse();
+    }
+
+    public override Task<Wire.ListSessionsResponse> ListSessions(Wire.ListSessionsRequest request, ServerCallContext context)
+    {
+        var response = new Wire.ListSessionsResponse();
+        response.Sessions.AddRange(broker.ListSessions(context.Caller().Grant).Select(WireMapping.ToProto));
+        return Task.FromResult(response);
     }
 
     public override Task<Wire.BrokerStats> GetStats(Wire.GetStatsRequest request, ServerCallContext context)

@@ -1,6 +1,7 @@
 using DmaBroker.Core;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Server.Hosting;
 using Grpc.Core;
 using Wire = DmaBroker.Protocol.V1;
 
@@ -16,7 +17,7 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
     public override async Task Open(IAsyncStreamReader<Wire.SessionRequest> requestStream,
         IServerStreamWriter<Wire.SessionEvent> responseStream, ServerCallContext context)
     {
-        var session = broker.Sessions.Open();
+        var session = broker.Sessions.Open(context.Caller().Grant, null, context.Peer);
         LogOpened(logger, session.Id, context.Peer);
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
         var writer = WriteEventsAsync(session, responseStream, context.CancellationToken);
@@ -70,6 +71,7 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
                     SessionId = session.Id,
                     Token = session.Token,
                     LeaseTtlMs = (uint)broker.Sessions.Options.LeaseTtl.TotalMilliseconds,
+                    Principal = session.Principal,
                 },
             }, callAborted);
             // Once the session ends, a write blocked by a client that stopped reading gets a grace more.
