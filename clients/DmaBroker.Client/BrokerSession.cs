@@ -33,6 +33,7 @@ public sealed class BrokerSession : IAsyncDisposable
         Id = opened.SessionId;
         Token = opened.Token;
         LeaseTtl = TimeSpan.FromMilliseconds(opened.LeaseTtlMs);
+        Principal = opened.Principal;
         var authenticated = invoker.Intercept(metadata =>
         {
             metadata.Add(TokenHeader, Token);
@@ -43,6 +44,12 @@ public sealed class BrokerSession : IAsyncDisposable
 
     /// <summary>The public session id, shown as a group's owner.</summary>
     public ulong Id { get; }
+
+    /// <summary>
+    /// Who the session belongs to, as the broker named the caller: <c>cert:&lt;CN&gt;</c>,
+    /// <c>token:&lt;name&gt;</c>, <c>uid:&lt;n&gt;</c> or <c>anonymous</c>.
+    /// </summary>
+    public string Principal { get; }
 
     /// <summary>The secret token; every call of this session already sends it.</summary>
     public string Token { get; }
