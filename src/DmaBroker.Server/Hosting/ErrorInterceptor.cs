@@ -162,7 +162,8 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
                 // Only the transport throws these here: the client cancelled, reset its stream or
                 // lost its connection, and the call's token may not show it yet. Not a broker error.
                 LogClientGone(logger, context.Method, e.Message);
-                return null;
+                // As a status, not the transport's exception, which grpc-dotnet would log as an error.
+                return new RpcException(new Grpc.Core.Status(StatusCode.Cancelled, "the client went away"));
             default:
                 LogBug(logger, context.Method, e);
                 return new RpcException(new Grpc.Core.Status(StatusCode.Internal, $"broker bug: {e.GetType().Name}; see the broker log"));
