@@ -283,6 +283,22 @@ public sealed class DmaServiceTests
         await memory.FreeAsync(new FreeRequest { Vaddr = vaddr });
     }
 
+    [Theory]
+    [InlineData((4 << 20) + 1)]
+    [InlineData(8 << 20)]
+    public async Task MemoryWrite_OverTheDocumentedFourMiB_EinvalAndNothingWritten(int size)
+    {
+        await using var broker = await TestBroker.StartAsync(null, "--memory-limit-mb", "16");
+        await using var session = await broker.Client.OpenSessionAsync("big-write");
+        var buffer = await session.AllocateAsync(9UL << 20);
+        var e = await Expect(Errno.EINVAL, StatusCode.InvalidArgument,
+            () => Call(() => session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = buffer.Vaddr, Data = ByteString.CopyFrom(Enumerable.Repeat((byte)0xab, size).ToArray()) }).ResponseAsync));
+        Assert.Contains("4194304", e.Message, StringComparison.Ordinal);
+        Assert.All(await buffer.ReadAsync(0, 4096), b => Assert.Equal(0, b));
+        // The documented maximum itself is accepted.
+        await buffer.WriteAsync(0, new byte[4 << 20]);
+    }
+
     [Fact]
     public async Task Devices_OpenRulesAndResetOnClose()
     {
