@@ -149,12 +149,8 @@ public sealed class AttackTests
 
     [Theory]
     [MemberData(nameof(DirectAttacks))]
-    public async Task DirectAttack_WithTheVictimsIds_RefusedAndNothingChanged(string attacker, string attack)
-    {
-        await using var scene = await Scene.StartAsync();
-        await RunDirectAsync(scene, attacker, attack);
-        await scene.AssertNothingChangedAsync();
-    }
+    public Task DirectAttack_WithTheVictimsIds_RefusedAndNothingChanged(string attacker, string attack) =>
+        RefusedAndNothingChangedAsync(scene => RunDirectAsync(scene, attacker, attack));
 
     private static async Task RunDirectAsync(Scene scene, string attacker, string name)
     {
@@ -196,12 +192,8 @@ public sealed class AttackTests
 
     [Theory]
     [MemberData(nameof(OutsideTheRole))]
-    public async Task Call_OutsideTheCallersRole_PermissionDeniedEaccesAndNothingChanged(string caller, string service, string method)
-    {
-        await using var scene = await Scene.StartAsync();
-        await RunOutsideRoleAsync(scene, caller, service, method);
-        await scene.AssertNothingChangedAsync();
-    }
+    public Task Call_OutsideTheCallersRole_PermissionDeniedEaccesAndNothingChanged(string caller, string service, string method) =>
+        RefusedAndNothingChangedAsync(scene => RunOutsideRoleAsync(scene, caller, service, method));
 
     // The caller brings the victim's session token too, and a request aimed at the victim: were the
     // role check missing, the call would land on the victim and the check afterwards would see it.
@@ -224,12 +216,8 @@ public sealed class AttackTests
 
     [Theory]
     [MemberData(nameof(SessionMethods))]
-    public async Task VictimsToken_PresentedByAnotherPrincipal_UnauthenticatedEaccesAndNothingChanged(string service, string method)
-    {
-        await using var scene = await Scene.StartAsync();
-        await RunStolenTokenAsync(scene, service, method);
-        await scene.AssertNothingChangedAsync();
-    }
+    public Task VictimsToken_PresentedByAnotherPrincipal_UnauthenticatedEaccesAndNothingChanged(string service, string method) =>
+        RefusedAndNothingChangedAsync(scene => RunStolenTokenAsync(scene, service, method));
 
     // Exactly what an unknown token gets: a stolen token is worth nothing, and says nothing.
     private static async Task RunStolenTokenAsync(Scene scene, string service, string method)
@@ -277,7 +265,7 @@ public sealed class AttackTests
         await using var scene = await Scene.StartAsync();
         var mallory = scene.Attackers[Mallory];
         await mallory.Type1.SetGroupAsync(scene.GroupOf(MalloryDevice), scene.Ct);
-        await using var device = await mallory.Session.OpenDeviceAsync(MalloryDevice, scene.Ct);
+        var device = await mallory.Session.OpenDeviceAsync(MalloryDevice, scene.Ct);
         await device.EnableBusMasterAsync(scene.Ct);
         await using var dma = await device.OpenDmaChannelAsync(cancellationToken: scene.Ct);
 
@@ -316,6 +304,14 @@ public sealed class AttackTests
         // VFIO_GROUP_GET_STATUS of the victim's group: neither viable nor set, for another session.
         foreach (var attacker in scene.Attackers.Values)
             Assert.Equal(new GroupStatus(), await attacker.Session.GetGroupStatusAsync(scene.Victim.Group, scene.Ct));
+        await scene.AssertNothingChangedAsync();
+    }
+
+    /// <summary>One attack against a fresh victim, then the check that it changed nothing.</summary>
+    private static async Task RefusedAndNothingChangedAsync(Func<Scene, Task> attack)
+    {
+        await using var scene = await Scene.StartAsync();
+        await attack(scene);
         await scene.AssertNothingChangedAsync();
     }
 
