@@ -111,6 +111,9 @@ public static class BrokerHost
         ["--dma-limit"] = "DmaBroker:DmaLimit",
     };
 
+    /// <summary>Concurrent HTTP/2 streams (sessions, DMA streams, calls) per client connection.</summary>
+    public const int MaxStreamsPerConnection = 1024;
+
     /// <summary>Builds the app. <paramref name="configure"/> lets tests replace services such as the clock.</summary>
     public static WebApplication Build(string[] args, Action<IServiceCollection>? configure = null)
     {
@@ -133,6 +136,12 @@ public static class BrokerHost
             // A hung client's connection is dropped when it stops answering pings; its lease ends it even sooner.
             kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromMilliseconds(options.KeepAlivePingMs);
             kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl;
+            // Sessions and DMA streams are long-lived streams: many share one client connection.
+            // Kestrel's rapid-reset defence also scales with this: it answers ENHANCE_YOUR_CALM
+            // (and then closes the connection, ending its sessions) once a connection has about
+            // twice this many streams refused or reset within a few seconds. At 100 (the default) a
+            // client retrying refused Session.Opens from a few workers reached that in seconds.
+            kestrel.Limits.Http2.MaxStreamsPerConnection = MaxStreamsPerConnection;
         });
 
         builder.Services.AddSingleton(options);
