@@ -15,7 +15,8 @@ try
 }
 catch (Exception e) when (e is ArgumentException or TopologyException or IOException or FormatException or InvalidOperationException or AccessPolicyException)
 {
-    Console.Error.WriteLine($"dmabroker: {e.Message} (see --help)");
+    // One line: the reason, whatever the exception's own layout.
+    Console.Error.WriteLine($"dmabroker: {e.Message.ReplaceLineEndings(" ")} (see --help)");
     return 2;
 }
 

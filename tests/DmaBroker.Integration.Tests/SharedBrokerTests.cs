@@ -20,6 +20,12 @@ public sealed class SharedBrokerTests : IDisposable
     [InlineData("needs --tls-cert", "--listen", "https://127.0.0.1:0")]
     [InlineData("unix:///absolute/path", "--listen", "unix://relative.sock")]
     [InlineData("cannot read auth file", "--listen", "http://127.0.0.1:0", "--auth-file", "/nonexistent/auth.json")]
+    [InlineData("unknown option '--bogus'", "--bogus")]
+    [InlineData("unknown option 'extra'", "--listen", "http://127.0.0.1:0", "extra")]
+    [InlineData("option --lease-ttl-ms needs a value", "--lease-ttl-ms")]
+    [InlineData("option --lease-ttl-ms needs a value", "--lease-ttl-ms", "--listen", "http://127.0.0.1:0")]
+    [InlineData("'abc' at 'DmaBroker:LeaseTtlMs'", "--lease-ttl-ms", "abc")]
+    [InlineData("--lease-ttl-ms must be between", "--lease-ttl-ms", "5")]
     public async Task Start_UnsafeOrBadSetup_ExitsTwoWithOneLine(string expected, params string[] args)
     {
         await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, args);
@@ -28,6 +34,35 @@ public sealed class SharedBrokerTests : IDisposable
         var line = Assert.Single(lines);
         Assert.StartsWith("stderr: dmabroker: ", line, StringComparison.Ordinal);
         Assert.Contains(expected, line, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Start_PortInUse_ExitsTwoWithOneLine()
+    {
+        using var taken = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        taken.Start();
+        var port = ((System.Net.IPEndPoint)taken.LocalEndpoint).Port;
+        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", $"http://127.0.0.1:{port}");
+        Assert.Equal(2, await broker.WaitForExitAsync(Timeout));
+        var line = Assert.Single(broker.Transcript.Split('\n', StringSplitOptions.RemoveEmptyEntries));
+        Assert.Equal($"stderr: dmabroker: --listen http://127.0.0.1:{port}: address already in use (see --help)", line);
+    }
+
+    [Fact]
+    public async Task Start_Default_PrintsOneBannerAndNoRequestLogs()
+    {
+        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", "http://127.0.0.1:0");
+        var banner = await broker.WaitForLineAsync("DmaBroker ", Timeout);
+        Assert.Contains("serving http://127.0.0.1:", banner, StringComparison.Ordinal);
+        Assert.Contains("auth: open mode", banner, StringComparison.Ordinal);
+        Assert.Contains("23 devices, 18 groups", banner, StringComparison.Ordinal);
+        var address = banner[(banner.IndexOf("serving ", StringComparison.Ordinal) + "serving ".Length)..banner.IndexOf(';', StringComparison.Ordinal)];
+        await using (var groups = ClientProcess.Start("dmactl.dll", "--broker", address, "groups"))
+            Assert.Equal(0, await groups.WaitForExitAsync(Timeout));
+        broker.Interrupt();
+        Assert.Equal(0, await broker.WaitForExitAsync(Timeout));
+        Assert.DoesNotContain("Request starting", broker.Transcript, StringComparison.Ordinal);
+        Assert.DoesNotContain("Executing endpoint", broker.Transcript, StringComparison.Ordinal);
     }
 
     [Fact]

@@ -91,7 +91,10 @@ public static class BrokerHost
           --dma-limit <n>       mappings per container (dma_avail)       [default: 65535]
           -h, --help            show this help
 
-        Every option is also a setting DmaBroker:<Name> (environment: DmaBroker__Listen=...).
+        Every option is also a setting DmaBroker:<Name> (environment: DmaBroker__Listen=...), and any
+        setting may be given as --Section:Key=value (--Logging:LogLevel:Default=Debug); options on
+        the command line win over the environment, which wins over appsettings.json. An unknown
+        option, an option without its value or a bad value ends the start with one line, exit 2.
         Without --auth-file every caller is 'anonymous' with every role (open mode); open mode is
         refused on a listener other hosts can reach unless --insecure is given.
         """;
@@ -118,11 +121,18 @@ public static class BrokerHost
     public static WebApplication Build(string[] args, Action<IServiceCollection>? configure = null)
     {
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
-        builder.Configuration.AddCommandLine(ExpandRepeatable(args), Switches);
+        // Framework request logs at Warning unless a setting says otherwise: the sources added
+        // before this one (appsettings.json, environment) and the command line still win.
+        builder.Configuration.Sources.Insert(0, new Microsoft.Extensions.Configuration.Memory.MemoryConfigurationSource
+        {
+            InitialData = new Dictionary<string, string?> { ["Logging:LogLevel:Microsoft.AspNetCore"] = "Warning" },
+        });
+        builder.Configuration.AddCommandLine(ParseArguments(args));
         var options = ReadOptions(builder.Configuration);
         Validate(options);
         var listeners = options.Listen.Select(Listener.Parse).ToArray();
         CheckOpenMode(options, listeners);
+        CheckPortsFree(listeners);
         var topology = string.IsNullOrEmpty(options.Topology) ? TopologyDocument.Default() : TopologyDocument.Load(options.Topology);
         var leaseTtl = TimeSpan.FromMilliseconds(options.LeaseTtlMs);
         var serverCertificate = LoadServerCertificate(options, listeners);
@@ -197,6 +207,18 @@ public static class BrokerHost
                 File.SetUnixFileMode(listener.SocketPath!, socketMode);
         });
         app.Lifetime.ApplicationStopped.Register(access.Dispose);
+        var startup = app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("DmaBroker.Server.Startup");
+        app.Lifetime.ApplicationStarted.Register(() =>
+        {
+            if (!startup.IsEnabled(LogLevel.Information))
+                return;
+            var snapshot = app.Services.GetRequiredService<Broker>().Journal.Current;
+            var version = typeof(BrokerHost).Assembly.GetName().Version?.ToString(3) ?? "?";
+            var served = string.Join(", ", app.Addresses());
+            var auth = options.AuthFile is null ? "open mode (every caller is anonymous with every role)" : $"auth file {options.AuthFile} ({access.Current.Count} entries)";
+            var source = string.IsNullOrEmpty(options.Topology) ? "the embedded default" : options.Topology;
+            StartupLog.Banner(startup, version, served, auth, source, snapshot.Devices.Count, snapshot.Groups.Count, options.LeaseTtlMs);
+        });
         return app;
     }
 
@@ -215,25 +237,64 @@ public static class BrokerHost
         [.. app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses
             ?? throw new InvalidOperationException("the server reported no address")];
 
-    // --listen may be given more than once, and --insecure takes no value; the configuration's
-    // command-line reader knows neither, so both become settings it does know.
-    private static string[] ExpandRepeatable(string[] args)
+    /// <summary>
+    /// Reads the command line strictly: each option of <see cref="Usage"/> (a value after it or
+    /// after '='), <c>--listen</c> as often as wanted, <c>--insecure</c> alone, and any setting as
+    /// <c>--Section:Key=value</c>. Anything else, or an option without its value, is an
+    /// <see cref="ArgumentException"/> with one line saying which. Returns the settings in the
+    /// form the configuration's command-line reader takes, <c>--Key=value</c>.
+    /// </summary>
+    public static string[] ParseArguments(string[] args)
     {
-        var expanded = new List<string>(args.Length);
+        var settings = new List<string>(args.Length);
         var listens = 0;
         for (var i = 0; i < args.Length; i++)
         {
             var arg = args[i];
-            if (arg == "--insecure")
-                expanded.Add("--DmaBroker:Insecure=true");
-            else if (arg.StartsWith("--listen=", StringComparison.Ordinal))
-                expanded.Add($"--DmaBroker:Listen:{listens++}={arg["--listen=".Length..]}");
-            else if (arg == "--listen" && i + 1 < args.Length)
-                expanded.Add($"--DmaBroker:Listen:{listens++}={args[++i]}");
+            var equals = arg.IndexOf('=', StringComparison.Ordinal);
+            var name = equals > 0 ? arg[..equals] : arg;
+            string Value()
+            {
+                if (equals > 0)
+                    return arg[(equals + 1)..];
+                if (i + 1 >= args.Length || args[i + 1].StartsWith("--", StringComparison.Ordinal))
+                    throw new ArgumentException($"option {name} needs a value");
+                return args[++i];
+            }
+
+            if (name == "--insecure")
+                settings.Add($"--DmaBroker:Insecure={(equals > 0 ? Value() : "true")}");
+            else if (name == "--listen")
+                settings.Add($"--DmaBroker:Listen:{listens++}={Value()}");
+            else if (Switches.TryGetValue(name, out var key))
+                settings.Add($"--{key}={Value()}");
+            else if (name.StartsWith("--", StringComparison.Ordinal) && name.Contains(':', StringComparison.Ordinal))
+                settings.Add($"{name}={Value()}");
             else
-                expanded.Add(arg);
+                throw new ArgumentException($"unknown option {ErrnoException.Quote(arg)}");
         }
-        return [.. expanded];
+        return [.. settings];
+    }
+
+    /// <summary>
+    /// A TCP port another process listens on ends the start with one line: Kestrel would log the
+    /// bind failure as a critical error with its stack before giving up.
+    /// </summary>
+    private static void CheckPortsFree(Listener[] listeners)
+    {
+        foreach (var listener in listeners.Where(l => l.Kind != ListenerKind.Unix && l.Port != 0))
+        {
+            var address = listener.Address ?? System.Net.IPAddress.Loopback;
+            using var probe = new System.Net.Sockets.Socket(address.AddressFamily, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
+            try
+            {
+                probe.Bind(new System.Net.IPEndPoint(address, listener.Port));
+            }
+            catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.AddressAlreadyInUse)
+            {
+                throw new IOException($"--listen {listener.Text}: address already in use");
+            }
+        }
     }
 
     private static BrokerHostOptions ReadOptions(ConfigurationManager configuration)
@@ -298,4 +359,12 @@ public static class BrokerHost
         if (o.ShutdownGrace < TimeSpan.Zero || o.ShutdownGrace > TimeSpan.FromHours(1))
             throw new ArgumentException($"DmaBroker:ShutdownGrace must be between 00:00:00 and 01:00:00, got {o.ShutdownGrace}");
     }
+}
+
+/// <summary>The broker's start-up line: what it serves, how it authenticates, what it simulates.</summary>
+internal static partial class StartupLog
+{
+    [LoggerMessage(EventId = 1, EventName = "Started", Level = LogLevel.Information,
+        Message = "DmaBroker {Version} serving {Listeners}; auth: {Auth}; topology: {Topology} ({Devices} devices, {Groups} groups); lease TTL {LeaseTtlMs} ms")]
+    public static partial void Banner(ILogger logger, string version, string listeners, string auth, string topology, int devices, int groups, int leaseTtlMs);
 }
