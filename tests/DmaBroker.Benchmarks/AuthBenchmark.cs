@@ -1,0 +1,169 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Security.Cryptography;
+using System.Text;
+using DmaBroker.Client;
+using DmaBroker.Protocol.V1;
+using DmaBroker.Server.Tests;
+
+namespace DmaBroker.Benchmarks;
+
+/// <summary>
+/// What authentication costs claim+release calls, side by side in one run. One cycle, on a session
+/// that is already open, is four unary calls, each through the access gate: CreateContainer,
+/// SetContainer on the session's own free edu group, UnsetContainer, DestroyContainer. Each mode
+/// has its own in-process broker on a loopback port the kernel picks, and the same number of
+/// sessions, each on its own connection and group, cycling back to back so that the broker, not
+/// one client's round trips, is the bottleneck. Rounds alternate the modes, rotating which goes
+/// first, and each mode's median round is reported.
+/// </summary>
+internal static class AuthBenchmark
+{
+    private const int CallsPerCycle = 4;
+    private const string Loopback = "http://127.0.0.1:0";
+    private const string LoopbackTls = "https://127.0.0.1:0";
+    private static readonly string[] EduDevices = ["0000:08:00.0", "0000:09:00.0", "0000:0a:00.0", "0000:0b:00.0"];
+
+    public static async Task RunAsync(int rounds, double seconds, int sessions)
+    {
+        if (sessions < 1 || sessions > EduDevices.Length)
+            throw new ArgumentOutOfRangeException(nameof(sessions), sessions, $"--sessions takes 1 to {EduDevices.Length}: one free edu group each");
+        var directory = Directory.CreateTempSubdirectory("dmabroker-auth-bench-").FullName;
+        var modes = new List<Mode>();
+        try
+        {
+            var pki = new TestPki(directory);
+            var token = Convert.ToBase64String(RandomNumberGenerator.GetBytes(32));
+            var authFile = Path.Combine(directory, "auth.json");
+            await File.WriteAllTextAsync(authFile, AuthFile(token));
+            string[] tls = ["--tls-cert", pki.ServerCertFile, "--tls-key", pki.ServerKeyFile];
+            modes.Add(new Mode("auth off (open mode)", await Host.StartBrokerAsync(Loopback), new BrokerClientOptions()));
+            modes.Add(new Mode("bearer token (auth file)", await Host.StartBrokerAsync(Loopback, "--auth-file", authFile),
+                new BrokerClientOptions { BearerToken = token }));
+            modes.Add(new Mode("TLS, auth off (open mode)", await Host.StartBrokerAsync(LoopbackTls, tls),
+                new BrokerClientOptions { TrustedAuthorities = pki.Authorities }));
+            modes.Add(new Mode("mTLS client cert (auth file)", await Host.StartBrokerAsync(LoopbackTls, [.. tls, "--auth-file", authFile, "--client-ca", pki.CaFile]),
+                new BrokerClientOptions { TrustedAuthorities = pki.Authorities, ClientCertificate = pki.Client("bench") }));
+            foreach (var mode in modes)
+                await mode.OpenSessionsAsync(sessions);
+
+            Console.WriteLine($"DmaBroker auth benchmark: {rounds} rounds x {seconds:F1} s per mode, modes interleaved, {sessions} sessions per mode, loopback, {Environment.ProcessorCount} cores{LoadAverage()}");
+            Console.WriteLine($"cycle = CreateContainer + SetContainer (own edu group) + UnsetContainer + DestroyContainer on an open session: {CallsPerCycle} calls");
+            foreach (var mode in modes)
+                await mode.MeasureAsync(Math.Min(seconds, 1.0)); // warm-up: JIT, connections, pools
+            for (var round = 0; round < rounds; round++)
+            {
+                for (var i = 0; i < modes.Count; i++)
+                {
+                    var mode = modes[(round + i) % modes.Count];
+                    mode.Rates.Add(await mode.MeasureAsync(seconds));
+                }
+            }
+            Report(modes);
+        }
+        finally
+        {
+            foreach (var mode in modes)
+                await mode.DisposeAsync();
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    private static void Report(List<Mode> modes)
+    {
+        var off = modes[0].Median;
+        Console.WriteLine();
+        Console.WriteLine($"{"mode",-30} {"listener",-8} {"calls/s",10} {"cycles/s",10} {"vs off",8}   rounds (calls/s)");
+        foreach (var mode in modes)
+        {
+            var rates = string.Join(" ", mode.Rates.Select(r => r.ToString("F0", CultureInfo.InvariantCulture)));
+            Console.WriteLine($"{mode.Name,-30} {mode.Listener,-8} {mode.Median,10:F0} {mode.Median / CallsPerCycle,10:F0} {mode.Median / off,8:P1}   {rates}");
+        }
+        Console.WriteLine();
+        Ratio("bearer / off", modes[1].Median, off);
+        Ratio("mTLS / off", modes[3].Median, off);
+        Ratio("mTLS / TLS (the gate alone)", modes[3].Median, modes[2].Median);
+        Console.WriteLine($"(end{LoadAverage()})");
+    }
+
+    private static void Ratio(string name, double measured, double baseline) =>
+        Console.WriteLine($"{name,-30} {measured / baseline,8:P1}   auth cost {1 - measured / baseline,6:P1}");
+
+    private static string LoadAverage() =>
+        File.Exists("/proc/loadavg") ? $", load average {string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3))}" : "";
+
+    /// <summary>The bearer token's and the client certificate's principals, among entries like docs/auth.example.json's.</summary>
+    private static string AuthFile(string token) => $$"""
+        {
+          "principals": [
+            { "name": "token:bench", "token_sha256": "{{Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(token)))}}", "roles": ["user"] },
+            { "name": "cert:bench", "roles": ["user"] },
+            { "name": "uid:*", "roles": ["user"] },
+            { "name": "anonymous", "roles": ["viewer"] }
+          ]
+        }
+        """;
+
+    /// <summary>One way of calling: its broker, client options, sessions and the calls/s of each round.</summary>
+    private sealed class Mode(string name, Host broker, BrokerClientOptions options) : IAsyncDisposable
+    {
+        private readonly List<(BrokerClient Client, BrokerSession Session, uint Group)> _workers = [];
+
+        public string Name { get; } = name;
+        public string Listener { get; } = broker.Address.StartsWith("https:", StringComparison.Ordinal) ? "https" : "http";
+        public List<double> Rates { get; } = [];
+        public double Median => Rates.Order().ElementAt(Rates.Count / 2);
+
+        /// <summary>Opens <paramref name="count"/> sessions, each on its own connection and with its own edu group.</summary>
+        public async Task OpenSessionsAsync(int count)
+        {
+            for (var i = 0; i < count; i++)
+            {
+                var client = BrokerClient.Connect(broker.Address, options);
+                try
+                {
+                    var devices = await client.ListDevicesAsync();
+                    var group = devices.Devices.Single(d => d.Address == EduDevices[i]).GroupId;
+                    _workers.Add((client, await client.OpenSessionAsync($"auth-bench-{i}"), group));
+                }
+                catch
+                {
+                    client.Dispose();
+                    throw;
+                }
+            }
+        }
+
+        /// <summary>Every session cycles until <paramref name="seconds"/> are up; completed calls per second.</summary>
+        public async Task<double> MeasureAsync(double seconds)
+        {
+            var deadline = TimeSpan.FromSeconds(seconds);
+            var clock = Stopwatch.StartNew();
+            var cycles = await Task.WhenAll(_workers.Select(w => Task.Run(async () =>
+            {
+                long done = 0;
+                while (clock.Elapsed < deadline)
+                {
+                    var container = await w.Session.CreateContainerAsync(ContainerType.Type1V2);
+                    await w.Session.SetContainerAsync(w.Group, container);
+                    await w.Session.UnsetContainerAsync(w.Group);
+                    await w.Session.Raw.Vfio.DestroyContainerAsync(new DestroyContainerRequest { ContainerId = container });
+                    done++;
+                }
+                return done;
+            })));
+            return cycles.Sum() * CallsPerCycle / clock.Elapsed.TotalSeconds;
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            foreach (var (client, session, _) in _workers)
+            {
+                await session.DisposeAsync();
+                client.Dispose();
+            }
+            options.ClientCertificate?.Dispose();
+            await broker.DisposeAsync();
+        }
+    }
+}
