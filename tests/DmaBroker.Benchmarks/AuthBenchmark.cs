@@ -14,12 +14,15 @@ namespace DmaBroker.Benchmarks;
 /// SetContainer on the session's own free edu group, UnsetContainer, DestroyContainer. Each mode
 /// has its own in-process broker on a loopback port the kernel picks, and the same number of
 /// sessions, each on its own connection and group, cycling back to back so that the broker, not
-/// one client's round trips, is the bottleneck. Rounds alternate the modes, rotating which goes
-/// first, and each mode's median round is reported.
+/// one client's round trips, is the bottleneck. The modes: auth off (open mode) and a bearer token
+/// (auth file) on http://, then TLS in open mode and mTLS (auth file, --client-ca) on https://, so
+/// that mTLS / TLS shows what authentication adds to TLS and mTLS / off what TLS costs besides.
+/// Rounds alternate the modes, rotating which goes first, and each mode's median round is reported.
 /// </summary>
 internal static class AuthBenchmark
 {
     private const int CallsPerCycle = 4;
+    private const int WarmupRounds = 2;
     private const string Loopback = "http://127.0.0.1:0";
     private const string LoopbackTls = "https://127.0.0.1:0";
     private static readonly string[] EduDevices = ["0000:08:00.0", "0000:09:00.0", "0000:0a:00.0", "0000:0b:00.0"];
@@ -47,16 +50,17 @@ internal static class AuthBenchmark
             foreach (var mode in modes)
                 await mode.OpenSessionsAsync(sessions);
 
-            Console.WriteLine($"DmaBroker auth benchmark: {rounds} rounds x {seconds:F1} s per mode, modes interleaved, {sessions} sessions per mode, loopback, {Environment.ProcessorCount} cores{LoadAverage()}");
+            Console.WriteLine($"DmaBroker auth benchmark: {rounds} rounds x {seconds:F1} s per mode, modes interleaved, {sessions} sessions per mode, {WarmupRounds} warm-up rounds, loopback, {Environment.ProcessorCount} cores{LoadAverage()}");
             Console.WriteLine($"cycle = CreateContainer + SetContainer (own edu group) + UnsetContainer + DestroyContainer on an open session: {CallsPerCycle} calls");
-            foreach (var mode in modes)
-                await mode.MeasureAsync(Math.Min(seconds, 1.0)); // warm-up: JIT, connections, pools
-            for (var round = 0; round < rounds; round++)
+            // Warm-up rounds, not counted: the tiered JIT keeps recompiling for some 10 s of this load.
+            for (var round = -WarmupRounds; round < rounds; round++)
             {
                 for (var i = 0; i < modes.Count; i++)
                 {
-                    var mode = modes[(round + i) % modes.Count];
-                    mode.Rates.Add(await mode.MeasureAsync(seconds));
+                    var mode = modes[(round + WarmupRounds + i) % modes.Count];
+                    var rate = await mode.MeasureAsync(seconds);
+                    if (round >= 0)
+                        mode.Rates.Add(rate);
                 }
             }
             Report(modes);
@@ -80,14 +84,19 @@ internal static class AuthBenchmark
             Console.WriteLine($"{mode.Name,-30} {mode.Listener,-8} {mode.Median,10:F0} {mode.Median / CallsPerCycle,10:F0} {mode.Median / off,8:P1}   {rates}");
         }
         Console.WriteLine();
-        Ratio("bearer / off", modes[1].Median, off);
-        Ratio("mTLS / off", modes[3].Median, off);
-        Ratio("mTLS / TLS (the gate alone)", modes[3].Median, modes[2].Median);
+        Console.WriteLine($"{"ratio",-30} {"of medians",10} {"auth cost",10}   median of per-round ratios (same round, seconds apart)");
+        Ratio("bearer / off", modes[1], modes[0]);
+        Ratio("mTLS / off (TLS + auth)", modes[3], modes[0]);
+        Ratio("mTLS / TLS (auth alone)", modes[3], modes[2]);
         Console.WriteLine($"(end{LoadAverage()})");
     }
 
-    private static void Ratio(string name, double measured, double baseline) =>
-        Console.WriteLine($"{name,-30} {measured / baseline,8:P1}   auth cost {1 - measured / baseline,6:P1}");
+    private static void Ratio(string name, Mode measured, Mode baseline)
+    {
+        var ratio = measured.Median / baseline.Median;
+        var paired = Rounds.Median(measured.Rates.Zip(baseline.Rates, (m, b) => m / b));
+        Console.WriteLine($"{name,-30} {ratio,10:P1} {1 - ratio,10:P1}   {paired:P1}");
+    }
 
     private static string LoadAverage() =>
         File.Exists("/proc/loadavg") ? $", load average {string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3))}" : "";
@@ -112,7 +121,7 @@ internal static class AuthBenchmark
         public string Name { get; } = name;
         public string Listener { get; } = broker.Address.StartsWith("https:", StringComparison.Ordinal) ? "https" : "http";
         public List<double> Rates { get; } = [];
-        public double Median => Rates.Order().ElementAt(Rates.Count / 2);
+        public double Median => Rounds.Median(Rates);
 
         /// <summary>Opens <paramref name="count"/> sessions, each on its own connection and with its own edu group.</summary>
         public async Task OpenSessionsAsync(int count)

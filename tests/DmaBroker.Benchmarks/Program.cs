@@ -51,8 +51,8 @@ foreach (var (name, unit, make, opsPerMessage, bytesPerOp) in scenarios)
         brokerRates.Add(await Measure(session.Raw.Dma.Stream(), handle, requests, opsPerMessage, seconds));
     }
     double Scale(double opsPerSecond) => unit == "MiB/s" ? opsPerSecond * bytesPerOp / (1024 * 1024) : opsPerSecond / 1e6;
-    var b = Median(brokerRates);
-    var r = Median(rawRates);
+    var b = Rounds.Median(brokerRates);
+    var r = Rounds.Median(rawRates);
     Console.WriteLine($"{name}:");
     Console.WriteLine($"  broker Dma.Stream   {Scale(b),10:F2} {unit}   (median of {rounds}; {string.Join(", ", brokerRates.Select(x => Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
     Console.WriteLine($"  raw gRPC stream     {Scale(r),10:F2} {unit}   (median of {rounds}; {string.Join(", ", rawRates.Select(x => Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
@@ -112,12 +112,6 @@ static async Task<double> Measure(AsyncDuplexStreamingCall<DmaRequest, DmaRespon
     await call.RequestStream.CompleteAsync();
     await reader;
     return completed / elapsed;
-}
-
-static double Median(List<double> values)
-{
-    var sorted = values.Order().ToList();
-    return sorted[sorted.Count / 2];
 }
 
 T Arg<T>(string name, T fallback) where T : IParsable<T>
