@@ -58,9 +58,9 @@ internal static class AuthBenchmark
                 for (var i = 0; i < modes.Count; i++)
                 {
                     var mode = modes[(round + WarmupRounds + i) % modes.Count];
-                    var rate = await mode.MeasureAsync(seconds);
+                    var measured = await mode.MeasureAsync(seconds);
                     if (round >= 0)
-                        mode.Rates.Add(rate);
+                        mode.Rounds.Add(measured);
                 }
             }
             Report(modes);
@@ -75,27 +75,32 @@ internal static class AuthBenchmark
 
     private static void Report(List<Mode> modes)
     {
-        var off = modes[0].Median;
+        var off = modes[0];
         Console.WriteLine();
-        Console.WriteLine($"{"mode",-30} {"listener",-8} {"calls/s",10} {"cycles/s",10} {"vs off",8}   rounds (calls/s)");
+        Console.WriteLine($"{"mode",-30} {"listener",-8} {"calls/s",9} {"cycles/s",9} {"vs off",8} {"CPU µs/call",12} {"vs off",8}   rounds (calls/s)");
         foreach (var mode in modes)
         {
-            var rates = string.Join(" ", mode.Rates.Select(r => r.ToString("F0", CultureInfo.InvariantCulture)));
-            Console.WriteLine($"{mode.Name,-30} {mode.Listener,-8} {mode.Median,10:F0} {mode.Median / CallsPerCycle,10:F0} {mode.Median / off,8:P1}   {rates}");
+            var rates = string.Join(" ", mode.Rounds.Select(r => r.CallsPerSecond.ToString("F0", CultureInfo.InvariantCulture)));
+            Console.WriteLine($"{mode.Name,-30} {mode.Listener,-8} {mode.CallsPerSecond,9:F0} {mode.CallsPerSecond / CallsPerCycle,9:F0} {mode.CallsPerSecond / off.CallsPerSecond,8:P1} "
+                + $"{mode.CpuPerCall,12:F1} {mode.CpuPerCall / off.CpuPerCall,8:P1}   {rates}");
         }
         Console.WriteLine();
-        Console.WriteLine($"{"ratio",-30} {"of medians",10} {"auth cost",10}   median of per-round ratios (same round, seconds apart)");
+        Console.WriteLine($"{"ratio",-30} {"calls/s",8} {"auth cost",10} {"paired",8}   {"CPU/call",8} {"paired",8}");
         Ratio("bearer / off", modes[1], modes[0]);
         Ratio("mTLS / off (TLS + auth)", modes[3], modes[0]);
         Ratio("mTLS / TLS (auth alone)", modes[3], modes[2]);
-        Console.WriteLine($"(end{LoadAverage()})");
+        Console.WriteLine("auth cost = 1 - calls/s ratio of the medians; paired = the median of the rounds' own ratios (both modes");
+        Console.WriteLine("measured seconds apart); CPU/call = this process's CPU time (clients and brokers) per call, which other");
+        Console.WriteLine($"processes' load moves far less than calls/s (end{LoadAverage()})");
     }
 
     private static void Ratio(string name, Mode measured, Mode baseline)
     {
-        var ratio = measured.Median / baseline.Median;
-        var paired = Rounds.Median(measured.Rates.Zip(baseline.Rates, (m, b) => m / b));
-        Console.WriteLine($"{name,-30} {ratio,10:P1} {1 - ratio,10:P1}   {paired:P1}");
+        var ratio = measured.CallsPerSecond / baseline.CallsPerSecond;
+        var paired = Rounds.Median(measured.Rounds.Zip(baseline.Rounds, (m, b) => m.CallsPerSecond / b.CallsPerSecond));
+        var cpu = measured.CpuPerCall / baseline.CpuPerCall;
+        var cpuPaired = Rounds.Median(measured.Rounds.Zip(baseline.Rounds, (m, b) => m.CpuPerCall / b.CpuPerCall));
+        Console.WriteLine($"{name,-30} {ratio,8:P1} {1 - ratio,10:P1} {paired,8:P1}   {cpu,8:P1} {cpuPaired,8:P1}");
     }
 
     private static string LoadAverage() =>
@@ -120,8 +125,9 @@ internal static class AuthBenchmark
 
         public string Name { get; } = name;
         public string Listener { get; } = broker.Address.StartsWith("https:", StringComparison.Ordinal) ? "https" : "http";
-        public List<double> Rates { get; } = [];
-        public double Median => Rounds.Median(Rates);
+        public List<(double CallsPerSecond, double CpuPerCall)> Rounds { get; } = [];
+        public double CallsPerSecond => Benchmarks.Rounds.Median(Rounds.Select(r => r.CallsPerSecond));
+        public double CpuPerCall => Benchmarks.Rounds.Median(Rounds.Select(r => r.CpuPerCall));
 
         /// <summary>Opens <paramref name="count"/> sessions, each on its own connection and with its own edu group.</summary>
         public async Task OpenSessionsAsync(int count)
@@ -143,10 +149,12 @@ internal static class AuthBenchmark
             }
         }
 
-        /// <summary>Every session cycles until <paramref name="seconds"/> are up; completed calls per second.</summary>
-        public async Task<double> MeasureAsync(double seconds)
+        /// <summary>Every session cycles until <paramref name="seconds"/> are up: completed calls per second, and the process's CPU µs per call.</summary>
+        public async Task<(double CallsPerSecond, double CpuPerCall)> MeasureAsync(double seconds)
         {
             var deadline = TimeSpan.FromSeconds(seconds);
+            using var process = Process.GetCurrentProcess();
+            var cpu = process.TotalProcessorTime;
             var clock = Stopwatch.StartNew();
             var cycles = await Task.WhenAll(_workers.Select(w => Task.Run(async () =>
             {
@@ -161,7 +169,10 @@ internal static class AuthBenchmark
                 }
                 return done;
             })));
-            return cycles.Sum() * CallsPerCycle / clock.Elapsed.TotalSeconds;
+            var elapsed = clock.Elapsed.TotalSeconds;
+            process.Refresh();
+            var calls = cycles.Sum() * CallsPerCycle;
+            return (calls / elapsed, (process.TotalProcessorTime - cpu).TotalMicroseconds / calls);
         }
 
         public async ValueTask DisposeAsync()
