@@ -15,6 +15,14 @@ using Microsoft.Extensions.Logging;
 // Side-by-side DMA benchmarks on loopback: the broker's Dma.Stream against a raw gRPC stream of
 // the same messages, alternating in one run so machine noise hits both alike.
 //   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- [--rounds N] [--seconds S]
+// What authentication costs claim+release calls (see AuthBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- auth [--rounds N] [--seconds S] [--sessions N]
+if (args is ["auth", ..])
+{
+    await AuthBenchmark.RunAsync(Arg("--rounds", 7), Arg("--seconds", 2.0), Arg("--sessions", 4));
+    return;
+}
+
 var rounds = Arg("--rounds", 5);
 var seconds = Arg("--seconds", 2.0);
 
@@ -43,8 +51,8 @@ foreach (var (name, unit, make, opsPerMessage, bytesPerOp) in scenarios)
         brokerRates.Add(await Measure(session.Raw.Dma.Stream(), handle, requests, opsPerMessage, seconds));
     }
     double Scale(double opsPerSecond) => unit == "MiB/s" ? opsPerSecond * bytesPerOp / (1024 * 1024) : opsPerSecond / 1e6;
-    var b = Median(brokerRates);
-    var r = Median(rawRates);
+    var b = Rounds.Median(brokerRates);
+    var r = Rounds.Median(rawRates);
     Console.WriteLine($"{name}:");
     Console.WriteLine($"  broker Dma.Stream   {Scale(b),10:F2} {unit}   (median of {rounds}; {string.Join(", ", brokerRates.Select(x => Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
     Console.WriteLine($"  raw gRPC stream     {Scale(r),10:F2} {unit}   (median of {rounds}; {string.Join(", ", rawRates.Select(x => Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
@@ -106,12 +114,6 @@ static async Task<double> Measure(AsyncDuplexStreamingCall<DmaRequest, DmaRespon
     return completed / elapsed;
 }
 
-static double Median(List<double> values)
-{
-    var sorted = values.Order().ToList();
-    return sorted[sorted.Count / 2];
-}
-
 T Arg<T>(string name, T fallback) where T : IParsable<T>
 {
     var i = Array.IndexOf(args, name);
@@ -123,8 +125,9 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
     public const ulong Iova = 0x100_0000;
     public string Address { get; } = address;
 
-    public static Task<Host> StartBrokerAsync() =>
-        StartAsync(BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning"]));
+    /// <summary>A broker on <paramref name="listen"/> (port 0: any free port) with further <paramref name="options"/>.</summary>
+    public static Task<Host> StartBrokerAsync(string listen = "http://127.0.0.1:0", params string[] options) =>
+        StartAsync(BrokerHost.Build(["--listen", listen, "--Logging:LogLevel:Default=Warning", .. options]));
 
     public static Task<Host> StartRawAsync()
     {
