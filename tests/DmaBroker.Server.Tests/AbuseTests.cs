@@ -7,16 +7,12 @@ using Xunit.Abstractions;
 
 namespace DmaBroker.Server.Tests;
 
-/// <summary>Latency is measured here: the tests of this collection run alone, not beside the rest of the suite.</summary>
-[CollectionDefinition(nameof(AbuseTests), DisableParallelization = true)]
-public sealed class AbuseCollection;
-
 /// <summary>
 /// SPEC §12 under abuse: one principal hammering Session.Open is held to its session quota
 /// (EMFILE) and its open rate (EAGAIN), and the broker keeps serving another principal within
 /// its normal latency.
 /// </summary>
-[Collection(nameof(AbuseTests))]
+[Collection(RunsAlone.Name)]
 public sealed class AbuseTests(ITestOutputHelper output)
 {
     private const string FloodToken = "flood-token";

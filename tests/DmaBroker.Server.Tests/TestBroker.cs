@@ -133,3 +133,13 @@ public static class Errors
 
     public static Task<T> Call<T>(Func<Task<T>> call) => BrokerException.Wrap(call);
 }
+
+/// <summary>
+/// Tests that measure time or load the machine: they run one at a time, after the rest of the
+/// suite, so neither their bounds nor the other tests' depend on what runs beside them.
+/// </summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class RunsAlone
+{
+    public const string Name = "runs alone";
+}

@@ -9,11 +9,11 @@ using Microsoft.Extensions.Time.Testing;
 namespace DmaBroker.Server.Tests;
 
 /// <summary>
-/// The services only map: what the core refuses reaches the wire as a clean errno (never INTERNAL,
-/// never an allocation of what a request asks for), and stopping the broker still ends every
-/// session, each told <c>revoked</c>, before the server stops taking calls.
+/// Stopping the broker ends every session, each told <c>revoked</c>, before the server stops taking
+/// calls. Bounded in time, so it runs alone (see <see cref="RunsAlone"/>).
 /// </summary>
-public sealed class ThinServiceTests
+[Collection(RunsAlone.Name)]
+public sealed class ShutdownTests
 {
     [Fact]
     public async Task Stop_OpenSessions_EachToldRevokedBeforeTheServerStops()
@@ -26,8 +26,8 @@ public sealed class ThinServiceTests
         using var second = sessions.Open();
         AsyncDuplexStreamingCall<SessionRequest, SessionEvent>[] calls = [first, second];
         foreach (var call in calls)
-            Assert.NotNull((await NextEventAsync(call)).Opened);
-        var told = calls.Select(async call => (await NextEventAsync(call)).Revoked?.Reason ?? "no revoked").ToArray();
+            Assert.NotNull((await ThinServiceTests.NextEventAsync(call)).Opened);
+        var told = calls.Select(async call => (await ThinServiceTests.NextEventAsync(call)).Revoked?.Reason ?? "no revoked").ToArray();
 
         var stopped = broker.DisposeAsync().AsTask();
 
@@ -35,7 +35,15 @@ public sealed class ThinServiceTests
         await stopped.WaitAsync(TestBroker.Timeout);
         Assert.Empty(broker.Broker.Sessions.Live);
     }
+}
 
+/// <summary>
+/// The services only map: what the core refuses reaches the wire as a clean errno (never INTERNAL,
+/// never an allocation of what a request asks for), and stopping the broker still ends every
+/// session, each told <c>revoked</c>, before the server stops taking calls.
+/// </summary>
+public sealed class ThinServiceTests
+{
     [Fact]
     public async Task MemoryRead_SizeBeyondOneTransfer_FailsEinvalWithoutAllocating()
     {
@@ -72,7 +80,7 @@ public sealed class ThinServiceTests
         Assert.Equal(("EINVAL", "EINVAL"), (read.Response.Completion.Error?.Reason, write.Response.Completion.Error?.Reason));
     }
 
-    private static async Task<SessionEvent> NextEventAsync(AsyncDuplexStreamingCall<SessionRequest, SessionEvent> call)
+    internal static async Task<SessionEvent> NextEventAsync(AsyncDuplexStreamingCall<SessionRequest, SessionEvent> call)
     {
         Assert.True(await call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout), "the session stream ended");
         return call.ResponseStream.Current;

@@ -20,6 +20,7 @@ namespace DmaBroker.Server.Tests;
 /// A failure names the seed; <c>DMABROKER_FUZZ_SEED=N</c> replays it, <c>DMABROKER_FUZZ_CALLS</c>
 /// sets the number of calls (default 100,000).
 /// </summary>
+[Collection(RunsAlone.Name)]
 public sealed class WireFuzzTests(ITestOutputHelper output)
 {
     private const string SeedVariable = "DMABROKER_FUZZ_SEED";
