@@ -99,6 +99,22 @@ public sealed class TopologyServiceTests
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new HealthCheckRequest())).Status);
     }
 
+    [Theory]
+    [InlineData("dmabroker.v1.Topology")]
+    [InlineData("dmabroker.v1.Kernel")]
+    [InlineData("dmabroker.v1.Session")]
+    [InlineData("dmabroker.v1.Vfio")]
+    [InlineData("dmabroker.v1.Memory")]
+    [InlineData("dmabroker.v1.Dma")]
+    public async Task Health_EachServiceByName_Serving(string service)
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var health = new Health.HealthClient(broker.Client.Raw.Channel);
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new HealthCheckRequest { Service = service })).Status);
+        var unknown = await Assert.ThrowsAsync<RpcException>(() => health.CheckAsync(new HealthCheckRequest { Service = "dmabroker.v1.Toaster" }).ResponseAsync);
+        Assert.Equal(StatusCode.NotFound, unknown.StatusCode);
+    }
+
     [Fact]
     public async Task Reflection_ListsTheBrokerServices()
     {

@@ -114,6 +114,13 @@ public static class BrokerHost
         ["--dma-limit"] = "DmaBroker:DmaLimit",
     };
 
+    /// <summary>The broker's own gRPC services, by full name, as health checks and reflection know them.</summary>
+    public static IReadOnlyList<string> ServedServices { get; } =
+    [
+        Protocol.V1.Topology.Descriptor.FullName, Protocol.V1.Kernel.Descriptor.FullName, Protocol.V1.Session.Descriptor.FullName,
+        Protocol.V1.Vfio.Descriptor.FullName, Protocol.V1.Memory.Descriptor.FullName, Protocol.V1.Dma.Descriptor.FullName,
+    ];
+
     /// <summary>Concurrent HTTP/2 streams (sessions, DMA streams, calls) per client connection.</summary>
     public const int MaxStreamsPerConnection = 1024;
 
@@ -180,7 +187,12 @@ public static class BrokerHost
         builder.Services.RemoveAll(typeof(IServiceMethodProvider<>));
         builder.Services.TryAddEnumerable(ServiceDescriptor.Singleton(typeof(IServiceMethodProvider<>), typeof(GuardedMethodProvider<>)));
         builder.Services.AddGrpcReflection();
-        builder.Services.AddGrpcHealthChecks().AddCheck("broker", () => HealthCheckResult.Healthy());
+        // grpc.health.v1 answers for "" and for each service name (SPEC §13), all from the broker's check.
+        builder.Services.AddGrpcHealthChecks(health =>
+        {
+            foreach (var service in ServedServices)
+                health.Services.Map(service, _ => true);
+        }).AddCheck("broker", () => HealthCheckResult.Healthy());
         builder.Services.AddHostedService<SessionShutdown>();
         configure?.Invoke(builder.Services);
 
