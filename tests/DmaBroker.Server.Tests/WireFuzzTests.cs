@@ -319,11 +319,11 @@ internal sealed class WireFuzzer : IAsyncDisposable
                 throw new Xunit.Sdk.XunitException($"seed {Seed}: Session.Open answered without `opened`");
             var drain = DrainAsync(call);
             _sessions.Add(new FuzzSession(bearer, opened.SessionId, opened.Token, call, drain, channel));
-            Record("Session.Open", null);
+            Record(null);
         }
         catch (RpcException e)
         {
-            Check("Session.Open", e, unary: false);
+            Check("Session.Open", e);
             call.Dispose();
             channel.Dispose();
         }
@@ -398,7 +398,7 @@ internal sealed class WireFuzzer : IAsyncDisposable
                 while (await call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(CallTimeout))
                 {
                 }
-                Record("Session.Open garbage", null);
+                Record(null);
             }
             else
             {
@@ -412,15 +412,15 @@ internal sealed class WireFuzzer : IAsyncDisposable
         }
         catch (RpcException e) when (e.StatusCode == StatusCode.Cancelled && cts.IsCancellationRequested)
         {
-            Record("Session.Open cancelled", null);
+            Record(null);
         }
         catch (RpcException e)
         {
-            Check("Session.Open garbage", e, unary: false);
+            Check("Session.Open garbage", e);
         }
         catch (InvalidOperationException) when (cts.IsCancellationRequested)
         {
-            Record("Session.Open cancelled", null);
+            Record(null);
         }
         // Either way its teardown completes in the background; wait for it, so the next
         // rejected call's before-and-after snapshot sees no session end in between.
@@ -437,11 +437,11 @@ internal sealed class WireFuzzer : IAsyncDisposable
         {
             if (await call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(CallTimeout))
                 Assert.Equal(WatchEvent.EventOneofCase.Snapshot, call.ResponseStream.Current.EventCase);
-            Record("Topology.Watch", null);
+            Record(null);
         }
         catch (RpcException e)
         {
-            Check("Topology.Watch", e, unary: false);
+            Check("Topology.Watch", e);
         }
         await cts.CancelAsync();
     }
@@ -683,15 +683,15 @@ internal sealed class WireFuzzer : IAsyncDisposable
                 if (call.ResponseStream.Current.Completion is { Ok: false, Error: { } error } && error.Reason.Length == 0)
                     throw new Xunit.Sdk.XunitException($"seed {Seed}: a DMA completion failed without an errno: {error}");
             }
-            Record("Dma.Stream", null);
+            Record(null);
         }
         catch (RpcException e) when (e.StatusCode == StatusCode.Cancelled && cts.IsCancellationRequested)
         {
-            Record("Dma.Stream cancelled", null);
+            Record(null);
         }
         catch (RpcException e)
         {
-            Check("Dma.Stream", e, unary: false);
+            Check("Dma.Stream", e);
         }
         await WaitStreamsClosedAsync();
     }
@@ -786,11 +786,11 @@ internal sealed class WireFuzzer : IAsyncDisposable
         {
             var response = await call().WaitAsync(CallTimeout);
             onSuccess(response);
-            Record(name, null);
+            Record(null);
         }
         catch (RpcException e)
         {
-            Check(name, e, unary: true);
+            Check(name, e);
             var after = State();
             if (!before.Same(after))
                 throw new Xunit.Sdk.XunitException($"seed {Seed}, call {Calls}: rejected {name} ({e.Status}) changed the state:\n before {before}\n after  {after}");
@@ -827,7 +827,7 @@ internal sealed class WireFuzzer : IAsyncDisposable
         public override string ToString() => $"{Groups.Length} groups ({string.Join(", ", Groups.Where(g => g.OwnerKind != Core.Topology.OwnerKind.None).Select(g => $"{g.Id}:{g.OwnerKind}x{g.OwnerCount}/s{g.OwnerSession}/g{g.Generation}/{g.Domain}"))}), {Stats}";
     }
 
-    private void Check(string name, RpcException e, bool unary)
+    private void Check(string name, RpcException e)
     {
         if (e.StatusCode is StatusCode.Internal or StatusCode.Unknown)
             throw new Xunit.Sdk.XunitException($"seed {Seed}, call {Calls}: {name} ended {e.StatusCode}: {e.Status.Detail}");
@@ -836,15 +836,14 @@ internal sealed class WireFuzzer : IAsyncDisposable
             throw new Xunit.Sdk.XunitException($"seed {Seed}, call {Calls}: {name} failed {e.StatusCode} without ErrorInfo: {e.Status.Detail}");
         if (e.Status.Detail.Length > 2000)
             throw new Xunit.Sdk.XunitException($"seed {Seed}, call {Calls}: {name}'s error message is {e.Status.Detail.Length} characters");
-        Record(name, $"{e.StatusCode}/{info.Reason}");
-        _ = unary;
+        Record($"{e.StatusCode}/{info.Reason}");
     }
 
-    private void Record(string name, string? error)
+    /// <summary>Counts an outcome: OK, or the status and errno.</summary>
+    private void Record(string? error)
     {
         var key = error ?? "OK";
         _outcomes[key] = _outcomes.GetValueOrDefault(key) + 1;
-        _ = name;
     }
 
     /// <summary>SPEC §10: 1 (never kernel and user at once, never two user owners), 2 (no DMA-API driver in a user-owned group), 6 (no negative counts).</summary>
