@@ -138,6 +138,8 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"group {groupId} has no container of session {session.Id} set");
             if (group.Devices.Sum(d => d.OpenHandles) is var open and > 0)
                 throw ErrnoException.Busy($"group {groupId} has {open} device handle(s) open; close them first");
+            // BindDevice refuses a group held through a container (vfio_device_block_group), so
+            // this cannot happen today; it stays so Unset never strands a device-path claim.
             if (group.Devices.Count(d => d.BoundBy is not null) is var bound and > 0)
                 throw ErrnoException.Busy($"group {groupId} has {bound} device(s) bound with BindDevice; unbind them first");
             Unset(group, container);
