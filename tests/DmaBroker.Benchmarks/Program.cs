@@ -127,7 +127,7 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
 
     /// <summary>A broker on <paramref name="listen"/> (port 0: any free port) with further <paramref name="options"/>.</summary>
     public static Task<Host> StartBrokerAsync(string listen = "http://127.0.0.1:0", params string[] options) =>
-        StartAsync(BrokerHost.Build(["--listen", listen, "--Logging:LogLevel:Default=Warning", .. options]));
+        StartAsync(BrokerHost.Build(["--listen", listen, "--http-listen", "none", "--Logging:LogLevel:Default=Warning", .. options]));
 
     public static Task<Host> StartRawAsync()
     {

@@ -48,7 +48,7 @@ public sealed class LiveBroker : IAsyncDisposable
     {
         // Warnings and errors only, but for the lifetime's line that tells the address the OS gave.
         var process = ClientProcess.Start(AssemblyPath,
-            ["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", .. args]);
+            ["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", .. args]);
         LiveBroker? broker = null;
         try
         {

@@ -26,6 +26,8 @@ public sealed class SharedBrokerTests : IDisposable
     [InlineData("option --lease-ttl-ms needs a value", "--lease-ttl-ms", "--listen", "http://127.0.0.1:0")]
     [InlineData("'abc' at 'DmaBroker:LeaseTtlMs'", "--lease-ttl-ms", "abc")]
     [InlineData("--lease-ttl-ms must be between", "--lease-ttl-ms", "5")]
+    [InlineData("--http-listen takes an address", "--listen", "http://127.0.0.1:0", "--http-listen", "9464")]
+    [InlineData("refusing open mode on http://0.0.0.0:0", "--listen", "http://127.0.0.1:0", "--http-listen", "http://0.0.0.0:0")]
     public async Task Start_UnsafeOrBadSetup_ExitsTwoWithOneLine(string expected, params string[] args)
     {
         await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, args);
@@ -42,16 +44,28 @@ public sealed class SharedBrokerTests : IDisposable
         using var taken = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
         taken.Start();
         var port = ((System.Net.IPEndPoint)taken.LocalEndpoint).Port;
-        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", $"http://127.0.0.1:{port}");
+        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", $"http://127.0.0.1:{port}", "--http-listen", "none");
         Assert.Equal(2, await broker.WaitForExitAsync(Timeout));
         var line = Assert.Single(broker.Transcript.Split('\n', StringSplitOptions.RemoveEmptyEntries));
         Assert.Equal($"stderr: dmabroker: --listen http://127.0.0.1:{port}: address already in use (see --help)", line);
     }
 
     [Fact]
+    public async Task Start_HttpListenPortInUse_ExitsTwoWithOneLine()
+    {
+        using var taken = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        taken.Start();
+        var port = ((System.Net.IPEndPoint)taken.LocalEndpoint).Port;
+        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", "http://127.0.0.1:0", "--http-listen", $"http://127.0.0.1:{port}");
+        Assert.Equal(2, await broker.WaitForExitAsync(Timeout));
+        var line = Assert.Single(broker.Transcript.Split('\n', StringSplitOptions.RemoveEmptyEntries));
+        Assert.Equal($"stderr: dmabroker: --http-listen http://127.0.0.1:{port}: address already in use (see --help)", line);
+    }
+
+    [Fact]
     public async Task Start_Default_PrintsOneBannerAndNoRequestLogs()
     {
-        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", "http://127.0.0.1:0");
+        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0");
         var banner = await broker.WaitForLineAsync("DmaBroker ", Timeout);
         Assert.Contains("serving http://127.0.0.1:", banner, StringComparison.Ordinal);
         Assert.Contains("auth: open mode", banner, StringComparison.Ordinal);
@@ -77,7 +91,7 @@ public sealed class SharedBrokerTests : IDisposable
                 { "name": "uid:*", "roles": ["viewer"] } ] }
             """);
         var socket = Path.Combine(_directory, "broker.sock");
-        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", $"unix://{socket}", "--auth-file", auth,
+        await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, "--listen", $"unix://{socket}", "--http-listen", "none", "--auth-file", auth,
             "--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information");
         await broker.WaitForLineAsync("Now listening on: http://unix:", Timeout);
         var address = $"unix://{socket}";

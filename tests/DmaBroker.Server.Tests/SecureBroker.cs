@@ -61,7 +61,7 @@ public sealed class SecureBroker : IAsyncDisposable
         var socket = Path.Combine(directory, "broker.sock");
         var log = new BrokerLog();
         var app = BrokerHost.Build([
-            "--listen", "http://127.0.0.1:0", "--listen", "https://127.0.0.1:0", "--listen", $"unix://{socket}",
+            "--listen", "http://127.0.0.1:0", "--listen", "https://127.0.0.1:0", "--listen", $"unix://{socket}", "--http-listen", "http://127.0.0.1:0",
             "--auth-file", authFile, "--tls-cert", pki.ServerCertFile, "--tls-key", pki.ServerKeyFile, "--client-ca", pki.CaFile,
             "--Logging:LogLevel:Default=Warning", .. args], services => services.AddLogging(logging => logging.AddProvider(log)));
         await app.StartAsync();

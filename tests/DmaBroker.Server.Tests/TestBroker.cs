@@ -44,7 +44,7 @@ public sealed class TestBroker : IAsyncDisposable
     public static async Task<TestBroker> StartAsync(TimeProvider? time = null, params string[] args)
     {
         var log = new BrokerLog();
-        var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args], services =>
+        var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args], services =>
         {
             services.AddLogging(logging => logging.AddProvider(log));
             if (time is not null)

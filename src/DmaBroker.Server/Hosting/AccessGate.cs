@@ -37,7 +37,7 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         Grant grant;
         try
         {
-            grant = Authenticate(http, access.Current);
+            grant = Authenticate(http);
             if (CallRoles.For(http.Request.Path) is { } needed && !grant.Permits(needed))
                 throw ErrnoException.Denied($"{grant.Principal} ({Describe(grant.Role)}) may not call {ErrnoException.Quote(http.Request.Path.Value)}: it needs the {needed.ToString().ToLowerInvariant()} role");
         }
@@ -50,8 +50,10 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         return next(http);
     }
 
-    private Grant Authenticate(HttpContext http, AccessPolicy policy)
+    /// <summary>The caller's grant under the current policy; UNAUTHENTICATED / EACCES when it has none.</summary>
+    public Grant Authenticate(HttpContext http)
     {
+        var policy = access.Current;
         var certificate = clientTrust is not null && http.Request.IsHttps
             ? clientTrust.Authenticate(http.Connection.ClientCertificate)
             : null;

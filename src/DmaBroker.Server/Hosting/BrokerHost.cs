@@ -24,6 +24,12 @@ public sealed record BrokerHostOptions
     /// </summary>
     public string[] Listen { get; init; } = [DefaultListen];
 
+    /// <summary>
+    /// The HTTP/1.1 listener for <c>/metrics</c>, the live view <c>/</c> and <c>/events</c>
+    /// (SPEC §13): an http://, https:// or unix:// address, or <c>none</c>.
+    /// </summary>
+    public string HttpListen { get; init; } = WebListener.DefaultAddress;
+
     /// <summary>The auth file (SPEC §12); without one the broker runs in open mode.</summary>
     public string? AuthFile { get; init; }
 
@@ -76,6 +82,8 @@ public static class BrokerHost
           --listen <url>        where to serve gRPC; repeat for several  [default: http://127.0.0.1:50051]
                                 http://host:port (HTTP/2 cleartext), https://host:port (TLS),
                                 unix:///path (Unix socket: callers are known by uid)
+          --http-listen <url>   where to serve /metrics, the live view / and /events over HTTP/1.1,
+                                or none                                  [default: http://127.0.0.1:9464]
           --auth-file <json>    principals, roles, groups and quotas     [default: open mode]
                                 (reloaded when it changes; see docs/auth.example.json)
           --insecure            allow open mode on a non-loopback listener
@@ -102,6 +110,7 @@ public static class BrokerHost
     private static readonly Dictionary<string, string> Switches = new()
     {
         ["--auth-file"] = "DmaBroker:AuthFile",
+        ["--http-listen"] = "DmaBroker:HttpListen",
         ["--tls-cert"] = "DmaBroker:TlsCert",
         ["--tls-key"] = "DmaBroker:TlsKey",
         ["--client-ca"] = "DmaBroker:ClientCa",
@@ -138,11 +147,13 @@ public static class BrokerHost
         var options = ReadOptions(builder.Configuration);
         Validate(options);
         var listeners = options.Listen.Select(Listener.Parse).ToArray();
-        CheckOpenMode(options, listeners);
-        CheckPortsFree(listeners);
+        var web = WebListener.Parse(options.HttpListen);
+        Listener[] every = web.Listener is { } webListener ? [.. listeners, webListener] : listeners;
+        CheckOpenMode(options, every);
+        CheckPortsFree(every);
         var topology = string.IsNullOrEmpty(options.Topology) ? TopologyDocument.Default() : TopologyDocument.Load(options.Topology);
         var leaseTtl = TimeSpan.FromMilliseconds(options.LeaseTtlMs);
-        var serverCertificate = LoadServerCertificate(options, listeners);
+        var serverCertificate = LoadServerCertificate(options, every);
         var clientTrust = options.ClientCa is { } ca ? ClientCertificateTrust.Load(ca) : null;
         var memoryLimit = (ulong)options.MemoryLimitMb * 1024 * 1024;
 
@@ -150,6 +161,8 @@ public static class BrokerHost
         {
             foreach (var listener in listeners)
                 listener.Configure(kestrel, serverCertificate, clientTrust is not null);
+            // Last, so that the gRPC listeners' addresses come first in the server's list.
+            web.Configure(kestrel, serverCertificate, clientTrust is not null);
             // A hung client's connection is dropped when it stops answering pings; its lease ends it even sooner.
             kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromMilliseconds(options.KeepAlivePingMs);
             kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl;
@@ -162,6 +175,7 @@ public static class BrokerHost
         });
 
         builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(web);
         builder.Services.AddSingleton(sp => new AccessControl(options.AuthFile,
             Quotas.Default with { MemoryBytes = memoryLimit, Mappings = options.DmaLimit },
             Quotas.Unlimited(memoryLimit, options.DmaLimit),
@@ -201,6 +215,8 @@ public static class BrokerHost
         var access = app.Services.GetRequiredService<AccessControl>();
         app.Use(ErrorInterceptor.AddErrnoToFrameworkErrors);
         app.Use(app.Services.GetRequiredService<AccessGate>().InvokeAsync);
+        app.UseRouting();
+        app.Use(WebListener.GateAsync);
         app.MapGrpcService<TopologyService>();
         app.MapGrpcService<KernelService>();
         app.MapGrpcService<SessionService>();
@@ -215,7 +231,7 @@ public static class BrokerHost
         {
             if (OperatingSystem.IsWindows())
                 return;
-            foreach (var listener in listeners.Where(l => l.Kind == ListenerKind.Unix))
+            foreach (var listener in every.Where(l => l.Kind == ListenerKind.Unix))
                 File.SetUnixFileMode(listener.SocketPath!, socketMode);
         });
         app.Lifetime.ApplicationStopped.Register(access.Dispose);
@@ -226,7 +242,7 @@ public static class BrokerHost
                 return;
             var snapshot = app.Services.GetRequiredService<Broker>().Journal.Current;
             var version = typeof(BrokerHost).Assembly.GetName().Version?.ToString(3) ?? "?";
-            var served = string.Join(", ", app.Addresses());
+            var served = string.Join(", ", app.Addresses()) + (web.Address is { } http ? $"; metrics and live view on {http}" : "");
             var auth = options.AuthFile is null ? "open mode (every caller is anonymous with every role)" : $"auth file {options.AuthFile} ({access.Current.Count} entries)";
             var source = string.IsNullOrEmpty(options.Topology) ? "the embedded default" : options.Topology;
             StartupLog.Banner(startup, version, served, auth, source, snapshot.Devices.Count, snapshot.Groups.Count, options.LeaseTtlMs);
@@ -244,10 +260,17 @@ public static class BrokerHost
         return app.Addresses().Single();
     }
 
-    /// <summary>The addresses a started app listens on, one per listener, with the ports it got.</summary>
-    public static IReadOnlyList<string> Addresses(this WebApplication app) =>
-        [.. app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses
-            ?? throw new InvalidOperationException("the server reported no address")];
+    /// <summary>The gRPC addresses a started app listens on, one per <c>--listen</c>, with the ports it got.</summary>
+    public static IReadOnlyList<string> Addresses(this WebApplication app)
+    {
+        var all = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses
+            ?? throw new InvalidOperationException("the server reported no address");
+        // The web listener is configured last, so it is the last address when it is on.
+        return app.Services.GetRequiredService<WebListener>().Listener is null ? [.. all] : [.. all.SkipLast(1)];
+    }
+
+    /// <summary>The started app's <c>--http-listen</c> address, with the port it got; null when off.</summary>
+    public static string? WebAddress(this WebApplication app) => app.Services.GetRequiredService<WebListener>().Address;
 
     /// <summary>
     /// Reads the command line strictly: each option of <see cref="Usage"/> (a value after it or
@@ -304,7 +327,7 @@ public static class BrokerHost
             }
             catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.AddressAlreadyInUse)
             {
-                throw new IOException($"--listen {listener.Text}: address already in use");
+                throw new IOException($"{listener.Option} {listener.Text}: address already in use");
             }
         }
     }

@@ -21,6 +21,9 @@ public enum ListenerKind
 /// <summary>One <c>--listen</c> address: <c>http://host:port</c>, <c>https://host:port</c> or <c>unix:///absolute/path</c>.</summary>
 public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address, bool AnyAddress, bool Localhost, int Port, string? SocketPath)
 {
+    /// <summary>The option that gave it (<c>--listen</c> or <c>--http-listen</c>), which errors name.</summary>
+    public string Option { get; init; } = "--listen";
+
     /// <summary>
     /// True when only this host can reach it: a loopback address, <c>localhost</c>, or a Unix
     /// socket. Open mode (no auth file) is refused anywhere else unless <c>--insecure</c>.
@@ -28,7 +31,10 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
     public bool IsLocal => Kind == ListenerKind.Unix || Localhost || (Address is not null && IPAddress.IsLoopback(Address));
 
     /// <summary>Parses a listen address, or throws <see cref="ArgumentException"/> naming the accepted forms.</summary>
-    public static Listener Parse(string text)
+    public static Listener Parse(string text) => Parse(text, "--listen");
+
+    /// <summary>Parses the address given to <paramref name="option"/>, which its errors name.</summary>
+    public static Listener Parse(string text, string option)
     {
         const string Forms = "http://127.0.0.1:50051, https://0.0.0.0:50443 or unix:///run/dmabroker.sock";
         if (text.StartsWith("unix:", StringComparison.OrdinalIgnoreCase))
@@ -37,31 +43,40 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
             if (path.StartsWith("//", StringComparison.Ordinal))
                 path = path[2..];
             if (!path.StartsWith('/') || path.Length < 2 || path.EndsWith('/'))
-                throw new ArgumentException($"--listen {ErrnoException.Quote(text)}: a Unix socket is unix:///absolute/path, for example unix:///run/dmabroker.sock");
-            return new Listener(ListenerKind.Unix, text, null, false, false, 0, path);
+                throw new ArgumentException($"{option} {ErrnoException.Quote(text)}: a Unix socket is unix:///absolute/path, for example unix:///run/dmabroker.sock");
+            return new Listener(ListenerKind.Unix, text, null, false, false, 0, path) { Option = option };
         }
         if (!Uri.TryCreate(text, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https")
             || uri.AbsolutePath != "/" || uri.Query.Length > 0 || uri.UserInfo.Length > 0)
-            throw new ArgumentException($"--listen takes an address such as {Forms}; got {ErrnoException.Quote(text)}");
+            throw new ArgumentException($"{option} takes an address such as {Forms}; got {ErrnoException.Quote(text)}");
         if (uri.IsDefaultPort && !text.Contains($":{uri.Port}", StringComparison.Ordinal))
-            throw new ArgumentException($"--listen {ErrnoException.Quote(text)}: give the port, for example {uri.Scheme}://{uri.Host}:50051");
+            throw new ArgumentException($"{option} {ErrnoException.Quote(text)}: give the port, for example {uri.Scheme}://{uri.Host}:50051");
         var kind = uri.Scheme == "https" ? ListenerKind.Https : ListenerKind.Http;
         var host = uri.Host.Trim('[', ']');
         if (host is "localhost")
-            return new Listener(kind, text, null, false, true, uri.Port, null);
+            return new Listener(kind, text, null, false, true, uri.Port, null) { Option = option };
         if (host is "*" or "+" or "0.0.0.0" or "::")
-            return new Listener(kind, text, host == "::" ? IPAddress.IPv6Any : IPAddress.Any, true, false, uri.Port, null);
+            return new Listener(kind, text, host == "::" ? IPAddress.IPv6Any : IPAddress.Any, true, false, uri.Port, null) { Option = option };
         if (!IPAddress.TryParse(host, out var address))
-            throw new ArgumentException($"--listen {ErrnoException.Quote(text)}: the host must be an IP address, localhost or 0.0.0.0");
-        return new Listener(kind, text, address, false, false, uri.Port, null);
+            throw new ArgumentException($"{option} {ErrnoException.Quote(text)}: the host must be an IP address, localhost or 0.0.0.0");
+        return new Listener(kind, text, address, false, false, uri.Port, null) { Option = option };
     }
 
     /// <summary>Adds this listener to Kestrel: HTTP/2 everywhere; TLS with the server certificate where asked.</summary>
-    public void Configure(KestrelServerOptions kestrel, X509Certificate2? serverCertificate, bool clientCertificates)
+    public void Configure(KestrelServerOptions kestrel, X509Certificate2? serverCertificate, bool clientCertificates) =>
+        Configure(kestrel, serverCertificate, clientCertificates, HttpProtocols.Http2, null);
+
+    /// <summary>
+    /// Adds this listener to Kestrel speaking <paramref name="protocols"/>; <paramref name="more"/>
+    /// sees its <see cref="ListenOptions"/> after the rest is set (connection middleware, say).
+    /// </summary>
+    public void Configure(KestrelServerOptions kestrel, X509Certificate2? serverCertificate, bool clientCertificates,
+        HttpProtocols protocols, Action<ListenOptions>? more)
     {
         void Options(ListenOptions o)
         {
-            o.Protocols = HttpProtocols.Http2;
+            o.Protocols = protocols;
+            more?.Invoke(o);
             if (Kind != ListenerKind.Https)
                 return;
             o.UseHttps(https =>
@@ -78,7 +93,7 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
 
         if (Kind == ListenerKind.Unix)
         {
-            RemoveStaleSocket(SocketPath!);
+            RemoveStaleSocket(SocketPath!, Option);
             kestrel.ListenUnixSocket(SocketPath!, Options);
         }
         else if (Localhost)
@@ -95,12 +110,12 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
     /// A socket file left by a broker that died would make the bind fail; one that a live broker
     /// still answers on is in use, and stays.
     /// </summary>
-    private static void RemoveStaleSocket(string path)
+    private static void RemoveStaleSocket(string path, string option)
     {
         if (!File.Exists(path))
             return;
         if ((File.GetAttributes(path) & FileAttributes.Device) == 0 && new FileInfo(path).Length > 0)
-            throw new ArgumentException($"--listen unix://{path}: the path exists and is not a socket");
+            throw new ArgumentException($"{option} unix://{path}: the path exists and is not a socket");
         using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {
@@ -111,6 +126,6 @@ public sealed record Listener(ListenerKind Kind, string Text, IPAddress? Address
             File.Delete(path);
             return;
         }
-        throw new IOException($"--listen unix://{path}: address already in use (another broker answers there)");
+        throw new IOException($"{option} unix://{path}: address already in use (another broker answers there)");
     }
 }
