@@ -60,7 +60,11 @@ public sealed partial class ClientProcess : IAsyncDisposable
     public string Transcript => string.Join('\n', _transcript);
 
     /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c>; a relative <paramref name="dll"/> is in the test output directory.</summary>
-    public static ClientProcess Start(string dll, params IEnumerable<string> args)
+    public static ClientProcess Start(string dll, params IEnumerable<string> args) =>
+        Start(dll, new Dictionary<string, string?>(), args);
+
+    /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c> with these environment variables set (null: removed).</summary>
+    public static ClientProcess Start(string dll, IReadOnlyDictionary<string, string?> environment, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
         var start = new ProcessStartInfo(dotnet)
@@ -69,6 +73,8 @@ public sealed partial class ClientProcess : IAsyncDisposable
             RedirectStandardError = true,
             UseShellExecute = false,
         };
+        foreach (var (name, value) in environment)
+            start.Environment[name] = value;
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, dll));
         foreach (var a in args)
             start.ArgumentList.Add(a);

@@ -266,8 +266,12 @@ public static class BrokerHost
         var all = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses
             ?? throw new InvalidOperationException("the server reported no address");
         // The web listener is configured last, so it is the last address when it is on.
-        return app.Services.GetRequiredService<WebListener>().Listener is null ? [.. all] : [.. all.SkipLast(1)];
+        var grpc = app.Services.GetRequiredService<WebListener>().Listener is null ? all : all.SkipLast(1);
+        // Kestrel names a Unix socket http://unix:/path; clients and --listen say unix:///path.
+        return [.. grpc.Select(a => a.StartsWith(KestrelUnixPrefix, StringComparison.Ordinal) ? "unix://" + a[KestrelUnixPrefix.Length..] : a)];
     }
+
+    private const string KestrelUnixPrefix = "http://unix:";
 
     /// <summary>The started app's <c>--http-listen</c> address, with the port it got; null when off.</summary>
     public static string? WebAddress(this WebApplication app) => app.Services.GetRequiredService<WebListener>().Address;

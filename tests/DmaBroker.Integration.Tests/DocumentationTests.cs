@@ -1,0 +1,78 @@
+namespace DmaBroker.Integration.Tests;
+
+/// <summary>
+/// What the documents tell users to run works: the README's C# example is the Quickstart
+/// sample's marked region, which the build compiles and this runs against a real broker; the
+/// sample systemd unit's command line starts a broker.
+/// </summary>
+public sealed class DocumentationTests
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(60);
+
+    [Fact]
+    public void Readme_CSharpExample_IsTheQuickstartSample()
+    {
+        var root = RepositoryRoot();
+        var readme = File.ReadAllLines(Path.Combine(root, "README.md"));
+        var open = Array.IndexOf(readme, "```csharp");
+        Assert.True(open >= 0, "README.md has no ```csharp block");
+        var close = Array.IndexOf(readme, "```", open + 1);
+        var sample = File.ReadAllLines(Path.Combine(root, "clients", "samples", "Quickstart", "Program.cs"));
+        var begin = Array.IndexOf(sample, "// <readme>");
+        var end = Array.IndexOf(sample, "// </readme>");
+        Assert.True(begin >= 0 && end > begin, "Quickstart/Program.cs lost its // <readme> markers");
+
+        Assert.Equal(sample[(begin + 1)..end], readme[(open + 1)..close]);
+    }
+
+    [Fact]
+    public async Task Quickstart_AgainstALiveBroker_TheDeviceWritesHelloIntoTheBuffer()
+    {
+        await using var broker = await LiveBroker.StartAsync();
+        await using var quickstart = ClientProcess.Start("Quickstart.dll", new Dictionary<string, string?> { ["DMABROKER_ADDRESS"] = broker.Address });
+
+        Assert.Equal(0, await quickstart.WaitForExitAsync(Timeout));
+        Assert.Contains("the device wrote 'hello' through IOVA 0x100000", quickstart.Transcript, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task SystemdUnit_ExecStart_StartsABrokerOnItsSocketWithTheExampleAuthFile()
+    {
+        var root = RepositoryRoot();
+        var unit = File.ReadAllText(Path.Combine(root, "deploy", "dmabroker.service")).Replace("\\\n", " ", StringComparison.Ordinal);
+        var execStart = unit.Split('\n').Single(l => l.StartsWith("ExecStart=", StringComparison.Ordinal));
+        var words = execStart.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("ExecStart=/usr/bin/dotnet", words[0]);
+        Assert.Equal("/opt/dmabroker/DmaBroker.Server.dll", words[1]);
+        // The unit's paths and ports, moved where a test may use them.
+        var run = Directory.CreateTempSubdirectory("dmabroker-unit-").FullName;
+        try
+        {
+            var args = words[2..].Select(w => w
+                .Replace("/run/dmabroker/", run + "/", StringComparison.Ordinal)
+                .Replace("/etc/dmabroker/auth.json", Path.Combine(root, "docs", "auth.example.json"), StringComparison.Ordinal)
+                .Replace(":9464", ":0", StringComparison.Ordinal)).ToArray();
+            await using var broker = ClientProcess.Start(LiveBroker.AssemblyPath, args);
+            var banner = await broker.WaitForLineAsync("DmaBroker ", Timeout);
+            Assert.Contains($"serving unix://{run}/broker.sock", banner, StringComparison.Ordinal);
+            Assert.Contains("auth: auth file", banner, StringComparison.Ordinal);
+            Assert.Contains("metrics and live view on http://127.0.0.1:", banner, StringComparison.Ordinal);
+            broker.Interrupt();
+            Assert.Equal(0, await broker.WaitForExitAsync(Timeout));
+        }
+        finally
+        {
+            Directory.Delete(run, recursive: true);
+        }
+    }
+
+    private static string RepositoryRoot()
+    {
+        for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
+        {
+            if (File.Exists(Path.Combine(directory.FullName, "DmaBroker.sln")))
+                return directory.FullName;
+        }
+        throw new InvalidOperationException($"no DmaBroker.sln above {AppContext.BaseDirectory}");
+    }
+}
