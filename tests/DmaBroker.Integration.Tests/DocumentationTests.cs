@@ -66,6 +66,23 @@ public sealed class DocumentationTests
         }
     }
 
+    [Fact]
+    public async Task BrokerHelp_EveryOption_IsInTheReadme()
+    {
+        await using var help = ClientProcess.Start(LiveBroker.AssemblyPath, "--help");
+        Assert.Equal(0, await help.WaitForExitAsync(Timeout));
+        var options = System.Text.RegularExpressions.Regex.Matches(help.Transcript, @"^\s+(?:-h, )?(--[a-z][a-z-]+)", System.Text.RegularExpressions.RegexOptions.Multiline)
+            .Select(m => m.Groups[1].Value).Distinct().ToList();
+        Assert.Contains("--listen", options);
+        Assert.Contains("--http-listen", options);
+        // The options table: rows whose first cell names the options, as `--name <value>` or `--name`.
+        var rows = File.ReadAllLines(Path.Combine(RepositoryRoot(), "README.md"))
+            .Where(l => l.StartsWith("| `--", StringComparison.Ordinal)).Select(l => l.Split('|')[1]).ToList();
+
+        Assert.All(options.Where(o => o != "--help"), option =>
+            Assert.Contains(rows, cell => cell.Contains($"`{option} ", StringComparison.Ordinal) || cell.Contains($"`{option}`", StringComparison.Ordinal)));
+    }
+
     private static string RepositoryRoot()
     {
         for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
