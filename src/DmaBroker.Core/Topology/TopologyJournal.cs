@@ -129,6 +129,13 @@ public sealed class TopologyJournal
         }
     }
 
+    /// <summary>The latest changes kept, at most <paramref name="count"/>, oldest first: what just happened, for views.</summary>
+    public ImmutableArray<TopologyEvent> Recent(int count)
+    {
+        lock (_sync)
+            return Latest(Math.Clamp(count, 0, _historyCount));
+    }
+
     // Under _sync.
     private void Remember(TopologyEvent ev)
     {
@@ -150,9 +157,14 @@ public sealed class TopologyJournal
         // Changes are kept for revisions current - count + 1 .. current, one revision each.
         if (revision > current || current - revision > (ulong)_historyCount)
             return null;
-        var missed = (int)(current - revision);
-        var changes = ImmutableArray.CreateBuilder<TopologyEvent>(missed);
-        for (var i = _historyCount - missed; i < _historyCount; i++)
+        return Latest((int)(current - revision));
+    }
+
+    // Under _sync: the last count changes kept, oldest first.
+    private ImmutableArray<TopologyEvent> Latest(int count)
+    {
+        var changes = ImmutableArray.CreateBuilder<TopologyEvent>(count);
+        for (var i = _historyCount - count; i < _historyCount; i++)
             changes.Add(_history[(_historyStart + i) % _history.Length]);
         return changes.MoveToImmutable();
     }
