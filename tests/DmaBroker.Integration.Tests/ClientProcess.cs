@@ -63,18 +63,34 @@ public sealed partial class ClientProcess : IAsyncDisposable
     public static ClientProcess Start(string dll, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-        var start = new ProcessStartInfo(dotnet)
+        return StartProgram(dotnet, Path.GetFileNameWithoutExtension(dll), withInput: false, [Path.Combine(AppContext.BaseDirectory, dll), .. args]);
+    }
+
+    /// <summary>
+    /// Starts another program (found on PATH), such as <c>node</c>, named <paramref name="name"/> in
+    /// messages; with <paramref name="withInput"/>, the test writes its stdin (<see cref="WriteLineAsync"/>).
+    /// </summary>
+    public static ClientProcess StartProgram(string program, string name, bool withInput, params IEnumerable<string> args)
+    {
+        var start = new ProcessStartInfo(program)
         {
+            RedirectStandardInput = withInput,
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, dll));
         foreach (var a in args)
             start.ArgumentList.Add(a);
-        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {dll}");
+        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {program}");
         Running.TryAdd(process, 0);
-        return new ClientProcess(process, $"{Path.GetFileNameWithoutExtension(dll)} (pid {process.Id})");
+        return new ClientProcess(process, $"{name} (pid {process.Id})");
+    }
+
+    /// <summary>Writes a line to the program's stdin (started with input) and flushes it.</summary>
+    public async Task WriteLineAsync(string line)
+    {
+        await _process.StandardInput.WriteLineAsync(line);
+        await _process.StandardInput.FlushAsync();
     }
 
     /// <summary>Starts <c>dotnet dmactl.dll --broker address args…</c>.</summary>

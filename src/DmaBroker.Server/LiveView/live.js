@@ -6,8 +6,8 @@
 (() => {
   const MaxEvents = 50;
   const KindNames = {
-    HostBridge: 'host bridge', RootPort: 'root port', SwitchUpstream: 'switch upstream port',
-    SwitchDownstream: 'switch downstream port', Endpoint: '',
+    HostBridge: 'host bridge', RootPort: 'root port', SwitchUpstream: 'upstream port',
+    SwitchDownstream: 'downstream port', Endpoint: '',
   };
   const state = { boot: null, revision: 0, groups: new Map(), devices: new Map() };
   let source = null;
@@ -104,7 +104,7 @@
       const node = el('li', { 'data-device': d.address },
         el('div', { class: 'node' },
           el('code', {}, d.address),
-          el('span', { class: 'what' }, [kind, d.model, `${d.vendor_id}:${d.device_id}`].filter(Boolean).join(' · ')),
+          el('span', { class: 'what' }, [kind || d.model, `${d.vendor_id}:${d.device_id}`].join(' · ')),
           el('span', { class: d.driver ? 'driver' : 'driver unbound' }, d.driver || 'no driver'),
           el('span', { class: `chip ${ownerClass(g ? g.owner_kind : 'NONE')}`, title: g ? `group ${g.id}: ${g.owner_kind}` : '' }, `g${d.group_id}`)));
       const below = children.get(d.address);
