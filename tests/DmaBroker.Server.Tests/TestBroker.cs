@@ -36,7 +36,7 @@ public sealed class TestBroker : IAsyncDisposable
     /// <summary>The <c>--http-listen</c> address: /, /events, /metrics.</summary>
     public string WebAddress { get; }
 
-    /// <summary>The HTTP requests the broker has finished serving, by path, in order.</summary>
+    /// <summary>The web listener's requests the broker has finished serving, by path, in order.</summary>
     public EndedRequests Ended { get; }
     public BrokerClient Client { get; }
     public Core.Broker Broker { get; }
@@ -90,7 +90,7 @@ public sealed class TestBroker : IAsyncDisposable
 }
 
 /// <summary>
-/// The broker's outermost middleware, for tests: tells when a request has been served completely
+/// The broker's outermost middleware, for tests: tells when a web listener's request has been served completely
 /// (its handler returned and everything it used is disposed), so a test waits for that event
 /// instead of polling for its effects.
 /// </summary>
@@ -108,7 +108,9 @@ public sealed class EndedRequests : IStartupFilter
             }
             finally
             {
-                _paths.Writer.TryWrite(http.Request.Path.Value ?? "");
+                // Only the web listener's: a long test makes many thousands of gRPC calls.
+                if (WebListener.Carries(http))
+                    _paths.Writer.TryWrite(http.Request.Path.Value ?? "");
             }
         });
         next(app);
