@@ -67,12 +67,7 @@ public sealed class LiveViewTests
     {
         await using var broker = await TestBroker.StartAsync();
         await using var session = await broker.Client.OpenSessionAsync("churn");
-        var container = await session.CreateContainerAsync(ContainerType.Type1V2);
-        var seen = broker.Broker.Journal.Current.Revision;
-        await session.SetContainerAsync(EduGroup, container);
-        await session.UnsetContainerAsync(EduGroup);
-        await session.SetContainerAsync(EduGroup, container);
-        Assert.Equal(seen + 3, broker.Broker.Journal.Current.Revision);
+        var seen = await ClaimReleaseClaimAsync(broker, session);
 
         await using var events = await SseStream.OpenAsync(broker.WebAddress, seen.ToString(System.Globalization.CultureInfo.InvariantCulture));
 
@@ -97,11 +92,7 @@ public sealed class LiveViewTests
     {
         await using var broker = await TestBroker.StartAsync(null, "--watch-buffer", "2");
         await using var session = await broker.Client.OpenSessionAsync("churn");
-        var container = await session.CreateContainerAsync(ContainerType.Type1V2);
-        var seen = broker.Broker.Journal.Current.Revision;
-        await session.SetContainerAsync(EduGroup, container);
-        await session.UnsetContainerAsync(EduGroup);
-        await session.SetContainerAsync(EduGroup, container);
+        var seen = await ClaimReleaseClaimAsync(broker, session);
 
         await using var events = await SseStream.OpenAsync(broker.WebAddress, seen.ToString(System.Globalization.CultureInfo.InvariantCulture));
 
@@ -199,6 +190,18 @@ public sealed class LiveViewTests
             Assert.Equal((HttpStatusCode.OK, type), (asset.StatusCode, asset.Content.Headers.ContentType?.ToString()));
             Assert.Contains(marker, await asset.Content.ReadAsStringAsync(), StringComparison.Ordinal);
         }
+    }
+
+    // Three changes to the edu group, one revision each; returns the revision before them.
+    private static async Task<ulong> ClaimReleaseClaimAsync(TestBroker broker, Client.BrokerSession session)
+    {
+        var container = await session.CreateContainerAsync(ContainerType.Type1V2);
+        var before = broker.Broker.Journal.Current.Revision;
+        await session.SetContainerAsync(EduGroup, container);
+        await session.UnsetContainerAsync(EduGroup);
+        await session.SetContainerAsync(EduGroup, container);
+        Assert.Equal(before + 3, broker.Broker.Journal.Current.Revision);
+        return before;
     }
 
     // --- auth: a token as Bearer for scripts, as the Basic password for browsers ---
