@@ -21,6 +21,7 @@ namespace DmaBroker.Integration.Tests;
 public sealed class LiveBroker : IAsyncDisposable
 {
     private const string ListeningOn = "Now listening on: ";
+    private const string LiveViewOn = "live view on ";
     private static readonly TimeSpan StartupTimeout = TimeSpan.FromSeconds(30);
 
     /// <summary>The broker's assembly in its own output folder (the build writes its path into this assembly).</summary>
@@ -29,14 +30,21 @@ public sealed class LiveBroker : IAsyncDisposable
 
     private readonly ClientProcess _process;
 
-    private LiveBroker(ClientProcess process, string address)
+    private LiveBroker(ClientProcess process, string address, string webAddress, BrokerClientOptions? clientOptions)
     {
         _process = process;
+        _token = clientOptions?.BearerToken;
         Address = address;
-        Client = BrokerClient.Connect(address);
+        WebAddress = webAddress;
+        Client = BrokerClient.Connect(address, clientOptions);
     }
 
+    private readonly string? _token;
+
     public string Address { get; }
+
+    /// <summary>The <c>--http-listen</c> address: the live view and /metrics.</summary>
+    public string WebAddress { get; }
     public BrokerClient Client { get; }
 
     /// <summary>The broker's live counts (sessions, containers, user-owned groups…).</summary>
@@ -44,16 +52,28 @@ public sealed class LiveBroker : IAsyncDisposable
         await Client.Admin.GetStatsAsync().WaitAsync(GroupWatch.DefaultTimeout);
 
     /// <summary>Starts the broker with the given options and returns once it answers its health check.</summary>
-    public static async Task<LiveBroker> StartAsync(params string[] args)
+    public static Task<LiveBroker> StartAsync(params string[] args) => StartAsync(clientOptions: null, args);
+
+    /// <summary>
+    /// Starts the broker with the given options and returns once it answers its health check;
+    /// <see cref="Client"/> (and the health check) connect with <paramref name="clientOptions"/>,
+    /// such as a bearer token when an auth file admits no anonymous caller.
+    /// </summary>
+    public static async Task<LiveBroker> StartAsync(BrokerClientOptions? clientOptions, params string[] args)
     {
-        // Warnings and errors only, but for the lifetime's line that tells the address the OS gave.
+        // Warnings and errors only, but for the lifetime's line that tells the address the OS gave,
+        // and the banner, which tells the web listener's.
         var process = ClientProcess.Start(AssemblyPath,
-            ["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", .. args]);
+            ["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning",
+                "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", "--Logging:LogLevel:DmaBroker.Server.Startup=Information", .. args]);
         LiveBroker? broker = null;
         try
         {
             var line = await process.WaitForLineAsync(ListeningOn, StartupTimeout);
-            broker = new LiveBroker(process, line[(line.IndexOf(ListeningOn, StringComparison.Ordinal) + ListeningOn.Length)..].Trim());
+            var address = line[(line.IndexOf(ListeningOn, StringComparison.Ordinal) + ListeningOn.Length)..].Trim();
+            var banner = await process.WaitForLineAsync(LiveViewOn, StartupTimeout);
+            var web = banner[(banner.IndexOf(LiveViewOn, StringComparison.Ordinal) + LiveViewOn.Length)..];
+            broker = new LiveBroker(process, address, web[..web.IndexOf(';', StringComparison.Ordinal)], clientOptions);
             await broker.WaitUntilServingAsync();
             return broker;
         }
@@ -69,7 +89,9 @@ public sealed class LiveBroker : IAsyncDisposable
 
     private async Task WaitUntilServingAsync()
     {
-        var options = new CallOptions(deadline: DateTime.UtcNow + StartupTimeout).WithWaitForReady();
+        // The channel itself carries no token; the client's own calls do.
+        var headers = _token is null ? null : new Metadata { { "authorization", $"Bearer {_token}" } };
+        var options = new CallOptions(headers, deadline: DateTime.UtcNow + StartupTimeout).WithWaitForReady();
         var health = await new Health.HealthClient(Client.Raw.Channel).CheckAsync(new HealthCheckRequest(), options).ResponseAsync.WaitAsync(StartupTimeout);
         Assert.True(health.Status == HealthCheckResponse.Types.ServingStatus.Serving, $"{_process.Name} answers {health.Status}:\n{_process.Transcript}");
     }

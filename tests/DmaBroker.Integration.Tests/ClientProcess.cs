@@ -67,20 +67,39 @@ public sealed partial class ClientProcess : IAsyncDisposable
     public static ClientProcess Start(string dll, IReadOnlyDictionary<string, string?> environment, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-        var start = new ProcessStartInfo(dotnet)
+        return StartProgram(dotnet, Path.GetFileNameWithoutExtension(dll), withInput: false, environment, [Path.Combine(AppContext.BaseDirectory, dll), .. args]);
+    }
+
+    /// <summary>
+    /// Starts another program (found on PATH), such as <c>node</c>, named <paramref name="name"/> in
+    /// messages; with <paramref name="withInput"/>, the test writes its stdin (<see cref="WriteLineAsync"/>).
+    /// </summary>
+    public static ClientProcess StartProgram(string program, string name, bool withInput, params IEnumerable<string> args) =>
+        StartProgram(program, name, withInput, new Dictionary<string, string?>(), args);
+
+    private static ClientProcess StartProgram(string program, string name, bool withInput, IReadOnlyDictionary<string, string?> environment, IEnumerable<string> args)
+    {
+        var start = new ProcessStartInfo(program)
         {
+            RedirectStandardInput = withInput,
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (var (name, value) in environment)
-            start.Environment[name] = value;
-        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, dll));
+        foreach (var (variable, value) in environment)
+            start.Environment[variable] = value;
         foreach (var a in args)
             start.ArgumentList.Add(a);
-        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {dll}");
+        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {program}");
         Running.TryAdd(process, 0);
-        return new ClientProcess(process, $"{Path.GetFileNameWithoutExtension(dll)} (pid {process.Id})");
+        return new ClientProcess(process, $"{name} (pid {process.Id})");
+    }
+
+    /// <summary>Writes a line to the program's stdin (started with input) and flushes it.</summary>
+    public async Task WriteLineAsync(string line)
+    {
+        await _process.StandardInput.WriteLineAsync(line);
+        await _process.StandardInput.FlushAsync();
     }
 
     /// <summary>Starts <c>dotnet dmactl.dll --broker address args…</c>.</summary>

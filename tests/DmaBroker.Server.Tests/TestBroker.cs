@@ -3,6 +3,7 @@ using DmaBroker.Protocol.V1;
 using DmaBroker.Server.Hosting;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Logging;
@@ -19,16 +20,24 @@ public sealed class TestBroker : IAsyncDisposable
 
     private readonly WebApplication _app;
 
-    private TestBroker(WebApplication app, string address, BrokerLog log)
+    private TestBroker(WebApplication app, string address, BrokerLog log, EndedRequests ended)
     {
         _app = app;
         Address = address;
+        WebAddress = app.WebAddress() ?? throw new InvalidOperationException("the test broker's --http-listen is off");
         Log = log;
+        Ended = ended;
         Client = BrokerClient.Connect(address);
         Broker = app.Services.GetRequiredService<Core.Broker>();
     }
 
     public string Address { get; }
+
+    /// <summary>The <c>--http-listen</c> address: /, /events, /metrics.</summary>
+    public string WebAddress { get; }
+
+    /// <summary>The web listener's requests the broker has finished serving, by path, in order.</summary>
+    public EndedRequests Ended { get; }
     public BrokerClient Client { get; }
     public Core.Broker Broker { get; }
 
@@ -44,14 +53,16 @@ public sealed class TestBroker : IAsyncDisposable
     public static async Task<TestBroker> StartAsync(TimeProvider? time = null, params string[] args)
     {
         var log = new BrokerLog();
+        var ended = new EndedRequests();
         var app = BrokerHost.Build(["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", .. args], services =>
         {
             services.AddLogging(logging => logging.AddProvider(log));
+            services.AddSingleton<IStartupFilter>(ended);
             if (time is not null)
                 services.Replace(ServiceDescriptor.Singleton(time));
         });
         var address = await app.StartAndGetAddressAsync();
-        return new TestBroker(app, address, log);
+        return new TestBroker(app, address, log, ended);
     }
 
     /// <summary>Raw clients authenticated with an arbitrary (possibly missing) token.</summary>
@@ -65,6 +76,9 @@ public sealed class TestBroker : IAsyncDisposable
         }));
     }
 
+    /// <summary>Stops the broker: the host's ApplicationStopping fires, then it waits for requests to end.</summary>
+    public Task StopAsync() => _app.StopAsync();
+
     /// <summary>Stops the broker, then fails if it logged an unexpected error, while running or while stopping.</summary>
     public async ValueTask DisposeAsync()
     {
@@ -72,6 +86,43 @@ public sealed class TestBroker : IAsyncDisposable
         await _app.StopAsync();
         await _app.DisposeAsync();
         Log.VerifyNoUnexpectedErrors();
+    }
+}
+
+/// <summary>
+/// The broker's outermost middleware, for tests: tells when a web listener's request has been served completely
+/// (its handler returned and everything it used is disposed), so a test waits for that event
+/// instead of polling for its effects.
+/// </summary>
+public sealed class EndedRequests : IStartupFilter
+{
+    private readonly System.Threading.Channels.Channel<string> _paths = System.Threading.Channels.Channel.CreateUnbounded<string>();
+
+    public Action<IApplicationBuilder> Configure(Action<IApplicationBuilder> next) => app =>
+    {
+        app.Use(async (http, inner) =>
+        {
+            try
+            {
+                await inner(http);
+            }
+            finally
+            {
+                // Only the web listener's: a long test makes many thousands of gRPC calls.
+                if (WebListener.Carries(http))
+                    _paths.Writer.TryWrite(http.Request.Path.Value ?? "");
+            }
+        });
+        next(app);
+    };
+
+    /// <summary>Waits until a request to <paramref name="path"/> has ended; fails after <see cref="TestBroker.Timeout"/>.</summary>
+    public async Task WaitForAsync(string path)
+    {
+        using var cts = new CancellationTokenSource(TestBroker.Timeout);
+        while (await _paths.Reader.ReadAsync(cts.Token) != path)
+        {
+        }
     }
 }
 

@@ -201,7 +201,7 @@ public sealed class OwnershipTable
     private PciDevice Insert(PciFunctionSpec spec, IommuGroup? group = null)
     {
         group ??= FindGroupFor(spec) ?? NewGroup(spec.PinnedGroup);
-        var device = new PciDevice(spec, group);
+        var device = new PciDevice(spec, group) { Parent = ParentOf(spec.Address) };
         var at = group.Devices.FindIndex(d => d.Address.CompareTo(spec.Address) > 0);
         group.Devices.Insert(at < 0 ? group.Devices.Count : at, device);
         _devices[spec.Address] = device;

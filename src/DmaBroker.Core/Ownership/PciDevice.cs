@@ -28,7 +28,13 @@ public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
     /// <summary>Open device handles (VFIO device fds).</summary>
     internal int OpenHandles { get; set; }
     internal bool Removed { get; set; }
+    /// <summary>The bridge above it; it outlives its children (a bridge with devices below cannot be removed).</summary>
+    internal PciDevice? Parent { get; init; }
 
     internal DeviceInfo ToInfo() => new(
-        Address, Spec.VendorId, Spec.DeviceId, Spec.ClassCode, Spec.Model, Group.Id, Driver, DriverManagesDma);
+        Address, Spec.VendorId, Spec.DeviceId, Spec.ClassCode, Spec.Model, Group.Id, Driver, DriverManagesDma)
+    {
+        Kind = Spec.Kind,
+        Parent = Parent?.Address,
+    };
 }

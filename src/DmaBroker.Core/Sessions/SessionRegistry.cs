@@ -130,9 +130,11 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
 
     /// <summary>The live session with this public id (an admin names sessions so); ENOENT if none or ending.</summary>
     public Session Find(ulong id) =>
-        _byId.TryGetValue(id, out var s) && !s.Gate.IsRunDown
-            ? s
-            : throw ErrnoException.NotFound(Errno.ENOENT, $"no live session {id}");
+        TryFind(id) ?? throw ErrnoException.NotFound(Errno.ENOENT, $"no live session {id}");
+
+    /// <summary>The live session with this public id, or null if none or ending (views that name owners).</summary>
+    public Session? TryFind(ulong id) =>
+        _byId.TryGetValue(id, out var s) && !s.Gate.IsRunDown ? s : null;
 
     /// <summary>Renews the lease: the client said something.</summary>
     public void Touch(Session session)

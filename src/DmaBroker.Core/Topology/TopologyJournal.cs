@@ -59,13 +59,19 @@ public readonly record struct TopologyEvent(ulong Revision, TopologyChange? Chan
 /// (under the changed group's lock, so one group's changes keep their order), readers take
 /// immutable snapshots, and watchers get a snapshot followed by every later change. A watcher
 /// whose buffer overflows is never waited for: it is marked and resynchronised with a fresh
-/// snapshot when it next reads.
+/// snapshot when it next reads. The last changes (as many as a watcher may buffer) are kept, so
+/// that a watcher that reconnects can resume after the revision it last saw instead of starting
+/// over from a snapshot.
 /// </summary>
 public sealed class TopologyJournal
 {
     // Lock 8 of docs/locking.md: a leaf; publishers hold their group's lock (or the hotplug lock) around it.
     private readonly Lock _sync = new();
     private readonly int _watchBuffer;
+    // The latest changes, a ring: _history[(_historyStart + i) % length] is the i-th oldest kept.
+    private readonly TopologyEvent[] _history;
+    private int _historyStart;
+    private int _historyCount;
     private TopologySnapshot _current;
     private ImmutableArray<TopologyWatcher> _watchers = [];
 
@@ -74,6 +80,7 @@ public sealed class TopologyJournal
         ArgumentOutOfRangeException.ThrowIfLessThan(watchBuffer, 1);
         _current = initial;
         _watchBuffer = watchBuffer;
+        _history = new TopologyEvent[watchBuffer];
     }
 
     /// <summary>The latest snapshot: the table as of the last published change, read without a lock.</summary>
@@ -92,6 +99,7 @@ public sealed class TopologyJournal
             {
                 snapshot = snapshot.Apply(change);
                 var ev = new TopologyEvent(snapshot.Revision, change, null);
+                Remember(ev);
                 foreach (var watcher in _watchers)
                     watcher.Offer(ev);
             }
@@ -100,14 +108,65 @@ public sealed class TopologyJournal
     }
 
     /// <summary>Starts a watch; it begins with the current snapshot.</summary>
-    public TopologyWatcher Watch()
+    public TopologyWatcher Watch() => Watch(resumeAfter: null);
+
+    /// <summary>
+    /// Starts a watch that resumes after revision <paramref name="resumeAfter"/>: it begins with
+    /// the changes after it when the journal still keeps them all (none when it is the current
+    /// revision), and with the current snapshot otherwise: when it is too old, newer than any
+    /// revision yet (another broker's), or null. <see cref="TopologyWatcher.Resumed"/> says which.
+    /// </summary>
+    public TopologyWatcher Watch(ulong? resumeAfter)
     {
         lock (_sync)
         {
-            var watcher = new TopologyWatcher(this, _watchBuffer, _current);
+            var missed = resumeAfter is { } after ? ChangesAfter(after) : null;
+            var watcher = missed is null
+                ? new TopologyWatcher(this, _watchBuffer, _current, [])
+                : new TopologyWatcher(this, _watchBuffer, null, missed.Value);
             _watchers = _watchers.Add(watcher);
             return watcher;
         }
+    }
+
+    /// <summary>The latest changes kept, at most <paramref name="count"/>, oldest first: what just happened, for views.</summary>
+    public ImmutableArray<TopologyEvent> Recent(int count)
+    {
+        lock (_sync)
+            return Latest(Math.Clamp(count, 0, _historyCount));
+    }
+
+    // Under _sync.
+    private void Remember(TopologyEvent ev)
+    {
+        if (_historyCount < _history.Length)
+        {
+            _history[(_historyStart + _historyCount++) % _history.Length] = ev;
+        }
+        else
+        {
+            _history[_historyStart] = ev;
+            _historyStart = (_historyStart + 1) % _history.Length;
+        }
+    }
+
+    // Under _sync: the kept changes after a revision, or null when some of them are no longer kept.
+    private ImmutableArray<TopologyEvent>? ChangesAfter(ulong revision)
+    {
+        var current = _current.Revision;
+        // Changes are kept for revisions current - count + 1 .. current, one revision each.
+        if (revision > current || current - revision > (ulong)_historyCount)
+            return null;
+        return Latest((int)(current - revision));
+    }
+
+    // Under _sync: the last count changes kept, oldest first.
+    private ImmutableArray<TopologyEvent> Latest(int count)
+    {
+        var changes = ImmutableArray.CreateBuilder<TopologyEvent>(count);
+        for (var i = _historyCount - count; i < _historyCount; i++)
+            changes.Add(_history[(_historyStart + i) % _history.Length]);
+        return changes.MoveToImmutable();
     }
 
     internal TopologySnapshot Resync(TopologyWatcher watcher)
@@ -126,18 +185,21 @@ public sealed class TopologyJournal
     }
 }
 
-/// <summary>One watch: a snapshot, then changes in order; disposing it stops it.</summary>
+/// <summary>One watch: a snapshot (or the changes missed since a revision), then changes in order; disposing it stops it.</summary>
 public sealed class TopologyWatcher : IDisposable
 {
     private readonly TopologyJournal _journal;
     private readonly Channel<TopologyEvent> _events;
     private TopologySnapshot? _initial;
+    private ImmutableArray<TopologyEvent> _missed;
     private volatile bool _overflowed;
 
-    internal TopologyWatcher(TopologyJournal journal, int capacity, TopologySnapshot initial)
+    internal TopologyWatcher(TopologyJournal journal, int capacity, TopologySnapshot? initial, ImmutableArray<TopologyEvent> missed)
     {
         _journal = journal;
         _initial = initial;
+        _missed = missed;
+        Resumed = initial is null;
         _events = Channel.CreateBounded<TopologyEvent>(new BoundedChannelOptions(capacity)
         {
             SingleReader = true,
@@ -148,6 +210,9 @@ public sealed class TopologyWatcher : IDisposable
 
     /// <summary>How many times this watcher fell behind and was resynchronised.</summary>
     public int Resyncs { get; private set; }
+
+    /// <summary>True when the watch resumed after a revision (it begins with the changes since); false when it begins with a snapshot.</summary>
+    public bool Resumed { get; }
 
     // Called under the journal lock.
     internal void Offer(TopologyEvent ev)
@@ -165,7 +230,7 @@ public sealed class TopologyWatcher : IDisposable
         _overflowed = false;
     }
 
-    /// <summary>The events: first a snapshot, then changes; a fresh snapshot after an overflow.</summary>
+    /// <summary>The events: first a snapshot (or the changes missed), then changes; a fresh snapshot after an overflow.</summary>
     public async IAsyncEnumerable<TopologyEvent> ReadAllAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
         if (_initial is { } initial)
@@ -173,6 +238,10 @@ public sealed class TopologyWatcher : IDisposable
             _initial = null;
             yield return new TopologyEvent(initial.Revision, null, initial);
         }
+        var missed = _missed;
+        _missed = [];
+        foreach (var ev in missed)
+            yield return ev;
         var reader = _events.Reader;
         while (true)
         {

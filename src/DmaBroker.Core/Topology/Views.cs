@@ -58,4 +58,11 @@ public sealed record DeviceInfo(
     string Model,
     uint GroupId,
     string? Driver,
-    bool DriverManagedDma);
+    bool DriverManagedDma)
+{
+    /// <summary>Where it sits in the PCI tree: the host bridge, a root or switch port, or an endpoint.</summary>
+    public PciNodeKind Kind { get; init; } = PciNodeKind.Endpoint;
+
+    /// <summary>The bridge whose secondary bus it is on, or null on bus 0: with it, views draw the PCI tree.</summary>
+    public PciAddress? Parent { get; init; }
+}

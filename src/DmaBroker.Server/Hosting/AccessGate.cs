@@ -28,6 +28,7 @@ public sealed record Caller(Grant Grant)
 public sealed class AccessGate(AccessControl access, ClientCertificateTrust? clientTrust)
 {
     private const string BearerPrefix = "Bearer ";
+    private const string BasicPrefix = "Basic ";
 
     /// <summary>The middleware: resolves the caller, checks its role for the method, or refuses.</summary>
     public Task InvokeAsync(HttpContext http, RequestDelegate next)
@@ -50,8 +51,12 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         return next(http);
     }
 
-    /// <summary>The caller's grant under the current policy; UNAUTHENTICATED / EACCES when it has none.</summary>
-    public Grant Authenticate(HttpContext http)
+    /// <summary>
+    /// The caller's grant under the current policy; UNAUTHENTICATED / EACCES when it has none. With
+    /// <paramref name="basic"/> (the web listener, for browsers, whose EventSource cannot send a
+    /// bearer header), <c>Authorization: Basic</c> also carries a bearer token, as its password.
+    /// </summary>
+    public Grant Authenticate(HttpContext http, bool basic = false)
     {
         var policy = access.Current;
         var certificate = clientTrust is not null && http.Request.IsHttps
@@ -60,9 +65,10 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         string principal;
         if (!policy.IsOpen && http.Request.Headers.Authorization.ToString() is { Length: > 0 } authorization)
         {
-            if (!authorization.StartsWith(BearerPrefix, StringComparison.OrdinalIgnoreCase))
-                throw ErrnoException.Unauthenticated("the authorization header must be 'Bearer <token>'");
-            principal = policy.AuthenticateBearer(authorization[BearerPrefix.Length..].Trim())
+            var token = TokenOf(authorization, basic) ?? throw ErrnoException.Unauthenticated(basic
+                ? "the authorization header must be 'Bearer <token>', or 'Basic' with the token as the password"
+                : "the authorization header must be 'Bearer <token>'");
+            principal = policy.AuthenticateBearer(token)
                 ?? throw ErrnoException.Unauthenticated("unknown or wrong bearer token");
         }
         else if (certificate is not null)
@@ -80,6 +86,23 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         }
         return policy.Resolve(principal)
             ?? throw ErrnoException.Unauthenticated($"{ErrnoException.Quote(principal)} is not a principal of the auth file");
+    }
+
+    // 'Bearer <token>'; with basic, also 'Basic base64(<any user>:<token>)'. Null for anything else.
+    private static string? TokenOf(string authorization, bool basic)
+    {
+        if (authorization.StartsWith(BearerPrefix, StringComparison.OrdinalIgnoreCase))
+            return authorization[BearerPrefix.Length..].Trim();
+        if (!basic || !authorization.StartsWith(BasicPrefix, StringComparison.OrdinalIgnoreCase))
+            return null;
+        var encoded = authorization.AsSpan(BasicPrefix.Length).Trim();
+        var bytes = new byte[encoded.Length];
+        if (!Convert.TryFromBase64Chars(encoded, bytes, out var length))
+            return null;
+        var credentials = Encoding.UTF8.GetString(bytes, 0, length);
+        System.Security.Cryptography.CryptographicOperations.ZeroMemory(bytes);
+        var colon = credentials.IndexOf(':', StringComparison.Ordinal);
+        return colon < 0 ? null : credentials[(colon + 1)..];
     }
 
     private static bool IsGrpc(HttpRequest request) =>

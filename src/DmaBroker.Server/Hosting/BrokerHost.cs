@@ -208,6 +208,7 @@ public static class BrokerHost
                 health.Services.Map(service, _ => true);
         }).AddCheck("broker", () => HealthCheckResult.Healthy());
         builder.Services.AddHostedService<SessionShutdown>();
+        builder.Services.AddSingleton<LiveView.LiveViewEndpoints>();
         configure?.Invoke(builder.Services);
 
         var app = builder.Build();
@@ -225,6 +226,7 @@ public static class BrokerHost
         app.MapGrpcService<DmaService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
+        LiveView.LiveViewEndpoints.Map(app);
 
         var socketMode = ParseMode(options.UnixSocketMode);
         app.Lifetime.ApplicationStarted.Register(() =>

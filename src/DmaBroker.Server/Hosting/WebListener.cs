@@ -13,7 +13,9 @@ namespace DmaBroker.Server.Hosting;
 /// listeners. An endpoint marked <see cref="WebListenerExtensions.OnWebListener{T}"/> answers only
 /// on this listener, and nothing else does: gRPC is not served here, and the web endpoints are
 /// not served on gRPC listeners. Every request here needs the viewer role, authenticated as gRPC
-/// calls are (a bearer token, the TLS client certificate, or <c>anonymous</c>).
+/// calls are (a bearer token, the TLS client certificate, or <c>anonymous</c>), and also by a
+/// bearer token sent as the password of HTTP Basic authentication, which browsers ask for and
+/// then send with every request of the page, its EventSource included.
 /// </summary>
 public sealed class WebListener
 {
@@ -92,7 +94,8 @@ public sealed class WebListener
         var gate = http.RequestServices.GetRequiredService<AccessGate>();
         try
         {
-            var grant = gate.Authenticate(http);
+            // Basic too: a browser asks its user for it and sends it with the page's EventSource.
+            var grant = gate.Authenticate(http, basic: true);
             if (!grant.Permits(Role.Viewer))
                 throw ErrnoException.Denied($"{grant.Principal} may not read {ErrnoException.Quote(http.Request.Path.Value)}: it needs the viewer role");
             http.Features.Set(new Caller(grant));
@@ -102,8 +105,9 @@ public sealed class WebListener
             http.Response.StatusCode = e.Errno == Errno.EACCES && e.Kind == ErrorKind.Unauthenticated
                 ? StatusCodes.Status401Unauthorized
                 : StatusCodes.Status403Forbidden;
+            // Basic makes a browser ask for the token (as the password); scripts send it as Bearer.
             if (http.Response.StatusCode == StatusCodes.Status401Unauthorized)
-                http.Response.Headers.WWWAuthenticate = "Bearer realm=\"dmabroker\"";
+                http.Response.Headers.WWWAuthenticate = new(["Basic realm=\"dmabroker\", charset=\"UTF-8\"", "Bearer realm=\"dmabroker\""]);
             return http.Response.WriteAsync($"{e.Errno}: {e.Message}\n");
         }
         return next(http);
