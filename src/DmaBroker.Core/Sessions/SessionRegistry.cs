@@ -27,7 +27,8 @@ public sealed record SessionOptions
 
     /// <summary>
     /// How long a write to an ending session's stream may still block (its `revoked`, or events
-    /// queued before the end) before the broker gives up on a client that stopped reading.
+    /// queued before the end) before the broker gives up on a client that stopped reading; and,
+    /// when the broker stops, how long the stream then waits for the client to close its side.
     /// </summary>
     public TimeSpan EndingWriteGrace { get; init; } = TimeSpan.FromSeconds(2);
 }

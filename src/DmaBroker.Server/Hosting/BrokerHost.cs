@@ -207,6 +207,7 @@ public static class BrokerHost
             foreach (var service in ServedServices)
                 health.Services.Map(service, _ => true);
         }).AddCheck("broker", () => HealthCheckResult.Healthy());
+        builder.Services.AddSingleton<SessionCalls>();
         builder.Services.AddHostedService<SessionShutdown>();
         builder.Services.AddSingleton<LiveView.LiveViewEndpoints>();
         configure?.Invoke(builder.Services);

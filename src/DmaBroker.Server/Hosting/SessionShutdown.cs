@@ -9,17 +9,26 @@ namespace DmaBroker.Server.Hosting;
 /// registers its server (GenericWebHostService) after every other hosted service, so it is the
 /// first to stop, and an ordinary StopAsync here would run after Kestrel had stopped taking calls.
 /// </summary>
-internal sealed class SessionShutdown(Broker broker, BrokerHostOptions options, TimeProvider time) : IHostedLifecycleService
+/// <remarks>
+/// It waits for the Session.Open calls to complete, not only for the sessions' teardown: once
+/// Kestrel stops (its heartbeat first), it closes an HTTP/2 connection whose last stream ends later
+/// only when the client next sends a frame, and then at once; a .NET client drops what it has
+/// received but not yet read on a stream whose own side is still open when its connection closes.
+/// A call still writing <c>revoked</c> when Kestrel stopped either lost it that way or held the
+/// stop until the host's shutdown timeout.
+/// </remarks>
+internal sealed class SessionShutdown(Broker broker, SessionCalls calls, BrokerHostOptions options, TimeProvider time) : IHostedLifecycleService
 {
     public async Task StoppingAsync(CancellationToken cancellationToken)
     {
         try
         {
-            await broker.Sessions.ShutdownAsync().WaitAsync(options.ShutdownGrace, time, cancellationToken);
+            var ended = broker.Sessions.ShutdownAsync();
+            await Task.WhenAll(ended, calls.WhenNoneAsync()).WaitAsync(options.ShutdownGrace, time, cancellationToken);
         }
         catch (Exception e) when (e is TimeoutException || (e is OperationCanceledException && cancellationToken.IsCancellationRequested))
         {
-            // A session whose teardown is still running must not keep the broker from stopping.
+            // A session whose teardown or call is still running must not keep the broker from stopping.
         }
     }
 

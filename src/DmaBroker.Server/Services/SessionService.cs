@@ -10,18 +10,22 @@ namespace DmaBroker.Server.Services;
 /// <summary>
 /// Session.Open: the stream is the session. Reading renews the lease; one writer task sends
 /// `opened`, then faults and interrupts, then `revoked` if the broker ended it. However the
-/// stream ends, the session is torn down before the call completes.
+/// stream ends, the session is torn down before the call completes; when the broker stops, the
+/// call also waits (a grace at most) for the client to close its side after `revoked`.
 /// </summary>
-public sealed partial class SessionService(Broker broker, TimeProvider time, ILogger<SessionService> logger) : Wire.Session.SessionBase
+public sealed partial class SessionService(Broker broker, SessionCalls calls, TimeProvider time, ILogger<SessionService> logger) : Wire.Session.SessionBase
 {
     public override async Task Open(IAsyncStreamReader<Wire.SessionRequest> requestStream,
         IServerStreamWriter<Wire.SessionEvent> responseStream, ServerCallContext context)
     {
+        // Counted before the session exists, so that stopping, which refuses new sessions first, waits for every call that has one.
+        using var call = calls.Enter();
         var session = broker.Sessions.Open(context.Caller().Grant, null, context.Peer);
         LogOpened(logger, session.Id, context.Peer);
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
         var writer = WriteEventsAsync(session, responseStream, context.CancellationToken);
         var reason = SessionEndReason.ClientClosed;
+        var clientClosed = false;
         RpcException? malformed = null;
         try
         {
@@ -31,6 +35,7 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
                 if (requestStream.Current.Hello is { } hello)
                     session.Rename(hello.ClientName);
             }
+            clientClosed = true;
         }
         catch (RpcException e) when (e.StatusCode == StatusCode.InvalidArgument && !context.CancellationToken.IsCancellationRequested)
         {
@@ -51,7 +56,9 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
             }
             finally
             {
-                await writer;
+                var told = await writer;
+                if (told && !clientClosed && session.EndReason == SessionEndReason.Shutdown)
+                    await AwaitClientCloseAsync(requestStream, context.CancellationToken);
                 LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
             }
         }
@@ -59,8 +66,8 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
             throw malformed;
     }
 
-    // The stream's only writer.
-    private async Task WriteEventsAsync(Session session, IServerStreamWriter<Wire.SessionEvent> stream, CancellationToken callAborted)
+    // The stream's only writer; true once it has written `revoked`.
+    private async Task<bool> WriteEventsAsync(Session session, IServerStreamWriter<Wire.SessionEvent> stream, CancellationToken callAborted)
     {
         try
         {
@@ -75,8 +82,8 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
                 },
             }, callAborted);
             // Once the session ends, a write blocked by a client that stopped reading gets a grace more.
-            using var writes = new WriteBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
-            using var onEnd = session.Ending.Register(static s => ((WriteBound)s!).Arm(), writes);
+            using var writes = new GraceBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
+            using var onEnd = session.Ending.Register(static s => ((GraceBound)s!).Arm(), writes);
             await foreach (var ev in session.Events.ReadAllAsync(session.Ending))
                 await stream.WriteAsync(ToProto(ev), writes.Token);
         }
@@ -90,28 +97,51 @@ public sealed partial class SessionService(Broker broker, TimeProvider time, ILo
             try
             {
                 // A client that no longer reads must not keep this call open: the session is gone already.
-                using var bounded = new WriteBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
+                using var bounded = new GraceBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
                 bounded.Arm();
                 await stream.WriteAsync(new Wire.SessionEvent { Revoked = new Wire.Revoked { Reason = session.EndMessage ?? "" } }, bounded.Token);
+                return true;
             }
             catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
             {
                 // The client is gone: nobody to tell.
             }
         }
+        return false;
+    }
+
+    // The broker is stopping, and once this call completes the server closes the connection as soon
+    // as it can; a client whose side of the stream is still open then loses what it has received
+    // but not yet read, `revoked` included (the .NET HTTP/2 client discards it). A client that has
+    // closed its side has read everything, so the call waits for that, or for the grace.
+    private async Task AwaitClientCloseAsync(IAsyncStreamReader<Wire.SessionRequest> requests, CancellationToken callAborted)
+    {
+        using var grace = new GraceBound(time, broker.Sessions.Options.EndingWriteGrace, callAborted);
+        grace.Arm();
+        try
+        {
+            while (await requests.MoveNext(grace.Token))
+            {
+                // The session is gone: whatever the client still sends means nothing.
+            }
+        }
+        catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or RpcException)
+        {
+            // The grace has passed, or the client is gone.
+        }
     }
 
     /// <summary>
-    /// Cancels writes to the stream when the call is aborted, or a grace (the session options'
-    /// <c>EndingWriteGrace</c>) after <see cref="Arm"/>, on the broker's clock.
+    /// Cancels writes to (or reads from) the stream when the call is aborted, or a grace (the
+    /// session options' <c>EndingWriteGrace</c>) after <see cref="Arm"/>, on the broker's clock.
     /// </summary>
-    private sealed class WriteBound : IDisposable
+    private sealed class GraceBound : IDisposable
     {
         private readonly CancellationTokenSource _source;
         private readonly CancellationTokenRegistration _aborted;
         private readonly TimeSpan _grace;
 
-        public WriteBound(TimeProvider time, TimeSpan grace, CancellationToken callAborted)
+        public GraceBound(TimeProvider time, TimeSpan grace, CancellationToken callAborted)
         {
             _source = new CancellationTokenSource(Timeout.InfiniteTimeSpan, time);
             _aborted = callAborted.Register(static s => ((CancellationTokenSource)s!).Cancel(), _source);

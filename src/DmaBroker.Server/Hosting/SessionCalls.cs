@@ -1,0 +1,44 @@
+namespace DmaBroker.Server.Hosting;
+
+/// <summary>
+/// The Session.Open calls in progress, so that stopping can wait until each has told its client
+/// <c>revoked</c> and completed before the server stops: see <see cref="SessionShutdown"/>.
+/// </summary>
+public sealed class SessionCalls
+{
+    private readonly Lock _sync = new();
+    private int _open;
+    private TaskCompletionSource? _none;
+
+    /// <summary>Counts one call until the scope is disposed.</summary>
+    public Scope Enter()
+    {
+        lock (_sync)
+            _open++;
+        return new Scope(this);
+    }
+
+    /// <summary>Completes once no call is in progress.</summary>
+    public Task WhenNoneAsync()
+    {
+        lock (_sync)
+            return _open == 0 ? Task.CompletedTask : (_none ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+    }
+
+    private void Exit()
+    {
+        TaskCompletionSource? none = null;
+        lock (_sync)
+        {
+            if (--_open == 0)
+                (none, _none) = (_none, null);
+        }
+        none?.TrySetResult();
+    }
+
+    /// <summary>One call in progress.</summary>
+    public readonly struct Scope(SessionCalls calls) : IDisposable
+    {
+        public void Dispose() => calls.Exit();
+    }
+}
