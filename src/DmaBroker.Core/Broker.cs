@@ -66,9 +66,10 @@ public sealed class Broker : IAsyncDisposable
         Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
         {
-            Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
+            // Measured before it is published, so whoever sees the session end finds it counted.
             if (s.EndReason is { } reason)
                 Metrics.SessionReleased(reason, clock.GetElapsedTime(s.EndingSince));
+            Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
         });
     }
 

@@ -29,6 +29,10 @@ public sealed class TestBroker : IAsyncDisposable
     }
 
     public string Address { get; }
+
+    /// <summary>The <c>--http-listen</c> address (/metrics, /, /events); null when started with <c>--http-listen none</c>.</summary>
+    public string? WebAddress => _app.WebAddress();
+
     public BrokerClient Client { get; }
     public Core.Broker Broker { get; }
 
