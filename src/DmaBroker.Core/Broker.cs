@@ -1,6 +1,8 @@
+using System.Diagnostics.Metrics;
 using DmaBroker.Core.Access;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Telemetry;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;
 
@@ -51,15 +53,24 @@ public sealed class Broker : IAsyncDisposable
 {
     /// <summary>
     /// A broker whose table starts from <paramref name="topology"/> (SPEC §2). Leases and grace
-    /// periods run on <paramref name="time"/>, so tests can drive them with a fake clock.
+    /// periods run on <paramref name="time"/>, so tests can drive them with a fake clock. Its
+    /// instruments are on a meter from <paramref name="meterFactory"/> (the host's), or on a meter
+    /// of its own.
     /// </summary>
-    public Broker(TopologyDocument topology, BrokerOptions? options = null, TimeProvider? time = null)
+    public Broker(TopologyDocument topology, BrokerOptions? options = null, TimeProvider? time = null, IMeterFactory? meterFactory = null)
     {
         Options = options ?? new BrokerOptions();
+        var clock = time ?? TimeProvider.System;
         Table = new OwnershipTable(topology, Options.WatchBuffer);
-        Vfio = new VfioDriver(Table, Options.Sessions.DmaLimit);
-        Sessions = new SessionRegistry(time ?? TimeProvider.System, Options.Sessions, Vfio.Teardown,
-            s => Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? "")));
+        Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount);
+        Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
+        Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
+        {
+            // Measured before it is published, so whoever sees the session end finds it counted.
+            if (s.EndReason is { } reason)
+                Metrics.SessionReleased(reason, clock.GetElapsedTime(s.EndingSince));
+            Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
+        });
     }
 
     /// <summary>The settings the broker was built with.</summary>
@@ -73,6 +84,9 @@ public sealed class Broker : IAsyncDisposable
 
     /// <summary>Who is connected: opens, authenticates and ends sessions, releasing what they held.</summary>
     public SessionRegistry Sessions { get; }
+
+    /// <summary>The broker's instruments (SPEC §13): its meter, counters and live counts.</summary>
+    public BrokerMetrics Metrics { get; }
 
     /// <summary>The table's revisioned snapshots and changes, for readers and watchers.</summary>
     public TopologyJournal Journal => Table.Journal;
@@ -107,6 +121,15 @@ public sealed class Broker : IAsyncDisposable
             s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount))];
     }
 
-    /// <summary>Ends every session, each released as if revoked, and refuses new ones.</summary>
-    public async ValueTask DisposeAsync() => await Sessions.ShutdownAsync().ConfigureAwait(false);
+    // Read when a metrics reader collects, long after construction.
+    private int LiveSessions() => Sessions.Counts.Live;
+
+    private IEnumerable<OwnerKind> GroupOwners() => Journal.Current.Groups.Values.Select(g => g.OwnerKind);
+
+    /// <summary>Ends every session, each released as if revoked, and refuses new ones; then stops its instruments.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        await Sessions.ShutdownAsync().ConfigureAwait(false);
+        Metrics.Dispose();
+    }
 }

@@ -50,7 +50,7 @@ internal static class AuthBenchmark
             foreach (var mode in modes)
                 await mode.OpenSessionsAsync(sessions);
 
-            Console.WriteLine($"DmaBroker auth benchmark: {rounds} rounds x {seconds:F1} s per mode, modes interleaved, {sessions} sessions per mode, {WarmupRounds} warm-up rounds, loopback, {Environment.ProcessorCount} cores{LoadAverage()}");
+            Console.WriteLine($"DmaBroker auth benchmark: {rounds} rounds x {seconds:F1} s per mode, modes interleaved, {sessions} sessions per mode, {WarmupRounds} warm-up rounds, loopback, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
             Console.WriteLine($"cycle = CreateContainer + SetContainer (own edu group) + UnsetContainer + DestroyContainer on an open session: {CallsPerCycle} calls");
             // Warm-up rounds, not counted: the tiered JIT keeps recompiling for some 10 s of this load.
             for (var round = -WarmupRounds; round < rounds; round++)
@@ -91,7 +91,7 @@ internal static class AuthBenchmark
         Ratio("mTLS / TLS (auth alone)", modes[3], modes[2]);
         Console.WriteLine("auth cost = 1 - calls/s ratio of the medians; paired = the median of the rounds' own ratios (both modes");
         Console.WriteLine("measured seconds apart); CPU/call = this process's CPU time (clients and brokers) per call, which other");
-        Console.WriteLine($"processes' load moves far less than calls/s (end{LoadAverage()})");
+        Console.WriteLine($"processes' load moves far less than calls/s (end{Rounds.LoadAverage()})");
     }
 
     private static void Ratio(string name, Mode measured, Mode baseline)
@@ -102,9 +102,6 @@ internal static class AuthBenchmark
         var cpuPaired = Rounds.Median(measured.Rounds.Zip(baseline.Rounds, (m, b) => m.CpuPerCall / b.CpuPerCall));
         Console.WriteLine($"{name,-30} {ratio,8:P1} {1 - ratio,10:P1} {paired,8:P1}   {cpu,8:P1} {cpuPaired,8:P1}");
     }
-
-    private static string LoadAverage() =>
-        File.Exists("/proc/loadavg") ? $", load average {string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3))}" : "";
 
     /// <summary>The bearer token's and the client certificate's principals, among entries like docs/auth.example.json's.</summary>
     private static string AuthFile(string token) => $$"""

@@ -1,11 +1,9 @@
-using System.Diagnostics;
 using System.Globalization;
 using DmaBroker.Benchmarks;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using DmaBroker.Server.Hosting;
 using Google.Protobuf;
-using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
@@ -22,6 +20,13 @@ if (args is ["auth", ..])
     await AuthBenchmark.RunAsync(Arg("--rounds", 7), Arg("--seconds", 2.0), Arg("--sessions", 4));
     return;
 }
+// What collecting the DmaBroker meter costs DMA-stream throughput (see MetricsBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- metrics [--rounds N] [--seconds S]
+if (args is ["metrics", ..])
+{
+    await MetricsBenchmark.RunAsync(Arg("--rounds", 7), Arg("--seconds", 2.0));
+    return;
+}
 
 var rounds = Arg("--rounds", 5);
 var seconds = Arg("--seconds", 2.0);
@@ -33,86 +38,27 @@ using var rawClient = BrokerClient.Connect(raw.Address);
 await using var session = await brokerClient.OpenSessionAsync("bench");
 var handle = await Host.PrepareDeviceAsync(session);
 
-var scenarios = new (string Name, string Unit, Func<DmaRequest[]> Requests, int OpsPerMessage, int BytesPerOp)[]
-{
-    ("DMA write, 64 KiB operations", "MiB/s", () => Writes(1, 64 * 1024), 1, 64 * 1024),
-    ("batched 64-byte writes (256 per batch)", "Mops/s", () => Writes(256, 64), 256, 64),
-};
-
 Console.WriteLine($"DmaBroker side-by-side benchmark: {rounds} rounds x {seconds:F1} s per side, loopback, {Environment.ProcessorCount} cores");
-foreach (var (name, unit, make, opsPerMessage, bytesPerOp) in scenarios)
+foreach (var scenario in DmaLoad.Scenarios)
 {
+    var (name, unit, make, opsPerMessage, _) = scenario;
     var requests = make();
     var brokerRates = new List<double>();
     var rawRates = new List<double>();
     for (var round = 0; round < rounds; round++)
     {
-        rawRates.Add(await Measure(new Dma.DmaClient(rawClient.Raw.Channel).Stream(), null, requests, opsPerMessage, seconds));
-        brokerRates.Add(await Measure(session.Raw.Dma.Stream(), handle, requests, opsPerMessage, seconds));
+        rawRates.Add(await DmaLoad.MeasureAsync(new Dma.DmaClient(rawClient.Raw.Channel).Stream(), null, requests, opsPerMessage, seconds));
+        brokerRates.Add(await DmaLoad.MeasureAsync(session.Raw.Dma.Stream(), handle, requests, opsPerMessage, seconds));
     }
-    double Scale(double opsPerSecond) => unit == "MiB/s" ? opsPerSecond * bytesPerOp / (1024 * 1024) : opsPerSecond / 1e6;
     var b = Rounds.Median(brokerRates);
     var r = Rounds.Median(rawRates);
     Console.WriteLine($"{name}:");
-    Console.WriteLine($"  broker Dma.Stream   {Scale(b),10:F2} {unit}   (median of {rounds}; {string.Join(", ", brokerRates.Select(x => Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
-    Console.WriteLine($"  raw gRPC stream     {Scale(r),10:F2} {unit}   (median of {rounds}; {string.Join(", ", rawRates.Select(x => Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
+    Console.WriteLine($"  broker Dma.Stream   {scenario.Scale(b),10:F2} {unit}   (median of {rounds}; {string.Join(", ", brokerRates.Select(x => scenario.Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
+    Console.WriteLine($"  raw gRPC stream     {scenario.Scale(r),10:F2} {unit}   (median of {rounds}; {string.Join(", ", rawRates.Select(x => scenario.Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
     Console.WriteLine($"  broker / raw        {b / r,10:P0}");
 }
 
 await LookupBenchmark.RunAsync(rounds);
-
-static DmaRequest[] Writes(int perBatch, int size)
-{
-    var data = ByteString.CopyFrom(Enumerable.Range(0, size).Select(i => (byte)i).ToArray());
-    if (perBatch == 1)
-        return [.. Enumerable.Range(0, 64).Select(i => new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)(i % 16) * (ulong)size, Data = data } })];
-    var batch = new DmaBatch();
-    for (var i = 0; i < perBatch; i++)
-        batch.Requests.Add(new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)i * 64, Data = data } });
-    return [new DmaRequest { Batch = batch }];
-}
-
-// Pipelined: keeps up to 16 messages in flight and counts completed operations per second.
-static async Task<double> Measure(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, ulong? handle, DmaRequest[] requests, int opsPerMessage, double seconds)
-{
-    using var _ = call;
-    await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle ?? 0 } });
-    const int window = 16;
-    var inFlight = new SemaphoreSlim(window);
-    var stop = Stopwatch.StartNew();
-    var deadline = TimeSpan.FromSeconds(seconds);
-    long sent = 0;
-    long completed = 0;
-    var reader = Task.Run(async () =>
-    {
-        var perMessage = 0;
-        while (await call.ResponseStream.MoveNext())
-        {
-            var c = call.ResponseStream.Current.Completion;
-            if (c is null)
-                continue;
-            if (!c.Ok)
-                throw new InvalidOperationException($"DMA failed: {c}");
-            completed++;
-            if (++perMessage == opsPerMessage)
-            {
-                perMessage = 0;
-                inFlight.Release();
-            }
-        }
-    });
-    while (stop.Elapsed < deadline)
-    {
-        await inFlight.WaitAsync();
-        await call.RequestStream.WriteAsync(requests[sent++ % requests.Length]);
-    }
-    for (var i = 0; i < window; i++)
-        await inFlight.WaitAsync();
-    var elapsed = stop.Elapsed.TotalSeconds;
-    await call.RequestStream.CompleteAsync();
-    await reader;
-    return completed / elapsed;
-}
 
 T Arg<T>(string name, T fallback) where T : IParsable<T>
 {
@@ -127,7 +73,17 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
 
     /// <summary>A broker on <paramref name="listen"/> (port 0: any free port) with further <paramref name="options"/>.</summary>
     public static Task<Host> StartBrokerAsync(string listen = "http://127.0.0.1:0", params string[] options) =>
-        StartAsync(BrokerHost.Build(["--listen", listen, "--http-listen", "none", "--Logging:LogLevel:Default=Warning", .. options]));
+        StartBrokerAsync(null, listen, options);
+
+    /// <summary>As above, with <paramref name="configure"/> changing the broker's services.</summary>
+    public static Task<Host> StartBrokerAsync(Action<IServiceCollection>? configure, string listen, params string[] options) =>
+        StartAsync(BrokerHost.Build(["--listen", listen, "--http-listen", "none", "--Logging:LogLevel:Default=Warning", .. options], configure));
+
+    /// <summary>The broker's core (a broker host only).</summary>
+    public DmaBroker.Core.Broker Broker => app.Services.GetRequiredService<DmaBroker.Core.Broker>();
+
+    /// <summary>The <c>--http-listen</c> address, or null when off.</summary>
+    public string? WebAddress => app.WebAddress();
 
     public static Task<Host> StartRawAsync()
     {

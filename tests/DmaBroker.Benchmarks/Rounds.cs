@@ -9,4 +9,8 @@ internal static class Rounds
         var sorted = values.Order().ToList();
         return sorted[sorted.Count / 2];
     }
+
+    /// <summary>The machine's load average, for the report (other processes share the cores), or nothing off Linux.</summary>
+    public static string LoadAverage() =>
+        File.Exists("/proc/loadavg") ? $", load average {string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3))}" : "";
 }

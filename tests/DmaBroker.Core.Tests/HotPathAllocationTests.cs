@@ -1,3 +1,4 @@
+using System.Diagnostics.Metrics;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;
 using Microsoft.Extensions.Time.Testing;
@@ -6,16 +7,32 @@ namespace DmaBroker.Core.Tests;
 
 /// <summary>
 /// STYLE 12: the DMA hot path (translation and copy) allocates nothing per operation. Counted with
-/// the runtime's per-thread allocation counter, so it is exact, not timed.
+/// the runtime's per-thread allocation counter, so it is exact, not timed. Also while a listener
+/// collects the broker's metrics, as an OpenTelemetry reader would.
 /// </summary>
 public sealed class HotPathAllocationTests
 {
     private const ulong Iova = 0x10_0000;
 
-    [Fact]
-    public async Task DmaWriteReadCopy_AfterWarmUp_AllocateNothingPerOperation()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task DmaWriteReadCopy_AfterWarmUp_AllocateNothingPerOperation(bool metricsListened)
     {
         await using var broker = new Broker(TopologyDocument.Default(), null, new FakeTimeProvider());
+        long bytes = 0;
+        using var listener = new MeterListener
+        {
+            InstrumentPublished = (instrument, l) =>
+            {
+                if (instrument.Meter == broker.Metrics.Meter && instrument.Name == "dmabroker.dma.bytes")
+                    l.EnableMeasurementEvents(instrument);
+            },
+        };
+        // An observable counter: each collection reports the total of each direction.
+        listener.SetMeasurementEventCallback<long>((_, value, _, _) => bytes += value);
+        if (metricsListened)
+            listener.Start();
         var session = broker.Sessions.Open("hot");
         var container = broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
         broker.Vfio.SetContainer(session, 14, container.Id);
@@ -44,5 +61,8 @@ public sealed class HotPathAllocationTests
         var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
 
         Assert.Equal(0, allocated);
+        listener.RecordObservableInstruments();
+        // Each round: a 64 KiB write and read, a 4 KiB copy (read and written), a 64-byte write.
+        Assert.Equal(metricsListened ? 10_100L * (65536 + 65536 + 2 * 4096 + 64) : 0, bytes);
     }
 }

@@ -40,6 +40,9 @@ public sealed class SecureBroker : IAsyncDisposable
     public string Http { get; }
     public string Https { get; }
     public string Socket { get; }
+
+    /// <summary>The <c>--http-listen</c> address (cleartext HTTP/1.1 on loopback).</summary>
+    public string Web => _app.WebAddress() ?? throw new InvalidOperationException("the web listener is off");
     public Core.Broker Broker { get; }
     public AccessControl Access { get; }
 

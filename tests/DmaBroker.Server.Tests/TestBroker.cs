@@ -24,7 +24,6 @@ public sealed class TestBroker : IAsyncDisposable
     {
         _app = app;
         Address = address;
-        WebAddress = app.WebAddress() ?? throw new InvalidOperationException("the test broker's --http-listen is off");
         Log = log;
         Ended = ended;
         Client = BrokerClient.Connect(address);
@@ -33,11 +32,12 @@ public sealed class TestBroker : IAsyncDisposable
 
     public string Address { get; }
 
-    /// <summary>The <c>--http-listen</c> address: /, /events, /metrics.</summary>
-    public string WebAddress { get; }
+    /// <summary>The <c>--http-listen</c> address (/, /events, /metrics); throws when started with <c>--http-listen none</c>.</summary>
+    public string WebAddress => _app.WebAddress() ?? throw new InvalidOperationException("this test broker's --http-listen is off");
 
     /// <summary>The web listener's requests the broker has finished serving, by path, in order.</summary>
     public EndedRequests Ended { get; }
+
     public BrokerClient Client { get; }
     public Core.Broker Broker { get; }
 

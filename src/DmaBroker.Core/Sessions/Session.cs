@@ -109,6 +109,9 @@ public sealed class Session
     /// <summary>Set once the session starts to end.</summary>
     public SessionEndReason? EndReason { get; internal set; }
 
+    /// <summary>When the session started to end, as a timestamp of the registry's clock (how long its release took is measured from it).</summary>
+    internal long EndingSince { get; set; }
+
     /// <summary>Why the session ended, in words: what its stream's <c>revoked</c> and the watch's <c>session_ended</c> say.</summary>
     public string? EndMessage { get; internal set; }
 

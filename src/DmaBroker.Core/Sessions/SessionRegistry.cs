@@ -175,6 +175,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             if (session.Teardown is { } running)
                 return running;
             session.EndReason = reason;
+            session.EndingSince = time.GetTimestamp();
             session.EndMessage = message ?? Describe(reason);
             teardownTask = session.Teardown = RunTeardownAsync(session);
         }

@@ -4,6 +4,7 @@ using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Telemetry;
 
 namespace DmaBroker.Core.Vfio;
 
@@ -18,13 +19,15 @@ public sealed class DeviceHandle : IDevicePort
     /// <summary>The largest single device access (read, write, copy).</summary>
     public const int MaxTransfer = SessionMemory.MaxTransfer;
 
+    private readonly BrokerMetrics _metrics;
     private Action<uint>? _interruptListener;
 
-    internal DeviceHandle(ulong id, PciDevice device, Session session)
+    internal DeviceHandle(ulong id, PciDevice device, Session session, BrokerMetrics metrics)
     {
         Id = id;
         Device = device;
         Session = session;
+        _metrics = metrics;
     }
 
     /// <summary>The handle's number, as a DMA stream's <c>open</c> and the device calls name it.</summary>
@@ -79,7 +82,7 @@ public sealed class DeviceHandle : IDevicePort
             CheckOpen();
             using var domain = EnterDomain(sourceIova, DmaAccess.Read);
             if (domain.Space is not { } space)
-                return Report(domain.Refused);
+                return Report(domain.Refused, DmaAccess.Read, length);
             var buffer = ArrayPool<byte>.Shared.Rent(length);
             try
             {
@@ -90,7 +93,10 @@ public sealed class DeviceHandle : IDevicePort
                     outcome = space.DeviceRead(sourceIova, buffer.AsSpan(0, length));
                 if (outcome.Ok)
                     outcome = space.DeviceWrite(destinationIova, buffer.AsSpan(0, length));
-                return Report(outcome);
+                // The copy engine's two accesses: it reads the source, then writes the destination.
+                if (outcome.Ok)
+                    _metrics.DmaMoved(DmaAccess.Read, length);
+                return Report(outcome, DmaAccess.Write, length);
             }
             finally
             {
@@ -194,13 +200,13 @@ public sealed class DeviceHandle : IDevicePort
     private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data)
     {
         using var domain = EnterDomain(iova, DmaAccess.Write);
-        return Report(domain.Space?.DeviceWrite(iova, data) ?? domain.Refused);
+        return Report(domain.Space?.DeviceWrite(iova, data) ?? domain.Refused, DmaAccess.Write, data.Length);
     }
 
     private DmaOutcome Read(ulong iova, Span<byte> destination)
     {
         using var domain = EnterDomain(iova, DmaAccess.Read);
-        return Report(domain.Space?.DeviceRead(iova, destination) ?? domain.Refused);
+        return Report(domain.Space?.DeviceRead(iova, destination) ?? domain.Refused, DmaAccess.Read, destination.Length);
     }
 
     /// <summary>
@@ -235,10 +241,18 @@ public sealed class DeviceHandle : IDevicePort
         public void Dispose() => Space?.ExitAccess();
     }
 
-    private DmaOutcome Report(DmaOutcome outcome)
+    /// <summary>Counts a device access of <paramref name="length"/> bytes that went through, or posts and counts its fault.</summary>
+    private DmaOutcome Report(DmaOutcome outcome, DmaAccess access, int length)
     {
-        if (!outcome.Ok)
+        if (outcome.Ok)
+        {
+            _metrics.DmaMoved(access, length);
+        }
+        else
+        {
+            _metrics.DmaFaulted(outcome.Reason);
             Session.Post(new FaultEvent(Device.Address, outcome.FaultIova, outcome.Access, outcome.Reason));
+        }
         return outcome;
     }
 

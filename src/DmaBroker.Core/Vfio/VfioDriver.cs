@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Telemetry;
 using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Vfio;
@@ -21,9 +22,10 @@ public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 /// The user side of VFIO and iommufd (SPEC §4): containers, the group flow
 /// (SetContainer/UnsetContainer, a group claim) and the device flow (BindDevice/UnbindDevice,
 /// a device claim). Each call runs inside the session's operation scope and checks everything
-/// before it changes anything, so a rejected call leaves no trace.
+/// before it changes anything, so a rejected call leaves no trace but in the claim counts of
+/// <paramref name="metrics"/>.
 /// </summary>
-public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
+public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int dmaLimit = 65535)
 {
     private readonly ConcurrentDictionary<Session, SessionFiles> _files = new();
     // VFIO's own side of a claim, kept here and not in the group or device, as Linux keeps it in
@@ -98,7 +100,10 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     }
 
     /// <summary>VFIO_GROUP_SET_CONTAINER: a group claim, then the container's domain is attached.</summary>
-    public void SetContainer(Session session, uint groupId, ulong containerId)
+    public void SetContainer(Session session, uint groupId, ulong containerId) =>
+        metrics.CountClaim(() => ClaimGroupForContainer(session, groupId, containerId));
+
+    private void ClaimGroupForContainer(Session session, uint groupId, ulong containerId)
     {
         using var op = session.Enter();
         var group = table.GetGroup(groupId);
@@ -148,7 +153,10 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
     }
 
     /// <summary>iommufd-style bind: a device claim, and the container's domain attached to the group.</summary>
-    public void BindDevice(Session session, PciAddress address, ulong containerId)
+    public void BindDevice(Session session, PciAddress address, ulong containerId) =>
+        metrics.CountClaim(() => ClaimDeviceIntoContainer(session, address, containerId));
+
+    private void ClaimDeviceIntoContainer(Session session, PciAddress address, ulong containerId)
     {
         using var op = session.Enter();
         var device = table.GetDevice(address);
@@ -264,7 +272,7 @@ public sealed class VfioDriver(OwnershipTable table, int dmaLimit = 65535)
                 throw ErrnoException.Conflict(Errno.EINVAL, $"{address}: claim it first (SetContainer on group {group.Id}, or BindDevice)");
             if (device.OpenHandles > 0)
                 throw ErrnoException.Busy($"{address} is already open");
-            var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session);
+            var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session, metrics);
             device.OpenHandles++;
             FilesOf(session).Handles.Add(handle.Id, handle);
             return handle;

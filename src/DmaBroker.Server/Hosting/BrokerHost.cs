@@ -103,6 +103,8 @@ public static class BrokerHost
         setting may be given as --Section:Key=value (--Logging:LogLevel:Default=Debug); options on
         the command line win over the environment, which wins over appsettings.json. An unknown
         option, an option without its value or a bad value ends the start with one line, exit 2.
+        OpenTelemetry's OTEL_* settings come from the environment or as --OTEL_NAME=value:
+        OTEL_EXPORTER_OTLP_ENDPOINT turns OTLP export of the metrics (served at /metrics) on.
         Without --auth-file every caller is 'anonymous' with every role (open mode); open mode is
         refused on a listener other hosts can reach unless --insecure is given.
         """;
@@ -191,7 +193,8 @@ public static class BrokerHost
                 DmaLimit = options.DmaLimit,
             },
             WatchBuffer = options.WatchBuffer,
-        }, sp.GetRequiredService<TimeProvider>()));
+        }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>()));
+        builder.AddBrokerMetrics(web);
         builder.Services.AddGrpc(grpc =>
         {
             grpc.Interceptors.Add<ErrorInterceptor>();
@@ -228,6 +231,7 @@ public static class BrokerHost
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
         LiveView.LiveViewEndpoints.Map(app);
+        app.MapBrokerMetrics(web);
 
         var socketMode = ParseMode(options.UnixSocketMode);
         app.Lifetime.ApplicationStarted.Register(() =>
@@ -282,7 +286,7 @@ public static class BrokerHost
     /// <summary>
     /// Reads the command line strictly: each option of <see cref="Usage"/> (a value after it or
     /// after '='), <c>--listen</c> as often as wanted, <c>--insecure</c> alone, and any setting as
-    /// <c>--Section:Key=value</c>. Anything else, or an option without its value, is an
+    /// <c>--Section:Key=value</c> or, for OpenTelemetry's settings, <c>--OTEL_NAME=value</c>. Anything else, or an option without its value, is an
     /// <see cref="ArgumentException"/> with one line saying which. Returns the settings in the
     /// form the configuration's command-line reader takes, <c>--Key=value</c>.
     /// </summary>
@@ -310,7 +314,7 @@ public static class BrokerHost
                 settings.Add($"--DmaBroker:Listen:{listens++}={Value()}");
             else if (Switches.TryGetValue(name, out var key))
                 settings.Add($"--{key}={Value()}");
-            else if (name.StartsWith("--", StringComparison.Ordinal) && name.Contains(':', StringComparison.Ordinal))
+            else if (name.StartsWith("--", StringComparison.Ordinal) && (name.Contains(':', StringComparison.Ordinal) || name.StartsWith("--OTEL_", StringComparison.Ordinal)))
                 settings.Add($"{name}={Value()}");
             else
                 throw new ArgumentException($"unknown option {ErrnoException.Quote(arg)}");

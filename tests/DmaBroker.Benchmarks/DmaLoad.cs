@@ -1,0 +1,78 @@
+using System.Diagnostics;
+using DmaBroker.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DmaBroker.Benchmarks;
+
+/// <summary>One DMA-stream load: its requests, and how its rate is reported.</summary>
+internal sealed record DmaScenario(string Name, string Unit, Func<DmaRequest[]> Requests, int OpsPerMessage, int BytesPerOp)
+{
+    /// <summary>Operations per second in the scenario's unit.</summary>
+    public double Scale(double opsPerSecond) => Unit == "MiB/s" ? opsPerSecond * BytesPerOp / (1024 * 1024) : opsPerSecond / 1e6;
+}
+
+/// <summary>The DMA-stream load the side-by-side benchmarks put on a broker: the requests, and a pipelined run of them.</summary>
+internal static class DmaLoad
+{
+    /// <summary>Large writes (bandwidth) and batched small writes (per-operation cost).</summary>
+    public static DmaScenario[] Scenarios { get; } =
+    [
+        new("DMA write, 64 KiB operations", "MiB/s", () => Writes(1, 64 * 1024), 1, 64 * 1024),
+        new("batched 64-byte writes (256 per batch)", "Mops/s", () => Writes(256, 64), 256, 64),
+    ];
+
+    /// <summary>Device writes of <paramref name="size"/> bytes into the mapped 1 MiB at <see cref="Host.Iova"/>: 64 single ones, or one batch of <paramref name="perBatch"/>.</summary>
+    public static DmaRequest[] Writes(int perBatch, int size)
+    {
+        var data = ByteString.CopyFrom(Enumerable.Range(0, size).Select(i => (byte)i).ToArray());
+        if (perBatch == 1)
+            return [.. Enumerable.Range(0, 64).Select(i => new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)(i % 16) * (ulong)size, Data = data } })];
+        var batch = new DmaBatch();
+        for (var i = 0; i < perBatch; i++)
+            batch.Requests.Add(new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)i * 64, Data = data } });
+        return [new DmaRequest { Batch = batch }];
+    }
+
+    // Pipelined: keeps up to 16 messages in flight and counts completed operations per second.
+    public static async Task<double> MeasureAsync(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, ulong? handle, DmaRequest[] requests, int opsPerMessage, double seconds)
+    {
+        using var _ = call;
+        await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle ?? 0 } });
+        const int window = 16;
+        var inFlight = new SemaphoreSlim(window);
+        var stop = Stopwatch.StartNew();
+        var deadline = TimeSpan.FromSeconds(seconds);
+        long sent = 0;
+        long completed = 0;
+        var reader = Task.Run(async () =>
+        {
+            var perMessage = 0;
+            while (await call.ResponseStream.MoveNext())
+            {
+                var c = call.ResponseStream.Current.Completion;
+                if (c is null)
+                    continue;
+                if (!c.Ok)
+                    throw new InvalidOperationException($"DMA failed: {c}");
+                completed++;
+                if (++perMessage == opsPerMessage)
+                {
+                    perMessage = 0;
+                    inFlight.Release();
+                }
+            }
+        });
+        while (stop.Elapsed < deadline)
+        {
+            await inFlight.WaitAsync();
+            await call.RequestStream.WriteAsync(requests[sent++ % requests.Length]);
+        }
+        for (var i = 0; i < window; i++)
+            await inFlight.WaitAsync();
+        var elapsed = stop.Elapsed.TotalSeconds;
+        await call.RequestStream.CompleteAsync();
+        await reader;
+        return completed / elapsed;
+    }
+}
