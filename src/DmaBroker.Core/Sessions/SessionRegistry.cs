@@ -134,6 +134,9 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             ? s
             : throw ErrnoException.NotFound(Errno.ENOENT, $"no live session {id}");
 
+    /// <summary>The session with this public id, live or still being torn down; null once it is gone.</summary>
+    internal Session? Get(ulong id) => _byId.GetValueOrDefault(id);
+
     /// <summary>Renews the lease: the client said something.</summary>
     public void Touch(Session session)
     {

@@ -82,20 +82,34 @@ public sealed class TopologyJournal
     /// <summary>Watches open now, for operators and leak checks.</summary>
     public int WatcherCount => _watchers.Length;
 
+    /// <summary>
+    /// Told of every published group change, the group before and after, in revision order, under
+    /// the journal's lock (so it must not block or call back into the broker). Set once, before
+    /// anything is published: nothing that changes a group escapes it, whatever path changed it.
+    /// </summary>
+    internal Action<GroupInfo, GroupInfo>? GroupTransition { get; set; }
+
     /// <summary>Appends changes in order, one revision each, and hands them to every watcher without blocking.</summary>
     internal void Publish(params ReadOnlySpan<TopologyChange> changes)
     {
         lock (_sync)
         {
+            var observer = GroupTransition;
+            List<(GroupInfo Before, GroupInfo After)>? transitions = null;
             var snapshot = _current;
             foreach (var change in changes)
             {
+                if (observer is not null && change is GroupChanged { Group: var after } && snapshot.Groups.TryGetValue(after.Id, out var before))
+                    (transitions ??= []).Add((before, after));
                 snapshot = snapshot.Apply(change);
                 var ev = new TopologyEvent(snapshot.Revision, change, null);
                 foreach (var watcher in _watchers)
                     watcher.Offer(ev);
             }
             Volatile.Write(ref _current, snapshot);
+            // After the snapshot is in place: an observer that fails cannot leave a change unpublished.
+            foreach (var (before, after) in transitions ?? [])
+                observer!(before, after);
         }
     }
 
