@@ -84,8 +84,9 @@ public sealed class TopologyJournal
 
     /// <summary>
     /// Told of every published group change, the group before and after, in revision order, under
-    /// the journal's lock (so it must not block or call back into the broker). Set once, before
-    /// anything is published: nothing that changes a group escapes it, whatever path changed it.
+    /// the journal's lock (so it must not block or call back into the broker), after the snapshot
+    /// includes the change and before any watcher sees it. Set once, before anything is published:
+    /// nothing that changes a group escapes it, whatever path changed it.
     /// </summary>
     internal Action<GroupInfo, GroupInfo>? GroupTransition { get; set; }
 
@@ -94,22 +95,37 @@ public sealed class TopologyJournal
     {
         lock (_sync)
         {
-            var observer = GroupTransition;
-            List<(GroupInfo Before, GroupInfo After)>? transitions = null;
-            var snapshot = _current;
+            var before = _current;
+            var snapshot = before;
             foreach (var change in changes)
-            {
-                if (observer is not null && change is GroupChanged { Group: var after } && snapshot.Groups.TryGetValue(after.Id, out var before))
-                    (transitions ??= []).Add((before, after));
                 snapshot = snapshot.Apply(change);
-                var ev = new TopologyEvent(snapshot.Revision, change, null);
-                foreach (var watcher in _watchers)
-                    watcher.Offer(ev);
-            }
             Volatile.Write(ref _current, snapshot);
-            // After the snapshot is in place: an observer that fails cannot leave a change unpublished.
-            foreach (var (before, after) in transitions ?? [])
-                observer!(before, after);
+            try
+            {
+                if (GroupTransition is { } observer)
+                    Report(before, changes, observer);
+            }
+            finally
+            {
+                // Watchers get every change even if the observer failed (a broker bug it reports).
+                var revision = before.Revision;
+                foreach (var change in changes)
+                {
+                    var ev = new TopologyEvent(++revision, change, null);
+                    foreach (var watcher in _watchers)
+                        watcher.Offer(ev);
+                }
+            }
+        }
+    }
+
+    private static void Report(TopologySnapshot snapshot, ReadOnlySpan<TopologyChange> changes, Action<GroupInfo, GroupInfo> observer)
+    {
+        foreach (var change in changes)
+        {
+            if (change is GroupChanged { Group: var after } && snapshot.Groups.TryGetValue(after.Id, out var before))
+                observer(before, after);
+            snapshot = snapshot.Apply(change);
         }
     }
 
