@@ -185,7 +185,8 @@ public static class BrokerHost
                 listener.Configure(kestrel, serverCertificate, clientTrust is not null);
             // A hung client's connection is dropped when it stops answering pings; its lease ends it even sooner.
             kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromMilliseconds(options.KeepAlivePingMs);
-            kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl;
+            // (Kestrel takes no ping timeout under a second; a shorter lease still ends the session.)
+            kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl < TimeSpan.FromSeconds(1) ? TimeSpan.FromSeconds(1) : leaseTtl;
             // Sessions and DMA streams are long-lived streams: many share one client connection.
             // Kestrel's rapid-reset defence also scales with this: it answers ENHANCE_YOUR_CALM
             // (and then closes the connection, ending its sessions) once a connection has about
@@ -420,8 +421,9 @@ public static class BrokerHost
         ParseMode(o.UnixSocketMode, name(nameof(o.UnixSocketMode)));
         if (o.LeaseTtlMs is < 100 or > 3_600_000)
             throw new ArgumentException($"{name(nameof(o.LeaseTtlMs))} must be between 100 and 3600000, got {o.LeaseTtlMs}");
-        if (o.KeepAlivePingMs is < 100 or > 3_600_000)
-            throw new ArgumentException($"{name(nameof(o.KeepAlivePingMs))} must be between 100 and 3600000, got {o.KeepAlivePingMs}");
+        // Kestrel pings at most once a second.
+        if (o.KeepAlivePingMs is < 1000 or > 3_600_000)
+            throw new ArgumentException($"{name(nameof(o.KeepAlivePingMs))} must be between 1000 and 3600000, got {o.KeepAlivePingMs}");
         if (o.MemoryLimitMb is < 1 or > 1_048_576)
             throw new ArgumentException($"{name(nameof(o.MemoryLimitMb))} must be between 1 and 1048576, got {o.MemoryLimitMb}");
         if (o.DmaLimit is < 1 or > 1_000_000)
