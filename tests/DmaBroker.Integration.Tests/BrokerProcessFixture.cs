@@ -43,17 +43,36 @@ public sealed class LiveBroker : IAsyncDisposable
     public async Task<BrokerStats> StatsAsync() =>
         await Client.Admin.GetStatsAsync().WaitAsync(GroupWatch.DefaultTimeout);
 
-    /// <summary>Starts the broker with the given options and returns once it answers its health check.</summary>
-    public static async Task<LiveBroker> StartAsync(params string[] args)
+    /// <summary>Everything the broker printed so far, stdout and stderr (prefixed "stderr: ").</summary>
+    public string Transcript => _process.Transcript;
+
+    /// <summary>Waits for the broker to print a line containing <paramref name="text"/>.</summary>
+    public Task<string> WaitForLineAsync(string text) => _process.WaitForLineAsync(text, StartupTimeout);
+
+    /// <summary>Stops the broker as an operator would (SIGINT) and waits until it has exited and printed its last line.</summary>
+    public async Task<int> StopAsync()
     {
-        // Warnings and errors only, but for the lifetime's line that tells the address the OS gave.
-        var process = ClientProcess.Start(AssemblyPath,
-            ["--listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", .. args]);
+        _process.Interrupt();
+        return await _process.WaitForExitAsync(StartupTimeout);
+    }
+
+    /// <summary>Starts the broker with the given options and returns once it answers its health check.</summary>
+    public static Task<LiveBroker> StartAsync(params string[] args) => StartAsync(new ProcessSetup(), quiet: true, args);
+
+    /// <summary>
+    /// Starts the broker with the given environment and working directory. <paramref name="quiet"/>
+    /// logs warnings and errors only (but for the line that tells the address the OS gave);
+    /// otherwise the broker logs at its default levels.
+    /// </summary>
+    public static async Task<LiveBroker> StartAsync(ProcessSetup setup, bool quiet, params string[] args)
+    {
+        string[] levels = quiet ? ["--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information"] : [];
+        var process = ClientProcess.Start(setup, AssemblyPath, ["--listen", "http://127.0.0.1:0", .. levels, .. args]);
         LiveBroker? broker = null;
         try
         {
             var line = await process.WaitForLineAsync(ListeningOn, StartupTimeout);
-            broker = new LiveBroker(process, line[(line.IndexOf(ListeningOn, StringComparison.Ordinal) + ListeningOn.Length)..].Trim());
+            broker = new LiveBroker(process, ListeningAddress(line));
             await broker.WaitUntilServingAsync();
             return broker;
         }
@@ -67,6 +86,17 @@ public sealed class LiveBroker : IAsyncDisposable
         }
     }
 
+    // The lifetime's "Now listening on: <address>" as a text line, or a JSON one (--log-format json).
+    private static string ListeningAddress(string line)
+    {
+        if (line.StartsWith('{'))
+        {
+            using var json = System.Text.Json.JsonDocument.Parse(line);
+            line = json.RootElement.GetProperty("Message").GetString() ?? "";
+        }
+        return line[(line.IndexOf(ListeningOn, StringComparison.Ordinal) + ListeningOn.Length)..].Trim();
+    }
+
     private async Task WaitUntilServingAsync()
     {
         var options = new CallOptions(deadline: DateTime.UtcNow + StartupTimeout).WithWaitForReady();
@@ -76,14 +106,15 @@ public sealed class LiveBroker : IAsyncDisposable
 
     /// <summary>
     /// Kills the broker, then fails if it logged an error (the console logger's <c>fail:</c> and
-    /// <c>crit:</c> lines), as the server tests' <c>BrokerLog</c> does for a broker in the test host.
+    /// <c>crit:</c> lines, or their JSON form), as the server tests' <c>BrokerLog</c> does for a broker in the test host.
     /// </summary>
     public async ValueTask DisposeAsync()
     {
         Client.Dispose();
         await _process.DisposeAsync();
         var transcript = _process.Transcript;
-        if (transcript.Split('\n').Any(line => line.StartsWith("fail: ", StringComparison.Ordinal) || line.StartsWith("crit: ", StringComparison.Ordinal)))
+        if (transcript.Split('\n').Any(line => line.StartsWith("fail: ", StringComparison.Ordinal) || line.StartsWith("crit: ", StringComparison.Ordinal)
+            || line.Contains("\"LogLevel\":\"Error\"", StringComparison.Ordinal) || line.Contains("\"LogLevel\":\"Critical\"", StringComparison.Ordinal)))
             throw new Xunit.Sdk.XunitException($"the broker logged errors; any failure of the test itself is replaced by this one. It printed:\n{transcript}");
     }
 }

@@ -60,7 +60,10 @@ public sealed partial class ClientProcess : IAsyncDisposable
     public string Transcript => string.Join('\n', _transcript);
 
     /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c>; a relative <paramref name="dll"/> is in the test output directory.</summary>
-    public static ClientProcess Start(string dll, params IEnumerable<string> args)
+    public static ClientProcess Start(string dll, params IEnumerable<string> args) => Start(new ProcessSetup(), dll, args);
+
+    /// <summary>As <see cref="Start(string, IEnumerable{string})"/>, with environment variables and a working directory of its own.</summary>
+    public static ClientProcess Start(ProcessSetup setup, string dll, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
         var start = new ProcessStartInfo(dotnet)
@@ -68,7 +71,10 @@ public sealed partial class ClientProcess : IAsyncDisposable
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
+            WorkingDirectory = setup.WorkingDirectory ?? "",
         };
+        foreach (var (name, value) in setup.Environment)
+            start.Environment[name] = value;
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, dll));
         foreach (var a in args)
             start.ArgumentList.Add(a);
@@ -214,4 +220,12 @@ public sealed partial class ClientProcess : IAsyncDisposable
 
     [LibraryImport("libc", EntryPoint = "signal")]
     private static partial nint SetSignalDisposition(int signal, nint handler);
+}
+
+/// <summary>What a started process gets besides its arguments: variables added to (or, null, removed from) the test's environment, and a working directory.</summary>
+public sealed record ProcessSetup
+{
+    public IReadOnlyDictionary<string, string?> Environment { get; init; } = new Dictionary<string, string?>();
+
+    public string? WorkingDirectory { get; init; }
 }
