@@ -46,6 +46,28 @@ public sealed record SessionSummary(ulong Id, string Principal, string ClientNam
     IReadOnlyList<uint> Groups, ulong MemoryBytes, int DmaStreams);
 
 /// <summary>
+/// A change of a group's user DMA ownership, as the journal published it: a claim (the owner's
+/// count went up, from 0 when the group was just granted) or a release (down, to 0 when the group
+/// went back to the kernel). What an audit log records for each.
+/// </summary>
+/// <param name="GroupId">The group.</param>
+/// <param name="SessionId">The session that claimed or released.</param>
+/// <param name="Principal">Who that session belongs to.</param>
+/// <param name="Generation">The generation of the grant: new with each grant, kept until its release.</param>
+/// <param name="OwnerCountBefore">The session's claims on the group before the change.</param>
+/// <param name="OwnerCountAfter">Its claims after: 0 when the group is free again.</param>
+/// <param name="SessionEnd">
+/// For a release the session's teardown made: why the session ended (lease expired, revoked by
+/// admin…). Null when the session's own call (UnsetContainer, UnbindDevice, a claim) made it.
+/// </param>
+public sealed record OwnershipChange(uint GroupId, ulong SessionId, string Principal, ulong Generation,
+    int OwnerCountBefore, int OwnerCountAfter, string? SessionEnd)
+{
+    /// <summary>True for a claim, false for a release.</summary>
+    public bool IsClaim => OwnerCountAfter > OwnerCountBefore;
+}
+
+/// <summary>
 /// The broker's core, composed: the ownership table, the VFIO user side, and the session
 /// registry whose teardown releases what a session holds. No wire, no hosting.
 /// </summary>
@@ -55,9 +77,12 @@ public sealed class Broker : IAsyncDisposable
     /// A broker whose table starts from <paramref name="topology"/> (SPEC §2). Leases and grace
     /// periods run on <paramref name="time"/>, so tests can drive them with a fake clock. Its
     /// instruments are on a meter from <paramref name="meterFactory"/> (the host's), or on a meter
-    /// of its own.
+    /// of its own. <paramref name="ownershipChanged"/> is told of every claim and release, whichever
+    /// path made it, in the order the journal publishes them, under the group's lock: it must be
+    /// quick and must not call back into the broker (an audit log).
     /// </summary>
-    public Broker(TopologyDocument topology, BrokerOptions? options = null, TimeProvider? time = null, IMeterFactory? meterFactory = null)
+    public Broker(TopologyDocument topology, BrokerOptions? options = null, TimeProvider? time = null, IMeterFactory? meterFactory = null,
+        Action<OwnershipChange>? ownershipChanged = null)
     {
         Options = options ?? new BrokerOptions();
         var clock = time ?? TimeProvider.System;
@@ -71,6 +96,8 @@ public sealed class Broker : IAsyncDisposable
                 Metrics.SessionReleased(reason, clock.GetElapsedTime(s.EndingSince));
             Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
         });
+        if (ownershipChanged is not null)
+            Journal.GroupTransition = (before, after) => Report(before, after, ownershipChanged);
     }
 
     /// <summary>The settings the broker was built with.</summary>
@@ -119,6 +146,32 @@ public sealed class Broker : IAsyncDisposable
         var now = Sessions.Now;
         return [.. Sessions.Visible(caller).Select(s => new SessionSummary(
             s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount))];
+    }
+
+    // A group's user ownership before and after one published change, as claims and releases.
+    private void Report(GroupInfo before, GroupInfo after, Action<OwnershipChange> report)
+    {
+        var wasUser = before.OwnerKind == OwnerKind.User;
+        var isUser = after.OwnerKind == OwnerKind.User;
+        if (wasUser && isUser && before.OwnerSession == after.OwnerSession)
+        {
+            if (before.OwnerCount != after.OwnerCount)
+                report(Change(after, before.OwnerCount, after.OwnerCount));
+            return;
+        }
+        if (wasUser)
+            report(Change(before, before.OwnerCount, 0));
+        if (isUser)
+            report(Change(after, 0, after.OwnerCount));
+    }
+
+    private OwnershipChange Change(GroupInfo owned, int countBefore, int countAfter)
+    {
+        var session = Sessions.Get(owned.OwnerSession);
+        // The teardown runs only once every operation of the session has left (its gate is
+        // drained), so a release seen then is the session's end and never one of its own calls.
+        var ending = countAfter < countBefore && session is { Gate.IsDrained: true } ? session.EndMessage ?? "" : null;
+        return new OwnershipChange(owned.Id, owned.OwnerSession, session?.Principal ?? "", owned.Generation, countBefore, countAfter, ending);
     }
 
     // Read when a metrics reader collects, long after construction.

@@ -51,28 +51,52 @@ public sealed class LiveBroker : IAsyncDisposable
     public async Task<BrokerStats> StatsAsync() =>
         await Client.Admin.GetStatsAsync().WaitAsync(GroupWatch.DefaultTimeout);
 
+    /// <summary>Everything the broker printed so far, stdout and stderr (prefixed "stderr: ").</summary>
+    public string Transcript => _process.Transcript;
+
+    /// <summary>Waits for the broker to print a line containing <paramref name="text"/>.</summary>
+    public Task<string> WaitForLineAsync(string text) => _process.WaitForLineAsync(text, StartupTimeout);
+
+    /// <summary>Stops the broker as an operator would (SIGINT) and waits until it has exited and printed its last line.</summary>
+    public async Task<int> StopAsync()
+    {
+        _process.Interrupt();
+        return await _process.WaitForExitAsync(StartupTimeout);
+    }
+
     /// <summary>Starts the broker with the given options and returns once it answers its health check.</summary>
-    public static Task<LiveBroker> StartAsync(params string[] args) => StartAsync(clientOptions: null, args);
+    public static Task<LiveBroker> StartAsync(params string[] args) => StartAsync(new ProcessSetup(), quiet: true, clientOptions: null, args);
 
     /// <summary>
-    /// Starts the broker with the given options and returns once it answers its health check;
-    /// <see cref="Client"/> (and the health check) connect with <paramref name="clientOptions"/>,
-    /// such as a bearer token when an auth file admits no anonymous caller.
+    /// Starts the broker with the given options; <see cref="Client"/> (and the health check)
+    /// connect with <paramref name="clientOptions"/>, such as a bearer token when an auth file
+    /// admits no anonymous caller.
     /// </summary>
-    public static async Task<LiveBroker> StartAsync(BrokerClientOptions? clientOptions, params string[] args)
+    public static Task<LiveBroker> StartAsync(BrokerClientOptions? clientOptions, params string[] args) =>
+        StartAsync(new ProcessSetup(), quiet: true, clientOptions, args);
+
+    /// <summary>Starts the broker with the given environment and working directory.</summary>
+    public static Task<LiveBroker> StartAsync(ProcessSetup setup, bool quiet, params string[] args) =>
+        StartAsync(setup, quiet, clientOptions: null, args);
+
+    /// <summary>
+    /// Starts the broker and returns once it answers its health check. <paramref name="quiet"/>
+    /// logs warnings and errors only (but for the lines that tell the addresses the OS gave: the
+    /// lifetime's and the banner, which tells the web listener's); otherwise the broker logs at
+    /// its default levels.
+    /// </summary>
+    private static async Task<LiveBroker> StartAsync(ProcessSetup setup, bool quiet, BrokerClientOptions? clientOptions, string[] args)
     {
-        // Warnings and errors only, but for the lifetime's line that tells the address the OS gave,
-        // and the banner, which tells the web listener's.
-        var process = ClientProcess.Start(AssemblyPath,
-            ["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", "--Logging:LogLevel:Default=Warning",
-                "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", "--Logging:LogLevel:DmaBroker.Server.Startup=Information", .. args]);
+        string[] levels = quiet
+            ? ["--Logging:LogLevel:Default=Warning", "--Logging:LogLevel:Microsoft.Hosting.Lifetime=Information", "--Logging:LogLevel:DmaBroker.Server.Startup=Information"]
+            : [];
+        var process = ClientProcess.Start(setup, AssemblyPath, ["--listen", "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0", .. levels, .. args]);
         LiveBroker? broker = null;
         try
         {
             var line = await process.WaitForLineAsync(ListeningOn, StartupTimeout);
-            var address = line[(line.IndexOf(ListeningOn, StringComparison.Ordinal) + ListeningOn.Length)..].Trim();
-            var banner = await process.WaitForLineAsync(LiveViewOn, StartupTimeout);
-            var web = banner[(banner.IndexOf(LiveViewOn, StringComparison.Ordinal) + LiveViewOn.Length)..];
+            var address = After(ListeningOn, line).Trim();
+            var web = After(LiveViewOn, await process.WaitForLineAsync(LiveViewOn, StartupTimeout));
             broker = new LiveBroker(process, address, web[..web.IndexOf(';', StringComparison.Ordinal)], clientOptions);
             await broker.WaitUntilServingAsync();
             return broker;
@@ -87,6 +111,17 @@ public sealed class LiveBroker : IAsyncDisposable
         }
     }
 
+    // What follows a log line's marker, in a text line or a JSON one's message (--log-format json).
+    private static string After(string marker, string line)
+    {
+        if (line.StartsWith('{'))
+        {
+            using var json = System.Text.Json.JsonDocument.Parse(line);
+            line = json.RootElement.GetProperty("Message").GetString() ?? "";
+        }
+        return line[(line.IndexOf(marker, StringComparison.Ordinal) + marker.Length)..];
+    }
+
     private async Task WaitUntilServingAsync()
     {
         // The channel itself carries no token; the client's own calls do.
@@ -98,14 +133,15 @@ public sealed class LiveBroker : IAsyncDisposable
 
     /// <summary>
     /// Kills the broker, then fails if it logged an error (the console logger's <c>fail:</c> and
-    /// <c>crit:</c> lines), as the server tests' <c>BrokerLog</c> does for a broker in the test host.
+    /// <c>crit:</c> lines, or their JSON form), as the server tests' <c>BrokerLog</c> does for a broker in the test host.
     /// </summary>
     public async ValueTask DisposeAsync()
     {
         Client.Dispose();
         await _process.DisposeAsync();
         var transcript = _process.Transcript;
-        if (transcript.Split('\n').Any(line => line.StartsWith("fail: ", StringComparison.Ordinal) || line.StartsWith("crit: ", StringComparison.Ordinal)))
+        if (transcript.Split('\n').Any(line => line.StartsWith("fail: ", StringComparison.Ordinal) || line.StartsWith("crit: ", StringComparison.Ordinal)
+            || line.Contains("\"LogLevel\":\"Error\"", StringComparison.Ordinal) || line.Contains("\"LogLevel\":\"Critical\"", StringComparison.Ordinal)))
             throw new Xunit.Sdk.XunitException($"the broker logged errors; any failure of the test itself is replaced by this one. It printed:\n{transcript}");
     }
 }

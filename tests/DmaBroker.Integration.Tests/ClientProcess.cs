@@ -60,14 +60,13 @@ public sealed partial class ClientProcess : IAsyncDisposable
     public string Transcript => string.Join('\n', _transcript);
 
     /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c>; a relative <paramref name="dll"/> is in the test output directory.</summary>
-    public static ClientProcess Start(string dll, params IEnumerable<string> args) =>
-        Start(dll, new Dictionary<string, string?>(), args);
+    public static ClientProcess Start(string dll, params IEnumerable<string> args) => Start(new ProcessSetup(), dll, args);
 
-    /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c> with these environment variables set (null: removed).</summary>
-    public static ClientProcess Start(string dll, IReadOnlyDictionary<string, string?> environment, params IEnumerable<string> args)
+    /// <summary>As <see cref="Start(string, IEnumerable{string})"/>, with environment variables and a working directory of its own.</summary>
+    public static ClientProcess Start(ProcessSetup setup, string dll, params IEnumerable<string> args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-        return StartProgram(dotnet, Path.GetFileNameWithoutExtension(dll), withInput: false, environment, [Path.Combine(AppContext.BaseDirectory, dll), .. args]);
+        return StartProgram(setup, dotnet, Path.GetFileNameWithoutExtension(dll), withInput: false, [Path.Combine(AppContext.BaseDirectory, dll), .. args]);
     }
 
     /// <summary>
@@ -75,9 +74,9 @@ public sealed partial class ClientProcess : IAsyncDisposable
     /// messages; with <paramref name="withInput"/>, the test writes its stdin (<see cref="WriteLineAsync"/>).
     /// </summary>
     public static ClientProcess StartProgram(string program, string name, bool withInput, params IEnumerable<string> args) =>
-        StartProgram(program, name, withInput, new Dictionary<string, string?>(), args);
+        StartProgram(new ProcessSetup(), program, name, withInput, args);
 
-    private static ClientProcess StartProgram(string program, string name, bool withInput, IReadOnlyDictionary<string, string?> environment, IEnumerable<string> args)
+    private static ClientProcess StartProgram(ProcessSetup setup, string program, string name, bool withInput, IEnumerable<string> args)
     {
         var start = new ProcessStartInfo(program)
         {
@@ -85,8 +84,9 @@ public sealed partial class ClientProcess : IAsyncDisposable
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
+            WorkingDirectory = setup.WorkingDirectory ?? "",
         };
-        foreach (var (variable, value) in environment)
+        foreach (var (variable, value) in setup.Environment)
             start.Environment[variable] = value;
         foreach (var a in args)
             start.ArgumentList.Add(a);
@@ -239,4 +239,12 @@ public sealed partial class ClientProcess : IAsyncDisposable
 
     [LibraryImport("libc", EntryPoint = "signal")]
     private static partial nint SetSignalDisposition(int signal, nint handler);
+}
+
+/// <summary>What a started process gets besides its arguments: variables added to (or, null, removed from) the test's environment, and a working directory.</summary>
+public sealed record ProcessSetup
+{
+    public IReadOnlyDictionary<string, string?> Environment { get; init; } = new Dictionary<string, string?>();
+
+    public string? WorkingDirectory { get; init; }
 }

@@ -29,7 +29,7 @@ public sealed class DocumentationTests
     public async Task Quickstart_AgainstALiveBroker_TheDeviceWritesHelloIntoTheBuffer()
     {
         await using var broker = await LiveBroker.StartAsync();
-        await using var quickstart = ClientProcess.Start("Quickstart.dll", new Dictionary<string, string?> { ["DMABROKER_ADDRESS"] = broker.Address });
+        await using var quickstart = ClientProcess.Start(new ProcessSetup { Environment = new Dictionary<string, string?> { ["DMABROKER_ADDRESS"] = broker.Address } }, "Quickstart.dll");
 
         Assert.Equal(0, await quickstart.WaitForExitAsync(Timeout));
         Assert.Contains("the device wrote 'hello' through IOVA 0x100000", quickstart.Transcript, StringComparison.Ordinal);

@@ -24,7 +24,7 @@ public sealed class SharedBrokerTests : IDisposable
     [InlineData("unknown option 'extra'", "--listen", "http://127.0.0.1:0", "extra")]
     [InlineData("option --lease-ttl-ms needs a value", "--lease-ttl-ms")]
     [InlineData("option --lease-ttl-ms needs a value", "--lease-ttl-ms", "--listen", "http://127.0.0.1:0")]
-    [InlineData("'abc' at 'DmaBroker:LeaseTtlMs'", "--lease-ttl-ms", "abc")]
+    [InlineData("--lease-ttl-ms takes a whole number, got 'abc'", "--lease-ttl-ms", "abc")]
     [InlineData("--lease-ttl-ms must be between", "--lease-ttl-ms", "5")]
     [InlineData("--http-listen takes an address", "--listen", "http://127.0.0.1:0", "--http-listen", "9464")]
     [InlineData("refusing open mode on http://0.0.0.0:0", "--listen", "http://127.0.0.1:0", "--http-listen", "http://0.0.0.0:0")]

@@ -3,8 +3,9 @@ using Microsoft.Extensions.Logging;
 
 namespace DmaBroker.Server.Tests;
 
-/// <summary>One line the broker logged.</summary>
-public sealed record BrokerLogRecord(LogLevel Level, EventId EventId, string Category, string Message, Exception? Exception)
+/// <summary>One line the broker logged, with its structured fields (a [LoggerMessage]'s parameters by name).</summary>
+public sealed record BrokerLogRecord(LogLevel Level, EventId EventId, string Category, string Message, Exception? Exception,
+    IReadOnlyDictionary<string, object?> Fields)
 {
     public override string ToString() =>
         $"{Level} {Category}[{EventId.Id}]: {Message}{(Exception is null ? "" : "\n" + Exception)}";
@@ -58,6 +59,7 @@ public sealed class BrokerLog : ILoggerProvider
         public bool IsEnabled(LogLevel logLevel) => logLevel != LogLevel.None;
 
         public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
-            log._records.Enqueue(new BrokerLogRecord(logLevel, eventId, category, formatter(state, exception), exception));
+            log._records.Enqueue(new BrokerLogRecord(logLevel, eventId, category, formatter(state, exception), exception,
+                (state as IEnumerable<KeyValuePair<string, object?>>)?.ToDictionary() ?? []));
     }
 }

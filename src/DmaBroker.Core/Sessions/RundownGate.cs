@@ -14,6 +14,9 @@ internal sealed class RundownGate
 
     public bool IsRunDown => Volatile.Read(ref _state) < 0;
 
+    /// <summary>A rundown began and the last operation in flight has left: nothing of the owner runs any more.</summary>
+    public bool IsDrained => _drained.Task.IsCompleted;
+
     public bool TryEnter()
     {
         while (true)

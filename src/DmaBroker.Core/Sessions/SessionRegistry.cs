@@ -137,6 +137,9 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     public Session? TryFind(ulong id) =>
         _byId.TryGetValue(id, out var s) && !s.Gate.IsRunDown ? s : null;
 
+    /// <summary>The session with this public id, live or still being torn down; null once it is gone.</summary>
+    internal Session? Get(ulong id) => _byId.GetValueOrDefault(id);
+
     /// <summary>Renews the lease: the client said something.</summary>
     public void Touch(Session session)
     {

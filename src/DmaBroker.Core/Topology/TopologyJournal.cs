@@ -89,21 +89,51 @@ public sealed class TopologyJournal
     /// <summary>Watches open now, for operators and leak checks.</summary>
     public int WatcherCount => _watchers.Length;
 
+    /// <summary>
+    /// Told of every published group change, the group before and after, in revision order, under
+    /// the journal's lock (so it must not block or call back into the broker), after the snapshot
+    /// includes the change and before any watcher sees it. Set once, before anything is published:
+    /// nothing that changes a group escapes it, whatever path changed it.
+    /// </summary>
+    internal Action<GroupInfo, GroupInfo>? GroupTransition { get; set; }
+
     /// <summary>Appends changes in order, one revision each, and hands them to every watcher without blocking.</summary>
     internal void Publish(params ReadOnlySpan<TopologyChange> changes)
     {
         lock (_sync)
         {
-            var snapshot = _current;
+            var before = _current;
+            var snapshot = before;
             foreach (var change in changes)
-            {
                 snapshot = snapshot.Apply(change);
-                var ev = new TopologyEvent(snapshot.Revision, change, null);
-                Remember(ev);
-                foreach (var watcher in _watchers)
-                    watcher.Offer(ev);
-            }
             Volatile.Write(ref _current, snapshot);
+            try
+            {
+                if (GroupTransition is { } observer)
+                    Report(before, changes, observer);
+            }
+            finally
+            {
+                // Watchers get every change even if the observer failed (a broker bug it reports).
+                var revision = before.Revision;
+                foreach (var change in changes)
+                {
+                    var ev = new TopologyEvent(++revision, change, null);
+                    Remember(ev);
+                    foreach (var watcher in _watchers)
+                        watcher.Offer(ev);
+                }
+            }
+        }
+    }
+
+    private static void Report(TopologySnapshot snapshot, ReadOnlySpan<TopologyChange> changes, Action<GroupInfo, GroupInfo> observer)
+    {
+        foreach (var change in changes)
+        {
+            if (change is GroupChanged { Group: var after } && snapshot.Groups.TryGetValue(after.Id, out var before))
+                observer(before, after);
+            snapshot = snapshot.Apply(change);
         }
     }
 

@@ -126,9 +126,9 @@ public sealed partial class AccessControl : IDisposable
 
     private static byte[] Hash(string text) => SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(text));
 
-    [LoggerMessage(EventId = 300, Level = LogLevel.Information, Message = "auth file {Path} reloaded: {Count} principal entries")]
+    [LoggerMessage(EventId = 300, EventName = "AuthFileReloaded", Level = LogLevel.Information, Message = "auth file {Path} reloaded: {Count} principal entries")]
     private static partial void LogReloaded(ILogger logger, string path, int count);
 
-    [LoggerMessage(EventId = 301, Level = LogLevel.Error, Message = "auth file not reloaded, the previous one stays in force: {Reason}")]
+    [LoggerMessage(EventId = 301, EventName = "AuthFileRejected", Level = LogLevel.Error, Message = "auth file not reloaded, the previous one stays in force: {Reason}")]
     private static partial void LogReloadFailed(ILogger logger, string reason);
 }

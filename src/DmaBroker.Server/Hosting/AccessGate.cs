@@ -23,9 +23,10 @@ public sealed record Caller(Grant Grant)
 /// TLS client certificate, else the Unix socket peer's uid, else <c>anonymous</c>. On a TLS
 /// listener that requires client certificates (<c>--client-ca</c>), a call without a valid one is
 /// refused whatever else it carries. Refusals are written as gRPC trailers-only responses with
-/// the same ErrorInfo every other error carries.
+/// the same ErrorInfo every other error carries. A refused call that the audit log records (a
+/// claim, a release, an admin action) is audited here, since it never reaches <see cref="AuditInterceptor"/>.
 /// </summary>
-public sealed class AccessGate(AccessControl access, ClientCertificateTrust? clientTrust)
+public sealed class AccessGate(AccessControl access, ClientCertificateTrust? clientTrust, BrokerAudit? audit = null)
 {
     private const string BearerPrefix = "Bearer ";
     private const string BasicPrefix = "Basic ";
@@ -35,7 +36,7 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
     {
         if (!IsGrpc(http.Request))
             return next(http);
-        Grant grant;
+        Grant? grant = null;
         try
         {
             grant = Authenticate(http);
@@ -44,6 +45,8 @@ public sealed class AccessGate(AccessControl access, ClientCertificateTrust? cli
         }
         catch (ErrnoException e)
         {
+            if (audit is not null && AuditedCall.ActionOf(http.Request.Path.Value) is { } action)
+                audit.Write(action, grant?.Principal ?? AuditedCall.Unauthenticated, 0, 0, 0, e.Errno.ToString(), $"{http.Request.Path.Value} refused before it ran");
             GrpcErrors.WriteTrailersOnly(http.Response, e);
             return Task.CompletedTask;
         }

@@ -68,6 +68,9 @@ public sealed record BrokerHostOptions
 
     /// <summary>How long stopping waits for every session to end (each told `revoked`) before the server stops anyway.</summary>
     public TimeSpan ShutdownGrace { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>The console log's format: <c>text</c>, one line per event, or <c>json</c>, one JSON object per line.</summary>
+    public string LogFormat { get; init; } = "text";
 }
 
 /// <summary>Builds the broker's web host; Program and the tests share it.</summary>
@@ -97,12 +100,19 @@ public static class BrokerHost
           --watch-buffer <n>    events a watcher may lag before resync   [default: 1024]
           --memory-limit-mb <n> memory one session may allocate          [default: 256]
           --dma-limit <n>       mappings per container (dma_avail)       [default: 65535]
+          --log-format <text|json>  console log: one line per event, or one JSON object per line
+                                                                         [default: text]
           -h, --help            show this help
 
-        Every option is also a setting DmaBroker:<Name> (environment: DmaBroker__Listen=...), and any
-        setting may be given as --Section:Key=value (--Logging:LogLevel:Default=Debug); options on
-        the command line win over the environment, which wins over appsettings.json. An unknown
-        option, an option without its value or a bad value ends the start with one line, exit 2.
+        Every option is also an environment variable named after it, DMABROKER_ and the option in
+        capitals with '_' for '-' (DMABROKER_LEASE_TTL_MS=5000, DMABROKER_AUTH_FILE=...,
+        DMABROKER_LISTEN="http://127.0.0.1:50051 unix:///run/dmabroker.sock" for several), and a
+        setting DmaBroker:<Name> (environment DmaBroker__LeaseTtlMs=5000, or appsettings.json in the
+        working directory: { "DmaBroker": { "LeaseTtlMs": 5000 } }). Any setting may be given as
+        --Section:Key=value (--Logging:LogLevel:Default=Debug). The command line wins over the
+        environment, which wins over appsettings.json. DMABROKER_TOKEN and DMABROKER_ADDRESS are
+        the clients' (dmactl's) and are ignored here. An unknown option, an option without its
+        value or a bad value, wherever it comes from, ends the start with one line, exit 2.
         OpenTelemetry's OTEL_* settings come from the environment or as --OTEL_NAME=value:
         OTEL_EXPORTER_OTLP_ENDPOINT turns OTLP export of the metrics (served at /metrics) on.
         Without --auth-file every caller is 'anonymous' with every role (open mode); open mode is
@@ -123,6 +133,14 @@ public static class BrokerHost
         ["--watch-buffer"] = "DmaBroker:WatchBuffer",
         ["--memory-limit-mb"] = "DmaBroker:MemoryLimitMb",
         ["--dma-limit"] = "DmaBroker:DmaLimit",
+        ["--log-format"] = "DmaBroker:LogFormat",
+    };
+
+    /// <summary>Every long option and the setting it sets: <see cref="Switches"/>, --listen and --insecure.</summary>
+    private static readonly Dictionary<string, string> Options = new(Switches)
+    {
+        ["--listen"] = "DmaBroker:Listen",
+        ["--insecure"] = "DmaBroker:Insecure",
     };
 
     /// <summary>The broker's own gRPC services, by full name, as health checks and reflection know them.</summary>
@@ -136,21 +154,36 @@ public static class BrokerHost
     public const int MaxStreamsPerConnection = 1024;
 
     /// <summary>Builds the app. <paramref name="configure"/> lets tests replace services such as the clock.</summary>
-    public static WebApplication Build(string[] args, Action<IServiceCollection>? configure = null)
+    public static WebApplication Build(string[] args, Action<IServiceCollection>? configure = null) => Build(args, null, null, configure);
+
+    /// <summary>
+    /// Builds the app with <paramref name="environment"/> standing in for the process's environment
+    /// variables and <paramref name="contentRoot"/> (where appsettings.json is read) for the working
+    /// directory, so tests running side by side can each have their own.
+    /// </summary>
+    internal static WebApplication Build(string[] args, System.Collections.IDictionary? environment, string? contentRoot, Action<IServiceCollection>? configure)
     {
-        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
-        // Framework request logs at Warning unless a setting says otherwise: the sources added
-        // before this one (appsettings.json, environment) and the command line still win.
+        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [], ContentRootPath = contentRoot });
+        // Framework request logs (ASP.NET Core's, gRPC's) at Warning unless a setting says
+        // otherwise: the sources added after this one (appsettings.json, environment) and the
+        // command line still win.
         builder.Configuration.Sources.Insert(0, new Microsoft.Extensions.Configuration.Memory.MemoryConfigurationSource
         {
-            InitialData = new Dictionary<string, string?> { ["Logging:LogLevel:Microsoft.AspNetCore"] = "Warning" },
+            InitialData = new Dictionary<string, string?>
+            {
+                ["Logging:LogLevel:Microsoft.AspNetCore"] = "Warning",
+                ["Logging:LogLevel:Grpc"] = "Warning",
+            },
         });
+        var ignoredVariables = BrokerSettings.AddEnvironment(builder.Configuration, environment, Options);
         builder.Configuration.AddCommandLine(ParseArguments(args));
-        var options = ReadOptions(builder.Configuration);
-        Validate(options);
-        var listeners = options.Listen.Select(Listener.Parse).ToArray();
-        var web = WebListener.Parse(options.HttpListen);
+        var options = BrokerSettings.Read(builder.Configuration, Options);
+        string Origin(string setting) => BrokerSettings.Origin(builder.Configuration, $"{BrokerHostOptions.Section}:{setting}", Options);
+        Validate(options, Origin);
+        var listeners = ParseListeners(options, Origin(nameof(BrokerHostOptions.Listen)));
+        var web = NamingOrigin(() => WebListener.Parse(options.HttpListen), Origin(nameof(BrokerHostOptions.HttpListen)), "--http-listen");
         Listener[] every = web.Listener is { } webListener ? [.. listeners, webListener] : listeners;
+        ConfigureConsole(builder.Logging, options.LogFormat);
         CheckOpenMode(options, every);
         CheckPortsFree(every);
         var topology = string.IsNullOrEmpty(options.Topology) ? TopologyDocument.Default() : TopologyDocument.Load(options.Topology);
@@ -167,7 +200,8 @@ public static class BrokerHost
             web.Configure(kestrel, serverCertificate, clientTrust is not null);
             // A hung client's connection is dropped when it stops answering pings; its lease ends it even sooner.
             kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromMilliseconds(options.KeepAlivePingMs);
-            kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl;
+            // (Kestrel takes no ping timeout under a second; a shorter lease still ends the session.)
+            kestrel.Limits.Http2.KeepAlivePingTimeout = leaseTtl < TimeSpan.FromSeconds(1) ? TimeSpan.FromSeconds(1) : leaseTtl;
             // Sessions and DMA streams are long-lived streams: many share one client connection.
             // Kestrel's rapid-reset defence also scales with this: it answers ENHANCE_YOUR_CALM
             // (and then closes the connection, ending its sessions) once a connection has about
@@ -182,7 +216,8 @@ public static class BrokerHost
             Quotas.Default with { MemoryBytes = memoryLimit, Mappings = options.DmaLimit },
             Quotas.Unlimited(memoryLimit, options.DmaLimit),
             sp.GetRequiredService<ILogger<AccessControl>>()));
-        builder.Services.AddSingleton(sp => new AccessGate(sp.GetRequiredService<AccessControl>(), clientTrust));
+        builder.Services.AddSingleton<BrokerAudit>();
+        builder.Services.AddSingleton(sp => new AccessGate(sp.GetRequiredService<AccessControl>(), clientTrust, sp.GetRequiredService<BrokerAudit>()));
         builder.Services.AddSingleton(TimeProvider.System);
         builder.Services.AddSingleton(sp => new Broker(topology, new BrokerOptions
         {
@@ -193,11 +228,13 @@ public static class BrokerHost
                 DmaLimit = options.DmaLimit,
             },
             WatchBuffer = options.WatchBuffer,
-        }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>()));
+        }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>(), sp.GetRequiredService<BrokerAudit>().Record));
         builder.AddBrokerMetrics(web);
         builder.Services.AddGrpc(grpc =>
         {
             grpc.Interceptors.Add<ErrorInterceptor>();
+            // Inside ErrorInterceptor: it sees the core's typed errors.
+            grpc.Interceptors.Add<AuditInterceptor>();
             grpc.MaxReceiveMessageSize = ErrorInterceptor.MaxMessageSize;
         });
         // Every service's requests are parsed by GuardedMethodProvider: malformed protobuf is EINVAL.
@@ -253,6 +290,8 @@ public static class BrokerHost
             var auth = options.AuthFile is null ? "open mode (every caller is anonymous with every role)" : $"auth file {options.AuthFile} ({access.Current.Count} entries)";
             var source = string.IsNullOrEmpty(options.Topology) ? "the embedded default" : options.Topology;
             StartupLog.Banner(startup, version, served, auth, source, snapshot.Devices.Count, snapshot.Groups.Count, options.LeaseTtlMs);
+            foreach (var variable in ignoredVariables)
+                StartupLog.VariableIgnored(startup, variable);
         });
         return app;
     }
@@ -343,14 +382,38 @@ public static class BrokerHost
         }
     }
 
-    private static BrokerHostOptions ReadOptions(ConfigurationManager configuration)
+    // A listen address from the environment or appsettings.json is named by where it came from.
+    private static Listener[] ParseListeners(BrokerHostOptions options, string origin) =>
+        [.. options.Listen.Select(text => NamingOrigin(() => Listener.Parse(text), origin, "--listen"))];
+
+    /// <summary>A value's parse error, prefixed with where the value came from when that was not its option.</summary>
+    private static T NamingOrigin<T>(Func<T> parse, string origin, string option)
     {
-        var section = configuration.GetSection(BrokerHostOptions.Section);
-        var options = section.Get<BrokerHostOptions>() ?? new BrokerHostOptions();
-        // One address may come as a plain setting (DmaBroker__Listen=...), several as a list.
-        var listen = section.GetSection("Listen");
-        string[] addresses = listen.Value is { Length: > 0 } one ? [one] : [.. listen.GetChildren().Select(c => c.Value ?? "")];
-        return addresses.Length > 0 ? options with { Listen = addresses } : options with { Listen = [BrokerHostOptions.DefaultListen] };
+        try
+        {
+            return parse();
+        }
+        catch (ArgumentException e) when (origin != option)
+        {
+            throw new ArgumentException($"{origin}: {e.Message}", e);
+        }
+    }
+
+    /// <summary>The console log: one line per event (text), or the built-in JSON formatter, one object per line.</summary>
+    private static void ConfigureConsole(ILoggingBuilder logging, string format)
+    {
+        if (format == "json")
+        {
+            logging.AddJsonConsole(json =>
+            {
+                json.UseUtcTimestamp = true;
+                json.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ";
+            });
+        }
+        else
+        {
+            logging.AddSimpleConsole(text => text.SingleLine = true);
+        }
     }
 
     /// <summary>Open mode lets anyone who reaches the broker do anything: only on this host, unless --insecure.</summary>
@@ -384,26 +447,30 @@ public static class BrokerHost
         }
     }
 
-    private static UnixFileMode ParseMode(string text) =>
+    private static UnixFileMode ParseMode(string text, string origin = "--unix-socket-mode") =>
         text.Length is >= 3 and <= 4 && text.All(c => c is >= '0' and <= '7')
             ? (UnixFileMode)Convert.ToInt32(text, 8)
-            : throw new ArgumentException($"--unix-socket-mode takes an octal mode such as 0660, got {ErrnoException.Quote(text)}");
+            : throw new ArgumentException($"{origin} takes an octal mode such as 0660, got {ErrnoException.Quote(text)}");
 
-    private static void Validate(BrokerHostOptions o)
+    // name: where a setting's value came from (its option, variable or file), for the message.
+    private static void Validate(BrokerHostOptions o, Func<string, string> name)
     {
-        ParseMode(o.UnixSocketMode);
+        ParseMode(o.UnixSocketMode, name(nameof(o.UnixSocketMode)));
         if (o.LeaseTtlMs is < 100 or > 3_600_000)
-            throw new ArgumentException($"--lease-ttl-ms must be between 100 and 3600000, got {o.LeaseTtlMs}");
-        if (o.KeepAlivePingMs is < 100 or > 3_600_000)
-            throw new ArgumentException($"--keepalive-ms must be between 100 and 3600000, got {o.KeepAlivePingMs}");
+            throw new ArgumentException($"{name(nameof(o.LeaseTtlMs))} must be between 100 and 3600000, got {o.LeaseTtlMs}");
+        // Kestrel pings at most once a second.
+        if (o.KeepAlivePingMs is < 1000 or > 3_600_000)
+            throw new ArgumentException($"{name(nameof(o.KeepAlivePingMs))} must be between 1000 and 3600000, got {o.KeepAlivePingMs}");
         if (o.MemoryLimitMb is < 1 or > 1_048_576)
-            throw new ArgumentException($"--memory-limit-mb must be between 1 and 1048576, got {o.MemoryLimitMb}");
+            throw new ArgumentException($"{name(nameof(o.MemoryLimitMb))} must be between 1 and 1048576, got {o.MemoryLimitMb}");
         if (o.DmaLimit is < 1 or > 1_000_000)
-            throw new ArgumentException($"--dma-limit must be between 1 and 1000000, got {o.DmaLimit}");
+            throw new ArgumentException($"{name(nameof(o.DmaLimit))} must be between 1 and 1000000, got {o.DmaLimit}");
         if (o.WatchBuffer is < 1 or > 1_000_000)
-            throw new ArgumentException($"--watch-buffer must be between 1 and 1000000, got {o.WatchBuffer}");
+            throw new ArgumentException($"{name(nameof(o.WatchBuffer))} must be between 1 and 1000000, got {o.WatchBuffer}");
         if (o.ShutdownGrace < TimeSpan.Zero || o.ShutdownGrace > TimeSpan.FromHours(1))
-            throw new ArgumentException($"DmaBroker:ShutdownGrace must be between 00:00:00 and 01:00:00, got {o.ShutdownGrace}");
+            throw new ArgumentException($"{name(nameof(o.ShutdownGrace))} must be between 00:00:00 and 01:00:00, got {o.ShutdownGrace}");
+        if (o.LogFormat is not ("text" or "json"))
+            throw new ArgumentException($"{name(nameof(o.LogFormat))} takes text or json, got {ErrnoException.Quote(o.LogFormat)}");
     }
 }
 
@@ -413,4 +480,8 @@ internal static partial class StartupLog
     [LoggerMessage(EventId = 1, EventName = "Started", Level = LogLevel.Information,
         Message = "DmaBroker {Version} serving {Listeners}; auth: {Auth}; topology: {Topology} ({Devices} devices, {Groups} groups); lease TTL {LeaseTtlMs} ms")]
     public static partial void Banner(ILogger logger, string version, string listeners, string auth, string topology, int devices, int groups, int leaseTtlMs);
+
+    [LoggerMessage(EventId = 2, EventName = "VariableIgnored", Level = LogLevel.Warning,
+        Message = "environment variable {Variable} ignored: it names no broker option (see --help)")]
+    public static partial void VariableIgnored(ILogger logger, string variable);
 }

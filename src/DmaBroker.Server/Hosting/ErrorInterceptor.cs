@@ -170,12 +170,12 @@ public sealed partial class ErrorInterceptor(ILogger<ErrorInterceptor> logger) :
         }
     }
 
-    [LoggerMessage(EventId = 100, Level = LogLevel.Debug, Message = "{Method} rejected: {Errno} {Reason}")]
+    [LoggerMessage(EventId = 100, EventName = "CallRejected", Level = LogLevel.Debug, Message = "{Method} rejected: {Errno} {Reason}")]
     private static partial void LogRejected(ILogger logger, string method, Errno errno, string reason);
 
-    [LoggerMessage(EventId = 102, Level = LogLevel.Debug, Message = "{Method}: the client went away ({Reason})")]
+    [LoggerMessage(EventId = 102, EventName = "ClientGone", Level = LogLevel.Debug, Message = "{Method}: the client went away ({Reason})")]
     private static partial void LogClientGone(ILogger logger, string method, string reason);
 
-    [LoggerMessage(EventId = 101, Level = LogLevel.Error, Message = "{Method} failed with an unexpected exception (a broker bug)")]
+    [LoggerMessage(EventId = 101, EventName = "BrokerBug", Level = LogLevel.Error, Message = "{Method} failed with an unexpected exception (a broker bug)")]
     private static partial void LogBug(ILogger logger, string method, Exception exception);
 }

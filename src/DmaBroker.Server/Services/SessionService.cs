@@ -176,9 +176,9 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
         _ => throw new ArgumentOutOfRangeException(nameof(ev)),
     };
 
-    [LoggerMessage(EventId = 200, Level = LogLevel.Information, Message = "session {SessionId} opened from {Peer}")]
+    [LoggerMessage(EventId = 200, EventName = "SessionOpened", Level = LogLevel.Information, Message = "session {SessionId} opened from {Peer}")]
     private static partial void LogOpened(ILogger logger, ulong sessionId, string peer);
 
-    [LoggerMessage(EventId = 201, Level = LogLevel.Information, Message = "session {SessionId} ({ClientName}) ended: {Reason}; everything it held is released")]
+    [LoggerMessage(EventId = 201, EventName = "SessionEnded", Level = LogLevel.Information, Message = "session {SessionId} ({ClientName}) ended: {Reason}; everything it held is released")]
     private static partial void LogEnded(ILogger logger, ulong sessionId, string clientName, string reason);
 }
