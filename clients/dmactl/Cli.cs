@@ -112,7 +112,7 @@ internal static class Cli
         }
         catch (BrokerUnavailableException e)
         {
-            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}: {e.Message}", e));
+            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));
         }
         catch (BrokerException e)
         {
@@ -120,14 +120,15 @@ internal static class Cli
         }
         catch (RpcException e) when (e.StatusCode is StatusCode.Unavailable or StatusCode.DeadlineExceeded)
         {
-            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}: {e.Status.Detail}", e));
+            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));
         }
         catch (Exception e) when (e is HttpRequestException or SocketException or AuthenticationException)
         {
-            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}: {e.Message}", e));
+            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));
         }
-        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        catch (Exception e) when (stop.IsCancellationRequested && e is OperationCanceledException or RpcException { StatusCode: StatusCode.Cancelled })
         {
+            // Ctrl-C: what the command was doing is done with.
             return Ok;
         }
         finally

@@ -136,10 +136,10 @@ internal static class Commands
         }
         catch (Client.BrokerUnavailableException e)
         {
-            return c.Output.Fail(Failure.Unreachable($"lost the broker at {c.BrokerAddress}: {e.Message}", e));
+            return c.Output.Fail(Failure.Unreachable($"lost the broker at {c.BrokerAddress}", e));
         }
         // The broker ends a watch only when it shuts down.
-        return c.Output.Fail(Failure.Unreachable($"lost the broker at {c.BrokerAddress}: it ended the watch", new IOException("ended")));
+        return c.Output.Fail(Failure.Unreachable($"lost the broker at {c.BrokerAddress}", new IOException("it ended the watch")));
     }
 
     private static string Describe(WatchEvent ev) => ev.EventCase switch

@@ -1,6 +1,7 @@
 using System.Net.Sockets;
 using System.Security.Authentication;
 using DmaBroker.Client;
+using Grpc.Core;
 
 namespace DmaBroker.Ctl;
 
@@ -19,18 +20,27 @@ internal sealed record Failure(int ExitCode, string Kind, string Errno, int? Cod
         new(Cli.Rejected, "rejected", e.Reason, e.Errno == Client.Errno.Unknown ? null : (int)e.Errno, OneLine(e.Message), $"{e.Reason}: {OneLine(e.Message)}");
 
     /// <summary>
-    /// No broker to talk to, or it went away: exit 3. The errno is the socket's where there is one
-    /// (ECONNREFUSED, ECONNRESET, …), EPROTO for a failed TLS handshake, ENOTCONN otherwise.
+    /// No broker to talk to, or it went away: exit 3. <paramref name="what"/> says which ("cannot
+    /// reach the broker at …"); the message adds the root cause. The errno is the socket's where
+    /// there is one (ECONNREFUSED, ECONNRESET, …), EPROTO for a failed TLS handshake, ENOTCONN otherwise.
     /// </summary>
-    public static Failure Unreachable(string message, Exception cause)
+    public static Failure Unreachable(string what, Exception cause)
     {
         var (errno, code) = SocketErrno(cause);
-        return new(Cli.Unreachable, "unreachable", errno, code, OneLine(message), OneLine(message));
+        var message = OneLine($"{what}: {Causes(cause).Last().Message.TrimEnd('.')} ({errno})");
+        return new(Cli.Unreachable, "unreachable", errno, code, message, message);
+    }
+
+    // The exception and what caused it, outermost first; gRPC keeps the transport's exception in the status.
+    private static IEnumerable<Exception> Causes(Exception cause)
+    {
+        for (Exception? e = cause; e is not null; e = e.InnerException ?? (e as RpcException)?.Status.DebugException)
+            yield return e;
     }
 
     private static (string, int) SocketErrno(Exception cause)
     {
-        for (Exception? e = cause; e is not null; e = e.InnerException)
+        foreach (var e in Causes(cause))
         {
             switch (e)
             {

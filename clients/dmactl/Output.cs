@@ -24,7 +24,6 @@ internal sealed class Output
     // Indented = false: one document, one line. Relaxed escaping: messages keep their quotes readable.
     private static readonly JsonWriterOptions JsonOptions = new() { Indented = false, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
     private readonly bool _colour;
-    private readonly bool _stdoutIsTerminal;
 
     public Output(TextWriter stdout, TextWriter stderr, bool json, bool stdoutIsTerminal, bool stderrIsTerminal)
     {
@@ -32,7 +31,6 @@ internal sealed class Output
         ErrorWriter = stderr;
         Json = json;
         ErrorIsTerminal = stderrIsTerminal;
-        _stdoutIsTerminal = stdoutIsTerminal;
         _colour = stdoutIsTerminal && string.IsNullOrEmpty(Environment.GetEnvironmentVariable("NO_COLOR"))
             && Environment.GetEnvironmentVariable("TERM") != "dumb";
     }
@@ -74,8 +72,8 @@ internal sealed class Output
             Interactive = InteractionSupport.No,
             Out = new AnsiConsoleOutput(rendered),
         });
-        // Redirected: never wrap a row, scripts read lines.
-        console.Profile.Width = _stdoutIsTerminal ? TerminalWidth() : 4096;
+        // Never squeeze or wrap a row: scripts read lines, and a terminal wraps a long one by itself (as kubectl's do).
+        console.Profile.Width = 4096;
         console.Write(table);
         foreach (var line in rendered.ToString().Split('\n'))
         {
@@ -142,18 +140,6 @@ internal sealed class Output
             ErrorWriter.WriteLine($"dmactl: {failure.Text}");
         }
         return failure.ExitCode;
-    }
-
-    private static int TerminalWidth()
-    {
-        try
-        {
-            return Console.WindowWidth is > 0 and var width ? width : 80;
-        }
-        catch (IOException)
-        {
-            return 80;
-        }
     }
 
     public static string Hex(uint value, int digits) => value.ToString("x" + digits.ToString(CultureInfo.InvariantCulture), CultureInfo.InvariantCulture);
