@@ -62,6 +62,7 @@ internal static class Cli
     {
         Description = "Machine-readable output: one compact JSON document (watch: one per line); errors as JSON on stderr",
         Recursive = true,
+        Arity = ArgumentArity.Zero, // a flag: the word after it is never its value (nor completed as True/False)
     };
 
     public static async Task<int> RunAsync(string[] args)

@@ -12,8 +12,8 @@ internal static class Commands
     private static readonly Argument<uint> GroupId = Number<uint>("group", "An IOMMU group number", "14");
     internal static readonly Argument<string> Address = new("address") { Description = "A device's PCI address, DDDD:BB:DD.F, such as 0000:08:00.0" };
     private static readonly Argument<string> Driver = new("driver") { Description = "A driver name, such as vfio-pci", HelpName = "driver" };
-    private static readonly Option<bool> Force = new("--force") { Description = "Bind a driver name dmactl does not know" };
-    private static readonly Option<bool> Iommufd = new("--iommufd") { Description = "Use an iommufd IOAS instead of a type1v2 container" };
+    private static readonly Option<bool> Force = new("--force") { Description = "Bind a driver name dmactl does not know", Arity = ArgumentArity.Zero };
+    private static readonly Option<bool> Iommufd = new("--iommufd") { Description = "Use an iommufd IOAS instead of a type1v2 container", Arity = ArgumentArity.Zero };
     private static readonly Argument<ulong> SessionId = Number<ulong>("session", "A session id (see 'dmactl sessions')", "3");
     private static readonly Argument<string[]> Reason = new("reason") { Description = "Why, as the session is told", Arity = ArgumentArity.ZeroOrMore };
     private static readonly Argument<string> Shell = new Argument<string>("shell") { Description = "The shell: bash" }.AcceptOnlyFromAmong("bash");

@@ -130,6 +130,8 @@ public sealed class DmactlTests(DmactlBrokerFixture fixture) : IClassFixture<Dma
         Assert.Equal(["group", "groups"], await SuggestAsync("dmactl gro"));
         Assert.Equal(["vfio-pci"], await SuggestAsync("dmactl bind 0000:07:00.0 vf"));
         Assert.Equal(["--seconds"], await SuggestAsync("dmactl bench --sec"));
+        // --json is a flag: the word after it is a command, not its value.
+        Assert.Superset(new HashSet<string> { "bench", "bind" }, (await SuggestAsync("dmactl --json b")).ToHashSet());
 
         var (exit, script, _) = await RunAsync("completion", "bash");
         Assert.Equal(0, exit);
