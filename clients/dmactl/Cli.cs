@@ -23,40 +23,16 @@ internal static class Cli
     public static string Version { get; } =
         typeof(Cli).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "0.0.0";
 
-    public static readonly Option<string?> Broker = new("--broker")
-    {
-        Description = $"The broker: http://host:port, https://host:port, host:port (http) or unix:///path [env {BrokerClient.AddressVariable}, default {BrokerClient.DefaultAddress}]",
-        HelpName = "url",
-        Recursive = true,
-    };
+    public static readonly Option<string?> Broker = Global<string?>("--broker", "url",
+        $"The broker: http://host:port, https://host:port, host:port (http) or unix:///path [env {BrokerClient.AddressVariable}, default {BrokerClient.DefaultAddress}]");
 
-    public static readonly Option<string?> Token = new("--token")
-    {
-        Description = $"A bearer token from the broker's auth file [env {TokenVariable}]",
-        HelpName = "token",
-        Recursive = true,
-    };
+    public static readonly Option<string?> Token = Global<string?>("--token", "token", $"A bearer token from the broker's auth file [env {TokenVariable}]");
 
-    public static readonly Option<FileInfo?> CaCert = new("--cacert")
-    {
-        Description = "CA certificate(s), PEM, that vouch for an https:// broker",
-        HelpName = "pem",
-        Recursive = true,
-    };
+    public static readonly Option<FileInfo?> CaCert = Global<FileInfo?>("--cacert", "pem", "CA certificate(s), PEM, that vouch for an https:// broker");
 
-    public static readonly Option<FileInfo?> Cert = new("--cert")
-    {
-        Description = "A client certificate, PEM, for a broker that requires mTLS (with --key)",
-        HelpName = "pem",
-        Recursive = true,
-    };
+    public static readonly Option<FileInfo?> Cert = Global<FileInfo?>("--cert", "pem", "A client certificate, PEM, for a broker that requires mTLS (with --key)");
 
-    public static readonly Option<FileInfo?> Key = new("--key")
-    {
-        Description = "The client certificate's private key, PEM",
-        HelpName = "pem",
-        Recursive = true,
-    };
+    public static readonly Option<FileInfo?> Key = Global<FileInfo?>("--key", "pem", "The client certificate's private key, PEM");
 
     public static readonly Option<bool> Json = new("--json")
     {
@@ -64,6 +40,10 @@ internal static class Cli
         Recursive = true,
         Arity = ArgumentArity.Zero, // a flag: the word after it is never its value (nor completed as True/False)
     };
+
+    /// <summary>An option every command takes, before or after the command's name.</summary>
+    private static Option<T> Global<T>(string name, string helpName, string description) =>
+        new(name) { Description = description, HelpName = helpName, Recursive = true };
 
     public static async Task<int> RunAsync(string[] args)
     {

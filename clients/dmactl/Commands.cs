@@ -195,20 +195,7 @@ internal static class Commands
     {
         var id = c.Value(SessionId);
         await c.Client.Admin.RevokeSessionAsync(id, string.Join(' ', c.Value(Reason) ?? []), c.Stop);
-        if (c.Output.Json)
-        {
-            c.Output.Document(json =>
-            {
-                json.WriteStartObject();
-                json.WriteNumber("sessionId", id);
-                json.WriteBoolean("revoked", true);
-                json.WriteEndObject();
-            });
-        }
-        else
-        {
-            c.Output.Line($"revoked session {id}; everything it held is released");
-        }
+        c.Output.Result($"revoked session {id}; everything it held is released", ("sessionId", id), ("revoked", true));
         return Cli.Ok;
     }
 
@@ -257,15 +244,7 @@ internal static class Commands
 
     private static Task<int> VersionAsync(CommandContext c)
     {
-        if (c.Output.Json)
-            c.Output.Document(json =>
-            {
-                json.WriteStartObject();
-                json.WriteString("version", Cli.Version);
-                json.WriteEndObject();
-            });
-        else
-            c.Output.Line($"dmactl {Cli.Version}");
+        c.Output.Result($"dmactl {Cli.Version}", ("version", Cli.Version));
         return Task.FromResult(Cli.Ok);
     }
 

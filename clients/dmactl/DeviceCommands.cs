@@ -79,23 +79,9 @@ internal static class DeviceCommands
             progress(3, "device read back");
             return seen.AsSpan().SequenceEqual(pattern) && back.Data.Span.SequenceEqual(pattern);
         });
-        if (c.Output.Json)
-        {
-            c.Output.Document(json =>
-            {
-                json.WriteStartObject();
-                json.WriteString("device", address);
-                json.WriteNumber("bytes", bytes);
-                json.WriteNumber("iova", Iova);
-                json.WriteBoolean("ok", ok);
-                json.WriteNumber("microseconds", clock.Elapsed.TotalMicroseconds);
-                json.WriteEndObject();
-            });
-        }
-        else
-        {
-            c.Output.Line($"{address}: device wrote {bytes} bytes at IOVA 0x{Iova:x}, CPU read them, device read them back: {(ok ? "intact" : "MISMATCH")} ({clock.Elapsed.TotalMilliseconds:F2} ms)");
-        }
+        c.Output.Result(
+            $"{address}: device wrote {bytes} bytes at IOVA 0x{Iova:x}, CPU read them, device read them back: {(ok ? "intact" : "MISMATCH")} ({clock.Elapsed.TotalMilliseconds:F2} ms)",
+            ("device", address), ("bytes", bytes), ("iova", Iova), ("ok", ok), ("microseconds", clock.Elapsed.TotalMicroseconds));
         return ok ? Cli.Ok : Cli.Rejected;
     }
 
@@ -132,24 +118,9 @@ internal static class DeviceCommands
             return done;
         });
         var elapsed = clock.Elapsed.TotalSeconds;
-        if (c.Output.Json)
-        {
-            c.Output.Document(json =>
-            {
-                json.WriteStartObject();
-                json.WriteString("device", address);
-                json.WriteNumber("size", size);
-                json.WriteNumber("operations", done);
-                json.WriteNumber("seconds", elapsed);
-                json.WriteNumber("opsPerSecond", done / elapsed);
-                json.WriteNumber("mibPerSecond", done * (double)size / elapsed / (1 << 20));
-                json.WriteEndObject();
-            });
-        }
-        else
-        {
-            c.Output.Line($"{address}: {done} DMA writes of {size} bytes in {elapsed:F2} s: {Rate(done, size, elapsed)}");
-        }
+        c.Output.Result($"{address}: {done} DMA writes of {size} bytes in {elapsed:F2} s: {Rate(done, size, elapsed)}",
+            ("device", address), ("size", size), ("operations", done), ("seconds", elapsed),
+            ("opsPerSecond", done / elapsed), ("mibPerSecond", done * (double)size / elapsed / (1 << 20)));
         return Cli.Ok;
     }
 

@@ -55,6 +55,26 @@ internal sealed class Output
 
     public void Line(string text) => Writer.WriteLine(text);
 
+    /// <summary>A command's outcome: <paramref name="line"/> for people, or with --json one object of <paramref name="fields"/>.</summary>
+    public void Result(string line, params (string Name, object Value)[] fields)
+    {
+        if (!Json)
+        {
+            Line(line);
+            return;
+        }
+        Document(json =>
+        {
+            json.WriteStartObject();
+            foreach (var (name, value) in fields)
+            {
+                json.WritePropertyName(name);
+                ProtoJson.WriteScalar(json, value);
+            }
+            json.WriteEndObject();
+        });
+    }
+
     /// <summary>A borderless table: a bold header, then one line per row, columns two spaces apart.</summary>
     public void Table(string[] header, IEnumerable<Cell[]> rows)
     {

@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Text;
 using System.Text.Json;
 using Google.Protobuf;
@@ -27,7 +28,7 @@ internal static class ProtoJson
                 json.WriteStartObject();
                 foreach (System.Collections.DictionaryEntry entry in (System.Collections.IDictionary)value)
                 {
-                    json.WritePropertyName(Convert.ToString(entry.Key, System.Globalization.CultureInfo.InvariantCulture) ?? "");
+                    json.WritePropertyName(Convert.ToString(entry.Key, CultureInfo.InvariantCulture) ?? "");
                     WriteValue(json, field.MessageType.FindFieldByNumber(2), entry.Value);
                 }
                 json.WriteEndObject();
@@ -52,7 +53,7 @@ internal static class ProtoJson
     {
         var name = type.FindValueByNumber(number)?.Name;
         if (name is null)
-            return number.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            return number.ToString(CultureInfo.InvariantCulture);
         var prefix = UpperSnake(type.Name) + "_";
         return (name.StartsWith(prefix, StringComparison.Ordinal) ? name[prefix.Length..] : name).ToLowerInvariant();
     }
@@ -61,11 +62,28 @@ internal static class ProtoJson
     {
         switch (value)
         {
-            case null:
-                json.WriteNullValue();
-                break;
             case IMessage message:
                 Write(json, message);
+                break;
+            case ByteString bytes:
+                json.WriteBase64StringValue(bytes.Span);
+                break;
+            case Enum or int when field.FieldType == FieldType.Enum:
+                json.WriteStringValue(EnumName(field.EnumType, Convert.ToInt32(value, CultureInfo.InvariantCulture)));
+                break;
+            default:
+                WriteScalar(json, value);
+                break;
+        }
+    }
+
+    /// <summary>A string, bool or number as its JSON value; 64-bit integers stay numbers.</summary>
+    public static void WriteScalar(Utf8JsonWriter json, object? value)
+    {
+        switch (value)
+        {
+            case null:
+                json.WriteNullValue();
                 break;
             case string s:
                 json.WriteStringValue(s);
@@ -73,35 +91,17 @@ internal static class ProtoJson
             case bool b:
                 json.WriteBooleanValue(b);
                 break;
-            case ByteString bytes:
-                json.WriteBase64StringValue(bytes.Span);
-                break;
-            case int or uint or long or ulong when field.FieldType == FieldType.Enum:
-                json.WriteStringValue(EnumName(field.EnumType, Convert.ToInt32(value, System.Globalization.CultureInfo.InvariantCulture)));
-                break;
-            case Enum e:
-                json.WriteStringValue(EnumName(field.EnumType, Convert.ToInt32(e, System.Globalization.CultureInfo.InvariantCulture)));
-                break;
-            case int i:
-                json.WriteNumberValue(i);
-                break;
-            case uint u:
+            case ulong u:
                 json.WriteNumberValue(u);
                 break;
-            case long l:
-                json.WriteNumberValue(l);
+            case int or uint or long:
+                json.WriteNumberValue(Convert.ToInt64(value, CultureInfo.InvariantCulture));
                 break;
-            case ulong ul:
-                json.WriteNumberValue(ul);
-                break;
-            case float f:
-                json.WriteNumberValue(f);
-                break;
-            case double d:
-                json.WriteNumberValue(d);
+            case float or double:
+                json.WriteNumberValue(Convert.ToDouble(value, CultureInfo.InvariantCulture));
                 break;
             default:
-                throw new NotSupportedException($"dmactl cannot write field {field.FullName} ({value.GetType().Name}) as JSON");
+                throw new NotSupportedException($"dmactl cannot write a {value.GetType().Name} as JSON");
         }
     }
 

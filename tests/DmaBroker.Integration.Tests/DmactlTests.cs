@@ -270,6 +270,29 @@ public sealed class DmactlTests(DmactlBrokerFixture fixture) : IClassFixture<Dma
     }
 
     [Fact]
+    public async Task Json_DmaAndRevoke_OneObjectEach()
+    {
+        var (exit, stdout, stderr) = await RunAsync("--json", "dma", FreeEduDevices.All[1].Address, "--bytes", "8192");
+        Assert.Equal((0, 0), (exit, stderr.Count));
+        using (var json = JsonDocument.Parse(Assert.Single(stdout)))
+        {
+            var r = json.RootElement;
+            Assert.Equal((true, 8192, 0x100000ul), (r.GetProperty("ok").GetBoolean(), r.GetProperty("bytes").GetInt32(), r.GetProperty("iova").GetUInt64()));
+        }
+
+        var (_, group) = FreeEduDevices.All[0];
+        await using var hold = ClientProcess.StartDmactl(Broker.Address, "--json", "hold", group.ToString(CultureInfo.InvariantCulture));
+        using var held = JsonDocument.Parse(await hold.WaitForLineAsync("\"ownerKind\":\"user\"", Timeout));
+        var session = held.RootElement.GetProperty("ownerSession").GetUInt64();
+        (exit, stdout, stderr) = await RunAsync("--json", "revoke", session.ToString(CultureInfo.InvariantCulture), "maintenance");
+        Assert.Equal((0, 0), (exit, stderr.Count));
+        Assert.Equal($$"""{"sessionId":{{session}},"revoked":true}""", Assert.Single(stdout));
+        // The holder is told: its session ended, exit 1.
+        Assert.Equal(1, await hold.WaitForExitAsync(Timeout));
+        Assert.Contains(hold.Stderr, line => line.Contains($"session {session} ended", StringComparison.Ordinal) && line.Contains("maintenance", StringComparison.Ordinal));
+    }
+
+    [Fact]
     public async Task Watch_Json_OneObjectPerLine()
     {
         await using var watch = ClientProcess.StartDmactl(Broker.Address, "--json", "watch");
