@@ -66,8 +66,9 @@ public sealed class BrokerClient : IDisposable
     /// <summary>
     /// Connects (lazily) to a broker at <paramref name="address"/>: <c>http://host:port</c> (HTTP/2
     /// cleartext), <c>https://host:port</c> (TLS, see <see cref="BrokerClientOptions.TrustedAuthorities"/>
-    /// and <see cref="BrokerClientOptions.ClientCertificate"/>) or <c>unix:///path</c> (a Unix socket
-    /// on this host, where the broker knows the caller by its uid).
+    /// and <see cref="BrokerClientOptions.ClientCertificate"/>), <c>host:port</c> (the same as
+    /// <c>http://host:port</c>) or <c>unix:///path</c> (a Unix socket on this host, where the broker
+    /// knows the caller by its uid).
     /// </summary>
     public static BrokerClient Connect(string? address = null, BrokerClientOptions? options = null)
     {
@@ -106,9 +107,9 @@ public sealed class BrokerClient : IDisposable
             // gRPC needs an http address; the socket above is what it connects to.
             uri = new Uri("http://localhost");
         }
-        else if (!Uri.TryCreate(address, UriKind.Absolute, out uri!) || uri.Scheme is not ("http" or "https"))
+        else if (!Uri.TryCreate(WithScheme(address), UriKind.Absolute, out uri!) || uri.Scheme is not ("http" or "https"))
         {
-            throw new ArgumentException($"broker address must be a URL such as {DefaultAddress}, https://host:port or unix:///path, got '{address}'", nameof(address));
+            throw new ArgumentException($"broker address must be a URL such as {DefaultAddress}, https://host:port, host:port or unix:///path, got '{address}'", nameof(address));
         }
         if (options.ClientCertificate is { } certificate)
             handler.SslOptions.ClientCertificates = [certificate];
@@ -131,6 +132,9 @@ public sealed class BrokerClient : IDisposable
         }
         return new BrokerClient(channel, invoker);
     }
+
+    // host:port alone, as people type it, means cleartext http like the broker's default listener.
+    private static string WithScheme(string address) => address.Contains("://", StringComparison.Ordinal) ? address : $"http://{address}";
 
     // The system store already vouched, or the given authorities do (name checks still apply).
     private static bool Trusts(X509Certificate2Collection authorities, X509Certificate? presented, SslPolicyErrors errors)

@@ -62,6 +62,10 @@ public class BrokerException : Exception
         return e.StatusCode switch
         {
             Grpc.Core.StatusCode.Unavailable => new BrokerUnavailableException(e.StatusCode, reason, $"the broker is unavailable: {detail}", e),
+            // The call never reached a broker: the connection failed below gRPC, as a TLS handshake
+            // with a plain-http listener does (gRPC reports that as INTERNAL, not UNAVAILABLE).
+            Grpc.Core.StatusCode.Internal when errno is null && e.Status.DebugException is HttpRequestException =>
+                new BrokerUnavailableException(e.StatusCode, reason, $"the broker is unavailable: {detail}", e),
             // The client's deadline ran out waiting: the broker did not answer. One the broker
             // reports itself, with its errno, is an ordinary rejection.
             Grpc.Core.StatusCode.DeadlineExceeded when errno is null => new BrokerUnavailableException(e.StatusCode, reason, detail, e),

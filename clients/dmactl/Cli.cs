@@ -1,109 +1,75 @@
-using System.Security.Cryptography;
-using System.Security.Cryptography.X509Certificates;
+using System.CommandLine;
+using System.CommandLine.Invocation;
+using System.Net.Sockets;
+using System.Reflection;
+using System.Security.Authentication;
 using DmaBroker.Client;
 using Grpc.Core;
 
 namespace DmaBroker.Ctl;
 
-/// <summary>dmactl's entry: global options, command dispatch and exit codes.</summary>
+/// <summary>dmactl's entry: the command tree, global options, and how failures become exit codes.</summary>
 internal static class Cli
 {
     public const int Ok = 0;
     public const int Rejected = 1;
     public const int Usage = 2;
-    public const int Unavailable = 3;
+    public const int Unreachable = 3;
 
     /// <summary>The environment variable that holds a bearer token, as --token does.</summary>
     public const string TokenVariable = "DMABROKER_TOKEN";
 
-    public const string Help = """
-        dmactl: drive a DmaBroker from the shell.
+    /// <summary>dmactl's version: the project's (and the tool package's) version.</summary>
+    public static string Version { get; } =
+        typeof(Cli).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "0.0.0";
 
-        Usage: dmactl [--broker <url>] [credentials] [--json] <command> [arguments]
+    public static readonly Option<string?> Broker = Global<string?>("--broker", "url",
+        $"The broker: http://host:port, https://host:port, host:port (http) or unix:///path [env {BrokerClient.AddressVariable}, default {BrokerClient.DefaultAddress}]");
 
-        Commands:
-          devices                    list PCI devices
-          groups                     list IOMMU groups and their DMA owners
-          group <id>                 show one group
-          watch                      follow group and device changes live (Ctrl-C to stop)
-          hold <group> [--iommufd]   claim a group for a new session and keep it until Ctrl-C
-          bind <address> <driver>    bind a driver (admin), e.g. bind 0000:07:00.0 vfio-pci
-          unbind <address>           unbind the driver (admin)
-          revoke <session> [reason]  end a session; the broker releases all it held
-                                     (admin: any session; user: its own)
-          sessions                   live sessions: principal, client, peer, age, what they hold
-          stats                      live sessions, containers, owned groups, watchers
-          dma <address> [--bytes N]  claim a device and run a DMA round trip through the IOMMU
-          bench <address> [--size B] [--seconds N]
-                                     measure DMA write throughput, with progress
+    public static readonly Option<string?> Token = Global<string?>("--token", "token", $"A bearer token from the broker's auth file [env {TokenVariable}]");
 
-        Options:
-          --broker <url>   the broker: http://host:port, https://host:port or unix:///path
-                           [env DMABROKER_ADDRESS, default http://127.0.0.1:50051]
-          --token <token>  a bearer token from the broker's auth file [env DMABROKER_TOKEN]
-          --cacert <pem>   CA certificate(s) that vouch for an https:// broker
-          --cert <pem>     a client certificate for a broker that requires mTLS (with --key)
-          --key <pem>      the client certificate's private key
-          --json           machine-readable output (one JSON object per line for watch)
-          -h, --help       this help; 'dmactl <command> --help' for one command
+    public static readonly Option<FileInfo?> CaCert = Global<FileInfo?>("--cacert", "pem", "CA certificate(s), PEM, that vouch for an https:// broker");
 
-        Exit codes: 0 ok, 1 the broker rejected the request (the errno is printed),
-                    2 usage error, 3 the broker is unreachable.
-        """;
+    public static readonly Option<FileInfo?> Cert = Global<FileInfo?>("--cert", "pem", "A client certificate, PEM, for a broker that requires mTLS (with --key)");
 
-    public static async Task<int> RunAsync(string[] args, TextWriter stdout, TextWriter stderr)
+    public static readonly Option<FileInfo?> Key = Global<FileInfo?>("--key", "pem", "The client certificate's private key, PEM");
+
+    public static readonly Option<bool> Json = new("--json")
     {
-        var rest = new List<string>();
-        string? broker = Environment.GetEnvironmentVariable(BrokerClient.AddressVariable);
-        string? token = Environment.GetEnvironmentVariable(TokenVariable);
-        string? caFile = null, certFile = null, keyFile = null;
-        var json = false;
-        for (var i = 0; i < args.Length; i++)
-        {
-            switch (args[i])
-            {
-                case "--broker" or "--token" or "--cacert" or "--cert" or "--key" when i + 1 >= args.Length || args[i + 1].StartsWith("--", StringComparison.Ordinal):
-                    return Fail(stderr, Usage, $"{args[i]} needs a value; run 'dmactl --help'");
-                case "--broker":
-                    broker = args[++i];
-                    break;
-                case "--token":
-                    token = args[++i];
-                    break;
-                case "--cacert":
-                    caFile = args[++i];
-                    break;
-                case "--cert":
-                    certFile = args[++i];
-                    break;
-                case "--key":
-                    keyFile = args[++i];
-                    break;
-                case "--json":
-                    json = true;
-                    break;
-                default:
-                    rest.Add(args[i]);
-                    break;
-            }
-        }
-        if ((certFile is null) != (keyFile is null))
-            return Fail(stderr, Usage, "--cert and --key go together: the client certificate and its private key, both PEM");
-        if (rest.Count == 0 || rest[0] is "-h" or "--help" or "help")
-        {
-            stdout.WriteLine(Help);
-            return rest.Count == 0 ? Usage : Ok;
-        }
-        var command = Commands.Find(rest[0]);
-        if (command is null)
-            return Fail(stderr, Usage, $"unknown command '{rest[0]}'; run 'dmactl --help'");
-        var commandArgs = rest.Skip(1).ToArray();
-        if (commandArgs.Contains("--help") || commandArgs.Contains("-h"))
-        {
-            stdout.WriteLine($"Usage: dmactl {command.Usage}\n\n{command.Summary}");
-            return Ok;
-        }
+        Description = "Machine-readable output: one compact JSON document (watch: one per line); errors as JSON on stderr",
+        Recursive = true,
+        Arity = ArgumentArity.Zero, // a flag: the word after it is never its value (nor completed as True/False)
+    };
 
+    /// <summary>An option every command takes, before or after the command's name.</summary>
+    private static Option<T> Global<T>(string name, string helpName, string description) =>
+        new(name) { Description = description, HelpName = helpName, Recursive = true };
+
+    public static async Task<int> RunAsync(string[] args)
+    {
+        var root = Commands.Root();
+        var parse = root.Parse(args);
+        if (parse.Action is ParseErrorAction)
+            return Output.ForConsole(parse.GetValue(Json)).Fail(UsageError(parse));
+        return await parse.InvokeAsync(new InvocationConfiguration
+        {
+            EnableDefaultExceptionHandler = false,
+            // dmactl handles Ctrl-C itself: hold must release its group and say so before it exits 0.
+            ProcessTerminationTimeout = null,
+        });
+    }
+
+    /// <summary>Makes <paramref name="command"/> run <paramref name="run"/>, turning what it throws into exit codes.</summary>
+    public static void Handle(Command command, Func<CommandContext, Task<int>> run) =>
+        command.SetAction((parse, _) => InvokeAsync(parse, run));
+
+    private static async Task<int> InvokeAsync(ParseResult parse, Func<CommandContext, Task<int>> run)
+    {
+        var output = Output.ForConsole(parse.GetValue(Json));
+        var connection = new ConnectionSettings(
+            parse.GetValue(Broker) ?? Environment.GetEnvironmentVariable(BrokerClient.AddressVariable),
+            parse.GetValue(Token) ?? Environment.GetEnvironmentVariable(TokenVariable),
+            parse.GetValue(CaCert), parse.GetValue(Cert), parse.GetValue(Key));
         using var stop = new CancellationTokenSource();
         ConsoleCancelEventHandler onCancel = (_, e) =>
         {
@@ -111,34 +77,39 @@ internal static class Cli
             stop.Cancel();
         };
         Console.CancelKeyPress += onCancel;
+        using var context = new CommandContext(parse, output, connection, stop.Token);
         try
         {
-            using var client = BrokerClient.Connect(broker, Credentials(token, caFile, certFile, keyFile));
-            var output = new Output(stdout, json);
-            return await command.RunAsync(new CommandContext(client, output, commandArgs, stderr, stop.Token));
+            return await run(context);
         }
         catch (UsageException e)
         {
-            return Fail(stderr, Usage, $"{e.Message}\nUsage: dmactl {command.Usage}");
+            return output.Fail(Failure.Usage(e.Message, e.ShowUsage ? $"Usage: {UsageLine(parse.CommandResult.Command)}" : null));
         }
         catch (ArgumentException e)
         {
-            return Fail(stderr, Usage, e.Message);
+            // A bad --broker; its message without .NET's "(Parameter 'address')".
+            return output.Fail(Failure.Usage(e.ParamName is null ? e.Message : e.Message.Replace($" (Parameter '{e.ParamName}')", "", StringComparison.Ordinal)));
         }
         catch (BrokerUnavailableException e)
         {
-            return Fail(stderr, Unavailable, $"cannot reach the broker at {broker ?? BrokerClient.DefaultAddress}: {e.Message}");
+            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));
         }
         catch (BrokerException e)
         {
-            return Fail(stderr, Rejected, $"{e.Reason}: {e.Message}");
+            return output.Fail(Failure.Rejected(e));
         }
-        catch (RpcException e) when (e.StatusCode == StatusCode.Unavailable)
+        catch (RpcException e) when (e.StatusCode is StatusCode.Unavailable or StatusCode.DeadlineExceeded)
         {
-            return Fail(stderr, Unavailable, $"cannot reach the broker at {broker ?? BrokerClient.DefaultAddress}: {e.Status.Detail}");
+            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));
         }
-        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        catch (Exception e) when (e is HttpRequestException or SocketException or AuthenticationException)
         {
+            return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));
+        }
+        catch (Exception e) when (stop.IsCancellationRequested && e is OperationCanceledException or RpcException { StatusCode: StatusCode.Cancelled })
+        {
+            // Ctrl-C: what the command was doing is done with.
             return Ok;
         }
         finally
@@ -147,36 +118,37 @@ internal static class Cli
         }
     }
 
-    /// <summary>The connection options the credential flags ask for; files that cannot be read are usage errors.</summary>
-    private static BrokerClientOptions Credentials(string? token, string? caFile, string? certFile, string? keyFile)
+    /// <summary>The parser's complaints as one usage failure, with a "did you mean" for a mistyped command.</summary>
+    private static Failure UsageError(ParseResult parse)
     {
-        try
+        var command = parse.CommandResult.Command;
+        var message = string.Join("; ", parse.Errors.Select(e => e.Message.TrimEnd('.')));
+        if (command is RootCommand && parse.UnmatchedTokens is [var word, ..] && !word.StartsWith('-'))
         {
-            X509Certificate2Collection? authorities = null;
-            if (caFile is not null)
-            {
-                authorities = [];
-                authorities.ImportFromPemFile(caFile);
-            }
-            return new BrokerClientOptions
-            {
-                BearerToken = string.IsNullOrEmpty(token) ? null : token,
-                TrustedAuthorities = authorities,
-                ClientCertificate = certFile is null ? null : X509Certificate2.CreateFromPemFile(certFile, keyFile),
-            };
+            message = $"unknown command '{word}'";
+            if (Spelling.Closest(word, command.Subcommands.Select(c => c.Name)) is { } closest)
+                message += $"; did you mean '{closest}'?";
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or CryptographicException)
-        {
-            throw new ArgumentException($"cannot load the TLS files: {e.Message}", e);
-        }
+        return Failure.Usage(message, $"Usage: {UsageLine(command)}\nRun '{Path(command)} --help' for more.");
     }
 
-    private static int Fail(TextWriter stderr, int code, string message)
+    /// <summary>A command's usage line, as its help shows it: <c>dmactl group &lt;id&gt; [options]</c>.</summary>
+    private static string UsageLine(Command command)
     {
-        stderr.WriteLine($"dmactl: {message}");
-        return code;
+        var words = new List<string> { Path(command) };
+        words.AddRange(command.Arguments.Select(a => a.Arity.MinimumNumberOfValues == 0 ? $"[<{a.Name}>...]" : $"<{a.Name}>"));
+        if (command.Subcommands.Count > 0)
+            words.Add("<command>");
+        words.Add("[options]");
+        return string.Join(' ', words);
     }
+
+    private static string Path(Command command) =>
+        command is RootCommand ? "dmactl" : $"{Path((Command)command.Parents.First())} {command.Name}";
 }
 
-/// <summary>A command-line mistake; exit code 2.</summary>
-internal sealed class UsageException(string message) : Exception(message);
+/// <summary>A command-line mistake found while running a command (exit code 2).</summary>
+internal sealed class UsageException(string message, bool showUsage = true) : Exception(message)
+{
+    public bool ShowUsage { get; } = showUsage;
+}

@@ -1,3 +1,3 @@
 using DmaBroker.Ctl;
 
-return await Cli.RunAsync(args, Console.Out, Console.Error);
+return await Cli.RunAsync(args);

@@ -131,6 +131,9 @@ public sealed class LiveBroker : IAsyncDisposable
         Assert.True(health.Status == HealthCheckResponse.Types.ServingStatus.Serving, $"{_process.Name} answers {health.Status}:\n{_process.Transcript}");
     }
 
+    /// <summary>SIGKILL: the broker dies at once, as on a crash; its clients see their connections drop.</summary>
+    public void Kill() => _process.Kill();
+
     /// <summary>
     /// Kills the broker, then fails if it logged an error (the console logger's <c>fail:</c> and
     /// <c>crit:</c> lines, or their JSON form), as the server tests' <c>BrokerLog</c> does for a broker in the test host.

@@ -16,6 +16,7 @@ public sealed partial class ClientProcess : IAsyncDisposable
     private const int SigKill = 9;
     private const int SigCont = 18;
     private const int SigStop = 19;
+    private const string StderrPrefix = "stderr: ";
     private static readonly TimeSpan KillTimeout = TimeSpan.FromSeconds(10);
     /// <summary>The processes started and not yet disposed (a set: the values mean nothing).</summary>
     private static readonly ConcurrentDictionary<Process, byte> Running = new();
@@ -46,7 +47,7 @@ public sealed partial class ClientProcess : IAsyncDisposable
         _process = process;
         Name = name;
         _process.OutputDataReceived += (_, e) => Push(e.Data);
-        _process.ErrorDataReceived += (_, e) => Push(e.Data is null ? null : "stderr: " + e.Data);
+        _process.ErrorDataReceived += (_, e) => Push(e.Data is null ? null : StderrPrefix + e.Data);
         _process.BeginOutputReadLine();
         _process.BeginErrorReadLine();
     }
@@ -59,40 +60,29 @@ public sealed partial class ClientProcess : IAsyncDisposable
     /// <summary>Every line printed so far, stdout and stderr (prefixed "stderr: ") in arrival order.</summary>
     public string Transcript => string.Join('\n', _transcript);
 
+    /// <summary>The lines printed on stdout so far.</summary>
+    public IReadOnlyList<string> Stdout => [.. _transcript.Where(l => !l.StartsWith(StderrPrefix, StringComparison.Ordinal))];
+
+    /// <summary>The lines printed on stderr so far, without the prefix.</summary>
+    public IReadOnlyList<string> Stderr => [.. _transcript.Where(l => l.StartsWith(StderrPrefix, StringComparison.Ordinal)).Select(l => l[StderrPrefix.Length..])];
+
     /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c>; a relative <paramref name="dll"/> is in the test output directory.</summary>
     public static ClientProcess Start(string dll, params IEnumerable<string> args) => Start(new ProcessSetup(), dll, args);
 
     /// <summary>As <see cref="Start(string, IEnumerable{string})"/>, with environment variables and a working directory of its own.</summary>
-    public static ClientProcess Start(ProcessSetup setup, string dll, params IEnumerable<string> args)
-    {
-        var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-        return StartProgram(setup, dotnet, Path.GetFileNameWithoutExtension(dll), withInput: false, [Path.Combine(AppContext.BaseDirectory, dll), .. args]);
-    }
+    public static ClientProcess Start(ProcessSetup setup, string dll, params IEnumerable<string> args) =>
+        Launch(DotnetCommand(dll, args), Path.GetFileNameWithoutExtension(dll), setup, withInput: false);
 
     /// <summary>
     /// Starts another program (found on PATH), such as <c>node</c>, named <paramref name="name"/> in
     /// messages; with <paramref name="withInput"/>, the test writes its stdin (<see cref="WriteLineAsync"/>).
     /// </summary>
-    public static ClientProcess StartProgram(string program, string name, bool withInput, params IEnumerable<string> args) =>
-        StartProgram(new ProcessSetup(), program, name, withInput, args);
-
-    private static ClientProcess StartProgram(ProcessSetup setup, string program, string name, bool withInput, IEnumerable<string> args)
+    public static ClientProcess StartProgram(string program, string name, bool withInput, params IEnumerable<string> args)
     {
-        var start = new ProcessStartInfo(program)
-        {
-            RedirectStandardInput = withInput,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-            WorkingDirectory = setup.WorkingDirectory ?? "",
-        };
-        foreach (var (variable, value) in setup.Environment)
-            start.Environment[variable] = value;
+        var start = new ProcessStartInfo(program);
         foreach (var a in args)
             start.ArgumentList.Add(a);
-        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {program}");
-        Running.TryAdd(process, 0);
-        return new ClientProcess(process, $"{name} (pid {process.Id})");
+        return Launch(start, name, new ProcessSetup(), withInput);
     }
 
     /// <summary>Writes a line to the program's stdin (started with input) and flushes it.</summary>
@@ -100,6 +90,51 @@ public sealed partial class ClientProcess : IAsyncDisposable
     {
         await _process.StandardInput.WriteLineAsync(line);
         await _process.StandardInput.FlushAsync();
+    }
+
+    /// <summary>
+    /// Starts <c>dotnet <paramref name="dll"/> args…</c> on a pseudo-terminal (util-linux
+    /// <c>script</c>), as a person at a terminal runs it: the transcript is what the terminal showed.
+    /// With <paramref name="stdoutFile"/>, its stdout goes to that file instead and only stderr
+    /// stays on the terminal.
+    /// </summary>
+    public static ClientProcess StartOnTerminal(string dll, string? stdoutFile, params IEnumerable<string> args)
+    {
+        var dotnet = DotnetCommand(dll, args);
+        var command = string.Join(' ', new[] { dotnet.FileName }.Concat(dotnet.ArgumentList).Select(ShellQuote));
+        if (stdoutFile is not null)
+            command += " > " + ShellQuote(stdoutFile);
+        var start = new ProcessStartInfo("script") { ArgumentList = { "--quiet", "--return", "--command", command, "/dev/null" } };
+        // A colour terminal, whatever the test host's own environment says (CI has no TERM).
+        start.Environment["TERM"] = "xterm-256color";
+        start.Environment.Remove("NO_COLOR");
+        return Launch(start, Path.GetFileNameWithoutExtension(dll) + " on a terminal", new ProcessSetup(), withInput: false);
+    }
+
+    private static ProcessStartInfo DotnetCommand(string dll, IEnumerable<string> args)
+    {
+        var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
+        var start = new ProcessStartInfo(dotnet);
+        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, dll));
+        foreach (var a in args)
+            start.ArgumentList.Add(a);
+        return start;
+    }
+
+    private static string ShellQuote(string word) => "'" + word.Replace("'", "'\\''", StringComparison.Ordinal) + "'";
+
+    private static ClientProcess Launch(ProcessStartInfo start, string name, ProcessSetup setup, bool withInput)
+    {
+        start.RedirectStandardInput = withInput;
+        start.WorkingDirectory = setup.WorkingDirectory ?? "";
+        foreach (var (variable, value) in setup.Environment)
+            start.Environment[variable] = value;
+        start.RedirectStandardOutput = true;
+        start.RedirectStandardError = true;
+        start.UseShellExecute = false;
+        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {name}");
+        Running.TryAdd(process, 0);
+        return new ClientProcess(process, $"{name} (pid {process.Id})");
     }
 
     /// <summary>Starts <c>dotnet dmactl.dll --broker address args…</c>.</summary>

@@ -126,6 +126,38 @@ public sealed class ClientLibraryTests
     }
 
     [Fact]
+    public async Task Connect_HostPortWithoutScheme_IsCleartextHttp()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var hostPort = new Uri(broker.Address).Authority;
+        Assert.DoesNotContain("://", hostPort, StringComparison.Ordinal);
+        using var client = BrokerClient.Connect(hostPort);
+
+        var devices = await client.ListDevicesAsync().WaitAsync(TestBroker.Timeout);
+
+        Assert.Equal(23, devices.Devices.Count);
+    }
+
+    [Theory]
+    [InlineData("ftp://127.0.0.1:50051")]
+    [InlineData("unix:relative.sock")]
+    [InlineData("http://")]
+    public void Connect_NotABrokerAddress_ArgumentException(string address) =>
+        Assert.Throws<ArgumentException>(() => BrokerClient.Connect(address));
+
+    [Fact]
+    public async Task Connect_HttpsToACleartextListener_BrokerUnavailableException()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        using var client = BrokerClient.Connect("https://" + new Uri(broker.Address).Authority);
+
+        // The TLS handshake fails below gRPC (which calls that INTERNAL): no broker was reached.
+        var e = await Assert.ThrowsAsync<BrokerUnavailableException>(() => client.ListDevicesAsync().WaitAsync(TestBroker.Timeout));
+
+        Assert.Equal((StatusCode.Internal, Errno.Unknown), (e.StatusCode, e.Errno));
+    }
+
+    [Fact]
     public async Task EnsureOk_DeviceError_DmaRequestExceptionWithErrnoAndNoStatus()
     {
         await using var broker = await TestBroker.StartAsync();
