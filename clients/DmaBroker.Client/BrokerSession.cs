@@ -25,6 +25,8 @@ public sealed class BrokerSession : IAsyncDisposable
     private Task _reader = Task.CompletedTask;
     private Task _pinger = Task.CompletedTask;
     private int _disposed;
+    private Task? _requestsCompleted;
+    private object? _requestsLock;
 
     private BrokerSession(AsyncDuplexStreamingCall<SessionRequest, SessionEvent> call, CancellationTokenSource stop, Opened opened, CallInvoker invoker)
     {
@@ -150,7 +152,12 @@ public sealed class BrokerSession : IAsyncDisposable
             {
                 var ev = _call.ResponseStream.Current;
                 if (ev.Revoked is { } revoked)
+                {
                     reason = revoked.Reason;
+                    // Nothing more to say on a revoked session: closing our side lets the broker
+                    // complete the call at once (a stopping broker waits for that, up to a grace).
+                    _ = CompleteRequestsAsync();
+                }
                 _events.Writer.TryWrite(ev);
             }
         }
@@ -182,18 +189,34 @@ public sealed class BrokerSession : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Closes the request stream, once, whoever asks first (the reader on <c>revoked</c>, or
+    /// <see cref="DisposeAsync"/>): the pings stop first, as they are its only other writer.
+    /// </summary>
+    private Task CompleteRequestsAsync() => LazyInitializer.EnsureInitialized(ref _requestsCompleted, ref _requestsLock, async () =>
+    {
+        try
+        {
+            await _stopPings.CancelAsync().ConfigureAwait(false);
+            await _pinger.ConfigureAwait(false);
+            await _call.RequestStream.CompleteAsync().ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is RpcException or InvalidOperationException or IOException or OperationCanceledException or ObjectDisposedException)
+        {
+            // The stream is gone already: nothing left to close.
+        }
+    });
+
     /// <summary>Ends the session; returns once the broker has released everything it held (or is unreachable).</summary>
     public async ValueTask DisposeAsync()
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
-        await _stopPings.CancelAsync().ConfigureAwait(false);
-        await _pinger.ConfigureAwait(false);
         try
         {
             // A graceful close: the broker tears the session down, then completes the stream.
             using var closeCts = new CancellationTokenSource(TimeSpan.FromSeconds(5));
-            await _call.RequestStream.CompleteAsync().WaitAsync(closeCts.Token).ConfigureAwait(false);
+            await CompleteRequestsAsync().WaitAsync(closeCts.Token).ConfigureAwait(false);
             await _reader.WaitAsync(closeCts.Token).ConfigureAwait(false);
         }
         catch (Exception e) when (e is OperationCanceledException or RpcException or InvalidOperationException or IOException or TimeoutException)

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Core.Topology;
 using DmaBroker.Protocol.V1;
 using DmaBroker.Server.Hosting;
@@ -34,6 +35,22 @@ public sealed class ShutdownTests
         Assert.All(await Task.WhenAll(told).WaitAsync(TestBroker.Timeout), reason => Assert.Equal("broker shutting down", reason));
         await stopped.WaitAsync(TestBroker.Timeout);
         Assert.Empty(broker.Broker.Sessions.Live);
+    }
+
+    [Fact]
+    public async Task Stop_LibrarySessions_CloseTheirSideOnRevokedSoTheStopNeedsNoGrace()
+    {
+        // On a clock that never moves, the broker's grace for a client that keeps its side of the
+        // stream open never ends: the stop completes only because the library closes it.
+        var broker = await TestBroker.StartAsync(new FakeTimeProvider());
+        using var client = BrokerClient.Connect(broker.Address);
+        await using var first = await client.OpenSessionAsync("first");
+        await using var second = await client.OpenSessionAsync("second");
+
+        await broker.DisposeAsync().AsTask().WaitAsync(TestBroker.Timeout);
+
+        Assert.Equal("broker shutting down", await first.Ended.WaitAsync(TestBroker.Timeout));
+        Assert.Equal("broker shutting down", await second.Ended.WaitAsync(TestBroker.Timeout));
     }
 }
 
