@@ -56,25 +56,17 @@ public sealed class NvmeModelTests(ITestOutputHelper output)
 
         await ModelHarness.RunAsync("NVMe model-based sequence", SeedVariable, sequences, RequiredOutcomes, run =>
         {
-            var t0 = clock.Elapsed;
             var broker = run.Use(new Broker(topology, null, new FakeTimeProvider()));
             var sequence = new Sequence(run, NvmeTestDriver.Create(Sequence.Pages, map: false, broker), statuses);
-            SetupTime += clock.Elapsed - t0;
-            var t1 = clock.Elapsed;
             sequence.Run();
-            RunTime += clock.Elapsed - t1;
             commands += sequence.Commands;
             return Task.CompletedTask;
         });
 
-        output.WriteLine($"setup {SetupTime.TotalSeconds:F1} s run {RunTime.TotalSeconds:F1} s");
         output.WriteLine($"{sequences} sequences, {commands} commands in {clock.Elapsed.TotalSeconds:F1} s: {sequences / clock.Elapsed.TotalSeconds:F0} sequences/s");
         if (Environment.GetEnvironmentVariable(SeedVariable) is null)
             Assert.Empty(RequiredStatuses.Except(statuses));
     }
-
-    private static TimeSpan SetupTime;
-    private static TimeSpan RunTime;
 
     private enum OpKind { Submit, Reap, Admin, CreateQueues, DeleteQueues, BadDoorbell, Toggle, Flr }
 
