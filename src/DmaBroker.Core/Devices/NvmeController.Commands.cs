@@ -117,40 +117,47 @@ internal sealed partial class NvmeController
 
     private NvmeStatus CreateCq(in NvmeCommand c)
     {
+        var (qid, size) = ((ushort)c.Cdw10, (int)(c.Cdw10 >> 16) + 1);
+        var vector = (ushort)(c.Cdw11 >> 16);
+        var status = CheckNewQueue(c, qid <= IoQueuePairs && _cqs[qid] is not null, Iocqes, CcIocqesShift);
+        if (status != NvmeStatus.Success)
+            return status;
+        if (vector >= Vectors)
+            return NvmeStatus.InvalidInterruptVector;
+        _cqs[qid] = new CompletionQueue(qid, c.Prp1, size, interrupts: (c.Cdw11 & 2) != 0, vector);
+        return NvmeStatus.Success;
+    }
+
+    /// <summary>
+    /// What Create I/O SQ and CQ check alike (CDW10 QID and QSIZE, PRP1, CDW11 PC): the id is free and
+    /// 1-64, 2 to MQES + 1 entries, the base page aligned, physically contiguous (CAP.CQR), and CC
+    /// announced the entry size this queue uses.
+    /// </summary>
+    private NvmeStatus CheckNewQueue(in NvmeCommand c, bool exists, uint entrySize, int ccShift)
+    {
         var qid = (ushort)c.Cdw10;
         var sizeMinusOne = c.Cdw10 >> 16;
-        var vector = (ushort)(c.Cdw11 >> 16);
-        if (qid is 0 or > IoQueuePairs || _cqs[qid] is not null)
+        if (qid is 0 or > IoQueuePairs || exists)
             return NvmeStatus.InvalidQueueIdentifier;
         if (sizeMinusOne is 0 or > MaxQueueEntriesMinusOne)
             return NvmeStatus.InvalidQueueSize;
         if ((c.Prp1 & PageMask) != 0)
             return NvmeStatus.InvalidPrpOffset;
-        // CAP.CQR: queues must be physically contiguous (PC); the entry size must be the one CC announced.
-        if ((c.Cdw11 & 1) == 0 || ((_cc >> CcIocqesShift) & 0xf) != Iocqes)
+        if ((c.Cdw11 & 1) == 0 || ((_cc >> ccShift) & 0xf) != entrySize)
             return NvmeStatus.InvalidField;
-        if (vector >= Vectors)
-            return NvmeStatus.InvalidInterruptVector;
-        _cqs[qid] = new CompletionQueue(qid, c.Prp1, (int)sizeMinusOne + 1, interrupts: (c.Cdw11 & 2) != 0, vector);
         return NvmeStatus.Success;
     }
 
     private NvmeStatus CreateSq(in NvmeCommand c)
     {
-        var qid = (ushort)c.Cdw10;
-        var sizeMinusOne = c.Cdw10 >> 16;
+        var (qid, size) = ((ushort)c.Cdw10, (int)(c.Cdw10 >> 16) + 1);
         var cqid = (ushort)(c.Cdw11 >> 16);
-        if (qid is 0 or > IoQueuePairs || _sqs[qid] is not null)
-            return NvmeStatus.InvalidQueueIdentifier;
         if (cqid is 0 or > IoQueuePairs || _cqs[cqid] is not { } cq)
             return NvmeStatus.CompletionQueueInvalid;
-        if (sizeMinusOne is 0 or > MaxQueueEntriesMinusOne)
-            return NvmeStatus.InvalidQueueSize;
-        if ((c.Prp1 & PageMask) != 0)
-            return NvmeStatus.InvalidPrpOffset;
-        if ((c.Cdw11 & 1) == 0 || ((_cc >> CcIosqesShift) & 0xf) != Iosqes)
-            return NvmeStatus.InvalidField;
-        _sqs[qid] = new SubmissionQueue(qid, c.Prp1, (int)sizeMinusOne + 1, cq);
+        var status = CheckNewQueue(c, qid <= IoQueuePairs && _sqs[qid] is not null, Iosqes, CcIosqesShift);
+        if (status != NvmeStatus.Success)
+            return status;
+        _sqs[qid] = new SubmissionQueue(qid, c.Prp1, size, cq);
         return NvmeStatus.Success;
     }
 

@@ -170,21 +170,19 @@ internal sealed partial class NvmeController : DeviceModel
             case RegAqa:
                 _aqa = value & AqaWritable;
                 break;
-            case RegAsq:
-                _asq = (_asq & 0xffff_ffff_0000_0000) | value;
+            case RegAsq or RegAsq + 4:
+                _asq = WithDword(_asq, offset - RegAsq, value);
                 break;
-            case RegAsq + 4:
-                _asq = (_asq & 0xffff_ffff) | ((ulong)value << 32);
-                break;
-            case RegAcq:
-                _acq = (_acq & 0xffff_ffff_0000_0000) | value;
-                break;
-            case RegAcq + 4:
-                _acq = (_acq & 0xffff_ffff) | ((ulong)value << 32);
+            case RegAcq or RegAcq + 4:
+                _acq = WithDword(_acq, offset - RegAcq, value);
                 break;
             // CAP, VS and CSTS are read-only; NSSR is not supported (CAP.NSSRS = 0): writes have no effect.
         }
     }
+
+    /// <summary>A 64-bit register with its low (<paramref name="at"/> 0) or high (4) dword replaced.</summary>
+    private static ulong WithDword(ulong register, ulong at, uint value) =>
+        at == 0 ? (register & 0xffff_ffff_0000_0000) | value : (register & 0xffff_ffff) | ((ulong)value << 32);
 
     private void WriteCc(uint value)
     {
