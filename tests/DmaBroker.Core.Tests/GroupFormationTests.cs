@@ -1,3 +1,4 @@
+using DmaBroker.Core.Devices;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;
@@ -216,10 +217,48 @@ public sealed class GroupFormationTests
             """{ "devices": [ { "address": "0000:00:01.0", "model": "edu", "vendorId": "1", "deviceId": "2", "classCode": "3", "driver": "Bad Driver" } ] }""",
             "bad.json: device 0000:00:01.0: bad driver name 'Bad Driver'"
         },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "nvme", "vendorId": "1", "deviceId": "2", "classCode": "3", "namespaceMb": 0 } ] }""",
+            "bad.json: device 0000:00:01.0: \"namespaceMb\" must be 1 to 1048576, got 0"
+        },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "nvme", "vendorId": "1", "deviceId": "2", "classCode": "3", "namespaceMb": 1048577 } ] }""",
+            "bad.json: device 0000:00:01.0: \"namespaceMb\" must be 1 to 1048576, got 1048577"
+        },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "edu", "vendorId": "1", "deviceId": "2", "classCode": "3", "namespaceMb": 64 } ] }""",
+            "bad.json: device 0000:00:01.0: \"namespaceMb\" applies to model nvme only, not 'edu'"
+        },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "nvme", "vendorId": "1", "deviceId": "2", "classCode": "3", "namespaceMb": -1 } ] }""",
+            "bad.json: not valid topology JSON"
+        },
         { """{ "devices": [] }""", "bad.json: no \"devices\" listed" },
         { """{ "devices": [ { "adress": "0000:00:01.0" } ] }""", "bad.json: not valid topology JSON" },
         { "not json", "bad.json: not valid topology JSON" },
     };
+
+    [Theory]
+    [InlineData(", \"namespaceMb\": 1", 1u)]
+    [InlineData(", \"namespaceMb\": 1048576", 1048576u)]
+    [InlineData("", 64u)]
+    public void Parse_NvmeNamespaceMb_SizesTheModelsNamespace(string setting, uint mb)
+    {
+        var json = $$"""{ "devices": [ { "address": "0000:00:01.0", "model": "nvme", "vendorId": "144d", "deviceId": "a808", "classCode": "010802"{{setting}} } ] }""";
+
+        var spec = Assert.Single(CoreState.ParseTopology(json).Functions);
+
+        Assert.Equal(mb, spec.NamespaceMb);
+        Assert.Equal((ulong)mb << 11, new NvmeController(spec).Namespace.Blocks);
+    }
+
+    [Fact]
+    public void DefaultTopology_Nvme_Has64MiBNamespace()
+    {
+        var nvme = TopologyDocument.Default().Functions.Single(f => f.Address == PciAddress.Parse("0000:01:00.0"));
+
+        Assert.Equal(("nvme", 64u), (nvme.Model, nvme.NamespaceMb));
+    }
 
     [Theory]
     [MemberData(nameof(BadFiles))]

@@ -130,7 +130,7 @@ internal abstract class DeviceModel
     public static DeviceModel Create(PciFunctionSpec spec) => spec.Model switch
     {
         "edu" => new EduDevice(spec),
-        "nvme" => new RegisterFileDevice(spec, 16 * 1024),
+        "nvme" => new NvmeController(spec),
         "nic" => new RegisterFileDevice(spec, 128 * 1024),
         "gpu" => new RegisterFileDevice(spec, 16 * 1024 * 1024),
         "audio" => new RegisterFileDevice(spec, 16 * 1024),

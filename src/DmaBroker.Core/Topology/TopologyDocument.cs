@@ -43,8 +43,17 @@ public sealed record PciFunctionSpec(
     string? Driver,
     uint? PinnedGroup)
 {
+    /// <summary>The default size of an <c>nvme</c> function's namespace, in MiB (SPEC §14).</summary>
+    public const uint DefaultNamespaceMb = 64;
+
+    /// <summary>The largest namespace a topology may give an <c>nvme</c> function, in MiB (1 TiB; it is stored sparsely).</summary>
+    public const uint MaxNamespaceMb = 1024 * 1024;
+
     /// <summary>Anything but an endpoint: bridges can carry buses below them and cannot be hot-added.</summary>
     public bool IsBridge => Kind is not PciNodeKind.Endpoint;
+
+    /// <summary>For an <c>nvme</c> function, the size of its one namespace in MiB (<c>namespaceMb</c> in a topology file).</summary>
+    public uint NamespaceMb { get; init; } = DefaultNamespaceMb;
 
     /// <summary>
     /// An endpoint to hot-add (Kernel.AddDevice), from the wire's wider integers: vendor and
@@ -178,6 +187,7 @@ public sealed class TopologyDocument
         public string? SecondaryBus { get; set; }
         public string? Driver { get; set; }
         public uint? Group { get; set; }
+        public uint? NamespaceMb { get; set; }
 
         public PciFunctionSpec ToSpec(int index)
         {
@@ -195,13 +205,27 @@ public sealed class TopologyDocument
                 _ => throw new TopologyException($"{where}: unknown kind '{Kind}' (host-bridge, root-port, switch-upstream, switch-downstream, endpoint)"),
             };
             byte? secondary = SecondaryBus is null ? null : (byte)Hex(SecondaryBus, 0xff, "secondaryBus", where);
+            var model = string.IsNullOrEmpty(Model) ? (kind == PciNodeKind.Endpoint ? throw new TopologyException($"{where}: needs \"model\"") : "bridge") : Model;
             return new PciFunctionSpec(
                 address, kind,
                 (ushort)Hex(VendorId, 0xffff, "vendorId", where),
                 (ushort)Hex(DeviceId, 0xffff, "deviceId", where),
                 Hex(ClassCode, 0xffffff, "classCode", where),
-                string.IsNullOrEmpty(Model) ? (kind == PciNodeKind.Endpoint ? throw new TopologyException($"{where}: needs \"model\"") : "bridge") : Model,
-                Acs, secondary, string.IsNullOrEmpty(Driver) ? null : Driver, Group);
+                model, Acs, secondary, string.IsNullOrEmpty(Driver) ? null : Driver, Group)
+            {
+                NamespaceMb = NamespaceSize(model, where),
+            };
+        }
+
+        private uint NamespaceSize(string model, string where)
+        {
+            if (NamespaceMb is not { } mb)
+                return PciFunctionSpec.DefaultNamespaceMb;
+            if (model != "nvme")
+                throw new TopologyException($"{where}: \"namespaceMb\" applies to model nvme only, not '{model}'");
+            if (mb is 0 or > PciFunctionSpec.MaxNamespaceMb)
+                throw new TopologyException($"{where}: \"namespaceMb\" must be 1 to {PciFunctionSpec.MaxNamespaceMb}, got {mb}");
+            return mb;
         }
 
         private static uint Hex(string? text, uint max, string field, string where) =>
