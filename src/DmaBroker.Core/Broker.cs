@@ -96,6 +96,7 @@ public sealed class Broker : IAsyncDisposable
                 Metrics.SessionReleased(reason, clock.GetElapsedTime(s.EndingSince));
             Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
         });
+        Faults = new FaultInjector(Table, Vfio, Sessions, clock);
         if (ownershipChanged is not null)
             Journal.GroupTransition = (before, after) => Report(before, after, ownershipChanged);
     }
@@ -111,6 +112,9 @@ public sealed class Broker : IAsyncDisposable
 
     /// <summary>Who is connected: opens, authenticates and ends sessions, releasing what they held.</summary>
     public SessionRegistry Sessions { get; }
+
+    /// <summary>Fault injection (SPEC §14): faults armed on devices, surprise removal, cut connections.</summary>
+    public FaultInjector Faults { get; }
 
     /// <summary>The broker's instruments (SPEC §13): its meter, counters and live counts.</summary>
     public BrokerMetrics Metrics { get; }

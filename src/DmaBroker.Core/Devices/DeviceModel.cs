@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using DmaBroker.Core.Faults;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Topology;
 
@@ -61,6 +62,9 @@ internal abstract class DeviceModel
     internal readonly Lock Sync = new();
 
     public PciFunctionSpec Spec { get; }
+
+    /// <summary>The faults injected on this device (SPEC §14), which the model and its handles consult at their hook points.</summary>
+    public DeviceFaults Faults { get; } = new();
 
     /// <summary>Sizes of BAR0-BAR5 in bytes; 0 for an absent BAR.</summary>
     public abstract IReadOnlyList<ulong> BarSizes { get; }

@@ -1,3 +1,4 @@
+using DmaBroker.Core.Faults;
 using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Devices;
@@ -133,6 +134,9 @@ internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
         {
             if (deviceAddress < DmaStart || count > DmaSize || deviceAddress - DmaStart > (ulong)DmaSize - count)
                 return MmioResult.Failed($"edu: DMA range [0x{deviceAddress:x}, +0x{count:x}) is outside the device buffer [0x{DmaStart:x}, 0x{DmaStart + DmaSize:x})");
+            // Fault injection (SPEC §14): DEVICE_ERROR ends the DMA with an error before anything moves.
+            if (Faults.Any && Faults.Fire(FaultKind.DeviceError) is { } injected)
+                return MmioResult.Failed($"edu: DMA failed: device error injected (fault {injected.Id})");
             var buffer = _buffer.AsSpan((int)(deviceAddress - DmaStart), (int)count);
             var outcome = toRam ? port.Write(_dmaDestination & DmaMask, buffer) : port.Read(_dmaSource & DmaMask, buffer);
             if (!outcome.Ok)

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using DmaBroker.Core.Faults;
 using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Devices;
@@ -81,6 +82,9 @@ internal sealed partial class NvmeController : DeviceModel
     private ulong _asq;
     private ulong _acq;
     private uint _intms;
+    // SLOW_RESET: CSTS.RDY is due once this much time has passed since _readySince (broker clock timestamps).
+    private TimeSpan? _readyDelay;
+    private long _readySince;
 
     public NvmeController(PciFunctionSpec spec) : base(spec)
     {
@@ -143,7 +147,7 @@ internal sealed partial class NvmeController : DeviceModel
         RegVs => Version,
         RegIntms or RegIntmc => _intms,
         RegCc => _cc,
-        RegCsts => _csts,
+        RegCsts => CatchUpReady(),
         RegAqa => _aqa,
         RegAsq => (uint)_asq,
         RegAsq + 4 => (uint)(_asq >> 32),
@@ -235,7 +239,27 @@ internal sealed partial class NvmeController : DeviceModel
     }
 
     /// <summary>CSTS.RDY rises: the one place a delayed ready (SLOW_RESET) hooks in.</summary>
-    private void SetReady() => _csts |= CstsReady;
+    private void SetReady()
+    {
+        if (Faults.Any && Faults.Fire(FaultKind.SlowReset) is { } slow)
+        {
+            _readyDelay = slow.Settings.Delay;
+            _readySince = Faults.Time.GetTimestamp();
+            return;
+        }
+        _csts |= CstsReady;
+    }
+
+    /// <summary>CSTS as it reads now: a late RDY (SLOW_RESET) rises once its delay has passed on the broker's clock.</summary>
+    private uint CatchUpReady()
+    {
+        if (_readyDelay is { } delay && Faults.Time.GetElapsedTime(_readySince) >= delay)
+        {
+            _readyDelay = null;
+            _csts |= CstsReady;
+        }
+        return _csts;
+    }
 
     /// <summary>Controller reset (CC.EN 1 → 0, or FLR): every queue dropped, with whatever was not yet fetched; RDY and CFS clear.</summary>
     private void ResetController()
@@ -243,9 +267,10 @@ internal sealed partial class NvmeController : DeviceModel
         Array.Clear(_sqs);
         Array.Clear(_cqs);
         _csts = 0;
+        _readyDelay = null;
     }
 
-    private bool Ready => (_csts & (CstsReady | CstsFatal)) == CstsReady;
+    private bool Ready => (CatchUpReady() & (CstsReady | CstsFatal)) == CstsReady;
 
     /// <summary>
     /// CSTS.CFS: a fatal error the controller could not report in a completion queue (fetching a
@@ -308,9 +333,25 @@ internal sealed partial class NvmeController : DeviceModel
             }
             sq.Head = (sq.Head + 1) % sq.Size;
             var command = new NvmeCommand(entry);
-            var (status, result) = sq.Id == 0 ? ExecuteAdmin(command, port) : ExecuteIo(command, port);
+            var (status, result) = InjectedError(sq, command) is { } injected ? (injected, 0u)
+                : sq.Id == 0 ? ExecuteAdmin(command, port) : ExecuteIo(command, port);
             Complete(sq, command.Cid, status, result, port);
         }
+    }
+
+    /// <summary>
+    /// DEVICE_ERROR (SPEC §14): the status an injected fault completes this command with instead of
+    /// running it, or null. Decoded before it runs, so nothing moves.
+    /// </summary>
+    private NvmeStatus? InjectedError(SubmissionQueue sq, in NvmeCommand c)
+    {
+        if (!Faults.Any)
+            return null;
+        var readWrite = sq.Id != 0 && c.Opcode is IoRead or IoWrite;
+        var command = new CommandEvent(sq.Id != 0, c.Opcode,
+            readWrite ? c.Cdw10 | ((ulong)c.Cdw11 << 32) : null, readWrite ? (c.Cdw12 & 0xffff) + 1UL : 0);
+        // The injector wrote the default status (Data Transfer Error) into the settings.
+        return Faults.Fire(FaultKind.DeviceError, command) is { } fault ? (NvmeStatus)fault.Settings.Status : null;
     }
 
     /// <summary>Writes a completion queue entry (with the current phase) and advances the tail, flipping the phase on wrap.</summary>
@@ -360,7 +401,7 @@ internal sealed partial class NvmeController : DeviceModel
 
     private bool Masked(ushort vector) => vector < 32 && (_intms & (1u << vector)) != 0;
 
-    /// <summary>The one place the controller raises an MSI-X vector: where DROP/DELAY_INTERRUPT hook in.</summary>
+    /// <summary>The one place the controller raises an MSI-X vector; DROP/DELAY_INTERRUPT act on it in the port (DeviceHandle), as for every model.</summary>
     private static void Signal(CompletionQueue cq, IDevicePort port) => port.Interrupt(cq.Vector);
 
     private sealed class SubmissionQueue(ushort id, ulong @base, int size, CompletionQueue cq)

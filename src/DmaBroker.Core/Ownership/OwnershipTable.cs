@@ -135,7 +135,16 @@ public sealed class OwnershipTable
     }
 
     /// <summary>Hot-removes a device; refused while its group is user-owned or devices sit below it.</summary>
-    public void RemoveDevice(PciAddress address)
+    public void RemoveDevice(PciAddress address) => Remove(address, detach: null);
+
+    /// <summary>
+    /// A surprise removal (SPEC §14 SURPRISE_REMOVE): the device goes even while its group is
+    /// user-owned. <paramref name="detach"/> first lets go of what users hold of it, under the
+    /// hotplug lock and the group's lock; a bridge with devices below it is still refused (EBUSY).
+    /// </summary>
+    internal void SurpriseRemove(PciAddress address, Action<PciDevice> detach) => Remove(address, detach);
+
+    private void Remove(PciAddress address, Action<PciDevice>? detach)
     {
         lock (_hotplug)
         {
@@ -145,8 +154,9 @@ public sealed class OwnershipTable
             var group = device.Group;
             lock (group.Sync)
             {
-                if (group.OwnerKind == OwnerKind.User)
+                if (detach is null && group.OwnerKind == OwnerKind.User)
                     throw ErrnoException.Busy($"{address}: group {group.Id} is {group.Describe()}");
+                detach?.Invoke(device);
                 if (device.Driver is not null && !device.DriverManagesDma)
                     group.KernelUnuse();
                 device.Driver = null;

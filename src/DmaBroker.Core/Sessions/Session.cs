@@ -35,6 +35,10 @@ public sealed record FaultEvent(PciAddress Address, ulong Iova, DmaAccess Access
 /// <param name="Vector">The MSI vector.</param>
 public sealed record InterruptEvent(ulong Handle, uint Vector) : SessionEvent;
 
+/// <summary>A device the session had open or claimed was surprise-removed (fault injection, SPEC §14).</summary>
+/// <param name="Address">The device that is gone.</param>
+public sealed record DeviceRemovedEvent(PciAddress Address) : SessionEvent;
+
 /// <summary>
 /// A client's identity, as a <c>struct file *</c> is in Linux: everything it claims is released
 /// when it ends. Every operation on its behalf runs inside <see cref="Enter"/>, so teardown can
@@ -111,6 +115,12 @@ public sealed class Session
 
     /// <summary>When the session started to end, as a timestamp of the registry's clock (how long its release took is measured from it).</summary>
     internal long EndingSince { get; set; }
+
+    /// <summary>
+    /// The broker cut the session's connection (LINK_DOWN, SPEC §14): it ended as connection lost
+    /// while its calls were still alive, so the host must abort them as a dead link would.
+    /// </summary>
+    public bool ConnectionCut { get; internal set; }
 
     /// <summary>Why the session ended, in words: what its stream's <c>revoked</c> and the watch's <c>session_ended</c> say.</summary>
     public string? EndMessage { get; internal set; }

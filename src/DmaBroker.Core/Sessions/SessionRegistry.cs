@@ -162,6 +162,13 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         return EndAsync(session, SessionEndReason.Revoked, string.IsNullOrWhiteSpace(message) ? $"revoked by {revoker}" : message);
     }
 
+    /// <summary>
+    /// Cuts a session's connection (LINK_DOWN): it ends as connection lost, marked
+    /// <see cref="Session.ConnectionCut"/> so the host aborts its calls; completes once everything
+    /// it held is released. A session already ending keeps its own end.
+    /// </summary>
+    public Task CutConnectionAsync(Session session, string message) => End(session, SessionEndReason.ConnectionLost, message, cut: true);
+
     /// <summary>The longest revocation reason, which the revoked client is sent.</summary>
     public const int MaxReasonLength = 256;
 
@@ -170,13 +177,16 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// (SPEC §5): no new operation or DMA is admitted, the ones in flight complete, then the
     /// teardown releases devices, containers and ownership; only then is the session gone.
     /// </summary>
-    public Task EndAsync(Session session, SessionEndReason reason, string? message = null)
+    public Task EndAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false);
+
+    private Task End(Session session, SessionEndReason reason, string? message, bool cut)
     {
         Task teardownTask;
         lock (session.Sync)
         {
             if (session.Teardown is { } running)
                 return running;
+            session.ConnectionCut = cut;
             session.EndReason = reason;
             session.EndingSince = time.GetTimestamp();
             session.EndMessage = message ?? Describe(reason);

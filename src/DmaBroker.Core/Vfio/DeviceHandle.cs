@@ -1,5 +1,6 @@
 using System.Buffers;
 using DmaBroker.Core.Devices;
+using DmaBroker.Core.Faults;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Memory;
 using DmaBroker.Core.Ownership;
@@ -14,12 +15,14 @@ namespace DmaBroker.Core.Vfio;
 /// Every access runs inside the session's operation scope and under the device model's lock, so
 /// session teardown and CloseDevice both wait out accesses in flight.
 /// </summary>
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The removal token source has no timer; it lives as long as the handle, and DMA streams link to its token, so it is never disposed early.")]
 public sealed class DeviceHandle : IDevicePort
 {
     /// <summary>The largest single device access (read, write, copy).</summary>
     public const int MaxTransfer = SessionMemory.MaxTransfer;
 
     private readonly BrokerMetrics _metrics;
+    private readonly CancellationTokenSource _removed = new();
     private Action<uint>? _interruptListener;
 
     internal DeviceHandle(ulong id, PciDevice device, Session session, BrokerMetrics metrics)
@@ -39,6 +42,19 @@ public sealed class DeviceHandle : IDevicePort
     /// <summary>The session that opened it: its memory is all the device's DMA can reach, and its events carry the faults.</summary>
     public Session Session { get; }
     internal bool Closed { get; set; }
+
+    /// <summary>Set (under the model's lock) when the device was surprise-removed: every access fails ENODEV.</summary>
+    internal bool Gone { get; private set; }
+
+    /// <summary>Cancelled when the device is surprise-removed (SPEC §14), so a DMA stream on the handle ends with ENODEV.</summary>
+    public CancellationToken Removed => _removed.Token;
+
+    /// <summary>The device was surprise-removed; call under the model's lock, so no access is in flight.</summary>
+    internal void MarkGone()
+    {
+        Gone = true;
+        _removed.Cancel();
+    }
 
     private DeviceModel Model => Device.Model;
 
@@ -193,8 +209,36 @@ public sealed class DeviceHandle : IDevicePort
 
     void IDevicePort.Interrupt(uint vector)
     {
+        // Fault injection (SPEC §14): every model's interrupts pass here, so DROP/DELAY_INTERRUPT act here.
+        var faults = Model.Faults;
+        if (faults.Any)
+        {
+            if (faults.Fire(FaultKind.DropInterrupt) is not null)
+                return;
+            if (faults.Fire(FaultKind.DelayInterrupt) is { } delayed)
+            {
+                faults.Later(delayed.Settings.Delay, () => DeliverLate(vector));
+                return;
+            }
+        }
+        Deliver(vector);
+    }
+
+    private void Deliver(uint vector)
+    {
         Session.Post(new InterruptEvent(Id, vector));
         Volatile.Read(ref _interruptListener)?.Invoke(vector);
+    }
+
+    // A delayed interrupt, on the clock's thread: the handle may have been closed (or the device removed) meanwhile.
+    private void DeliverLate(uint vector)
+    {
+        lock (Model.Sync)
+        {
+            if (Closed || Gone)
+                return;
+            Deliver(vector);
+        }
     }
 
     private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data)
@@ -219,6 +263,9 @@ public sealed class DeviceHandle : IDevicePort
         var page = iova & ~IovaSpace.PageMask;
         if (!Model.BusMaster)
             return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.BusMasterOff));
+        // Fault injection (SPEC §14): IOMMU_FAULT refuses the access as unmapped before it translates.
+        if (Model.Faults.Any && Model.Faults.Fire(FaultKind.IommuFault) is not null)
+            return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.Unmapped));
         var group = Device.Group;
         var container = group.Attached;
         if (container is not null)
@@ -256,8 +303,11 @@ public sealed class DeviceHandle : IDevicePort
         return outcome;
     }
 
-    private void CheckOpen()
+    /// <summary>ENODEV once the device was surprise-removed, EBADF once closed; call under the model's lock.</summary>
+    internal void CheckOpen()
     {
+        if (Gone)
+            throw ErrnoException.NoDevice(Device.Address);
         if (Closed)
             throw ErrnoException.NotFound(Errno.EBADF, $"device handle {Id} is closed");
     }

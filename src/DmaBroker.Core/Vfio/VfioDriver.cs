@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using DmaBroker.Core.Faults;
 using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
@@ -286,13 +287,21 @@ public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int 
         Close(FindHandle(session, handleId));
     }
 
-    /// <summary>VFIO_DEVICE_RESET: a function-level reset.</summary>
-    public void ResetDevice(Session session, ulong handleId)
+    /// <summary>
+    /// VFIO_DEVICE_RESET: a function-level reset. Returns how long the reset takes, which the caller
+    /// waits out before it answers: zero, unless a SLOW_RESET fault (SPEC §14) fires on it.
+    /// </summary>
+    public TimeSpan ResetDevice(Session session, ulong handleId)
     {
         using var op = session.Enter();
         var handle = FindHandle(session, handleId);
-        lock (handle.Device.Model.Sync)
-            handle.Device.Model.Reset();
+        var model = handle.Device.Model;
+        lock (model.Sync)
+        {
+            handle.CheckOpen();
+            model.Reset();
+            return model.Faults.Any && model.Faults.Fire(FaultKind.SlowReset) is { } slow ? slow.Settings.Delay : TimeSpan.Zero;
+        }
     }
     /// <summary>
     /// Reads a region of an open device (pread on the device fd): config space (index 7) in any
@@ -383,6 +392,46 @@ public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int 
         _files.TryRemove(session, out _);
         if (failures.Count > 0)
             throw new AggregateException($"teardown of session {session.Id} hit {failures.Count} failure(s); everything else was released", failures);
+    }
+
+    /// <summary>
+    /// Surprise removal (SPEC §14 SURPRISE_REMOVE): the device disappears even while a session owns
+    /// it. Its open handles fail ENODEV from now on (and end their DMA streams), its device claim is
+    /// released, and so is a group claim when it was the group's last device; the owning session is
+    /// told <see cref="DeviceRemovedEvent"/>; watchers see the release, then the removal.
+    /// </summary>
+    internal void SurpriseRemove(PciAddress address) => table.SurpriseRemove(address, Detach);
+
+    // Under the hotplug lock and the group's lock, before the table unplugs the device.
+    private void Detach(PciDevice device)
+    {
+        var group = device.Group;
+        var owner = group.OwnerKind == OwnerKind.User ? group.Owner : null;
+        foreach (var files in _files.Values)
+        {
+            foreach (var handle in files.Handles.Snapshot())
+            {
+                if (handle.Device != device)
+                    continue;
+                // Under the model's lock: no access of the handle is in flight, and none starts after.
+                lock (device.Model.Sync)
+                    handle.MarkGone();
+            }
+        }
+        var released = false;
+        if (device.BoundBy is not null)
+        {
+            Unbind(device);
+            released = true;
+        }
+        if (group.Devices.Count == 1 && ContainerSetOn(group) is { } container)
+        {
+            Unset(group, container);
+            released = true;
+        }
+        if (released)
+            table.PublishGroup(group);
+        owner?.Post(new DeviceRemovedEvent(device.Address));
     }
 
     /// <summary>An open device handle of the session; EBADF (NOT_FOUND) otherwise, like a closed fd.</summary>

@@ -132,10 +132,10 @@ public static class CallRoles
         return service switch
         {
             "dmabroker.v1.Topology" => Role.Viewer,
-            // Kernel.* is the admin's, but for counts and sessions (viewers) and revoking one's own session (users).
+            // Kernel.* is the admin's, but for counts, sessions and faults (viewers) and revoking one's own session (users).
             "dmabroker.v1.Kernel" => method switch
             {
-                "GetStats" or "ListSessions" => Role.Viewer,
+                "GetStats" or "ListSessions" or "ListFaults" => Role.Viewer,
                 "RevokeSession" => Role.User,
                 _ => Role.Admin,
             },

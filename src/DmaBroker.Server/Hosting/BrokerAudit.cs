@@ -1,5 +1,6 @@
 using DmaBroker.Core;
 using DmaBroker.Core.Topology;
+using DmaBroker.Protocol;
 using Grpc.Core;
 using Grpc.Core.Interceptors;
 using Wire = DmaBroker.Protocol.V1;
@@ -23,6 +24,8 @@ public enum AuditAction
     DeviceRemove,
     /// <summary>A session revoked by an admin or by its own principal.</summary>
     SessionRevoke,
+    /// <summary>A fault injected on a device, or faults cleared (SPEC §14).</summary>
+    FaultInject,
 }
 
 /// <summary>
@@ -58,7 +61,7 @@ public sealed partial class BrokerAudit(ILoggerFactory loggers)
 
     // Each action's event, in AuditAction's order.
     private static readonly Action<ILogger, string, string, ulong, uint, ulong, string>[] Events =
-        [LogClaim, LogRelease, LogDriverBind, LogDriverUnbind, LogDeviceAdd, LogDeviceRemove, LogSessionRevoke];
+        [LogClaim, LogRelease, LogDriverBind, LogDriverUnbind, LogDeviceAdd, LogDeviceRemove, LogSessionRevoke, LogFaultInject];
 
     // One event id per action, the same fields in each, so a query or a route works on all of them.
     private const string Fields = "{Outcome}: principal {Principal}, session {SessionId}, group {GroupId}, generation {Generation}; {Detail}";
@@ -84,7 +87,8 @@ public sealed partial class BrokerAudit(ILoggerFactory loggers)
     [LoggerMessage(EventId = 1006, EventName = "SessionRevoke", Level = LogLevel.Information, Message = "audit session-revoke " + Fields)]
     private static partial void LogSessionRevoke(ILogger logger, string outcome, string principal, ulong sessionId, uint groupId, ulong generation, string detail);
 
-    // 1007 FaultInject is reserved for Kernel.InjectFault (SPEC §14): docs/logging.md.
+    [LoggerMessage(EventId = 1007, EventName = "FaultInject", Level = LogLevel.Information, Message = "audit fault-inject " + Fields)]
+    private static partial void LogFaultInject(ILogger logger, string outcome, string principal, ulong sessionId, uint groupId, ulong generation, string detail);
 }
 
 /// <summary>
@@ -159,6 +163,8 @@ public sealed record AuditedCall(AuditAction Action, uint? GroupId, string? Addr
         [Path(Wire.Kernel.Descriptor, nameof(Wire.Kernel.KernelBase.AddDevice))] = AuditAction.DeviceAdd,
         [Path(Wire.Kernel.Descriptor, nameof(Wire.Kernel.KernelBase.RemoveDevice))] = AuditAction.DeviceRemove,
         [Path(Wire.Kernel.Descriptor, nameof(Wire.Kernel.KernelBase.RevokeSession))] = AuditAction.SessionRevoke,
+        [Path(Wire.Kernel.Descriptor, nameof(Wire.Kernel.KernelBase.InjectFault))] = AuditAction.FaultInject,
+        [Path(Wire.Kernel.Descriptor, nameof(Wire.Kernel.KernelBase.ClearFaults))] = AuditAction.FaultInject,
     };
 
     /// <summary>The action a method (<c>/package.Service/Method</c>) performs, or null when it is not audited.</summary>
@@ -180,6 +186,8 @@ public sealed record AuditedCall(AuditAction Action, uint? GroupId, string? Addr
             Wire.AddDeviceRequest r => new(action, null, r.Address, 0, $"AddDevice {ErrnoException.Quote(r.Address)} model {ErrnoException.Quote(r.Model)} driver {ErrnoException.Quote(r.Driver)}"),
             Wire.RemoveDeviceRequest r => new(action, null, r.Address, 0, $"RemoveDevice {ErrnoException.Quote(r.Address)}"),
             Wire.RevokeSessionRequest r => new(action, null, null, r.SessionId, $"RevokeSession {r.SessionId} {ErrnoException.Quote(r.Reason)}"),
+            Wire.InjectFaultRequest r => new(action, null, r.Address, 0, $"InjectFault {ErrnoException.Quote(r.Address)} {FaultNames.Describe(r)}"),
+            Wire.ClearFaultsRequest r => new(action, null, r.Address, 0, $"ClearFaults {(r.Address.Length == 0 ? "every device" : ErrnoException.Quote(r.Address))}"),
             _ => null,
         };
     }

@@ -1,4 +1,5 @@
 using DmaBroker.Core;
+using DmaBroker.Core.Faults;
 using DmaBroker.Core.Topology;
 using Wire = DmaBroker.Protocol.V1;
 
@@ -86,6 +87,46 @@ internal static class WireMapping
         Wire.ContainerType.Iommufd => Core.Vfio.ContainerType.Iommufd,
         _ => throw ErrnoException.Invalid($"container type {type} is not one of TYPE1V2, IOMMUFD"),
     };
+
+    /// <summary>A request's fault settings; a probability of 0 reads as 100 (proto3's default stands for SPEC's).</summary>
+    public static FaultSettings ToCore(this Wire.InjectFaultRequest r) => new(r.Kind switch
+    {
+        Wire.FaultKind.Unspecified => throw ErrnoException.Invalid("kind is required: one of FAULT_KIND_IOMMU_FAULT … FAULT_KIND_LINK_DOWN"),
+        var kind => (FaultKind)(int)kind,
+    })
+    {
+        Count = r.Count,
+        Delay = TimeSpan.FromMilliseconds(r.DelayMs),
+        Status = r.Status,
+        Probability = r.ProbabilityPercent == 0 ? 100 : (int)Math.Min(r.ProbabilityPercent, int.MaxValue),
+        Seed = r.Seed,
+        Opcode = r.HasOpcode ? r.Opcode : null,
+        LbaStart = r.LbaStart,
+        LbaCount = r.LbaCount,
+    };
+
+    public static Wire.InjectedFault ToProto(this InjectedFault f)
+    {
+        var s = f.Settings;
+        var fault = new Wire.InjectedFault
+        {
+            FaultId = f.Id,
+            Address = f.Address.ToString(),
+            Kind = (Wire.FaultKind)(int)s.Kind,
+            Count = s.Count,
+            DelayMs = (uint)s.Delay.TotalMilliseconds,
+            Status = s.Status,
+            ProbabilityPercent = (uint)s.Probability,
+            Seed = s.Seed,
+            LbaStart = s.LbaStart,
+            LbaCount = s.LbaCount,
+            Fired = (ulong)f.Fired,
+            Spent = f.Spent,
+        };
+        if (s.Opcode is { } opcode)
+            fault.Opcode = opcode;
+        return fault;
+    }
 
     public static Wire.SessionInfo ToProto(this SessionSummary s)
     {

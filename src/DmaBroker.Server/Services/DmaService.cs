@@ -40,6 +40,8 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
             throw ErrnoException.Unauthenticated($"session {session.Id} ended: {session.EndMessage}");
         }
 
+        // A surprise removal of the device (SPEC §14) ends the stream as well, with ENODEV.
+        using var live = CancellationTokenSource.CreateLinkedTokenSource(ended.Token, handle.Removed);
         var outbox = Channel.CreateBounded<Outgoing>(new BoundedChannelOptions(OutboxCapacity)
         {
             SingleReader = true,
@@ -50,25 +52,26 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
             new Wire.DmaResponse { Interrupt = new Wire.DmaInterrupt { Vector = vector } }, null));
         handle.SetInterruptListener(onInterrupt);
         // Once the session ends nobody awaits these completions: the writer stops too.
-        var writer = WriteAllAsync(outbox.Reader, responseStream, ended.Token);
+        var writer = WriteAllAsync(outbox.Reader, responseStream, live.Token);
         var sessionEnded = false;
         try
         {
-            while (await requestStream.MoveNext(ended.Token))
+            while (await requestStream.MoveNext(live.Token))
             {
                 var request = requestStream.Current;
                 if (request.OpCase == Wire.DmaRequest.OpOneofCase.Batch)
                 {
                     foreach (var inner in request.Batch.Requests)
-                        await outbox.Writer.WriteAsync(Execute(handle, inner), ended.Token);
+                        await outbox.Writer.WriteAsync(Execute(handle, inner), live.Token);
                 }
                 else
                 {
-                    await outbox.Writer.WriteAsync(Execute(handle, request), ended.Token);
+                    await outbox.Writer.WriteAsync(Execute(handle, request), live.Token);
                 }
             }
         }
-        catch (OperationCanceledException) when (session.Ending.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
+        catch (OperationCanceledException) when ((session.Ending.IsCancellationRequested || handle.Removed.IsCancellationRequested)
+            && !context.CancellationToken.IsCancellationRequested)
         {
             sessionEnded = true;
         }
@@ -78,8 +81,17 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
             outbox.Writer.TryComplete();
             await writer;
         }
-        if (sessionEnded)
-            throw ErrnoException.Unauthenticated($"session {session.Id} ended: {session.EndMessage}");
+        if (!sessionEnded)
+            return;
+        if (session.ConnectionCut)
+        {
+            // LINK_DOWN (SPEC §14): reset, as a dead link shows the stream.
+            context.GetHttpContext().Abort();
+            return;
+        }
+        if (handle.Removed.IsCancellationRequested && !session.Ending.IsCancellationRequested)
+            throw ErrnoException.NoDevice(handle.Device.Address);
+        throw ErrnoException.Unauthenticated($"session {session.Id} ended: {session.EndMessage}");
     }
 
     /// <summary>Runs one request on the device and describes the outcome; never throws for a bad request.</summary>

@@ -41,6 +41,25 @@ public sealed class KernelService(Broker broker) : Wire.Kernel.KernelBase
         return Task.FromResult(response);
     }
 
+    public override async Task<Wire.InjectFaultResponse> InjectFault(Wire.InjectFaultRequest request, ServerCallContext context)
+    {
+        var fault = await broker.Faults.InjectAsync(PciAddress.Parse(request.Address), request.ToCore());
+        return new Wire.InjectFaultResponse { FaultId = fault.Id };
+    }
+
+    public override Task<Wire.ClearFaultsResponse> ClearFaults(Wire.ClearFaultsRequest request, ServerCallContext context)
+    {
+        var cleared = broker.Faults.Clear(request.Address.Length == 0 ? null : PciAddress.Parse(request.Address));
+        return Task.FromResult(new Wire.ClearFaultsResponse { Cleared = (uint)cleared });
+    }
+
+    public override Task<Wire.ListFaultsResponse> ListFaults(Wire.ListFaultsRequest request, ServerCallContext context)
+    {
+        var response = new Wire.ListFaultsResponse();
+        response.Faults.AddRange(broker.Faults.List().Select(WireMapping.ToProto));
+        return Task.FromResult(response);
+    }
+
     public override Task<Wire.BrokerStats> GetStats(Wire.GetStatsRequest request, ServerCallContext context)
     {
         var s = broker.GetStats();

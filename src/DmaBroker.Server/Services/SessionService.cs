@@ -60,6 +60,9 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
                 if (told && !clientClosed && session.EndReason == SessionEndReason.Shutdown)
                     await AwaitClientCloseAsync(requestStream, context.CancellationToken);
                 LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
+                // LINK_DOWN (SPEC §14): the client must see what a dead link shows, a reset stream, not a completed call.
+                if (session.ConnectionCut)
+                    context.GetHttpContext().Abort();
             }
         }
         if (malformed is not null)
@@ -173,6 +176,7 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
             },
         },
         InterruptEvent i => new Wire.SessionEvent { Interrupt = new Wire.Interrupt { Handle = i.Handle, Vector = i.Vector } },
+        DeviceRemovedEvent r => new Wire.SessionEvent { DeviceRemoved = new Wire.DeviceRemoved { Address = r.Address.ToString() } },
         _ => throw new ArgumentOutOfRangeException(nameof(ev)),
     };
 

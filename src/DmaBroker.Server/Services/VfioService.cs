@@ -7,7 +7,7 @@ using Wire = DmaBroker.Protocol.V1;
 namespace DmaBroker.Server.Services;
 
 /// <summary>The user side of VFIO: each call authenticates its session and hands over to the core.</summary>
-public sealed class VfioService(Broker broker) : Wire.Vfio.VfioBase
+public sealed class VfioService(Broker broker, TimeProvider time) : Wire.Vfio.VfioBase
 {
     public override Task<Wire.GroupStatus> GetGroupStatus(Wire.GetGroupStatusRequest request, ServerCallContext context)
     {
@@ -90,10 +90,13 @@ public sealed class VfioService(Broker broker) : Wire.Vfio.VfioBase
         return Task.FromResult(new Wire.CloseDeviceResponse());
     }
 
-    public override Task<Wire.ResetDeviceResponse> ResetDevice(Wire.ResetDeviceRequest request, ServerCallContext context)
+    public override async Task<Wire.ResetDeviceResponse> ResetDevice(Wire.ResetDeviceRequest request, ServerCallContext context)
     {
-        broker.Vfio.ResetDevice(broker.Authenticate(context), request.Handle);
-        return Task.FromResult(new Wire.ResetDeviceResponse());
+        // A SLOW_RESET fault makes the reset take a while: the call answers once it has passed.
+        var takes = broker.Vfio.ResetDevice(broker.Authenticate(context), request.Handle);
+        if (takes > TimeSpan.Zero)
+            await Task.Delay(takes, time, context.CancellationToken);
+        return new Wire.ResetDeviceResponse();
     }
 
     public override Task<Wire.RegionReadResponse> RegionRead(Wire.RegionReadRequest request, ServerCallContext context)
