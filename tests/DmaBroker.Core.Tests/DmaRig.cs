@@ -37,9 +37,9 @@ internal sealed class DmaRig : IAsyncDisposable
     public VfioDriver Vfio => Broker.Vfio;
 
     /// <summary>A rig whose container has claimed the first <paramref name="claimed"/> edu devices.</summary>
-    public static DmaRig Create(ContainerType flavour, int claimed = 1, SessionOptions? sessions = null)
+    public static DmaRig Create(ContainerType flavour, int claimed = 1, SessionOptions? sessions = null, TimeProvider? time = null)
     {
-        var broker = new Broker(TopologyDocument.Default(), new BrokerOptions { Sessions = sessions ?? new SessionOptions() }, new FakeTimeProvider());
+        var broker = new Broker(TopologyDocument.Default(), new BrokerOptions { Sessions = sessions ?? new SessionOptions() }, time ?? new FakeTimeProvider());
         var rig = new DmaRig(broker, flavour);
         for (var i = 0; i < claimed; i++)
             rig.Claim(i);
