@@ -26,8 +26,61 @@ public sealed record HotplugDevice(string Address, string Model)
 }
 
 /// <summary>
-/// The kernel and operator side of a broker (SPEC §7): driver binding, hotplug, session revocation
-/// and live counts. Reached as <see cref="BrokerClient.Admin"/>. Rejections throw
+/// A fault to inject with <see cref="BrokerAdmin.InjectFaultAsync"/> (SPEC §14). Only the settings
+/// the kind uses may be given; the broker refuses the rest (EINVAL). kernel.proto's
+/// <c>FaultKind</c> says what each kind does.
+/// </summary>
+/// <param name="Address">The device, "DDDD:BB:DD.F".</param>
+/// <param name="Kind">What the fault does.</param>
+public sealed record FaultInjection(string Address, FaultKind Kind)
+{
+    /// <summary>How many matching events fire before the fault is spent; 0 = until cleared.</summary>
+    public uint Count { get; init; }
+
+    /// <summary>DELAY_INTERRUPT's lateness, SLOW_RESET's duration (1 ms to 10 min); zero for the other kinds.</summary>
+    public TimeSpan Delay { get; init; }
+
+    /// <summary>DEVICE_ERROR on nvme: the 15-bit NVMe Status Field to complete with; 0 = Data Transfer Error.</summary>
+    public uint Status { get; init; }
+
+    /// <summary>The share of matching events that fire, 1 to 100 (the default, 100: every one).</summary>
+    public uint ProbabilityPercent { get; init; } = 100;
+
+    /// <summary>The seed of the draws behind <see cref="ProbabilityPercent"/>: the same seed replays the same firings.</summary>
+    public ulong Seed { get; init; }
+
+    /// <summary>DEVICE_ERROR on nvme: only I/O commands with this opcode; null = any command.</summary>
+    public uint? Opcode { get; init; }
+
+    /// <summary>DEVICE_ERROR on nvme: only Reads and Writes that overlap [LbaStart, LbaStart + LbaCount).</summary>
+    public ulong LbaStart { get; init; }
+
+    /// <summary>The LBAs of that range; 0 = no LBA filter.</summary>
+    public ulong LbaCount { get; init; }
+
+    internal InjectFaultRequest ToRequest()
+    {
+        var request = new InjectFaultRequest
+        {
+            Address = Address,
+            Kind = Kind,
+            Count = Count,
+            DelayMs = (uint)Math.Clamp(Delay.TotalMilliseconds, 0, uint.MaxValue),
+            Status = Status,
+            ProbabilityPercent = ProbabilityPercent,
+            Seed = Seed,
+            LbaStart = LbaStart,
+            LbaCount = LbaCount,
+        };
+        if (Opcode is { } opcode)
+            request.Opcode = opcode;
+        return request;
+    }
+}
+
+/// <summary>
+/// The kernel and operator side of a broker (SPEC §7): driver binding, hotplug, session revocation,
+/// live counts and fault injection (SPEC §14). Reached as <see cref="BrokerClient.Admin"/>. Rejections throw
 /// <see cref="BrokerException"/> with the errno Linux would give.
 /// </summary>
 public sealed class BrokerAdmin
@@ -85,6 +138,25 @@ public sealed class BrokerAdmin
     /// </summary>
     public Task RevokeSessionAsync(ulong sessionId, string? reason = null, CancellationToken cancellationToken = default) =>
         BrokerException.Wrap(() => _kernel.RevokeSessionAsync(new RevokeSessionRequest { SessionId = sessionId, Reason = reason ?? "" }, cancellationToken: cancellationToken).ResponseAsync);
+
+    /// <summary>
+    /// Injects a fault (SPEC §14) and returns its id. SURPRISE_REMOVE and LINK_DOWN have acted when
+    /// this returns. ENODEV for no such device; EINVAL for a kind or setting the device does not
+    /// take, or LINK_DOWN of a device no session owns; EBUSY to surprise-remove a bridge with devices below.
+    /// </summary>
+    public async Task<ulong> InjectFaultAsync(FaultInjection fault, CancellationToken cancellationToken = default) =>
+        (await BrokerException.Wrap(() => _kernel.InjectFaultAsync(fault.ToRequest(), cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false)).FaultId;
+
+    /// <summary>
+    /// Removes the faults injected on <paramref name="address"/>, or on every device when it is null,
+    /// and returns how many. ENODEV when the address names neither a device nor a fault.
+    /// </summary>
+    public async Task<int> ClearFaultsAsync(string? address = null, CancellationToken cancellationToken = default) =>
+        (int)(await BrokerException.Wrap(() => _kernel.ClearFaultsAsync(new ClearFaultsRequest { Address = address ?? "" }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false)).Cleared;
+
+    /// <summary>Every injected fault not yet cleared, in injection order, with its settings and how often it fired.</summary>
+    public async Task<IReadOnlyList<InjectedFault>> ListFaultsAsync(CancellationToken cancellationToken = default) =>
+        (await BrokerException.Wrap(() => _kernel.ListFaultsAsync(new ListFaultsRequest(), cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false)).Faults;
 
     /// <summary>Live counts of what the broker holds (sessions, containers, owned groups, memory, ...), for operators and leak checks.</summary>
     public Task<BrokerStats> GetStatsAsync(CancellationToken cancellationToken = default) =>

@@ -62,7 +62,10 @@ public sealed class BrokerSession : IAsyncDisposable
     /// <summary>The generated Vfio, Memory and Dma clients, authenticated as this session, for experts; see <see cref="RawSessionClients"/>.</summary>
     public RawSessionClients Raw { get; }
 
-    /// <summary>Faults and interrupts; completes when the session ends.</summary>
+    /// <summary>
+    /// Faults, interrupts, <c>device_removed</c> (a device the session held was surprise-removed) and
+    /// <c>revoked</c>; completes when the session ends.
+    /// </summary>
     public ChannelReader<SessionEvent> Events => _events.Reader;
 
     /// <summary>Completes with the reason when the session ends, for whatever cause.</summary>

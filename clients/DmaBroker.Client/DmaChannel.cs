@@ -155,12 +155,14 @@ public sealed class DmaChannel : IAsyncDisposable
     private async Task SendAsync()
     {
         var batch = new List<Pending>(_options.MaxBatch);
+        Pending? current = null;
         try
         {
             while (await _outgoing.Reader.WaitToReadAsync(_stop.Token).ConfigureAwait(false))
             {
                 while (batch.Count < _options.MaxBatch && _outgoing.Reader.TryRead(out var p))
                 {
+                    current = p;
                     // At most MaxInFlight requests on the wire: wait for completions to make room.
                     if (!_window.Wait(0))
                     {
@@ -171,9 +173,11 @@ public sealed class DmaChannel : IAsyncDisposable
                     {
                         await FlushAsync(batch).ConfigureAwait(false);
                         await FlushAsync([p]).ConfigureAwait(false);
+                        current = null;
                         continue;
                     }
                     batch.Add(p);
+                    current = null;
                 }
                 await FlushAsync(batch).ConfigureAwait(false);
             }
@@ -181,7 +185,18 @@ public sealed class DmaChannel : IAsyncDisposable
         }
         catch (Exception e) when (e is RpcException or OperationCanceledException or InvalidOperationException or IOException)
         {
+            if (e is InvalidOperationException or IOException && !_stop.IsCancellationRequested)
+            {
+                // The call is over while we were writing: the receiver learns the broker's status
+                // (ENODEV for a surprise-removed device, UNAUTHENTICATED for an ended session) and breaks with it.
+                await _receiver.ConfigureAwait(false);
+            }
             Break(e is RpcException rpc ? BrokerException.From(rpc) : new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA channel was closed", e));
+            // Requests taken off the queue but not yet awaiting a completion fail with the same reason.
+            var broken = Volatile.Read(ref _broken)!;
+            current?.Result.TrySetException(broken);
+            foreach (var p in batch)
+                p.Result.TrySetException(broken);
         }
     }
 
@@ -226,10 +241,21 @@ public sealed class DmaChannel : IAsyncDisposable
                     _interrupts.Writer.TryWrite(interrupt.Vector);
                     continue;
                 }
-                if (!_awaiting.TryDequeue(out var pending) || pending.Request.Tag != response.Completion.Tag)
+                if (!_awaiting.TryDequeue(out var pending))
+                {
+                    // Broken already (the device is gone): what the broker still completes has no caller left.
+                    if (Volatile.Read(ref _broken) is not null)
+                        continue;
+                    throw new InvalidOperationException($"completion for tag {response.Completion.Tag} arrived, but none is outstanding");
+                }
+                if (pending.Request.Tag != response.Completion.Tag)
                     throw new InvalidOperationException($"completion for tag {response.Completion.Tag} arrived out of order");
                 _window.Release();
                 pending.Result.TrySetResult(DmaResult.From(response.Completion));
+                // The device was surprise-removed (SPEC §14): the channel is done. Breaking it closes our
+                // side, so the broker ends the stream with its ENODEV rather than resetting a busy one.
+                if (response.Completion.Error is { Reason: nameof(Errno.ENODEV) } gone)
+                    Break(new BrokerException(StatusCode.NotFound, gone.Reason, gone.Message));
             }
             Break(new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA channel was closed"));
         }

@@ -16,7 +16,7 @@ namespace DmaBroker.Server.Services;
 /// stream's single writer. When the outbox is full the loop stops reading requests, so HTTP/2
 /// flow control holds a fast client back instead of the broker buffering without bound.
 /// </summary>
-public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
+public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaBase
 {
     private const int OutboxCapacity = 256;
 
@@ -40,8 +40,13 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
             throw ErrnoException.Unauthenticated($"session {session.Id} ended: {session.EndMessage}");
         }
 
-        // A surprise removal of the device (SPEC §14) ends the stream as well, with ENODEV.
-        using var live = CancellationTokenSource.CreateLinkedTokenSource(ended.Token, handle.Removed);
+        // A surprise removal of the device (SPEC §14) ends the stream with ENODEV. Requests keep
+        // completing (each with ENODEV) until the client closes its side, which it should at the
+        // first of them, or a grace has passed: a stream ended while the client still sends is reset
+        // by HTTP/2, and a reset loses the status on the way.
+        using var removedGrace = new CancellationTokenSource(Timeout.InfiniteTimeSpan, time);
+        using var onRemoved = handle.Removed.Register(static s => ((Action)s!)(), (Action)(() => removedGrace.CancelAfter(broker.Sessions.Options.EndingWriteGrace)));
+        using var live = CancellationTokenSource.CreateLinkedTokenSource(ended.Token, removedGrace.Token);
         var outbox = Channel.CreateBounded<Outgoing>(new BoundedChannelOptions(OutboxCapacity)
         {
             SingleReader = true,
@@ -70,7 +75,7 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
                 }
             }
         }
-        catch (OperationCanceledException) when ((session.Ending.IsCancellationRequested || handle.Removed.IsCancellationRequested)
+        catch (OperationCanceledException) when ((session.Ending.IsCancellationRequested || removedGrace.IsCancellationRequested)
             && !context.CancellationToken.IsCancellationRequested)
         {
             sessionEnded = true;
@@ -81,6 +86,8 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
             outbox.Writer.TryComplete();
             await writer;
         }
+        if (handle.Removed.IsCancellationRequested && !session.Ending.IsCancellationRequested)
+            throw ErrnoException.NoDevice(handle.Device.Address);
         if (!sessionEnded)
             return;
         if (session.ConnectionCut)
@@ -89,8 +96,6 @@ public sealed class DmaService(Broker broker) : Wire.Dma.DmaBase
             context.GetHttpContext().Abort();
             return;
         }
-        if (handle.Removed.IsCancellationRequested && !session.Ending.IsCancellationRequested)
-            throw ErrnoException.NoDevice(handle.Device.Address);
         throw ErrnoException.Unauthenticated($"session {session.Id} ended: {session.EndMessage}");
     }
 
