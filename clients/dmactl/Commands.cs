@@ -43,6 +43,10 @@ internal static class Commands
             Define("topology", "Print the running topology as a topology file, which the broker's --topology reads (docs/topology.md).", TopologyAsync),
             Define("dma", "Claim the device's group, map memory, and run a DMA round trip: the device writes a pattern, the CPU checks it, the device reads it back.", DeviceCommands.DmaAsync, [Address, DeviceCommands.Bytes]),
             Define("bench", "Claim the device's group and measure DMA write throughput (a progress bar on stderr when it is a terminal).", DeviceCommands.BenchAsync, [Address, DeviceCommands.Size, DeviceCommands.Seconds, DeviceCommands.Window]),
+            Define("fault", "Inject a fault into a device (admin; SPEC §14): iommu-fault, device-error, drop-interrupt, delay-interrupt and slow-reset arm on the device's next events; surprise-remove and link-down act at once.",
+                FaultCommands.FaultAsync, [Address, FaultCommands.Kind, FaultCommands.Count, FaultCommands.DelayMs, FaultCommands.Status, FaultCommands.Probability,
+                    FaultCommands.Seed, FaultCommands.Opcode, FaultCommands.LbaStart, FaultCommands.LbaCount]),
+            Define("faults", "List injected faults: id, address, kind, settings and how often each fired; with --clear, remove a device's faults (admin).", FaultCommands.FaultsAsync, FaultCommands.Clear),
             Define("version", "Print dmactl's version.", VersionAsync),
             Define("completion", "Print a shell script that completes dmactl's commands and options: eval \"$(dmactl completion bash)\".", CompletionAsync, Shell),
         };

@@ -86,7 +86,7 @@ public sealed class DmactlTests(DmactlBrokerFixture fixture) : IClassFixture<Dma
     {
         var (exit, stdout, stderr) = await RunAsync("--help");
         Assert.Equal((0, 0), (exit, stderr.Count));
-        string[] commands = ["devices", "groups", "group", "watch", "hold", "bind", "unbind", "revoke", "sessions", "stats", "topology", "dma", "bench", "version", "completion"];
+        string[] commands = ["devices", "groups", "group", "watch", "hold", "bind", "unbind", "revoke", "sessions", "stats", "topology", "dma", "bench", "fault", "faults", "version", "completion"];
         Assert.All(commands, c => Assert.Contains(stdout, line => line.TrimStart().StartsWith(c + " ", StringComparison.Ordinal)));
         Assert.All(["--broker", "--token", "--cacert", "--cert", "--key", "--json", "--version"], o => Assert.Contains(stdout, line => line.Contains(o, StringComparison.Ordinal)));
 
@@ -290,6 +290,63 @@ public sealed class DmactlTests(DmactlBrokerFixture fixture) : IClassFixture<Dma
         // The holder is told: its session ended, exit 1.
         Assert.Equal(1, await hold.WaitForExitAsync(Timeout));
         Assert.Contains(hold.Stderr, line => line.Contains($"session {session} ended", StringComparison.Ordinal) && line.Contains("maintenance", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task Fault_InjectListClear_TableJsonAndRefusals()
+    {
+        var (device, _) = FreeEduDevices.All[2];
+        var (exit, stdout, stderr) = await RunAsync("fault", device, "drop-interrupt", "--count", "3", "--probability", "50", "--seed", "7");
+        Assert.Equal((0, 0), (exit, stderr.Count));
+        Assert.Matches($"^fault [0-9]+: drop-interrupt armed on {device}$", Assert.Single(stdout));
+        (exit, _, stderr) = await RunAsync("fault", "0000:01:00.0", "device-error", "--opcode", "0x02", "--lba-start", "8", "--lba-count", "4", "--status", "0x281");
+        Assert.Equal((0, 0), (exit, stderr.Count));
+
+        (exit, stdout, _) = await RunAsync("faults");
+        Assert.Equal(0, exit);
+        Assert.Contains(stdout, l => l.Contains(device, StringComparison.Ordinal) && l.Contains("drop-interrupt", StringComparison.Ordinal)
+            && l.Contains("count 3, probability 50% (seed 7)", StringComparison.Ordinal));
+        Assert.Contains(stdout, l => l.Contains("device-error", StringComparison.Ordinal) && l.Contains("status 0x281, opcode 0x02, lba [8, +4)", StringComparison.Ordinal));
+
+        (exit, stdout, _) = await RunAsync("--json", "faults");
+        Assert.Equal(0, exit);
+        using (var json = JsonDocument.Parse(Assert.Single(stdout)))
+        {
+            var faults = json.RootElement.GetProperty("faults").EnumerateArray().ToList();
+            Assert.Equal(2, faults.Count);
+            Assert.Equal(("drop_interrupt", 50, 0), (faults[0].GetProperty("kind").GetString(), faults[0].GetProperty("probabilityPercent").GetInt32(), faults[0].GetProperty("fired").GetInt32()));
+            Assert.Equal((2, 0x281), (faults[1].GetProperty("opcode").GetInt32(), faults[1].GetProperty("status").GetInt32()));
+        }
+
+        // A kind dmactl does not know is a usage error; one the broker refuses is exit 1 with its errno.
+        (exit, _, stderr) = await RunAsync("fault", device, "melt");
+        Assert.Equal(2, exit);
+        Assert.Contains("melt", stderr[0], StringComparison.Ordinal);
+        (exit, _, stderr) = await RunAsync("fault", device, "delay-interrupt");
+        Assert.Equal(1, exit);
+        Assert.StartsWith("dmactl: EINVAL: ", Assert.Single(stderr), StringComparison.Ordinal);
+
+        (exit, stdout, _) = await RunAsync("faults", "--clear", device);
+        Assert.Equal((0, $"cleared 1 fault(s) of {device}"), (exit, Assert.Single(stdout)));
+        (exit, stdout, _) = await RunAsync("--json", "faults", "--clear", "all");
+        Assert.Equal((0, "{\"cleared\":1,\"address\":\"\"}"), (exit, Assert.Single(stdout)));
+    }
+
+    [Fact]
+    public async Task Fault_LinkDownOnAHeldGroup_TheHolderLosesItsSession()
+    {
+        var (device, group) = FreeEduDevices.All[2];
+        await using var hold = ClientProcess.StartDmactl(Broker.Address, "hold", group.ToString(CultureInfo.InvariantCulture));
+        await hold.WaitForLineAsync("holding group", Timeout);
+
+        var (exit, stdout, _) = await RunAsync("fault", device, "link-down");
+
+        Assert.Equal(0, exit);
+        Assert.EndsWith($"link-down on {device}, done", Assert.Single(stdout), StringComparison.Ordinal);
+        Assert.Equal(1, await hold.WaitForExitAsync(Timeout));
+        Assert.Contains(hold.Stderr, line => line.Contains("ended: lost the broker", StringComparison.Ordinal));
+        (exit, _, _) = await RunAsync("faults", "--clear", device);
+        Assert.Equal(0, exit);
     }
 
     [Fact]

@@ -165,6 +165,57 @@ public sealed class AuditTests
         Assert.Equal([new Audit("DriverBind", "EACCES", "token:viewer", 0, 0, 0)], Records(secure.Log));
     }
 
+    [Fact]
+    public async Task InjectFault_OkAndRefused_EachOneFaultInjectRecordWithTheGroupAndItsOwner()
+    {
+        await using var broker = await StartAsync();
+        await using var a = await broker.Client.OpenSessionAsync("a");
+        await a.SetContainerAsync(EduGroup, await a.CreateContainerAsync(ContainerType.Type1V2));
+        var admin = broker.Client.Admin;
+
+        await admin.InjectFaultAsync(new FaultInjection("0000:08:00.0", FaultKind.IommuFault) { Count = 2 });
+        await Expect(Errno.EINVAL, StatusCode.InvalidArgument, () => admin.InjectFaultAsync(new FaultInjection("0000:08:00.0", FaultKind.IommuFault) { ProbabilityPercent = 101 }));
+        await admin.ClearFaultsAsync("0000:08:00.0");
+
+        Assert.Equal(
+        [
+            new Audit("Claim", "ok", Anonymous, a.Id, EduGroup, 1),
+            new Audit("FaultInject", "ok", Anonymous, a.Id, EduGroup, 1),
+            new Audit("FaultInject", "EINVAL", Anonymous, a.Id, EduGroup, 1),
+            new Audit("FaultInject", "ok", Anonymous, a.Id, EduGroup, 1),
+        ], Records(broker));
+        Assert.Equal(
+            ["InjectFault '0000:08:00.0' iommu-fault (count 2)", "InjectFault '0000:08:00.0' iommu-fault (probability 101% (seed 0))", "ClearFaults '0000:08:00.0'"],
+            AuditRecords(broker).Skip(1).Select(r => (string)r.Fields["Detail"]!));
+    }
+
+    [Fact]
+    public async Task InjectFault_SurpriseRemoveOfAnOwnedDevice_AuditedOnceWithTheReleaseFromTheJournal()
+    {
+        await using var broker = await StartAsync();
+        await using var a = await broker.Client.OpenSessionAsync("a");
+        await a.SetContainerAsync(EduGroup, await a.CreateContainerAsync(ContainerType.Type1V2));
+
+        await broker.Client.Admin.InjectFaultAsync(new FaultInjection("0000:08:00.0", FaultKind.SurpriseRemove));
+
+        Assert.Equal(
+        [
+            new Audit("Claim", "ok", Anonymous, a.Id, EduGroup, 1),
+            new Audit("Release", "ok", Anonymous, a.Id, EduGroup, 1),
+            new Audit("FaultInject", "ok", Anonymous, a.Id, EduGroup, 1),
+        ], Records(broker));
+    }
+
+    [Fact]
+    public async Task InjectFault_ByViewer_RefusedAtTheGateAndAudited()
+    {
+        await using var secure = await StartSecureAsync();
+
+        await Expect(Errno.EACCES, StatusCode.PermissionDenied, () => secure.Connect("viewer-secret").Admin.InjectFaultAsync(new FaultInjection("0000:08:00.0", FaultKind.IommuFault)));
+
+        Assert.Equal([new Audit("FaultInject", "EACCES", "token:viewer", 0, 0, 0)], Records(secure.Log));
+    }
+
     // A user allowed group 15 only, and a viewer.
     private static Task<SecureBroker> StartSecureAsync() => SecureBroker.StartAsync($$"""
         { "principals": [

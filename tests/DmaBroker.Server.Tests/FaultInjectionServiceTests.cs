@@ -291,6 +291,34 @@ public sealed class FaultInjectionServiceTests
         Assert.Empty(await admin.ListFaultsAsync());
     }
 
+    [Theory]
+    [InlineData("viewer-secret", false)]
+    [InlineData("user-secret", false)]
+    [InlineData("admin-secret", true)]
+    public async Task Roles_InjectAndClearNeedAdmin_ListNeedsViewer(string token, bool admin)
+    {
+        await using var broker = await SecureBroker.StartAsync($$"""
+            { "principals": [
+                { "name": "token:viewer", "token_sha256": "{{SecureBroker.Sha256("viewer-secret")}}", "roles": ["viewer"] },
+                { "name": "token:user", "token_sha256": "{{SecureBroker.Sha256("user-secret")}}", "roles": ["user"] },
+                { "name": "token:admin", "token_sha256": "{{SecureBroker.Sha256("admin-secret")}}", "roles": ["admin"] } ] }
+            """);
+        var client = broker.Connect(token).Admin;
+
+        Assert.Empty(await client.ListFaultsAsync());
+        if (admin)
+        {
+            Assert.Equal(1ul, await client.InjectFaultAsync(Fault(FaultKind.DropInterrupt)));
+            Assert.Equal(1, await client.ClearFaultsAsync());
+        }
+        else
+        {
+            await Expect(Errno.EACCES, StatusCode.PermissionDenied, () => client.InjectFaultAsync(Fault(FaultKind.DropInterrupt)));
+            await Expect(Errno.EACCES, StatusCode.PermissionDenied, () => client.ClearFaultsAsync());
+            Assert.Empty(broker.Broker.Faults.List());
+        }
+    }
+
     /// <summary>A fake clock that tells when a timer of a given due time is started (the broker's slow reset wait).</summary>
     private sealed class DelayWatchingTimeProvider(TimeSpan watched) : FakeTimeProvider
     {
