@@ -99,6 +99,10 @@ internal static class Cli
         {
             return output.Fail(Failure.Rejected(e));
         }
+        catch (DmaFaultException e)
+        {
+            return output.Fail(Failure.DmaFault(e));
+        }
         catch (RpcException e) when (e.StatusCode is StatusCode.Unavailable or StatusCode.DeadlineExceeded)
         {
             return output.Fail(Failure.Unreachable($"cannot reach the broker at {connection.Address}", e));

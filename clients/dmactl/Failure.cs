@@ -19,6 +19,10 @@ internal sealed record Failure(int ExitCode, string Kind, string Errno, int? Cod
     public static Failure Rejected(BrokerException e) =>
         new(Cli.Rejected, "rejected", e.Reason, e.Errno == Client.Errno.Unknown ? null : (int)e.Errno, OneLine(e.Message), $"{e.Reason}: {OneLine(e.Message)}");
 
+    /// <summary>The device's DMA faulted in the IOMMU (say, an injected fault): exit 1, EFAULT, with the IOVA, access and reason.</summary>
+    public static Failure DmaFault(DmaFaultException e) =>
+        new(Cli.Rejected, "rejected", "EFAULT", 14, e.Message, $"EFAULT: {e.Message}");
+
     /// <summary>
     /// No broker to talk to, or it went away: exit 3. <paramref name="what"/> says which ("cannot
     /// reach the broker at …"); the message adds the root cause. The errno is the socket's where

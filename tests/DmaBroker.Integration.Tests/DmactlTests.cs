@@ -330,6 +330,15 @@ public sealed class DmactlTests(DmactlBrokerFixture fixture) : IClassFixture<Dma
         Assert.Equal((0, $"cleared 1 fault(s) of {device}"), (exit, Assert.Single(stdout)));
         (exit, stdout, _) = await RunAsync("--json", "faults", "--clear", "all");
         Assert.Equal((0, "{\"cleared\":1,\"address\":\"\"}"), (exit, Assert.Single(stdout)));
+
+        // A DMA the fault refuses is a rejection with the fault, not a crash.
+        (exit, _, _) = await RunAsync("fault", device, "iommu-fault", "--count", "1");
+        Assert.Equal(0, exit);
+        (exit, stdout, stderr) = await RunAsync("dma", device);
+        Assert.Equal((1, 0), (exit, stdout.Count));
+        Assert.Equal("dmactl: EFAULT: DMA fault at IOVA 0x100000: Write Unmapped", Assert.Single(stderr));
+        (exit, _, _) = await RunAsync("faults", "--clear", device);
+        Assert.Equal(0, exit);
     }
 
     [Fact]
