@@ -71,6 +71,16 @@ public sealed class FaultInjectionServiceTests
     private static FaultInjection Fault(FaultKind kind, string address = Edu) => new(address, kind);
 
     [Fact]
+    public void FaultKind_CoreAndWire_SameNumbersAndNames()
+    {
+        var core = Enum.GetValues<Core.Faults.FaultKind>().Select(k => ((int)k, System.Text.RegularExpressions.Regex.Replace(k.ToString(), "(?<=[a-z])(?=[A-Z])", "_").ToUpperInvariant()));
+        var wire = KernelReflection.Descriptor.EnumTypes.Single(e => e.Name == nameof(FaultKind)).Values.Where(v => v.Number != 0).Select(v => (v.Number, v.Name["FAULT_KIND_".Length..]));
+
+        Assert.Equal(wire, core);
+        Assert.Equal(Protocol.FaultNames.All, wire.Select(w => w.Item2.ToLowerInvariant().Replace('_', '-')));
+    }
+
+    [Fact]
     public async Task IommuFault_Count1_NextDmaFaultsUnmappedOnTheCompletionAndTheSession()
     {
         await using var broker = await TestBroker.StartAsync();
