@@ -99,7 +99,7 @@ public sealed class NvmeController : IAsyncDisposable
         var (asq, asqIova) = await MapAsync("admin SQ", AdminEntries * NvmeCommand.Size, deviceWrites: false);
         var (acq, acqIova) = await MapAsync("admin CQ", AdminEntries * NvmeCompletion.Size, deviceReads: false);
         (_identify, _identifyIova) = await MapAsync("identify buffer", PageSize, deviceReads: false);
-        _admin = new NvmeQueuePair(0, AdminEntries, vector: null, _vfio.Dma, _vfio.Vectors, asq, acq);
+        _admin = new NvmeQueuePair(0, AdminEntries, vector: null, _vfio, asq, acq);
         await device.EnableBusMasterAsync();
 
         Capabilities = await device.ReadRegisterAsync(Bar0, RegCap, 8);
@@ -162,7 +162,7 @@ public sealed class NvmeController : IAsyncDisposable
         var (sq, sqIova) = await MapAsync($"I/O SQ {qid}", entries * NvmeCommand.Size, deviceWrites: false);
         await AdminAsync(NvmeCommand.CreateIoCq(qid, entries, cqIova, vector, interrupts: true), $"Create I/O CQ {qid}");
         await AdminAsync(NvmeCommand.CreateIoSq(qid, entries, sqIova, cqid: qid), $"Create I/O SQ {qid}");
-        return new NvmeQueuePair(qid, entries, vector, _vfio.Dma, _vfio.Vectors, sq, cq);
+        return new NvmeQueuePair(qid, entries, vector, _vfio, sq, cq);
     }
 
     /// <summary>Deletes the pair's submission queue, then its completion queue (the order the specification requires).</summary>
@@ -181,7 +181,7 @@ public sealed class NvmeController : IAsyncDisposable
         var stride = (bytesPerSlot + PageSize - 1) / PageSize * PageSize;
         var (data, dataIova) = await MapAsync($"data ({slots} x {bytesPerSlot / 1024} KiB)", slots * stride);
         var (lists, listsIova) = await MapAsync("PRP lists", slots * PageSize, deviceWrites: false);
-        var buffers = new NvmeIoBuffers(data, dataIova, lists, listsIova, slots, stride, Namespace);
+        var buffers = new NvmeIoBuffers((data, dataIova), (lists, listsIova), slots, stride, Namespace);
         await buffers.WritePrpListsAsync();
         return buffers;
     }

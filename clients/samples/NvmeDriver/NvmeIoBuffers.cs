@@ -13,21 +13,14 @@ public sealed class NvmeIoBuffers
 {
     private const int PageSize = NvmeController.PageSize;
 
-    private readonly DmaBuffer _data;
-    private readonly ulong _dataIova;
-    private readonly DmaBuffer _lists;
-    private readonly ulong _listsIova;
+    private readonly (DmaBuffer Memory, ulong Iova) _data;
+    private readonly (DmaBuffer Memory, ulong Iova) _lists;
     private readonly uint _nsid;
 
-    internal NvmeIoBuffers(DmaBuffer data, ulong dataIova, DmaBuffer lists, ulong listsIova, int slots, int stride, uint nsid)
+    internal NvmeIoBuffers((DmaBuffer, ulong) data, (DmaBuffer, ulong) lists, int slots, int stride, uint nsid)
     {
-        _data = data;
-        _dataIova = dataIova;
-        _lists = lists;
-        _listsIova = listsIova;
-        Slots = slots;
-        Stride = stride;
-        _nsid = nsid;
+        (_data, _lists, _nsid) = (data, lists, nsid);
+        (Slots, Stride) = (slots, stride);
     }
 
     public int Slots { get; }
@@ -44,7 +37,7 @@ public sealed class NvmeIoBuffers
             for (var page = 1; page < Stride / PageSize; page++)
                 BinaryPrimitives.WriteUInt64LittleEndian(lists.AsSpan((slot * PageSize) + ((page - 1) * sizeof(ulong))), DataIova(slot) + (ulong)(page * PageSize));
         }
-        return _lists.WriteAsync(0, lists);
+        return _lists.Memory.WriteAsync(0, lists);
     }
 
     /// <summary>A Read or Write of <paramref name="blocks"/> blocks of <paramref name="blockSize"/> at <paramref name="lba"/>, through slot <paramref name="slot"/>.</summary>
@@ -58,16 +51,16 @@ public sealed class NvmeIoBuffers
         {
             1 => 0UL,
             2 => DataIova(slot) + PageSize,
-            _ => _listsIova + (ulong)(slot * PageSize),
+            _ => _lists.Iova + (ulong)(slot * PageSize),
         };
         return NvmeCommand.ReadWrite(opcode, _nsid, lba, blocks, DataIova(slot), prp2);
     }
 
     /// <summary>The CPU fills slot <paramref name="slot"/> (before a write).</summary>
-    public Task WriteAsync(ushort slot, ReadOnlyMemory<byte> data) => _data.WriteAsync((ulong)(slot * Stride), data);
+    public Task WriteAsync(ushort slot, ReadOnlyMemory<byte> data) => _data.Memory.WriteAsync((ulong)(slot * Stride), data);
 
     /// <summary>The CPU reads slot <paramref name="slot"/> (after a read).</summary>
-    public Task<byte[]> ReadAsync(ushort slot, int length) => _data.ReadAsync((ulong)(slot * Stride), length);
+    public Task<byte[]> ReadAsync(ushort slot, int length) => _data.Memory.ReadAsync((ulong)(slot * Stride), length);
 
-    private ulong DataIova(int slot) => _dataIova + (ulong)(slot * Stride);
+    private ulong DataIova(int slot) => _data.Iova + (ulong)(slot * Stride);
 }

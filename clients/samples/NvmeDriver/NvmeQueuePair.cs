@@ -23,15 +23,11 @@ public sealed class NvmeQueuePair
     private bool _phase = true;
     private Task<DmaResult>? _headDoorbell;
 
-    internal NvmeQueuePair(ushort id, int entries, ushort? vector, DmaChannel dma, MsixVectors vectors, DmaBuffer sq, DmaBuffer cq)
+    internal NvmeQueuePair(ushort id, int entries, ushort? vector, VfioBinding vfio, DmaBuffer sq, DmaBuffer cq)
     {
-        Id = id;
-        Entries = entries;
-        Vector = vector;
-        _dma = dma;
-        _vectors = vectors;
-        _sq = sq;
-        _cq = cq;
+        (Id, Entries, Vector) = (id, entries, vector);
+        (_dma, _vectors) = (vfio.Dma, vfio.Vectors);
+        (_sq, _cq) = (sq, cq);
     }
 
     /// <summary>The queue id: 0 for the admin pair, 1-64 for I/O.</summary>
