@@ -83,7 +83,7 @@ public sealed class DocumentationTests
             Assert.Contains(rows, cell => cell.Contains($"`{option} ", StringComparison.Ordinal) || cell.Contains($"`{option}`", StringComparison.Ordinal)));
     }
 
-    private static string RepositoryRoot()
+    internal static string RepositoryRoot()
     {
         for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
         {
