@@ -197,6 +197,28 @@ public sealed class DeviceHandle : IDevicePort
         Volatile.Read(ref _interruptListener)?.Invoke(vector);
     }
 
+    // Called from a timer, holding no lock: the operation scope and the model's lock are taken as a
+    // register access takes them, so teardown and CloseDevice wait for it in the same way.
+    bool IDevicePort.TryRun<TState>(Action<TState, IDevicePort> work, TState state)
+    {
+        if (!Session.Gate.TryEnter())
+            return false;
+        try
+        {
+            lock (Model.Sync)
+            {
+                if (Closed)
+                    return false;
+                work(state, this);
+                return true;
+            }
+        }
+        finally
+        {
+            Session.Gate.Exit();
+        }
+    }
+
     private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data)
     {
         using var domain = EnterDomain(iova, DmaAccess.Write);
