@@ -74,10 +74,10 @@ public sealed record OwnershipChange(uint GroupId, ulong SessionId, string Princ
 public sealed class Broker : IAsyncDisposable
 {
     /// <summary>
-    /// A broker whose table starts from <paramref name="topology"/> (SPEC §2). Leases and grace
-    /// periods run on <paramref name="time"/>, so tests can drive them with a fake clock. Its
-    /// instruments are on a meter from <paramref name="meterFactory"/> (the host's), or on a meter
-    /// of its own. <paramref name="ownershipChanged"/> is told of every claim and release, whichever
+    /// A broker whose table starts from <paramref name="topology"/> (SPEC §2). Leases, grace periods
+    /// and the devices' own timing (an edu DMA) run on <paramref name="time"/>, so tests can drive
+    /// them with a fake clock. Its instruments are on a meter from <paramref name="meterFactory"/>
+    /// (the host's), or on a meter of its own. <paramref name="ownershipChanged"/> is told of every claim and release, whichever
     /// path made it, in the order the journal publishes them, under the group's lock: it must be
     /// quick and must not call back into the broker (an audit log).
     /// </summary>
@@ -86,7 +86,7 @@ public sealed class Broker : IAsyncDisposable
     {
         Options = options ?? new BrokerOptions();
         var clock = time ?? TimeProvider.System;
-        Table = new OwnershipTable(topology, Options.WatchBuffer);
+        Table = new OwnershipTable(topology, Options.WatchBuffer, clock);
         Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount);
         Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>

@@ -28,6 +28,14 @@ if (args is ["metrics", ..])
     return;
 }
 
+// NVMe reads through the NvmeDriver sample's queue pair beside edu DMA of the same sizes (see NvmeBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- nvme [--rounds N] [--seconds S] [--qd 32]
+if (args is ["nvme", ..])
+{
+    await NvmeBenchmark.RunAsync(Arg("--rounds", 5), Arg("--seconds", 2.0), Arg("--qd", 32));
+    return;
+}
+
 var rounds = Arg("--rounds", 5);
 var seconds = Arg("--seconds", 2.0);
 

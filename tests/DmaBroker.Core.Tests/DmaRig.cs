@@ -23,24 +23,28 @@ internal sealed class DmaRig : IAsyncDisposable
 
     private readonly List<MemoryBlock> _blocks = [];
 
-    private DmaRig(Broker broker, ContainerType flavour)
+    private DmaRig(Broker broker, FakeTimeProvider clock, ContainerType flavour)
     {
         Broker = broker;
+        Clock = clock;
         Session = broker.Sessions.Open("rig");
         Container = broker.Vfio.CreateContainer(Session, flavour);
     }
 
     public Broker Broker { get; }
+    /// <summary>The broker's clock: leases, and the edu DMA timer, move only when a test advances it.</summary>
+    public FakeTimeProvider Clock { get; }
     public Session Session { get; }
     public Container Container { get; }
     public ContainerType Flavour => Container.Type;
     public VfioDriver Vfio => Broker.Vfio;
 
     /// <summary>A rig whose container has claimed the first <paramref name="claimed"/> edu devices.</summary>
-    public static DmaRig Create(ContainerType flavour, int claimed = 1, SessionOptions? sessions = null, TimeProvider? time = null)
+    public static DmaRig Create(ContainerType flavour, int claimed = 1, SessionOptions? sessions = null)
     {
-        var broker = new Broker(TopologyDocument.Default(), new BrokerOptions { Sessions = sessions ?? new SessionOptions() }, time ?? new FakeTimeProvider());
-        var rig = new DmaRig(broker, flavour);
+        var clock = new FakeTimeProvider();
+        var broker = new Broker(TopologyDocument.Default(), new BrokerOptions { Sessions = sessions ?? new SessionOptions() }, clock);
+        var rig = new DmaRig(broker, clock, flavour);
         for (var i = 0; i < claimed; i++)
             rig.Claim(i);
         return rig;

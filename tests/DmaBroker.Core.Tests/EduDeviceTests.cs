@@ -55,6 +55,19 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
         return _edu.MmioWrite(0, EduDevice.RegDmaCommand, 8, command);
     }
 
+    /// <summary>Starts a DMA and lets the device's timer run it to the end.</summary>
+    private void RunDma(ulong source, ulong destination, ulong count, ulong command)
+    {
+        var started = StartDma(source, destination, count, command);
+        Assert.True(started.Ok, started.ToString());
+        Assert.Equal(1ul, Running());
+        _rig.Clock.Advance(Model.DmaLatency);
+        Assert.Equal(0ul, Running());
+    }
+
+    /// <summary>The DMA command's start bit: 1 while a transfer is in flight.</summary>
+    private ulong Running() => Read(EduDevice.RegDmaCommand, 8) & EduDevice.DmaCommandStart;
+
     [Fact]
     public void ConfigSpace_Open_ShowsEduIdsAndBusMaster()
     {
@@ -152,21 +165,106 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
     [Fact]
     public void Dma_RamToDeviceThenDeviceToRam_CopiesThroughTheIommuAndRaisesInterrupt100()
     {
-        Assert.True(StartDma(SourceIova, Buffer + 0x100, 256, EduDevice.DmaCommandStart).Ok);
+        RunDma(SourceIova, Buffer + 0x100, 256, EduDevice.DmaCommandStart);
 
         Assert.Equal(_pattern, Model.Buffer.Slice(0x100, 256).ToArray());
-        Assert.Equal(0ul, Read(EduDevice.RegDmaCommand, 8) & EduDevice.DmaCommandStart);
         Assert.Empty(_rig.DrainEvents()); // no interrupt asked for
 
-        var back = StartDma(Buffer + 0x100, DestinationIova + 0x80, 256, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam | EduDevice.DmaCommandIrq);
+        RunDma(Buffer + 0x100, DestinationIova + 0x80, 256, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam | EduDevice.DmaCommandIrq);
 
-        Assert.True(back.Ok, back.ToString());
         var landed = new byte[256];
         _rig.Session.ReadMemory(_destination.Vaddr + 0x80, landed);
         Assert.Equal(_pattern, landed);
         Assert.Equal(EduDevice.DmaIrq, Read(EduDevice.RegIrqStatus));
         Assert.Equal([new InterruptEvent(_edu.Id, 0)], _rig.DrainEvents());
-        Assert.Equal(0ul, Read(EduDevice.RegDmaCommand, 8) & EduDevice.DmaCommandStart);
+    }
+
+    /// <summary>As QEMU's dma_timer: the start bit reads set, and nothing moves or interrupts, until the device's latency has passed.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Dma_UntilItsLatencyPasses_StartBitReadsSetAndNothingMovesOrInterrupts(bool toRam)
+    {
+        var command = EduDevice.DmaCommandStart | EduDevice.DmaCommandIrq | (toRam ? EduDevice.DmaCommandToRam : 0);
+        if (toRam)
+            RunDma(SourceIova, Buffer, 256, EduDevice.DmaCommandStart);
+        var memory = HostMemory();
+
+        Assert.True((toRam ? StartDma(Buffer, DestinationIova, 256, command) : StartDma(SourceIova, Buffer, 256, command)).Ok);
+        _rig.Clock.Advance(Model.DmaLatency - TimeSpan.FromTicks(1));
+
+        Assert.Equal(command, Read(EduDevice.RegDmaCommand, 8));
+        Assert.Equal(memory, HostMemory());
+        Assert.Equal(toRam ? _pattern : new byte[256], Model.Buffer[..256].ToArray());
+        Assert.Equal(0ul, Read(EduDevice.RegIrqStatus));
+        Assert.Empty(_rig.DrainEvents());
+
+        _rig.Clock.Advance(TimeSpan.FromTicks(1));
+
+        Assert.Equal(command & ~EduDevice.DmaCommandStart, Read(EduDevice.RegDmaCommand, 8));
+        Assert.Equal(_pattern, Model.Buffer[..256].ToArray());
+        if (toRam)
+            Assert.Equal(_pattern, DmaRig.Contents(_destination)[..256]);
+        Assert.Equal(EduDevice.DmaIrq, Read(EduDevice.RegIrqStatus));
+        Assert.Equal([new InterruptEvent(_edu.Id, 0)], _rig.DrainEvents());
+    }
+
+    /// <summary>QEMU's dma_rw: while a DMA runs, its registers and the command ignore writes, and the timer keeps its time.</summary>
+    [Fact]
+    public void Dma_StartedAgainWhileRunning_IsIgnored()
+    {
+        Assert.True(StartDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart).Ok);
+        var half = Model.DmaLatency / 2;
+        _rig.Clock.Advance(half);
+
+        var again = StartDma(Buffer, DestinationIova, 128, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam | EduDevice.DmaCommandIrq);
+        Assert.True(again.Ok);
+        Assert.Equal((SourceIova, Buffer, 64ul, EduDevice.DmaCommandStart),
+            (Read(EduDevice.RegDmaSource, 8), Read(EduDevice.RegDmaDestination, 8), Read(EduDevice.RegDmaCount, 8), Read(EduDevice.RegDmaCommand, 8)));
+        _rig.Clock.Advance(Model.DmaLatency - half);
+
+        Assert.Equal(0ul, Running());
+        Assert.Equal(_pattern[..64], Model.Buffer[..64].ToArray());
+        Assert.All(Model.Buffer[64..].ToArray(), b => Assert.Equal(0, b));
+        Assert.All(DmaRig.Contents(_destination), b => Assert.Equal(0, b));
+        _rig.Clock.Advance(Model.DmaLatency);
+        Assert.Equal(0ul, Read(EduDevice.RegIrqStatus));
+        Assert.Empty(_rig.DrainEvents());
+    }
+
+    /// <summary>
+    /// Whatever takes the device from its transfer drops a DMA in flight: a reset (FLR), closing the
+    /// handle, the session ending. Its timer still fires, but nothing lands and no interrupt follows.
+    /// </summary>
+    [Theory]
+    [InlineData("reset")]
+    [InlineData("close")]
+    [InlineData("session end")]
+    public async Task Dma_TakenAwayInFlight_NothingLandsAndNoInterruptFollows(string by)
+    {
+        RunDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart);
+        Assert.True(StartDma(Buffer, DestinationIova, 64, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam | EduDevice.DmaCommandIrq).Ok);
+
+        if (by == "reset")
+            _rig.Vfio.ResetDevice(_rig.Session, _edu.Id);
+        else if (by == "close")
+            _rig.Vfio.CloseDevice(_rig.Session, _edu.Id);
+        else
+            await _rig.Broker.Sessions.EndAsync(_rig.Session, SessionEndReason.ConnectionLost).WaitAsync(CoreState.Timeout);
+        _rig.Clock.Advance(Model.DmaLatency);
+
+        Assert.All(DmaRig.Contents(_destination), b => Assert.Equal(0, b));
+        Assert.DoesNotContain(_rig.DrainEvents(), e => e is InterruptEvent or FaultEvent);
+        if (by == "reset")
+        {
+            AssertReset(_edu);
+            DmaRig.SetBusMaster(_edu, on: true);
+            AssertStillWorks();
+        }
+        else if (by == "close")
+        {
+            AssertReset(_rig.Vfio.OpenDevice(_rig.Session, _edu.Device.Address));
+        }
     }
 
     [Theory]
@@ -175,26 +273,25 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
     [InlineData(0xffff_ffff_f000_0000ul)]
     public void Dma_AddressAboveThe28BitMask_IsClampedToIt(ulong highBits)
     {
-        Assert.True(StartDma(SourceIova | highBits, Buffer, 64, EduDevice.DmaCommandStart).Ok);
-        Assert.True(StartDma(Buffer, DestinationIova | highBits, 64, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam).Ok);
+        RunDma(SourceIova | highBits, Buffer, 64, EduDevice.DmaCommandStart);
+        RunDma(Buffer, DestinationIova | highBits, 64, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam);
 
         var landed = new byte[64];
         _rig.Session.ReadMemory(_destination.Vaddr, landed);
         Assert.Equal(_pattern[..64], landed);
     }
 
+    /// <summary>As in QEMU, a DMA the bus refuses still ends: the start bit clears and the completion interrupt comes if asked for.</summary>
     [Fact]
-    public void Dma_BusMasterOff_FaultsAndMovesNothing()
+    public void Dma_BusMasterOff_FaultsMovesNothingAndStillEndsWithItsInterrupt()
     {
         DmaRig.SetBusMaster(_edu, on: false);
 
-        var result = StartDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart | EduDevice.DmaCommandIrq);
+        RunDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart | EduDevice.DmaCommandIrq);
 
-        Assert.False(result.Ok);
-        Assert.Equal((SourceIova, DmaAccess.Read, FaultReason.BusMasterOff), (result.Dma.FaultIova, result.Dma.Access, result.Dma.Reason));
         Assert.All(Model.Buffer.ToArray(), b => Assert.Equal(0, b));
-        Assert.Equal([new FaultEvent(_edu.Device.Address, SourceIova, DmaAccess.Read, FaultReason.BusMasterOff)], _rig.DrainEvents());
-        Assert.Equal(0ul, Read(EduDevice.RegIrqStatus));
+        Assert.Equal([new FaultEvent(_edu.Device.Address, SourceIova, DmaAccess.Read, FaultReason.BusMasterOff), new InterruptEvent(_edu.Id, 0)], _rig.DrainEvents());
+        Assert.Equal(EduDevice.DmaIrq, Read(EduDevice.RegIrqStatus));
     }
 
     [Theory]
@@ -202,19 +299,21 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
     [InlineData(DestinationIova, false, FaultReason.Permission)] // reading a WRITE-only mapping
     [InlineData(0x30000ul, true, FaultReason.Unmapped)] // device to RAM into an unmapped IOVA
     [InlineData(SourceIova, true, FaultReason.Permission)] // writing a READ-only mapping
-    public void Dma_IommuRefuses_FaultsAndTheDeviceKeepsWorking(ulong iova, bool toRam, FaultReason reason)
+    public void Dma_IommuRefuses_FaultsEndsWithItsInterruptAndTheDeviceKeepsWorking(ulong iova, bool toRam, FaultReason reason)
     {
         var before = HostMemory();
         var command = EduDevice.DmaCommandStart | EduDevice.DmaCommandIrq | (toRam ? EduDevice.DmaCommandToRam : 0);
 
-        var result = toRam ? StartDma(Buffer, iova + 8, 64, command) : StartDma(iova + 8, Buffer, 64, command);
+        if (toRam)
+            RunDma(Buffer, iova + 8, 64, command);
+        else
+            RunDma(iova + 8, Buffer, 64, command);
 
-        Assert.False(result.Ok);
         var access = toRam ? DmaAccess.Write : DmaAccess.Read;
-        Assert.Equal((iova, access, reason), (result.Dma.FaultIova, result.Dma.Access, result.Dma.Reason));
-        Assert.Equal([new FaultEvent(_edu.Device.Address, iova, access, reason)], _rig.DrainEvents());
+        Assert.Equal([new FaultEvent(_edu.Device.Address, iova, access, reason), new InterruptEvent(_edu.Id, 0)], _rig.DrainEvents());
         Assert.Equal(before, HostMemory());
-        Assert.Equal(0ul, Read(EduDevice.RegIrqStatus));
+        Assert.Equal(EduDevice.DmaIrq, Read(EduDevice.RegIrqStatus));
+        Write(EduDevice.RegIrqAck, EduDevice.DmaIrq);
         AssertStillWorks();
     }
 
@@ -240,7 +339,8 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
             Assert.False(result.Ok);
             Assert.False(string.IsNullOrEmpty(result.Error));
             Assert.True(result.Dma.Ok); // not an IOMMU fault: the device refused
-            Assert.Equal(0ul, Read(EduDevice.RegDmaCommand, 8) & EduDevice.DmaCommandStart);
+            Assert.Equal(0ul, Running());
+            _rig.Clock.Advance(Model.DmaLatency); // never started, so nothing is left to run
         }
 
         Assert.Equal(before, HostMemory());
@@ -257,8 +357,8 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
         _rig.Session.WriteMemory(big.Vaddr, data);
         _rig.Map(big.Vaddr, 0x40000, 2 * Page);
 
-        Assert.True(StartDma(0x40000 + 0x800, Buffer, 4096, EduDevice.DmaCommandStart).Ok);
-        Assert.True(StartDma(Buffer, 0x40000, 4096, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam).Ok);
+        RunDma(0x40000 + 0x800, Buffer, 4096, EduDevice.DmaCommandStart);
+        RunDma(Buffer, 0x40000, 4096, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam);
 
         var back = new byte[2 * Page];
         _rig.Session.ReadMemory(big.Vaddr, back);
@@ -273,7 +373,7 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
         Write(EduDevice.RegStatus, EduDevice.StatusIrqFactorial);
         Write(EduDevice.RegFactorial, 5);
         Write(EduDevice.RegIrqRaise, 0x30);
-        Assert.True(StartDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart).Ok);
+        RunDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart);
         Write(EduDevice.RegDmaCount, 7, 8);
 
         _rig.Vfio.ResetDevice(_rig.Session, _edu.Id);
@@ -283,9 +383,13 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
         var config = _edu.RegionRead(DeviceModel.ConfigIndex, 0, 4);
         Assert.Equal([0x34, 0x12, 0xe8, 0x11], config);
         // Without Bus Master the device may not DMA until the driver enables it again.
-        Assert.Equal(FaultReason.BusMasterOff, StartDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart).Dma.Reason);
+        _rig.DrainEvents();
+        RunDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart);
+        Assert.Equal(FaultReason.BusMasterOff, Assert.IsType<FaultEvent>(Assert.Single(_rig.DrainEvents())).Reason);
         DmaRig.SetBusMaster(_edu, on: true);
-        Assert.True(StartDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart).Ok);
+        RunDma(SourceIova, Buffer, 64, EduDevice.DmaCommandStart);
+        Assert.Empty(_rig.DrainEvents());
+        Assert.Equal(_pattern[..64], Model.Buffer[..64].ToArray());
     }
 
     /// <summary>
@@ -370,9 +474,8 @@ public sealed class EduDeviceTests : IAsyncLifetime, IAsyncDisposable
     {
         Write(EduDevice.RegLiveness, 0x0f0f_0f0f);
         Assert.Equal(0xf0f0_f0f0ul, Read(EduDevice.RegLiveness));
-        Assert.True(StartDma(SourceIova, Buffer, 32, EduDevice.DmaCommandStart).Ok);
-        var good = StartDma(Buffer, DestinationIova, 32, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam | EduDevice.DmaCommandIrq);
-        Assert.True(good.Ok, good.ToString());
+        RunDma(SourceIova, Buffer, 32, EduDevice.DmaCommandStart);
+        RunDma(Buffer, DestinationIova, 32, EduDevice.DmaCommandStart | EduDevice.DmaCommandToRam | EduDevice.DmaCommandIrq);
         var landed = new byte[32];
         _rig.Session.ReadMemory(_destination.Vaddr, landed);
         Assert.Equal(_pattern[..32], landed);

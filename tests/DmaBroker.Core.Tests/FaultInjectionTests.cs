@@ -19,14 +19,13 @@ public sealed class FaultInjectionTests : IAsyncLifetime
     private const ulong Iova = 0x10000;
     private static readonly PciAddress Edu = DmaRig.Edus[0];
 
-    private readonly FakeTimeProvider _time = new();
     private readonly DmaRig _rig;
     private readonly DeviceHandle _edu;
     private readonly ulong _vaddr;
 
     public FaultInjectionTests()
     {
-        _rig = DmaRig.Create(ContainerType.Type1v2, time: _time);
+        _rig = DmaRig.Create(ContainerType.Type1v2);
         _vaddr = _rig.Allocate(Page).Vaddr;
         _rig.Map(_vaddr, Iova, Page);
         _edu = _rig.Open();
@@ -37,6 +36,8 @@ public sealed class FaultInjectionTests : IAsyncLifetime
     public async Task DisposeAsync() => await _rig.DisposeAsync();
 
     private Broker Broker => _rig.Broker;
+
+    private FakeTimeProvider Clock => _rig.Clock;
 
     private InjectedFault Inject(FaultSettings settings, PciAddress? address = null) =>
         Broker.Faults.InjectAsync(address ?? Edu, settings).GetAwaiter().GetResult();
@@ -69,12 +70,13 @@ public sealed class FaultInjectionTests : IAsyncLifetime
     {
         Inject(new FaultSettings(FaultKind.IommuFault) { Count = 1 });
 
-        var result = StartEduDma();
+        Assert.True(StartEduDma(irq: true).Ok);
 
-        Assert.False(result.Ok);
-        Assert.Equal((FaultReason.Unmapped, DmaAccess.Read), (result.Dma.Reason, result.Dma.Access));
         Assert.Equal(0ul, _edu.MmioRead(0, EduDevice.RegDmaCommand, 8) & EduDevice.DmaCommandStart);
         Assert.Equal(0, DeviceBuffer);
+        var events = _rig.DrainEvents();
+        Assert.Contains(new FaultEvent(Edu, Iova, DmaAccess.Read, FaultReason.Unmapped), events);
+        Assert.Contains(new InterruptEvent(_edu.Id, 0), events);
     }
 
     [Fact]
@@ -115,9 +117,9 @@ public sealed class FaultInjectionTests : IAsyncLifetime
         Inject(new FaultSettings(FaultKind.DelayInterrupt) { Count = 1, Delay = TimeSpan.FromMilliseconds(250) });
 
         RaiseEduInterrupt();
-        _time.Advance(TimeSpan.FromMilliseconds(249));
+        Clock.Advance(TimeSpan.FromMilliseconds(249));
         var early = _rig.DrainEvents();
-        _time.Advance(TimeSpan.FromMilliseconds(1));
+        Clock.Advance(TimeSpan.FromMilliseconds(1));
 
         Assert.Empty(early);
         Assert.Equal(new InterruptEvent(_edu.Id, 0), Assert.Single(_rig.DrainEvents()));
@@ -131,7 +133,7 @@ public sealed class FaultInjectionTests : IAsyncLifetime
         RaiseEduInterrupt();
 
         Broker.Vfio.CloseDevice(_rig.Session, _edu.Id);
-        _time.Advance(TimeSpan.FromMilliseconds(10));
+        Clock.Advance(TimeSpan.FromMilliseconds(10));
 
         Assert.Empty(_rig.DrainEvents());
     }
@@ -330,14 +332,19 @@ public sealed class FaultInjectionTests : IAsyncLifetime
         Assert.Empty(Broker.Faults.List());
     }
 
-    /// <summary>An edu DMA of one byte (0x5a) from host memory at <see cref="Iova"/> into the device buffer.</summary>
+    /// <summary>
+    /// An edu DMA of one byte (0x5a) from host memory at <see cref="Iova"/> into the device buffer,
+    /// run to its end: the command's result, and the clock moved on past the DMA's latency.
+    /// </summary>
     private MmioResult StartEduDma(bool irq = false)
     {
         _rig.Session.WriteMemory(_vaddr, [0x5a]);
         Assert.True(_edu.MmioWrite(0, EduDevice.RegDmaSource, 8, Iova).Ok);
         Assert.True(_edu.MmioWrite(0, EduDevice.RegDmaDestination, 8, EduDevice.DmaStart).Ok);
         Assert.True(_edu.MmioWrite(0, EduDevice.RegDmaCount, 8, 1).Ok);
-        return _edu.MmioWrite(0, EduDevice.RegDmaCommand, 8, EduDevice.DmaCommandStart | (irq ? EduDevice.DmaCommandIrq : 0));
+        var result = _edu.MmioWrite(0, EduDevice.RegDmaCommand, 8, EduDevice.DmaCommandStart | (irq ? EduDevice.DmaCommandIrq : 0));
+        Clock.Advance(((EduDevice)_edu.Device.Model).DmaLatency);
+        return result;
     }
 
     private byte DeviceBuffer => ((EduDevice)_edu.Device.Model).Buffer[0];

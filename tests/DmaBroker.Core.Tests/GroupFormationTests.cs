@@ -233,6 +233,18 @@ public sealed class GroupFormationTests
             """{ "devices": [ { "address": "0000:00:01.0", "model": "nvme", "vendorId": "1", "deviceId": "2", "classCode": "3", "namespaceMb": -1 } ] }""",
             "bad.json: not valid topology JSON"
         },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "edu", "vendorId": "1", "deviceId": "2", "classCode": "3", "dmaLatencyUs": 0 } ] }""",
+            "bad.json: device 0000:00:01.0: \"dmaLatencyUs\" must be 1 to 1000000, got 0"
+        },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "edu", "vendorId": "1", "deviceId": "2", "classCode": "3", "dmaLatencyUs": 1000001 } ] }""",
+            "bad.json: device 0000:00:01.0: \"dmaLatencyUs\" must be 1 to 1000000, got 1000001"
+        },
+        {
+            """{ "devices": [ { "address": "0000:00:01.0", "model": "nvme", "vendorId": "1", "deviceId": "2", "classCode": "3", "dmaLatencyUs": 100 } ] }""",
+            "bad.json: device 0000:00:01.0: \"dmaLatencyUs\" applies to model edu only, not 'nvme'"
+        },
         { """{ "devices": [] }""", "bad.json: no \"devices\" listed" },
         { """{ "devices": [ { "adress": "0000:00:01.0" } ] }""", "bad.json: not valid topology JSON" },
         { "not json", "bad.json: not valid topology JSON" },
@@ -250,6 +262,20 @@ public sealed class GroupFormationTests
 
         Assert.Equal(mb, spec.NamespaceMb);
         Assert.Equal((ulong)mb << 11, new NvmeController(spec).Namespace.Blocks);
+    }
+
+    [Theory]
+    [InlineData(", \"dmaLatencyUs\": 1", 1u)]
+    [InlineData(", \"dmaLatencyUs\": 100000", 100_000u)] // QEMU's 100 ms
+    [InlineData("", 200u)]
+    public void Parse_EduDmaLatencyUs_TimesTheModelsDma(string setting, uint us)
+    {
+        var json = $$"""{ "devices": [ { "address": "0000:00:01.0", "model": "edu", "vendorId": "1234", "deviceId": "11e8", "classCode": "00ff00"{{setting}} } ] }""";
+
+        var spec = Assert.Single(CoreState.ParseTopology(json).Functions);
+
+        Assert.Equal(us, spec.DmaLatencyUs);
+        Assert.Equal(TimeSpan.FromMicroseconds(us), new EduDevice(spec, TimeProvider.System).DmaLatency);
     }
 
     [Fact]

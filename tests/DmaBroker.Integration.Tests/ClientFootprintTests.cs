@@ -15,6 +15,7 @@ public sealed class ClientFootprintTests
     [InlineData("dmactl")]
     [InlineData("EduDriver")]
     [InlineData("StreamingDriver")]
+    [InlineData("NvmeDriver")]
     public void ClientProgram_NeedsOnlyTheNetRuntime(string program)
     {
         Assert.Equal(["Microsoft.NETCore.App"], Frameworks(program));

@@ -149,6 +149,10 @@ public sealed partial class ClientProcess : IAsyncDisposable
     public static ClientProcess StartEduDriver(string brokerAddress, string device) =>
         Start("EduDriver.dll", "--broker", brokerAddress, "--device", device);
 
+    /// <summary>Starts the NVMe sample driver on one device; it writes, reads back and checks blocks, then exits.</summary>
+    public static ClientProcess StartNvmeDriver(string brokerAddress, string device, params string[] args) =>
+        Start("NvmeDriver.dll", ["--broker", brokerAddress, "--device", device, .. args]);
+
     /// <summary>Waits for an output line containing <paramref name="text"/>; fails on exit or timeout.</summary>
     public async Task<string> WaitForLineAsync(string text, TimeSpan timeout) =>
         await WaitForLineOrExitAsync(text, timeout)

@@ -35,6 +35,36 @@ public sealed class DocumentationTests
         Assert.Contains("the device wrote 'hello' through IOVA 0x100000", quickstart.Transcript, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// The README's edu driver transcript is what the sample prints, on edu devices as slow as QEMU's
+    /// (100 ms a DMA): a driver that read its data back without waiting for the DMA would fail.
+    /// </summary>
+    [Fact]
+    public async Task EduDriver_AgainstDevicesWithQemusDmaLatency_PrintsTheReadmesTranscript()
+    {
+        var root = RepositoryRoot();
+        var readme = File.ReadAllLines(Path.Combine(root, "README.md"));
+        var command = Array.IndexOf(readme, "$ dotnet run --project clients/samples/EduDriver");
+        Assert.True(command >= 0, "README.md no longer shows the edu driver's run");
+        var expected = readme[(command + 1)..Array.IndexOf(readme, "```", command)];
+        var json = File.ReadAllText(Path.Combine(root, "src", "DmaBroker.Core", "Topology", "default-topology.json"));
+        var directory = Directory.CreateTempSubdirectory("edu-latency-").FullName;
+        try
+        {
+            var topology = Path.Combine(directory, "topology.json");
+            File.WriteAllText(topology, json.Replace("\"model\": \"edu\"", "\"model\": \"edu\", \"dmaLatencyUs\": 100000", StringComparison.Ordinal));
+            await using var broker = await LiveBroker.StartAsync("--topology", topology);
+            await using var driver = ClientProcess.StartEduDriver(broker.Address, "0000:08:00.0");
+
+            Assert.Equal(0, await driver.WaitForExitAsync(Timeout));
+            Assert.Equal(expected, driver.Stdout);
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
     [Fact]
     public async Task SystemdUnit_ExecStart_StartsABrokerOnItsSocketWithTheExampleAuthFile()
     {
@@ -83,7 +113,7 @@ public sealed class DocumentationTests
             Assert.Contains(rows, cell => cell.Contains($"`{option} ", StringComparison.Ordinal) || cell.Contains($"`{option}`", StringComparison.Ordinal)));
     }
 
-    private static string RepositoryRoot()
+    internal static string RepositoryRoot()
     {
         for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
         {

@@ -2,6 +2,7 @@ using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Google.Protobuf;
 using Grpc.Core;
+using Microsoft.Extensions.Time.Testing;
 using static DmaBroker.Server.Tests.Errors;
 
 namespace DmaBroker.Server.Tests;
@@ -46,6 +47,8 @@ public sealed class DmaServiceTests
 
     private sealed class DmaStream(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call) : IDisposable
     {
+        private int _taken;
+
         public AsyncDuplexStreamingCall<DmaRequest, DmaResponse> Call { get; } = call;
         public List<DmaInterrupt> Interrupts { get; } = [];
 
@@ -66,6 +69,22 @@ public sealed class DmaServiceTests
                 else
                     return response.Completion;
             }
+        }
+
+        /// <summary>
+        /// The device's next interrupt not yet taken: one that came while waiting for a completion, or
+        /// the next on the stream (an edu DMA ends after its latency, not with its command's completion).
+        /// </summary>
+        public async Task<DmaInterrupt> NextInterruptAsync()
+        {
+            while (_taken == Interrupts.Count)
+            {
+                Assert.True(await Call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout), "DMA stream ended");
+                var response = Call.ResponseStream.Current;
+                Assert.True(response.Interrupt is not null, $"expected an interrupt, got {response}");
+                Interrupts.Add(response.Interrupt);
+            }
+            return Interrupts[_taken++];
         }
 
         public void Dispose() => Call.Dispose();
@@ -98,7 +117,8 @@ public sealed class DmaServiceTests
         await dma.SendAsync(MmioWrite(8, 0x90, (ulong)payload.Length, 8));
         var toDevice = await dma.SendAsync(MmioWrite(9, 0x98, 0x1 | 0x4, 8));
         Assert.True(toDevice.Ok, toDevice.ToString());
-        Assert.Equal(0x100ul, (await dma.SendAsync(MmioRead(10, 0x24))).Value);
+        Assert.Equal(0u, (await dma.NextInterruptAsync()).Vector);
+        Assert.Equal((0x4ul, 0x100ul), ((await dma.SendAsync(MmioRead(10, 0x98, 8))).Value, (await dma.SendAsync(MmioRead(10, 0x24))).Value));
         await dma.SendAsync(MmioWrite(11, 0x64, 0x100));
 
         // Device buffer -> RAM one page further on.
@@ -106,6 +126,7 @@ public sealed class DmaServiceTests
         await dma.SendAsync(MmioWrite(13, 0x88, Iova + 0x1000, 8));
         var toRam = await dma.SendAsync(MmioWrite(14, 0x98, 0x1 | 0x2 | 0x4, 8));
         Assert.True(toRam.Ok, toRam.ToString());
+        await dma.NextInterruptAsync();
 
         var copied = await rig.Session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr + 0x1000, Size = (uint)payload.Length });
         Assert.Equal(payload, copied.Data.ToByteArray());
@@ -117,6 +138,44 @@ public sealed class DmaServiceTests
             Assert.Equal((rig.Handle, 0u), (ev.Interrupt.Handle, ev.Interrupt.Vector));
         }
     }
+
+    /// <summary>
+    /// SPEC §14 edu fidelity through region writes (pwrite on the device fd): the command's start bit
+    /// reads set, and nothing lands, until the broker's clock passes the device's DMA latency.
+    /// </summary>
+    [Fact]
+    public async Task EduDmaByRegionWrites_StartBitSetUntilTheLatencyPasses_ThenDataAndInterrupt()
+    {
+        var time = new FakeTimeProvider();
+        await using var broker = await TestBroker.StartAsync(time);
+        await using var rig = await Rig.StartAsync(broker);
+        var latency = TimeSpan.FromMicroseconds(Core.Topology.PciFunctionSpec.DefaultDmaLatencyUs);
+        var payload = Enumerable.Range(0, 64).Select(i => (byte)(i + 1)).ToArray();
+        await rig.Session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = rig.Vaddr, Data = ByteString.CopyFrom(payload) });
+
+        foreach (var (source, destination, command) in new[] { (Iova, 0x40000ul, 0x1ul | 0x4), (0x40000ul, Iova + 0x1000, 0x1ul | 0x2 | 0x4) })
+        {
+            await Bar0WriteAsync(rig, 0x80, source);
+            await Bar0WriteAsync(rig, 0x88, destination);
+            await Bar0WriteAsync(rig, 0x90, (ulong)payload.Length);
+            await Bar0WriteAsync(rig, 0x98, command);
+            Assert.Equal(command, await Bar0ReadAsync(rig, 0x98));
+
+            time.Advance(latency);
+
+            Assert.Equal(command & ~1ul, await Bar0ReadAsync(rig, 0x98));
+            var ev = await rig.Session.Events.ReadAsync().AsTask().WaitAsync(TestBroker.Timeout);
+            Assert.Equal((rig.Handle, 0u), (ev.Interrupt.Handle, ev.Interrupt.Vector));
+        }
+        var copied = await rig.Session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = rig.Vaddr + 0x1000, Size = (uint)payload.Length });
+        Assert.Equal(payload, copied.Data.ToByteArray());
+    }
+
+    private static async Task Bar0WriteAsync(Rig rig, ulong offset, ulong value) =>
+        await rig.Session.Raw.Vfio.RegionWriteAsync(new RegionWriteRequest { Handle = rig.Handle, Index = 0, Offset = offset, Data = ByteString.CopyFrom(BitConverter.GetBytes(value)) });
+
+    private static async Task<ulong> Bar0ReadAsync(Rig rig, ulong offset) =>
+        BitConverter.ToUInt64((await rig.Session.Raw.Vfio.RegionReadAsync(new RegionReadRequest { Handle = rig.Handle, Index = 0, Offset = offset, Size = 8 })).Data.Span);
 
     [Fact]
     public async Task StreamOps_WriteReadCopyBatch_CompletionsInOrderOnePerTag()

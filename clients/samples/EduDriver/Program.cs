@@ -1,5 +1,7 @@
 // A userspace driver for QEMU's edu device, written only against DmaBroker.Client: the VFIO
-// ownership dance, then liveness, factorial, and DMA both ways with interrupts.
+// ownership dance, then liveness, factorial, and DMA both ways. The device runs a DMA after its
+// command returns (docs/edu.md), so the driver waits for it as a real edu driver does: RAM to the
+// device by polling the command's start bit, the device back to RAM by its completion interrupt.
 //   dotnet run --project clients/samples/EduDriver -- [--broker URL] [--device 0000:08:00.0]
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
@@ -48,20 +50,33 @@ try
     await ExpectInterrupt(0x001, "factorial");
     Check(factorial == 3628800, $"factorial: 10! = {factorial}");
 
-    await Dma(src: Iova, dst: DeviceBuffer, command: 0x1 | 0x4, "RAM -> device buffer");
-    await Dma(src: DeviceBuffer, dst: Iova + Length, command: 0x1 | 0x2 | 0x4, "device buffer -> RAM");
+    await StartDma(src: Iova, dst: DeviceBuffer, command: 0x1);
+    await PollDmaDone("DMA RAM -> device buffer");
+    await StartDma(src: DeviceBuffer, dst: Iova + Length, command: 0x1 | 0x2 | 0x4);
+    await ExpectInterrupt(0x100, "DMA device buffer -> RAM");
+    Check(((await dma.MmioReadAsync(Bar0, 0x98, 8)).Value & 0x1) == 0, "DMA device buffer -> RAM: the start bit is clear after the interrupt");
     var copied = await buffer.ReadAsync(Length, Length);
     Check(copied.AsSpan().SequenceEqual(pattern), $"memory check: {Length} bytes came back intact through the device");
     Console.WriteLine("edu driver: all checks passed");
     return 0;
 
-    async Task Dma(ulong src, ulong dst, ulong command, string what)
+    async Task StartDma(ulong src, ulong dst, ulong command)
     {
         await dma.MmioWriteAsync(Bar0, 0x80, src, 8);
         await dma.MmioWriteAsync(Bar0, 0x88, dst, 8);
         await dma.MmioWriteAsync(Bar0, 0x90, Length, 8);
         (await dma.MmioWriteAsync(Bar0, 0x98, command, 8)).EnsureOk();
-        await ExpectInterrupt(0x100, $"DMA {what}");
+    }
+
+    // Each read is a round trip to the broker, so the loop paces itself; the deadline catches a device that never finishes.
+    async Task PollDmaDone(string what)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(5);
+        ulong command;
+        do
+            command = (await dma.MmioReadAsync(Bar0, 0x98, 8)).EnsureOk().Value;
+        while ((command & 0x1) != 0 && DateTime.UtcNow < deadline);
+        Check((command & 0x1) == 0, $"{what}: the start bit cleared");
     }
 
     async Task ExpectInterrupt(uint cause, string what)

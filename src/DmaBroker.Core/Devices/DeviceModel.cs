@@ -16,6 +16,13 @@ internal interface IDevicePort
 
     /// <summary>The device signals an MSI vector.</summary>
     void Interrupt(uint vector);
+
+    /// <summary>
+    /// Runs device work that a register write left for later (a timer firing) as the write itself
+    /// ran: in the session's operation scope and under the model's lock, with this port. Runs
+    /// nothing, and returns false, once the handle is closed or its session is ending.
+    /// </summary>
+    bool TryRun<TState>(Action<TState, IDevicePort> work, TState state);
 }
 
 /// <summary>The result of a register write that may have started device work.</summary>
@@ -130,10 +137,10 @@ internal abstract class DeviceModel
     /// <summary>The endpoint models that can be hot-added (bridges cannot).</summary>
     public static IReadOnlyList<string> EndpointModels { get; } = ["edu", "nvme", "nic", "gpu", "audio"];
 
-    /// <summary>The model for a function, by its <c>model</c> name.</summary>
-    public static DeviceModel Create(PciFunctionSpec spec) => spec.Model switch
+    /// <summary>The model for a function, by its <c>model</c> name; a model that takes time takes it from <paramref name="time"/>.</summary>
+    public static DeviceModel Create(PciFunctionSpec spec, TimeProvider time) => spec.Model switch
     {
-        "edu" => new EduDevice(spec),
+        "edu" => new EduDevice(spec, time),
         "nvme" => new NvmeController(spec),
         "nic" => new RegisterFileDevice(spec, 128 * 1024),
         "gpu" => new RegisterFileDevice(spec, 16 * 1024 * 1024),

@@ -6,10 +6,12 @@ namespace DmaBroker.Core.Devices;
 /// <summary>
 /// QEMU's educational device (hw/misc/edu.c, docs/specs/edu.rst): identification, liveness,
 /// factorial, interrupt raise/acknowledge, and a DMA engine with a 4 KiB buffer at device
-/// address 0x40000 and a 28-bit DMA mask. The DMA runs when the command is written (QEMU runs
-/// it from a timer); a range outside the buffer fails the DMA where QEMU would abort.
+/// address 0x40000 and a 28-bit DMA mask. A DMA runs from a timer, as QEMU's dma_timer, after
+/// the spec's <see cref="PciFunctionSpec.DmaLatencyUs"/> on <paramref name="time"/>: until then the
+/// command's start bit reads set (docs/edu.md). A range outside the buffer fails the command write
+/// where QEMU would log and overrun its buffer.
 /// </summary>
-internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
+internal sealed class EduDevice(PciFunctionSpec spec, TimeProvider time) : DeviceModel(spec)
 {
     public const ulong Bar0Size = 1 << 20;
     public const uint Identification = 0x010000ed;
@@ -48,10 +50,14 @@ internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
     private ulong _dmaDestination;
     private ulong _dmaCount;
     private ulong _dmaCommand;
+    private Transfer? _transfer;
 
     public override IReadOnlyList<ulong> BarSizes => Bars;
 
     public ulong DmaMask { get; init; } = DefaultDmaMask;
+
+    /// <summary>How long a DMA runs from the command that starts it to its completion.</summary>
+    public TimeSpan DmaLatency { get; } = TimeSpan.FromMicroseconds(spec.DmaLatencyUs);
 
     /// <summary>The device's buffer, for tests that look inside the device.</summary>
     public ReadOnlySpan<byte> Buffer => _buffer;
@@ -111,9 +117,9 @@ internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
             case RegDmaCount when (_dmaCommand & DmaCommandStart) == 0:
                 _dmaCount = value;
                 break;
+            // A start while one runs is ignored, as QEMU's dma_rw ignores it.
             case RegDmaCommand when (value & DmaCommandStart) != 0 && (_dmaCommand & DmaCommandStart) == 0:
-                _dmaCommand = value;
-                return RunDma(port);
+                return StartDma(value, port);
         }
         return MmioResult.Done;
     }
@@ -123,32 +129,53 @@ internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
         Array.Clear(_buffer);
         _liveness = _factorial = _status = _irqStatus = 0;
         _dmaSource = _dmaDestination = _dmaCount = _dmaCommand = 0;
+        // A transfer in flight is dropped: its timer may still fire, but finds itself no longer the current one.
+        _transfer?.Timer?.Dispose();
+        _transfer = null;
     }
 
-    private MmioResult RunDma(IDevicePort port)
+    /// <summary>
+    /// Starts a DMA: the start bit stays set until the timer runs it. A range outside the buffer is
+    /// refused here rather than then, since the DMA registers cannot change while it runs.
+    /// </summary>
+    private MmioResult StartDma(ulong command, IDevicePort port)
     {
+        var (deviceAddress, count) = ((command & DmaCommandToRam) != 0 ? _dmaSource : _dmaDestination, _dmaCount);
+        if (deviceAddress < DmaStart || count > DmaSize || deviceAddress - DmaStart > (ulong)DmaSize - count)
+        {
+            _dmaCommand = command & ~DmaCommandStart;
+            return MmioResult.Failed($"edu: DMA range [0x{deviceAddress:x}, +0x{count:x}) is outside the device buffer [0x{DmaStart:x}, 0x{DmaStart + DmaSize:x})");
+        }
+        // Fault injection (SPEC §14): DEVICE_ERROR fails the DMA as its command is written, as a bad range does; nothing moves.
+        if (Faults.Any && Faults.Fire(FaultKind.DeviceError) is { } injected)
+        {
+            _dmaCommand = command & ~DmaCommandStart;
+            return MmioResult.Failed($"edu: DMA failed: device error injected (fault {injected.Id})");
+        }
+        _dmaCommand = command;
+        var transfer = new Transfer(this, port);
+        _transfer = transfer;
+        transfer.Timer = time.CreateTimer(static t => ((Transfer)t!).Fire(), transfer, DmaLatency, Timeout.InfiniteTimeSpan);
+        return MmioResult.Done;
+    }
+
+    /// <summary>
+    /// The DMA timer's work, under the model's lock: the transfer through the IOMMU, then the start
+    /// bit clears and the interrupt is raised if asked for. A fault (posted by the port, SPEC §6)
+    /// ends the DMA just the same, as in QEMU, where the bus drops what it cannot deliver.
+    /// </summary>
+    private void FinishDma(Transfer transfer, IDevicePort port)
+    {
+        if (_transfer != transfer)
+            return;
+        _transfer = null;
+        transfer.Timer?.Dispose();
         var toRam = (_dmaCommand & DmaCommandToRam) != 0;
-        var deviceAddress = toRam ? _dmaSource : _dmaDestination;
-        var count = _dmaCount;
-        try
-        {
-            if (deviceAddress < DmaStart || count > DmaSize || deviceAddress - DmaStart > (ulong)DmaSize - count)
-                return MmioResult.Failed($"edu: DMA range [0x{deviceAddress:x}, +0x{count:x}) is outside the device buffer [0x{DmaStart:x}, 0x{DmaStart + DmaSize:x})");
-            // Fault injection (SPEC §14): DEVICE_ERROR ends the DMA with an error before anything moves.
-            if (Faults.Any && Faults.Fire(FaultKind.DeviceError) is { } injected)
-                return MmioResult.Failed($"edu: DMA failed: device error injected (fault {injected.Id})");
-            var buffer = _buffer.AsSpan((int)(deviceAddress - DmaStart), (int)count);
-            var outcome = toRam ? port.Write(_dmaDestination & DmaMask, buffer) : port.Read(_dmaSource & DmaMask, buffer);
-            if (!outcome.Ok)
-                return MmioResult.Faulted(outcome);
-            if ((_dmaCommand & DmaCommandIrq) != 0)
-                Raise(DmaIrq, port);
-            return MmioResult.Done;
-        }
-        finally
-        {
-            _dmaCommand &= ~DmaCommandStart;
-        }
+        var buffer = _buffer.AsSpan((int)((toRam ? _dmaSource : _dmaDestination) - DmaStart), (int)_dmaCount);
+        _ = toRam ? port.Write(_dmaDestination & DmaMask, buffer) : port.Read(_dmaSource & DmaMask, buffer);
+        _dmaCommand &= ~DmaCommandStart;
+        if ((_dmaCommand & DmaCommandIrq) != 0)
+            Raise(DmaIrq, port);
     }
 
     private void Raise(uint bits, IDevicePort port)
@@ -157,6 +184,17 @@ internal sealed class EduDevice(PciFunctionSpec spec) : DeviceModel(spec)
         // As QEMU's edu_raise_irq: MSI fires only while some interrupt status bit is set.
         if (_irqStatus != 0)
             port.Interrupt(0);
+    }
+
+    /// <summary>One started DMA, from its command until its timer fires or a reset drops it.</summary>
+    private sealed class Transfer(EduDevice device, IDevicePort port)
+    {
+        private readonly EduDevice _device = device;
+
+        public ITimer? Timer { get; set; }
+
+        // On a timer thread, holding nothing: the port takes the operation scope and the model's lock.
+        public void Fire() => port.TryRun(static (t, p) => t._device.FinishDma(t, p), this);
     }
 
     private static bool ValidWidth(ulong offset, int width) => offset < 0x80 ? width == 4 : width is 4 or 8;

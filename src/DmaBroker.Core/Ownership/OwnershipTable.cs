@@ -19,10 +19,13 @@ public sealed class OwnershipTable
     private readonly Lock _hotplug = new();
     private readonly Dictionary<byte, PciDevice> _bridgeBySecondaryBus = [];
     private readonly HashSet<uint> _pinnedGroupIds;
+    private readonly TimeProvider _time;
     private uint _nextGroupId;
 
-    internal OwnershipTable(TopologyDocument topology, int watchBuffer = 1024)
+    /// <summary>The table of <paramref name="topology"/>; its device models keep time on <paramref name="time"/> (the system clock by default).</summary>
+    internal OwnershipTable(TopologyDocument topology, int watchBuffer = 1024, TimeProvider? time = null)
     {
+        _time = time ?? TimeProvider.System;
         _pinnedGroupIds = [.. topology.Functions.Where(f => f.PinnedGroup.HasValue).Select(f => f.PinnedGroup!.Value)];
         foreach (var spec in topology.Functions)
         {
@@ -113,7 +116,7 @@ public sealed class OwnershipTable
             {
                 lock (existing.Sync)
                 {
-                    var probe = new PciDevice(spec, existing);
+                    var probe = new PciDevice(spec, existing, _time);
                     if (spec.Driver is { } d && !Drivers.ManagesDma(d))
                         existing.CheckKernelUse(probe, d);
                     return Plug(Insert(spec, existing));
@@ -211,7 +214,7 @@ public sealed class OwnershipTable
     private PciDevice Insert(PciFunctionSpec spec, IommuGroup? group = null)
     {
         group ??= FindGroupFor(spec) ?? NewGroup(spec.PinnedGroup);
-        var device = new PciDevice(spec, group) { Parent = ParentOf(spec.Address) };
+        var device = new PciDevice(spec, group, _time) { Parent = ParentOf(spec.Address) };
         var at = group.Devices.FindIndex(d => d.Address.CompareTo(spec.Address) > 0);
         group.Devices.Insert(at < 0 ? group.Devices.Count : at, device);
         _devices[spec.Address] = device;

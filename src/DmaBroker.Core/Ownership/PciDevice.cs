@@ -5,9 +5,10 @@ using DmaBroker.Core.Topology;
 namespace DmaBroker.Core.Ownership;
 
 /// <summary>
-/// One PCI function. Its identity is fixed; its binding state is guarded by its group's lock.
+/// One PCI function. Its identity is fixed; its binding state is guarded by its group's lock. Its
+/// model's own timing (an edu DMA) runs on <paramref name="time"/>.
 /// </summary>
-public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
+public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group, TimeProvider time)
 {
     /// <summary>The function's address, its identity in every call.</summary>
     public PciAddress Address => Spec.Address;
@@ -19,7 +20,7 @@ public sealed class PciDevice(PciFunctionSpec spec, IommuGroup group)
     public IommuGroup Group { get; } = group;
 
     /// <summary>The simulated hardware behind the function; accessed under its own lock.</summary>
-    internal DeviceModel Model { get; } = DeviceModel.Create(spec);
+    internal DeviceModel Model { get; } = DeviceModel.Create(spec, time);
 
     internal string? Driver { get; set; }
     internal bool DriverManagesDma => Driver is not null && Drivers.ManagesDma(Driver);

@@ -49,11 +49,23 @@ public sealed record PciFunctionSpec(
     /// <summary>The largest namespace a topology may give an <c>nvme</c> function, in MiB (1 TiB; it is stored sparsely).</summary>
     public const uint MaxNamespaceMb = 1024 * 1024;
 
+    /// <summary>
+    /// The default time an <c>edu</c> function's DMA takes, in microseconds, from the command that
+    /// starts it to the transfer, the start bit clearing and the completion interrupt (docs/edu.md).
+    /// </summary>
+    public const uint DefaultDmaLatencyUs = 200;
+
+    /// <summary>The longest DMA latency a topology may give an <c>edu</c> function, in microseconds (1 s; QEMU's is 100 ms).</summary>
+    public const uint MaxDmaLatencyUs = 1_000_000;
+
     /// <summary>Anything but an endpoint: bridges can carry buses below them and cannot be hot-added.</summary>
     public bool IsBridge => Kind is not PciNodeKind.Endpoint;
 
     /// <summary>For an <c>nvme</c> function, the size of its one namespace in MiB (<c>namespaceMb</c> in a topology file).</summary>
     public uint NamespaceMb { get; init; } = DefaultNamespaceMb;
+
+    /// <summary>For an <c>edu</c> function, how long each DMA runs before it completes, in microseconds (<c>dmaLatencyUs</c> in a topology file).</summary>
+    public uint DmaLatencyUs { get; init; } = DefaultDmaLatencyUs;
 
     /// <summary>
     /// An endpoint to hot-add (Kernel.AddDevice), from the wire's wider integers: vendor and
@@ -188,6 +200,7 @@ public sealed class TopologyDocument
         public string? Driver { get; set; }
         public uint? Group { get; set; }
         public uint? NamespaceMb { get; set; }
+        public uint? DmaLatencyUs { get; set; }
 
         public PciFunctionSpec ToSpec(int index)
         {
@@ -213,19 +226,21 @@ public sealed class TopologyDocument
                 Hex(ClassCode, 0xffffff, "classCode", where),
                 model, Acs, secondary, string.IsNullOrEmpty(Driver) ? null : Driver, Group)
             {
-                NamespaceMb = NamespaceSize(model, where),
+                NamespaceMb = ModelSetting(NamespaceMb, "namespaceMb", "nvme", PciFunctionSpec.MaxNamespaceMb, PciFunctionSpec.DefaultNamespaceMb),
+                DmaLatencyUs = ModelSetting(DmaLatencyUs, "dmaLatencyUs", "edu", PciFunctionSpec.MaxDmaLatencyUs, PciFunctionSpec.DefaultDmaLatencyUs),
             };
-        }
 
-        private uint NamespaceSize(string model, string where)
-        {
-            if (NamespaceMb is not { } mb)
-                return PciFunctionSpec.DefaultNamespaceMb;
-            if (model != "nvme")
-                throw new TopologyException($"{where}: \"namespaceMb\" applies to model nvme only, not '{model}'");
-            if (mb is 0 or > PciFunctionSpec.MaxNamespaceMb)
-                throw new TopologyException($"{where}: \"namespaceMb\" must be 1 to {PciFunctionSpec.MaxNamespaceMb}, got {mb}");
-            return mb;
+            // A key only one model takes, from 1 to max; the default when the file leaves it out.
+            uint ModelSetting(uint? value, string key, string only, uint max, uint fallback)
+            {
+                if (value is not { } v)
+                    return fallback;
+                if (model != only)
+                    throw new TopologyException($"{where}: \"{key}\" applies to model {only} only, not '{model}'");
+                if (v is 0 || v > max)
+                    throw new TopologyException($"{where}: \"{key}\" must be 1 to {max}, got {v}");
+                return v;
+            }
         }
 
         private static uint Hex(string? text, uint max, string field, string where) =>

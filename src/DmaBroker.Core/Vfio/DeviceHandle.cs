@@ -231,13 +231,28 @@ public sealed class DeviceHandle : IDevicePort
     }
 
     // A delayed interrupt, on the clock's thread: the handle may have been closed (or the device removed) meanwhile.
-    private void DeliverLate(uint vector)
+    private void DeliverLate(uint vector) =>
+        ((IDevicePort)this).TryRun(static (v, port) => ((DeviceHandle)port).Deliver(v), vector);
+
+    // Called from a timer, holding no lock: the operation scope and the model's lock are taken as a
+    // register access takes them, so teardown and CloseDevice wait for it in the same way.
+    bool IDevicePort.TryRun<TState>(Action<TState, IDevicePort> work, TState state)
     {
-        lock (Model.Sync)
+        if (!Session.Gate.TryEnter())
+            return false;
+        try
         {
-            if (Closed || Gone)
-                return;
-            Deliver(vector);
+            lock (Model.Sync)
+            {
+                if (Closed || Gone)
+                    return false;
+                work(state, this);
+                return true;
+            }
+        }
+        finally
+        {
+            Session.Gate.Exit();
         }
     }
 

@@ -45,8 +45,11 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
         }
         catch (Exception e) when (e is OperationCanceledException or IOException or RpcException)
         {
-            // Cancelled by the client, the connection died, or the broker ended the session.
-            reason = context.CancellationToken.IsCancellationRequested ? SessionEndReason.ConnectionLost : reason;
+            // The broker ended the session (its reason stands), or else the stream broke without
+            // the client closing it: the call was cancelled or the connection died. That is a lost
+            // connection whether or not Kestrel has signalled the call's abort yet: it does so
+            // from the thread pool, so the read can fail first.
+            reason = session.Ending.IsCancellationRequested ? reason : SessionEndReason.ConnectionLost;
         }
         finally
         {

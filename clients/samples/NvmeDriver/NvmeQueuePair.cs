@@ -1,0 +1,198 @@
+using DmaBroker.Client;
+
+namespace DmaBroker.Samples.Nvme;
+
+/// <summary>
+/// A submission queue and its completion queue, both rings in session memory that the controller
+/// reaches by DMA. The driver writes commands after the submission tail and rings the tail
+/// doorbell; the controller fetches them, runs them and posts completions whose phase tag flips
+/// each time the completion ring wraps; the driver consumes them from the completion head and
+/// rings the head doorbell. A ring of N entries holds at most N - 1 commands at once.
+/// </summary>
+public sealed class NvmeQueuePair
+{
+    private const uint Bar0 = 0;
+    private const ulong Doorbells = 0x1000;
+
+    private readonly DmaChannel _dma;
+    private readonly MsixVectors _vectors;
+    private readonly DmaBuffer _sq;
+    private readonly DmaBuffer _cq;
+    private int _sqTail;
+    private int _cqHead;
+    private bool _phase = true;
+    private Task<DmaResult>? _headDoorbell;
+
+    internal NvmeQueuePair(ushort id, int entries, ushort? vector, VfioBinding vfio, DmaBuffer sq, DmaBuffer cq)
+    {
+        (Id, Entries, Vector) = (id, entries, vector);
+        (_dma, _vectors) = (vfio.Dma, vfio.Vectors);
+        (_sq, _cq) = (sq, cq);
+    }
+
+    /// <summary>The queue id: 0 for the admin pair, 1-64 for I/O.</summary>
+    public ushort Id { get; }
+
+    /// <summary>Entries in each ring.</summary>
+    public int Entries { get; }
+
+    /// <summary>The MSI-X vector the driver waits on for completions; null: the driver polls the completion ring instead.</summary>
+    public ushort? Vector { get; }
+
+    /// <summary>Commands submitted and not yet completed: at most <see cref="Capacity"/>.</summary>
+    public int Outstanding { get; private set; }
+
+    /// <summary>Commands that may be outstanding at once: one slot of the ring always stays empty.</summary>
+    public int Capacity => Entries - 1;
+
+    /// <summary>Interrupts that woke the driver on this queue so far.</summary>
+    public long InterruptsTaken { get; private set; }
+
+    /// <summary>
+    /// Runs <paramref name="count"/> commands with up to <paramref name="queueDepth"/> in flight, each
+    /// in a slot (0 to depth - 1, also its command id) that is free again once it completes:
+    /// <paramref name="prepare"/> readies a slot and gives its command (those of one batch run
+    /// concurrently, before the doorbell), <paramref name="completed"/> takes its successful completion.
+    /// Stops submitting when <paramref name="stop"/> is cancelled, lets what is in flight complete
+    /// (so it never waits on <paramref name="stop"/> itself), and returns how many commands completed.
+    /// </summary>
+    public async Task<long> RunAsync(long count, int queueDepth, Func<long, ushort, Task<NvmeCommand>> prepare,
+        Func<long, ushort, Task> completed, TimeSpan timeout, CancellationToken stop = default)
+    {
+        if (queueDepth < 1 || queueDepth > Capacity - Outstanding)
+            throw new ArgumentOutOfRangeException(nameof(queueDepth), queueDepth, $"queue {Id} has room for 1 to {Capacity - Outstanding} commands");
+        var free = new Queue<ushort>(Enumerable.Range(0, queueDepth).Select(s => (ushort)s));
+        var running = new (long Index, NvmeCommand Command)[queueDepth];
+        long next = 0;
+        long done = 0;
+        var slots = new List<ushort>(queueDepth);
+        var preparing = new List<Task<NvmeCommand>>(queueDepth);
+        var finishing = new List<Task>(queueDepth);
+        while (done < next || (next < count && !stop.IsCancellationRequested))
+        {
+            while (free.Count > 0 && next < count && !stop.IsCancellationRequested)
+            {
+                var slot = free.Dequeue();
+                slots.Add(slot);
+                running[slot].Index = next;
+                preparing.Add(prepare(next++, slot));
+            }
+            if (slots.Count > 0)
+            {
+                var commands = await Task.WhenAll(preparing);
+                for (var i = 0; i < commands.Length; i++)
+                    running[slots[i]].Command = commands[i] = commands[i] with { Cid = slots[i] };
+                slots.Clear();
+                preparing.Clear();
+                await SubmitAsync(commands);
+            }
+            foreach (var completion in await WaitAsync(timeout, CancellationToken.None))
+            {
+                var (index, command) = running[completion.Cid];
+                completion.EnsureOk($"queue {Id}: command {index} (opcode 0x{command.Opcode:x2}, LBA {command.Cdw10 | ((ulong)command.Cdw11 << 32)})");
+                finishing.Add(completed(index, completion.Cid));
+                free.Enqueue(completion.Cid);
+            }
+            await Task.WhenAll(finishing);
+            done += finishing.Count;
+            finishing.Clear();
+        }
+        return done;
+    }
+
+    /// <summary>
+    /// Writes <paramref name="commands"/> into the submission ring after its tail (one CPU write, two
+    /// when the ring wraps) and rings the tail doorbell once; the controller runs them from there.
+    /// </summary>
+    public async Task SubmitAsync(IReadOnlyList<NvmeCommand> commands)
+    {
+        if (commands.Count > Capacity - Outstanding)
+            throw new InvalidOperationException($"queue {Id}: {commands.Count} commands do not fit beside the {Outstanding} outstanding ({Capacity} at most)");
+        if (commands.Count == 0)
+            return;
+        var entries = new byte[commands.Count * NvmeCommand.Size];
+        for (var i = 0; i < commands.Count; i++)
+            commands[i].WriteTo(entries.AsSpan(i * NvmeCommand.Size));
+        var first = Math.Min(commands.Count, Entries - _sqTail) * NvmeCommand.Size;
+        await _sq.WriteAsync((ulong)(_sqTail * NvmeCommand.Size), entries.AsMemory(0, first));
+        if (first < entries.Length)
+            await _sq.WriteAsync(0, entries.AsMemory(first));
+        _sqTail = (_sqTail + commands.Count) % Entries;
+        Outstanding += commands.Count;
+        var doorbell = _dma.MmioWriteAsync(Bar0, Doorbells + (8UL * Id), (uint)_sqTail);
+        await FlushHeadDoorbellAsync();
+        (await doorbell).EnsureOk();
+    }
+
+    /// <summary>
+    /// Waits until commands complete and returns them, in completion order: for the queue's
+    /// interrupt and then the new entries, or (no vector) by reading the completion ring until its
+    /// phase tags show new entries.
+    /// </summary>
+    public async Task<IReadOnlyList<NvmeCompletion>> WaitAsync(TimeSpan timeout, CancellationToken cancellationToken = default)
+    {
+        if (Outstanding == 0)
+            throw new InvalidOperationException($"queue {Id}: nothing outstanding to wait for");
+        var deadline = DateTime.UtcNow + timeout;
+        while (true)
+        {
+            if (Vector is { } vector)
+            {
+                await _vectors.WaitAsync(vector, Remaining(), cancellationToken);
+                InterruptsTaken++;
+            }
+            var completed = await ReapAsync();
+            if (completed.Count > 0)
+                return completed;
+            // An interrupt whose entries an earlier pass already took, or a poll too early: look again.
+            if (Remaining() <= TimeSpan.Zero)
+                throw new TimeoutException($"queue {Id}: {Outstanding} commands not completed within {timeout.TotalSeconds:F0} s");
+        }
+
+        TimeSpan Remaining() => deadline - DateTime.UtcNow;
+    }
+
+    /// <summary>
+    /// Consumes the entries the controller posted since the last call (those whose phase tag is the
+    /// current phase), then rings the head doorbell. Only as many ring slots as there are commands
+    /// outstanding are read: no more can have been posted.
+    /// </summary>
+    public async Task<IReadOnlyList<NvmeCompletion>> ReapAsync()
+    {
+        if (Outstanding == 0)
+            return [];
+        var toEnd = Math.Min(Outstanding, Entries - _cqHead);
+        var head = await _cq.ReadAsync((ulong)(_cqHead * NvmeCompletion.Size), toEnd * NvmeCompletion.Size);
+        var wrapped = Outstanding > toEnd ? await _cq.ReadAsync(0, (Outstanding - toEnd) * NvmeCompletion.Size) : [];
+        var completed = new List<NvmeCompletion>(Outstanding);
+        for (var i = 0; i < Outstanding; i++)
+        {
+            var entry = i < toEnd ? head.AsSpan(i * NvmeCompletion.Size) : wrapped.AsSpan((i - toEnd) * NvmeCompletion.Size);
+            if (NvmeCompletion.Phase(entry) != _phase)
+                break;
+            completed.Add(NvmeCompletion.Parse(entry));
+            if (++_cqHead == Entries)
+            {
+                _cqHead = 0;
+                _phase = !_phase;
+            }
+        }
+        if (completed.Count == 0)
+            return completed;
+        Outstanding -= completed.Count;
+        // Not awaited: the next doorbell on this ordered channel, or FlushHeadDoorbellAsync, checks it.
+        await FlushHeadDoorbellAsync();
+        _headDoorbell = _dma.MmioWriteAsync(Bar0, Doorbells + (8UL * Id) + 4, (uint)_cqHead);
+        return completed;
+    }
+
+    /// <summary>Waits for the last head doorbell to be taken; call before the queue is deleted.</summary>
+    public async Task FlushHeadDoorbellAsync()
+    {
+        if (_headDoorbell is { } pending)
+        {
+            _headDoorbell = null;
+            (await pending).EnsureOk();
+        }
+    }
+}

@@ -1,0 +1,135 @@
+using System.Diagnostics;
+using System.Globalization;
+using DmaBroker.Client;
+using DmaBroker.Protocol.V1;
+using DmaBroker.Samples.Nvme;
+
+namespace DmaBroker.Benchmarks;
+
+/// <summary>
+/// NVMe reads of 4 KiB and 128 KiB at queue depth 32, driven as the NvmeDriver sample drives them
+/// (its own classes: the client library, a queue pair in session memory, PRP lists, doorbells on
+/// the DMA channel, completions by MSI-X interrupt on the session's events), beside edu DMA of the
+/// same sizes with as many in flight: the device writing host memory over <c>Dma.Stream</c>, the
+/// direction of a read's data. One in-process broker serves both, in alternating rounds after a
+/// warm-up round. An NVMe
+/// read moves its data from the namespace to session memory inside the broker; the row "CPU reads
+/// the data" adds what the sample does to check it, a Memory.Read of every block.
+/// </summary>
+internal static class NvmeBenchmark
+{
+    private const string NvmeAddress = "0000:01:00.0";
+    private const string EduAddress = "0000:08:00.0";
+    private const uint EduGroup = 14;
+    private const int LargestRead = 128 * 1024;
+    /// <summary>The range the reads cycle over, written once before they start, so they return data rather than never-written zeros.</summary>
+    private const int RegionBytes = 16 * 1024 * 1024;
+    private static readonly TimeSpan CommandTimeout = TimeSpan.FromSeconds(10);
+
+    private sealed record Side(string Name, Func<Task<double>> Measure)
+    {
+        public List<double> Rates { get; } = [];
+    }
+
+    public static async Task RunAsync(int rounds, double seconds, int queueDepth)
+    {
+        await using var broker = await Host.StartBrokerAsync();
+        using var client = BrokerClient.Connect(broker.Address);
+
+        await using var vfio = await VfioBinding.OpenAsync(client, NvmeAddress, "nvme", "bench-nvme", _ => { });
+        await using var controller = await NvmeController.StartAsync(vfio, _ => { });
+        var id = await controller.IdentifyAsync();
+        await controller.SetNumberOfQueuesAsync(1);
+        var queue = await controller.CreateIoQueuePairAsync(qid: 1, entries: queueDepth + 1, vector: 1);
+        var buffers = await controller.MapIoBuffersAsync(queueDepth, LargestRead);
+        var blocksPerLargest = LargestRead / id.BlockSize;
+        await queue.RunAsync(RegionBytes / LargestRead, queueDepth,
+            (i, slot) => Task.FromResult(buffers.Command(NvmeCommand.IoWrite, slot, (ulong)(i * blocksPerLargest), blocksPerLargest, id.BlockSize)),
+            (_, _) => Task.CompletedTask, CommandTimeout);
+
+        await using var eduSession = await client.OpenSessionAsync("bench-edu");
+        var container = await eduSession.NewContainerAsync(ContainerType.Type1V2);
+        await container.SetGroupAsync(EduGroup);
+        var eduMemory = await eduSession.AllocateAsync((ulong)(queueDepth * LargestRead));
+        await container.MapAsync(eduMemory, Host.Iova);
+        await using var edu = await eduSession.OpenDeviceAsync(EduAddress);
+        await edu.EnableBusMasterAsync();
+        await using var dma = await edu.OpenDmaChannelAsync();
+
+        var deadline = TimeSpan.FromSeconds(seconds);
+        Console.WriteLine($"NVMe reads (the NvmeDriver sample's path) beside edu DMA, queue depth {queueDepth}: {rounds} rounds x {seconds:F1} s per side, in-process broker on loopback, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
+        foreach (var size in new[] { 4096, LargestRead })
+        {
+            var blocks = size / id.BlockSize;
+            Side[] sides =
+            [
+                new($"NVMe read, {Kib(size)} KiB", () => NvmeReadsAsync(queue, buffers, blocks, id.BlockSize, queueDepth, deadline, verify: false)),
+                new("  + CPU reads the data", () => NvmeReadsAsync(queue, buffers, blocks, id.BlockSize, queueDepth, deadline, verify: true)),
+                new($"edu DMA write, {Kib(size)} KiB", () => EduWritesAsync(dma, size, queueDepth, deadline)),
+            ];
+            // A warm-up round, not counted: the JIT's later tiers and the connections' windows settle first.
+            for (var round = -1; round < rounds; round++)
+            {
+                foreach (var side in sides)
+                {
+                    var rate = await side.Measure();
+                    if (round >= 0)
+                        side.Rates.Add(rate);
+                }
+            }
+            Console.WriteLine($"{Kib(size)} KiB at QD {queueDepth}:");
+            foreach (var side in sides)
+            {
+                var iops = Rounds.Median(side.Rates);
+                Console.WriteLine($"  {side.Name,-26} {iops,9:F0} IOPS {iops * size / (1024 * 1024),9:F1} MiB/s   (median of {rounds}; {string.Join(", ", side.Rates.Select(r => r.ToString("F0", CultureInfo.InvariantCulture)))})");
+            }
+            var edus = sides[2].Rates;
+            Console.WriteLine($"  NVMe read / edu DMA        {Rounds.Median(sides[0].Rates.Zip(edus, (n, e) => n / e)),9:P0}   (median of the rounds' ratios; with the CPU reading the data {Rounds.Median(sides[1].Rates.Zip(edus, (n, e) => n / e)):P0})");
+        }
+        await controller.DeleteIoQueuePairAsync(queue);
+        await controller.ShutdownAsync();
+        await controller.ReleaseAsync();
+        await vfio.CloseAsync();
+    }
+
+    /// <summary>Reads of <paramref name="blocks"/> blocks cycling over the written region for <paramref name="duration"/>, <paramref name="queueDepth"/> in flight; completions per second.</summary>
+    private static async Task<double> NvmeReadsAsync(NvmeQueuePair queue, NvmeIoBuffers buffers, int blocks, int blockSize, int queueDepth, TimeSpan duration, bool verify)
+    {
+        var regionBlocks = RegionBytes / blockSize;
+        using var stop = new CancellationTokenSource(duration);
+        var clock = Stopwatch.StartNew();
+        var completed = await queue.RunAsync(long.MaxValue, queueDepth,
+            (i, slot) => Task.FromResult(buffers.Command(NvmeCommand.IoRead, slot, (ulong)(i * blocks % regionBlocks), blocks, blockSize)),
+            verify ? async (_, slot) => await buffers.ReadAsync(slot, blocks * blockSize) : (_, _) => Task.CompletedTask,
+            CommandTimeout, stop.Token);
+        return completed / clock.Elapsed.TotalSeconds;
+    }
+
+    /// <summary>The edu device writes <paramref name="size"/> bytes into host memory, <paramref name="inFlight"/> requests in flight, for <paramref name="duration"/>; completions per second.</summary>
+    private static async Task<double> EduWritesAsync(DmaChannel dma, int size, int inFlight, TimeSpan duration)
+    {
+        var data = new byte[size];
+        Random.Shared.NextBytes(data);
+        var pending = new Queue<Task<DmaResult>>(inFlight);
+        long completed = 0;
+        long sent = 0;
+        var clock = Stopwatch.StartNew();
+        while (clock.Elapsed < duration)
+        {
+            if (pending.Count == inFlight)
+            {
+                (await pending.Dequeue()).EnsureOk();
+                completed++;
+            }
+            pending.Enqueue(dma.WriteAsync(Host.Iova + (ulong)(sent++ % inFlight * size), data));
+        }
+        while (pending.Count > 0)
+        {
+            (await pending.Dequeue()).EnsureOk();
+            completed++;
+        }
+        return completed / clock.Elapsed.TotalSeconds;
+    }
+
+    private static int Kib(int bytes) => bytes / 1024;
+}
