@@ -155,6 +155,29 @@ public sealed class MetricsTests
     }
 
     [Fact]
+    public async Task Scrape_BrokerWithoutAHostEndsInTheSameProcess_HostKeepsExportingItsOwnCounts()
+    {
+        await using var host = await TestBroker.StartAsync();
+        // A broker built with no IMeterFactory, as ThinServiceTests and embedders do: its meter
+        // has the same name and instruments as the host's, and no factory scope.
+        var standalone = new Core.Broker(Core.Topology.TopologyDocument.Default());
+        standalone.Sessions.Open();
+        standalone.Sessions.Open();
+
+        var beside = await ScrapeAsync(host.WebAddress);
+        await standalone.DisposeAsync();
+        // The first collect after its meter is disposed exports a stream it ended one last time; the second shows whether the host's own stream survived.
+        var after = await ScrapeAsync(host.WebAddress);
+        var later = await ScrapeAsync(host.WebAddress);
+
+        Assert.Equal(0, beside.Value("dmabroker_sessions"));
+        Assert.Equal(0, after.Value("dmabroker_sessions"));
+        Assert.Equal(0, later.Value("dmabroker_sessions"));
+        Assert.Equal(0, later.Value("dmabroker_watchers"));
+        Assert.Equal(0, later.Value("dmabroker_groups_owned", ("owner_kind", "user")));
+    }
+
+    [Fact]
     public async Task Otlp_EndpointConfigured_ExportsTheBrokerMetersOverHttpProtobuf()
     {
         await using var receiver = await OtlpReceiver.StartAsync();

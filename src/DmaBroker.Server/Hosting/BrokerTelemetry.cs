@@ -72,8 +72,19 @@ public static class BrokerTelemetry
     /// <summary>
     /// OpenTelemetry subscribes to meters by name across the process; a meter made by another
     /// host's <see cref="IMeterFactory"/> (another broker in the same process, as in tests) is
-    /// that host's to export. Meters no factory made (the runtime's) are the process's, kept.
+    /// that host's to export. Meters no factory made (the runtime's) are the process's, kept,
+    /// except the broker's own meter: a <see cref="BrokerMetrics.MeterName"/> meter no factory
+    /// made belongs to a broker built without a host (an embedder's, or a test's), never to this
+    /// one. Kept, its instruments would be the same metric streams as this host's (OpenTelemetry
+    /// merges instruments of equal meter name, version, tags and instrument name into one
+    /// stream), reporting that broker's counts as this host's, and disposing it would end the
+    /// shared streams, so that from the next collect this host's instruments are exported no more.
     /// </summary>
     private static Func<Instrument, MetricStreamConfiguration?> OnlyThisHost(IMeterFactory own) =>
-        instrument => instrument.Meter.Scope is { } scope && !ReferenceEquals(scope, own) ? MetricStreamConfiguration.Drop : null;
+        instrument => instrument.Meter.Scope switch
+        {
+            null when instrument.Meter.Name == BrokerMetrics.MeterName => MetricStreamConfiguration.Drop,
+            null => null,
+            var scope => ReferenceEquals(scope, own) ? null : MetricStreamConfiguration.Drop,
+        };
 }
