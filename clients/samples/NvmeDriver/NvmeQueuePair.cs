@@ -14,6 +14,17 @@ public sealed class NvmeQueuePair
     private const uint Bar0 = 0;
     private const ulong Doorbells = 0x1000;
 
+    /// <summary>
+    /// How long a waiter trusts the interrupt: after that it reads the completion ring and CSTS
+    /// itself, as Linux's nvme_timeout polls the queue before it gives up on a command, so a lost
+    /// or late interrupt costs this much and a dead controller (CSTS.CFS) is seen in this time.
+    /// </summary>
+    public static readonly TimeSpan InterruptTimeout = TimeSpan.FromMilliseconds(500);
+
+    /// <summary>How often a polled queue (the admin queue) checks CSTS for a fatal controller status while it waits.</summary>
+    private static readonly TimeSpan StatusCheckInterval = TimeSpan.FromMilliseconds(250);
+
+    private readonly VfioDevice _device;
     private readonly DmaChannel _dma;
     private readonly MsixVectors _vectors;
     private readonly DmaBuffer _sq;
@@ -26,7 +37,7 @@ public sealed class NvmeQueuePair
     internal NvmeQueuePair(ushort id, int entries, ushort? vector, VfioBinding vfio, DmaBuffer sq, DmaBuffer cq)
     {
         (Id, Entries, Vector) = (id, entries, vector);
-        (_dma, _vectors) = (vfio.Dma, vfio.Vectors);
+        (_device, _dma, _vectors) = (vfio.Device, vfio.Dma, vfio.Vectors);
         (_sq, _cq) = (sq, cq);
     }
 
@@ -47,6 +58,9 @@ public sealed class NvmeQueuePair
 
     /// <summary>Interrupts that woke the driver on this queue so far.</summary>
     public long InterruptsTaken { get; private set; }
+
+    /// <summary>Completions found by reading the ring after no interrupt came within <see cref="InterruptTimeout"/> (a lost or late interrupt).</summary>
+    public long CompletionsPolled { get; private set; }
 
     /// <summary>
     /// Runs <paramref name="count"/> commands with up to <paramref name="queueDepth"/> in flight, each
@@ -127,29 +141,65 @@ public sealed class NvmeQueuePair
     /// <summary>
     /// Waits until commands complete and returns them, in completion order: for the queue's
     /// interrupt and then the new entries, or (no vector) by reading the completion ring until its
-    /// phase tags show new entries.
+    /// phase tags show new entries. An interrupt that does not come within <see cref="InterruptTimeout"/>
+    /// is not waited for further: the ring is read anyway. Fails when the controller reports a
+    /// fatal status (CSTS.CFS), which it checks whenever it has waited that long without news.
     /// </summary>
     public async Task<IReadOnlyList<NvmeCompletion>> WaitAsync(TimeSpan timeout, CancellationToken cancellationToken = default)
     {
         if (Outstanding == 0)
             throw new InvalidOperationException($"queue {Id}: nothing outstanding to wait for");
         var deadline = DateTime.UtcNow + timeout;
+        var nextStatusCheck = DateTime.UtcNow + StatusCheckInterval;
         while (true)
         {
+            var interrupted = true;
             if (Vector is { } vector)
             {
-                await _vectors.WaitAsync(vector, Remaining(), cancellationToken);
-                InterruptsTaken++;
+                var slice = Remaining() < InterruptTimeout ? Remaining() : InterruptTimeout;
+                try
+                {
+                    await _vectors.WaitAsync(vector, slice > TimeSpan.Zero ? slice : TimeSpan.Zero, cancellationToken);
+                    InterruptsTaken++;
+                }
+                catch (TimeoutException)
+                {
+                    interrupted = false;
+                }
             }
             var completed = await ReapAsync();
             if (completed.Count > 0)
+            {
+                if (!interrupted)
+                    CompletionsPolled += completed.Count;
                 return completed;
+            }
             // An interrupt whose entries an earlier pass already took, or a poll too early: look again.
+            if (!interrupted || DateTime.UtcNow >= nextStatusCheck)
+            {
+                nextStatusCheck = DateTime.UtcNow + StatusCheckInterval;
+                await EnsureControllerAliveAsync();
+            }
             if (Remaining() <= TimeSpan.Zero)
                 throw new TimeoutException($"queue {Id}: {Outstanding} commands not completed within {timeout.TotalSeconds:F0} s");
         }
 
         TimeSpan Remaining() => deadline - DateTime.UtcNow;
+    }
+
+    /// <summary>
+    /// A controller with CSTS.CFS set completes nothing more until it is reset (a command fetch or a
+    /// completion post faulted): fail now, with the IOMMU fault that likely caused it, instead of at the timeout.
+    /// </summary>
+    private async Task EnsureControllerAliveAsync()
+    {
+        var csts = (uint)await _device.ReadRegisterAsync(Bar0, NvmeController.RegCsts);
+        if ((csts & NvmeController.CstsFatal) == 0)
+            return;
+        var cause = _vectors.Faults.LastOrDefault() is { } fault
+            ? $"; last IOMMU fault: {fault.Access} at IOVA 0x{fault.Iova:x}, {fault.Reason}"
+            : "";
+        throw new InvalidOperationException($"queue {Id}: controller fatal status (CSTS 0x{csts:x}) with {Outstanding} commands outstanding{cause}");
     }
 
     /// <summary>

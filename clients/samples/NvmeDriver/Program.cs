@@ -5,6 +5,10 @@
 // data, shut down cleanly and give the device back to nvme (as SPDK's 'setup.sh reset').
 //   dotnet run --project clients/samples/NvmeDriver -- [--broker URL] [--device 0000:01:00.0]
 //       [--qd 16] [--blocks 64 (transfers each way)] [--io-size 32k (bytes, or k for KiB)]
+//       [--pause-before-io (print a line and wait for one on stdin before the first I/O, to inject a fault there)]
+// Under a fault it exits 1 with one line on stderr, within CAP.TO for the controller to become
+// ready and 10 s for a command; a lost or late interrupt costs 0.5 s, after which it reads the
+// completion queue itself (as Linux's nvme driver does) and says so on stderr.
 using System.Buffers.Binary;
 using System.Globalization;
 using DmaBroker.Client;
@@ -30,11 +34,13 @@ if (queueDepth is < 1 or > 1023 || transfers < 1 || ioSize < 512 || ioSize % 512
     return 2;
 }
 var timeout = TimeSpan.FromSeconds(10);
+BrokerSession? session = null;
 
 try
 {
     using var client = BrokerClient.Connect(broker);
     await using var vfio = await VfioBinding.OpenAsync(client, address, "nvme", "nvme-driver", Console.WriteLine);
+    session = vfio.Session;
     await using var controller = await NvmeController.StartAsync(vfio, Console.WriteLine);
 
     var id = await controller.IdentifyAsync();
@@ -49,6 +55,12 @@ try
     var queue = await controller.CreateIoQueuePairAsync(qid: 1, entries: queueDepth + 1, Vector);
     Console.WriteLine($"I/O queue pair 1: {queue.Entries} entries each, completions on MSI-X vector {Vector} (interrupts enabled)");
     var buffers = await controller.MapIoBuffersAsync(queueDepth, ioSize);
+
+    if (args.Contains("--pause-before-io"))
+    {
+        Console.WriteLine("paused before I/O: send a line on stdin to go on");
+        await Console.In.ReadLineAsync();
+    }
 
     var blocks = ioSize / id.BlockSize;
     var started = queue.InterruptsTaken;
@@ -72,6 +84,8 @@ try
         },
         timeout);
     Console.WriteLine($"read back {transfers} x {ioSize / 1024} KiB, {queueDepth} in flight, woken by {queue.InterruptsTaken - started} interrupts: every byte matches");
+    if (queue.CompletionsPolled > 0)
+        Console.Error.WriteLine($"nvme-driver: warning: {queue.CompletionsPolled} completions found by reading the completion queue after no interrupt came within {NvmeQueuePair.InterruptTimeout.TotalSeconds:0.#} s");
 
     await controller.DeleteIoQueuePairAsync(queue);
     Console.WriteLine("deleted I/O queue pair 1");
@@ -83,7 +97,12 @@ try
 }
 catch (BrokerException e)
 {
-    Console.Error.WriteLine($"nvme-driver: {e.Reason}: {e.Message}");
+    // A session the broker ended (its connection cut, revoked) fails the next call with EACCES;
+    // its end's reason, which the event stream brings at about the same time, says why.
+    if (session is not null && e.Errno == Errno.EACCES && await EndedAsync(session) is { } ended)
+        Console.Error.WriteLine($"nvme-driver: session {session.Id} ended: {ended} ({e.Reason}: {e.Message})");
+    else
+        Console.Error.WriteLine($"nvme-driver: {e.Reason}: {e.Message}");
     return e is BrokerUnavailableException ? 3 : 1;
 }
 catch (Exception e) when (e is NvmeCommandException or DmaFaultException or TimeoutException or InvalidOperationException or NotSupportedException)
@@ -100,6 +119,18 @@ catch (InvalidDataException e)
 {
     Console.Error.WriteLine($"nvme-driver: DATA CORRUPTION: {e.Message}");
     return 4;
+}
+
+static async Task<string?> EndedAsync(BrokerSession session)
+{
+    try
+    {
+        return await session.Ended.WaitAsync(TimeSpan.FromSeconds(2));
+    }
+    catch (TimeoutException)
+    {
+        return null;
+    }
 }
 
 // Transfer i's bytes: its number, then bytes derived from it, so a block in the wrong place shows.
