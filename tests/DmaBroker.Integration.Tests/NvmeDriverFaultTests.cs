@@ -73,7 +73,7 @@ public sealed class NvmeDriverFaultTests
         {
             // The first DMA is the controller fetching Identify from the admin SQ: the fetch faults, CSTS.CFS is set.
             FaultKind.IommuFault => (fault with { Count = 1 }, false, 1,
-                "nvme-driver: queue 0: controller fatal status (CSTS 0x3) with 1 commands outstanding; last IOMMU fault: Read at IOVA 0x100000000, Unmapped"),
+                "nvme-driver: queue 0: controller fatal status (CSTS 0x3) with 1 command outstanding; last IOMMU fault: Read at IOVA 0x100000000, Unmapped"),
             FaultKind.DeviceError => (fault with { Count = 1 }, false, 1,
                 "nvme-driver: Identify Controller: Data Transfer Error (SCT 0, SC 0x04)"),
             // Every interrupt lost (the admin queue's on vector 0 too, which the driver polls anyway):

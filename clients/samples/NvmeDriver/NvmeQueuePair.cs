@@ -199,7 +199,7 @@ public sealed class NvmeQueuePair
         var cause = _vectors.Faults.LastOrDefault() is { } fault
             ? $"; last IOMMU fault: {fault.Access} at IOVA 0x{fault.Iova:x}, {fault.Reason}"
             : "";
-        throw new InvalidOperationException($"queue {Id}: controller fatal status (CSTS 0x{csts:x}) with {Outstanding} commands outstanding{cause}");
+        throw new InvalidOperationException($"queue {Id}: controller fatal status (CSTS 0x{csts:x}) with {Outstanding} command{(Outstanding == 1 ? "" : "s")} outstanding{cause}");
     }
 
     /// <summary>
