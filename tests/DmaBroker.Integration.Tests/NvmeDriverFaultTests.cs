@@ -31,16 +31,17 @@ public sealed class NvmeDriverFaultTests
         await using var watch = await GroupWatch.StartAsync(broker.Client);
 
         ClientProcess driver;
+        ulong faultId;
         if (duringIo)
         {
             driver = ClientProcess.StartPausedNvmeDriver(broker.Address, Nvme);
             await driver.WaitForLineAsync("paused before I/O", PauseTimeout);
-            await broker.Client.Admin.InjectFaultAsync(fault);
+            faultId = await broker.Client.Admin.InjectFaultAsync(fault);
             await driver.WriteLineAsync("");
         }
         else
         {
-            await broker.Client.Admin.InjectFaultAsync(fault);
+            faultId = await broker.Client.Admin.InjectFaultAsync(fault);
             driver = ClientProcess.StartNvmeDriver(broker.Address, Nvme);
         }
         await using (driver)
@@ -48,6 +49,8 @@ public sealed class NvmeDriverFaultTests
             var exit = await driver.WaitForExitAsync(ExitTimeout);
 
             Assert.True(exit == exitCode, $"{kind}: {driver.Name} exited {exit}, not {exitCode}:\n{driver.Transcript}");
+            // The fault bit: a survived one was met, not missed.
+            Assert.True((await broker.Client.Admin.ListFaultsAsync()).Single(f => f.FaultId == faultId).Fired > 0, $"{kind} never fired:\n{driver.Transcript}");
             if (exitCode == 0)
                 Assert.Equal(Done, driver.Stdout[^1]);
             if (line is null)
