@@ -54,7 +54,11 @@ public sealed class NvmeDriverFaultTests
             if (exitCode == 0)
                 Assert.Equal(Done, driver.Stdout[^1]);
             if (line is null)
-                Assert.Empty(driver.Stderr);
+            {
+                // A survived fault prints nothing but, on a machine slow enough to let a late
+                // interrupt miss the driver's 0.5 s, the warning that it read the queue itself.
+                Assert.All(driver.Stderr, l => Assert.StartsWith("nvme-driver: warning: ", l, StringComparison.Ordinal));
+            }
             else
                 Assert.True(driver.Stderr.Count == 1 && (line.EndsWith('…') ? driver.Stderr[0].StartsWith(line[..^1], StringComparison.Ordinal) : driver.Stderr[0] == line),
                     $"{kind}: expected the one stderr line '{line}':\n{driver.Transcript}");
@@ -76,7 +80,8 @@ public sealed class NvmeDriverFaultTests
         {
             // The first DMA is the controller fetching Identify from the admin SQ: the fetch faults, CSTS.CFS is set.
             FaultKind.IommuFault => (fault with { Count = 1 }, false, 1,
-                "nvme-driver: queue 0: controller fatal status (CSTS 0x3) with 1 command outstanding; last IOMMU fault: Read at IOVA 0x100000000, Unmapped"),
+                // (It names the last IOMMU fault when that event reached it first: "; last IOMMU fault: Read at IOVA 0x100000000, Unmapped".)
+                "nvme-driver: queue 0: controller fatal status (CSTS 0x3) with 1 command outstanding…"),
             FaultKind.DeviceError => (fault with { Count = 1 }, false, 1,
                 "nvme-driver: Identify Controller: Data Transfer Error (SCT 0, SC 0x04)"),
             // Every interrupt lost (the admin queue's on vector 0 too, which the driver polls anyway):
