@@ -12,9 +12,10 @@ namespace DmaBroker.Server.Services;
 
 /// <summary>
 /// Dma.Stream: one open device handle per stream. Requests run in order, each producing exactly
-/// one completion (a coalesced batch one batch_completion for all its requests); completions and the device's interrupts go through a bounded outbox to the
-/// stream's single writer. When the outbox is full the loop stops reading requests, so HTTP/2
-/// flow control holds a fast client back instead of the broker buffering without bound.
+/// one completion (a coalesced batch: one batch_completion for all its requests); completions and
+/// the device's interrupts go through a bounded outbox to the stream's single writer. When the
+/// outbox is full the loop stops reading requests, so HTTP/2 flow control holds a fast client back
+/// instead of the broker buffering without bound.
 /// </summary>
 public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaBase
 {
