@@ -63,7 +63,8 @@ public sealed record DmaResult(ulong Tag, bool Ok, ReadOnlyMemory<byte> Data, ul
 /// <summary>
 /// A DMA channel to one open device: requests go to the device in the order they are made,
 /// pipelined (up to <see cref="DmaChannelOptions.MaxInFlight"/> on the wire), small ones batched
-/// into one message, and each task completes, in that order, with its request's completion. Interrupts arrive on
+/// into one message whose completions come back coalesced in one message too (SPEC §15), and each
+/// task completes, in that order, with its request's completion. Interrupts arrive on
 /// <see cref="Interrupts"/>. If the stream breaks, every pending request fails with the reason.
 /// </summary>
 public sealed class DmaChannel : IAsyncDisposable
@@ -220,10 +221,15 @@ public sealed class DmaChannel : IAsyncDisposable
         }
         else
         {
-            var b = new DmaBatch();
+            // One batch_completion answers the whole batch, so small requests are not bound by the
+            // message rate; a broker that predates coalescing answers each request on its own,
+            // which the receiver takes just as well.
+            var b = new DmaBatch { Coalesce = true };
             foreach (var p in batch)
                 b.Requests.Add(p.Request);
             message = new DmaRequest { Batch = b };
+            lock (_outgoing)
+                message.Tag = ++_nextTag;
         }
         batch.Clear();
         await _call.RequestStream.WriteAsync(message, _stop.Token).ConfigureAwait(false);
@@ -241,21 +247,20 @@ public sealed class DmaChannel : IAsyncDisposable
                     _interrupts.Writer.TryWrite(interrupt.Vector);
                     continue;
                 }
-                if (!_awaiting.TryDequeue(out var pending))
+                if (response.BatchCompletion is { } coalesced)
                 {
-                    // Broken already (the device is gone): what the broker still completes has no caller left.
-                    if (Volatile.Read(ref _broken) is not null)
-                        continue;
-                    throw new InvalidOperationException($"completion for tag {response.Completion.Tag} arrived, but none is outstanding");
+                    var answered = 0;
+                    foreach (var completion in coalesced.Results)
+                    {
+                        if (Complete(completion))
+                            answered++;
+                    }
+                    if (answered > 0)
+                        _window.Release(answered);
+                    continue;
                 }
-                if (pending.Request.Tag != response.Completion.Tag)
-                    throw new InvalidOperationException($"completion for tag {response.Completion.Tag} arrived out of order");
-                _window.Release();
-                pending.Result.TrySetResult(DmaResult.From(response.Completion));
-                // The device was surprise-removed (SPEC §14): the channel is done. Breaking it closes our
-                // side, so the broker ends the stream with its ENODEV rather than resetting a busy one.
-                if (response.Completion.Error is { Reason: nameof(Errno.ENODEV) } gone)
-                    Break(new BrokerException(StatusCode.NotFound, gone.Reason, gone.Message));
+                if (Complete(response.Completion))
+                    _window.Release();
             }
             Break(new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA channel was closed"));
         }
@@ -272,6 +277,26 @@ public sealed class DmaChannel : IAsyncDisposable
         {
             _interrupts.Writer.TryComplete();
         }
+    }
+
+    // Hands one completion to the caller waiting for it, the oldest; false when none is left to take it.
+    private bool Complete(DmaCompletion completion)
+    {
+        if (!_awaiting.TryDequeue(out var pending))
+        {
+            // Broken already (the device is gone): what the broker still completes has no caller left.
+            if (Volatile.Read(ref _broken) is not null)
+                return false;
+            throw new InvalidOperationException($"completion for tag {completion.Tag} arrived, but none is outstanding");
+        }
+        if (pending.Request.Tag != completion.Tag)
+            throw new InvalidOperationException($"completion for tag {completion.Tag} arrived out of order");
+        pending.Result.TrySetResult(DmaResult.From(completion));
+        // The device was surprise-removed (SPEC §14): the channel is done. Breaking it closes our
+        // side, so the broker ends the stream with its ENODEV rather than resetting a busy one.
+        if (completion.Error is { Reason: nameof(Errno.ENODEV) } gone)
+            Break(new BrokerException(StatusCode.NotFound, gone.Reason, gone.Message));
+        return true;
     }
 
     private void Break(Exception reason)

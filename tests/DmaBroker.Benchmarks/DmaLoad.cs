@@ -5,8 +5,11 @@ using Grpc.Core;
 
 namespace DmaBroker.Benchmarks;
 
-/// <summary>One DMA-stream load: its requests, and how its rate is reported.</summary>
-internal sealed record DmaScenario(string Name, string Unit, Func<DmaRequest[]> Requests, int OpsPerMessage, int BytesPerOp)
+/// <summary>
+/// One DMA-stream load: its requests, and how its rate is reported; <paramref name="Coalesced"/>, when
+/// set, makes the same requests asking for coalesced completions (SPEC §15).
+/// </summary>
+internal sealed record DmaScenario(string Name, string Unit, Func<DmaRequest[]> Requests, int OpsPerMessage, int BytesPerOp, Func<DmaRequest[]>? Coalesced = null)
 {
     /// <summary>Operations per second in the scenario's unit.</summary>
     public double Scale(double opsPerSecond) => Unit == "MiB/s" ? opsPerSecond * BytesPerOp / (1024 * 1024) : opsPerSecond / 1e6;
@@ -19,22 +22,26 @@ internal static class DmaLoad
     public static DmaScenario[] Scenarios { get; } =
     [
         new("DMA write, 64 KiB operations", "MiB/s", () => Writes(1, 64 * 1024), 1, 64 * 1024),
-        new("batched 64-byte writes (256 per batch)", "Mops/s", () => Writes(256, 64), 256, 64),
+        new("batched 64-byte writes (256 per batch)", "Mops/s", () => Writes(256, 64), 256, 64, () => Writes(256, 64, coalesce: true)),
     ];
 
-    /// <summary>Device writes of <paramref name="size"/> bytes into the mapped 1 MiB at <see cref="Host.Iova"/>: 64 single ones, or one batch of <paramref name="perBatch"/>.</summary>
-    public static DmaRequest[] Writes(int perBatch, int size)
+    /// <summary>
+    /// Device writes of <paramref name="size"/> bytes into the mapped 1 MiB at <see cref="Host.Iova"/>: 64 single
+    /// ones, or one batch of <paramref name="perBatch"/>, answered with one batch_completion if <paramref name="coalesce"/>.
+    /// </summary>
+    public static DmaRequest[] Writes(int perBatch, int size, bool coalesce = false)
     {
         var data = ByteString.CopyFrom(Enumerable.Range(0, size).Select(i => (byte)i).ToArray());
         if (perBatch == 1)
             return [.. Enumerable.Range(0, 64).Select(i => new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)(i % 16) * (ulong)size, Data = data } })];
-        var batch = new DmaBatch();
+        var batch = new DmaBatch { Coalesce = coalesce };
         for (var i = 0; i < perBatch; i++)
             batch.Requests.Add(new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)i * 64, Data = data } });
-        return [new DmaRequest { Batch = batch }];
+        return [new DmaRequest { Tag = 1_000_000, Batch = batch }];
     }
 
-    // Pipelined: keeps up to 16 messages in flight and counts completed operations per second.
+    // Pipelined: keeps up to 16 messages in flight and counts completed operations per second (a
+    // batch_completion counts its results).
     public static async Task<double> MeasureAsync(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, ulong? handle, DmaRequest[] requests, int opsPerMessage, double seconds)
     {
         using var _ = call;
@@ -50,7 +57,21 @@ internal static class DmaLoad
             var perMessage = 0;
             while (await call.ResponseStream.MoveNext())
             {
-                var c = call.ResponseStream.Current.Completion;
+                var response = call.ResponseStream.Current;
+                if (response.BatchCompletion is { } coalesced)
+                {
+                    if (coalesced.Results.Count != opsPerMessage)
+                        throw new InvalidOperationException($"{coalesced.Results.Count} results for a batch of {opsPerMessage}");
+                    for (var i = 0; i < coalesced.Results.Count; i++)
+                    {
+                        if (!coalesced.Results[i].Ok)
+                            throw new InvalidOperationException($"DMA failed: {coalesced.Results[i]}");
+                    }
+                    completed += opsPerMessage;
+                    inFlight.Release();
+                    continue;
+                }
+                var c = response.Completion;
                 if (c is null)
                     continue;
                 if (!c.Ok)

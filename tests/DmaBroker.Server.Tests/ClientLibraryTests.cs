@@ -41,6 +41,41 @@ public sealed class ClientLibraryTests
     }
 
     [Fact]
+    public async Task DmaChannel_ConcurrentCallersMixingFaultsAndErrors_EachGetsItsOwnResult()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        var (session, _, _, device) = await ClaimAsync(broker);
+        await using var _ = session;
+        await using var dma = await device.OpenDmaChannelAsync(new DmaChannelOptions { MaxInFlight = 64, MaxBatch = 16 });
+
+        // Eight callers at once, each in its own 8 KiB of the buffer; a call's tasks complete in call
+        // order, so each caller's read sees its own write, whatever batches the calls were split into.
+        var callers = Enumerable.Range(0, 8).Select(caller => Task.Run(async () =>
+        {
+            var calls = new List<(Task<DmaResult> Write, Task<DmaResult> Read, Task<DmaResult> Fault, Task<DmaResult> Invalid, long Value)>();
+            for (var i = 0; i < 100; i++)
+            {
+                var iova = Iova + (ulong)(caller * 0x2000 + i % 128 * 64);
+                var value = caller * 1000L + i;
+                calls.Add((dma.WriteAsync(iova, BitConverter.GetBytes(value)), dma.ReadAsync(iova, 8),
+                    dma.ReadAsync(0x7000_0000 + (ulong)caller * 0x1000, 16), dma.MmioReadAsync(0, 0, width: 3), value));
+            }
+            foreach (var (write, read, fault, invalid, value) in calls)
+            {
+                Assert.True((await write).Ok);
+                Assert.Equal(value, BitConverter.ToInt64((await read).EnsureOk().Data.Span));
+                var faulted = (await fault).Fault;
+                Assert.NotNull(faulted);
+                Assert.Equal((0x7000_0000 + (ulong)caller * 0x1000, FaultReason.Unmapped), (faulted.Iova, faulted.Reason));
+                var rejected = await invalid;
+                Assert.Equal(Errno.EINVAL, Assert.Throws<DmaRequestException>(() => rejected.EnsureOk()).Errno);
+            }
+        })).ToArray();
+
+        await Task.WhenAll(callers).WaitAsync(TestBroker.Timeout);
+    }
+
+    [Fact]
     public async Task DmaChannel_Fault_ResultCarriesFaultAndEnsureOkThrowsTyped()
     {
         await using var broker = await TestBroker.StartAsync();

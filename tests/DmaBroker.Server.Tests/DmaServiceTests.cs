@@ -206,6 +206,76 @@ public sealed class DmaServiceTests
         Assert.Equal((164ul, false, "EINVAL"), (nested.Tag, nested.Ok, nested.Error.Reason));
     }
 
+    // Every outcome a batched request can have: success with and without data, a register value,
+    // an IOMMU fault, and the EINVAL of a request naming no operation and of a nested batch.
+    private static DmaBatch MixedBatch(bool coalesce)
+    {
+        var batch = new DmaBatch { Coalesce = coalesce };
+        batch.Requests.Add(new DmaRequest { Tag = 1, Write = new DmaWrite { Iova = Iova + 64, Data = ByteString.CopyFromUtf8("coalesced") } });
+        batch.Requests.Add(new DmaRequest { Tag = 2, Read = new DmaRead { Iova = Iova + 64, Length = 9 } });
+        batch.Requests.Add(new DmaRequest { Tag = 3, Write = new DmaWrite { Iova = 0x900000, Data = ByteString.CopyFromUtf8("lost") } });
+        batch.Requests.Add(new DmaRequest { Tag = 4 });
+        batch.Requests.Add(new DmaRequest { Tag = 5, Batch = new DmaBatch { Requests = { MmioRead(6, 0x00) } } });
+        batch.Requests.Add(MmioRead(7, 0x00));
+        return batch;
+    }
+
+    private static async Task<DmaResponse> NextResponseAsync(DmaStream dma)
+    {
+        Assert.True(await dma.Call.ResponseStream.MoveNext().WaitAsync(TestBroker.Timeout), "DMA stream ended");
+        return dma.Call.ResponseStream.Current;
+    }
+
+    [Fact]
+    public async Task StreamBatch_Coalesced_OneBatchCompletionWithEachResultInItsSlot()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var rig = await Rig.StartAsync(broker);
+        using var dma = await rig.OpenStreamAsync();
+
+        await dma.Call.RequestStream.WriteAsync(new DmaRequest { Tag = 50, Batch = MixedBatch(coalesce: true) });
+        await dma.Call.RequestStream.WriteAsync(new DmaRequest { Tag = 60, Batch = new DmaBatch { Coalesce = true } });
+        await dma.Call.RequestStream.WriteAsync(MmioRead(70, 0x00));
+
+        var first = await NextResponseAsync(dma);
+        Assert.Equal(DmaResponse.ResponseOneofCase.BatchCompletion, first.ResponseCase);
+        var results = first.BatchCompletion.Results;
+        Assert.Equal(50ul, first.BatchCompletion.Tag);
+        Assert.Equal([1ul, 2, 3, 4, 5, 7], results.Select(r => r.Tag));
+        Assert.True(results[0].Ok);
+        Assert.Equal((true, "coalesced"), (results[1].Ok, results[1].Data.ToStringUtf8()));
+        Assert.Equal((false, 0x900000ul, Access.Write, FaultReason.Unmapped), (results[2].Ok, results[2].Fault.Iova, results[2].Fault.Access, results[2].Fault.Reason));
+        Assert.Equal((false, "EINVAL"), (results[3].Ok, results[3].Error.Reason));
+        Assert.Equal((false, "EINVAL"), (results[4].Ok, results[4].Error.Reason));
+        Assert.Equal((true, 0x010000edul), (results[5].Ok, results[5].Value));
+        // An empty coalesced batch is still answered, and a lone request after the batches gets its
+        // own completion: nothing else came for the batches.
+        var empty = await NextResponseAsync(dma);
+        Assert.Equal((60ul, 0), (empty.BatchCompletion.Tag, empty.BatchCompletion.Results.Count));
+        var after = await NextResponseAsync(dma);
+        Assert.Equal((70ul, 0x010000edul), (after.Completion.Tag, after.Completion.Value));
+        var ev = await rig.Session.Events.ReadAsync().AsTask().WaitAsync(TestBroker.Timeout);
+        Assert.Equal((Edu, 0x900000ul, FaultReason.Unmapped), (ev.Fault.Address, ev.Fault.Iova, ev.Fault.Reason));
+    }
+
+    [Fact]
+    public async Task StreamBatch_CoalescedOrNot_SameResultPerRequest()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using var rig = await Rig.StartAsync(broker);
+        using var dma = await rig.OpenStreamAsync();
+
+        await dma.Call.RequestStream.WriteAsync(new DmaRequest { Tag = 50, Batch = MixedBatch(coalesce: false) });
+        var separate = new List<DmaCompletion>();
+        for (var i = 0; i < 6; i++)
+            separate.Add((await NextResponseAsync(dma)).Completion);
+        await dma.Call.RequestStream.WriteAsync(new DmaRequest { Tag = 51, Batch = MixedBatch(coalesce: true) });
+        var coalesced = (await NextResponseAsync(dma)).BatchCompletion;
+
+        Assert.Equal(51ul, coalesced.Tag);
+        Assert.Equal(separate, coalesced.Results);
+    }
+
     [Theory]
     [InlineData(0x900000ul)]
     [InlineData(Iova + 0xf000)]   // the first page is mapped, the second falls off the mapping

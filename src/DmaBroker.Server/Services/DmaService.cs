@@ -12,9 +12,10 @@ namespace DmaBroker.Server.Services;
 
 /// <summary>
 /// Dma.Stream: one open device handle per stream. Requests run in order, each producing exactly
-/// one completion; completions and the device's interrupts go through a bounded outbox to the
-/// stream's single writer. When the outbox is full the loop stops reading requests, so HTTP/2
-/// flow control holds a fast client back instead of the broker buffering without bound.
+/// one completion (a coalesced batch: one batch_completion for all its requests); completions and
+/// the device's interrupts go through a bounded outbox to the stream's single writer. When the
+/// outbox is full the loop stops reading requests, so HTTP/2 flow control holds a fast client back
+/// instead of the broker buffering without bound.
 /// </summary>
 public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaBase
 {
@@ -64,7 +65,11 @@ public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaB
             while (await requestStream.MoveNext(live.Token))
             {
                 var request = requestStream.Current;
-                if (request.OpCase == Wire.DmaRequest.OpOneofCase.Batch)
+                if (request.OpCase == Wire.DmaRequest.OpOneofCase.Batch && request.Batch.Coalesce)
+                {
+                    await outbox.Writer.WriteAsync(ExecuteCoalesced(handle, request), live.Token);
+                }
+                else if (request.OpCase == Wire.DmaRequest.OpOneofCase.Batch)
                 {
                     foreach (var inner in request.Batch.Requests)
                         await outbox.Writer.WriteAsync(Execute(handle, inner), live.Token);
@@ -102,9 +107,33 @@ public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaB
     /// <summary>Runs one request on the device and describes the outcome; never throws for a bad request.</summary>
     internal static Outgoing Execute(DeviceHandle handle, Wire.DmaRequest request)
     {
+        var completion = Complete(handle, request, out var rented);
+        return new Outgoing(new Wire.DmaResponse { Completion = completion }, rented);
+    }
+
+    /// <summary>
+    /// Runs a coalesced batch's requests in order, each exactly as <see cref="Execute"/> would, and
+    /// answers them all in one batch_completion carrying the batch's tag.
+    /// </summary>
+    internal static Outgoing ExecuteCoalesced(DeviceHandle handle, Wire.DmaRequest batch)
+    {
+        var coalesced = new Wire.DmaBatchCompletion { Tag = batch.Tag };
+        List<byte[]>? rented = null;
+        foreach (var inner in batch.Batch.Requests)
+        {
+            coalesced.Results.Add(Complete(handle, inner, out var buffer));
+            if (buffer is not null)
+                (rented ??= []).Add(buffer);
+        }
+        return new Outgoing(new Wire.DmaResponse { BatchCompletion = coalesced }, null, rented);
+    }
+
+    // The completion of one request; a read's data borrows `rented`, which goes back to the pool
+    // once the completion is on the wire.
+    private static Wire.DmaCompletion Complete(DeviceHandle handle, Wire.DmaRequest request, out byte[]? rented)
+    {
         var completion = new Wire.DmaCompletion { Tag = request.Tag, Ok = true };
-        var response = new Wire.DmaResponse { Completion = completion };
-        byte[]? rented = null;
+        rented = null;
         try
         {
             switch (request.OpCase)
@@ -153,7 +182,7 @@ public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaB
             ArrayPool<byte>.Shared.Return(rented);
             rented = null;
         }
-        return new Outgoing(response, rented);
+        return completion;
     }
 
     // The stream's only writer; returns pooled buffers once their bytes are on the wire.
@@ -207,13 +236,18 @@ public sealed class DmaService(Broker broker, TimeProvider time) : Wire.Dma.DmaB
     private static int Length(uint length) =>
         length <= DeviceHandle.MaxTransfer ? (int)length : throw ErrnoException.Invalid($"a device access moves at most {DeviceHandle.MaxTransfer} bytes, not {length}");
 
-    /// <summary>A response on its way out, with the pooled buffer its data borrows.</summary>
-    internal readonly record struct Outgoing(Wire.DmaResponse Response, byte[]? Rented)
+    /// <summary>A response on its way out, with the pooled buffers its data borrows (a coalesced batch's reads may borrow several).</summary>
+    internal readonly record struct Outgoing(Wire.DmaResponse Response, byte[]? Rented, List<byte[]>? MoreRented = null)
     {
         public void Release()
         {
             if (Rented is not null)
                 ArrayPool<byte>.Shared.Return(Rented);
+            if (MoreRented is not null)
+            {
+                foreach (var buffer in MoreRented)
+                    ArrayPool<byte>.Shared.Return(buffer);
+            }
         }
     }
 }
