@@ -23,7 +23,12 @@ internal static class LookupBenchmark
 
     private static async Task<double> MeasureAsync(int mappings, int rounds)
     {
-        await using var broker = new Broker(TopologyDocument.Default());
+        // Nothing pings this session: a lease longer than the run keeps a slow setup of 65,535
+        // mappings on a loaded machine from ending it ("session 1 has ended").
+        await using var broker = new Broker(TopologyDocument.Default(), new BrokerOptions
+        {
+            Sessions = new Core.Sessions.SessionOptions { LeaseTtl = TimeSpan.FromHours(1) },
+        });
         var session = broker.Sessions.Open("lookup");
         var container = broker.Vfio.CreateContainer(session, ContainerType.Iommufd);
         broker.Vfio.BindDevice(session, PciAddress.Parse("0000:0b:00.0"), container.Id);
