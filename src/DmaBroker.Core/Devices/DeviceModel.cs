@@ -34,9 +34,6 @@ public readonly record struct MmioResult(bool Ok, DmaOutcome Dma, string? Error)
     /// <summary>The write went through, and any DMA it started too.</summary>
     public static readonly MmioResult Done = new(true, DmaOutcome.Success, null);
 
-    /// <summary>The write started DMA that faulted in the IOMMU.</summary>
-    public static MmioResult Faulted(DmaOutcome dma) => new(false, dma, null);
-
     /// <summary>The device refused the work it was programmed for; the broker keeps running where QEMU would abort.</summary>
     public static MmioResult Failed(string error) => new(false, DmaOutcome.Success, error);
 }
