@@ -104,7 +104,7 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
     /// <summary>The <c>--http-listen</c> address, or null when off.</summary>
     public string? WebAddress => app.WebAddress();
 
-    public static Task<Host> StartRawAsync()
+    public static async Task<Host> StartRawAsync()
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.SetMinimumLevel(LogLevel.Warning);
@@ -113,7 +113,9 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
         builder.Services.AddGrpc(o => o.MaxReceiveMessageSize = 16 * 1024 * 1024);
         var app = builder.Build();
         app.MapGrpcService<RawDmaService>();
-        return StartAsync(app);
+        await app.StartAsync();
+        // Not a broker host: its one address is Kestrel's own, not BrokerHost's list of gRPC listeners.
+        return new Host(app, app.Urls.Single());
     }
 
     private static async Task<Host> StartAsync(WebApplication app)

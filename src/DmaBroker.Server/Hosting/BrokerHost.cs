@@ -311,9 +311,8 @@ public static class BrokerHost
     {
         var all = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses
             ?? throw new InvalidOperationException("the server reported no address");
-        // The web listener is configured last, so it is the last address when it is on. An app not
-        // built by BrokerHost (the benchmarks' raw gRPC server) has none.
-        var grpc = app.Services.GetService<WebListener>()?.Listener is null ? all : all.SkipLast(1);
+        // The web listener is configured last, so it is the last address when it is on.
+        var grpc = app.Services.GetRequiredService<WebListener>().Listener is null ? all : all.SkipLast(1);
         // Kestrel names a Unix socket http://unix:/path; clients and --listen say unix:///path.
         return [.. grpc.Select(a => a.StartsWith(KestrelUnixPrefix, StringComparison.Ordinal) ? "unix://" + a[KestrelUnixPrefix.Length..] : a)];
     }
