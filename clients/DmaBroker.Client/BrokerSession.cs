@@ -25,6 +25,7 @@ public sealed class BrokerSession : IAsyncDisposable
     private Task _reader = Task.CompletedTask;
     private Task _pinger = Task.CompletedTask;
     private int _disposed;
+    private readonly HashSet<SharedMapping> _mappings = []; // shared buffers still mapped, unmapped on dispose
     private Task? _requestsCompleted;
     private object? _requestsLock;
 
@@ -113,10 +114,48 @@ public sealed class BrokerSession : IAsyncDisposable
         new(this, await CreateContainerAsync(type, cancellationToken).ConfigureAwait(false), type);
 
     /// <summary>Allocates session memory (zeroed, page-aligned).</summary>
-    public async Task<DmaBuffer> AllocateAsync(ulong size, CancellationToken cancellationToken = default)
+    public Task<DmaBuffer> AllocateAsync(ulong size, CancellationToken cancellationToken = default) => AllocateAsync(size, shared: false, cancellationToken);
+
+    /// <summary>
+    /// Allocates session memory; with <paramref name="shared"/>, shared memory (SPEC §15): the
+    /// broker puts the block in a file under /dev/shm that this process maps, so
+    /// <see cref="DmaBuffer.Span"/> and <see cref="DmaBuffer.Memory"/> point straight at the pages
+    /// the device DMAs into. Shared memory needs a unix:// broker address (EINVAL otherwise); it is
+    /// unmapped here on <see cref="DmaBuffer.FreeAsync"/> and when the session is disposed.
+    /// </summary>
+    public async Task<DmaBuffer> AllocateAsync(ulong size, bool shared, CancellationToken cancellationToken = default)
     {
-        var response = await BrokerException.Wrap(() => Raw.Memory.AllocateAsync(new AllocateRequest { Size = size }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
-        return new DmaBuffer(this, response.Vaddr, (size + WireConstants.PageSize - 1) / WireConstants.PageSize * WireConstants.PageSize);
+        var response = await BrokerException.Wrap(() => Raw.Memory.AllocateAsync(new AllocateRequest { Size = size, Shared = shared }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        var pages = (size + WireConstants.PageSize - 1) / WireConstants.PageSize * WireConstants.PageSize;
+        if (!shared)
+            return new DmaBuffer(this, response.Vaddr, pages);
+        SharedMapping mapping;
+        try
+        {
+            mapping = SharedMapping.Open(response.ShmPath, response.ShmOffset, pages);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or NotSupportedException)
+        {
+            // The block is useless unmapped: give it back rather than leak it until the session ends.
+            await BrokerException.Wrap(() => Raw.Memory.FreeAsync(new FreeRequest { Vaddr = response.Vaddr }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+            throw new BrokerException(null, nameof(Errno.EACCES), $"cannot map the shared buffer at {response.ShmPath}+0x{response.ShmOffset:x}: {e.Message}", e);
+        }
+        lock (_mappings)
+        {
+            if (_disposed != 0)
+            {
+                ((IDisposable)mapping).Dispose();
+                throw new ObjectDisposedException(nameof(BrokerSession));
+            }
+            _mappings.Add(mapping);
+        }
+        return new DmaBuffer(this, response.Vaddr, pages, mapping);
+    }
+
+    internal void Forget(SharedMapping mapping)
+    {
+        lock (_mappings)
+            _mappings.Remove(mapping);
     }
 
     /// <summary>VFIO_GROUP_GET_DEVICE_FD: opens a device of a group this session claimed.</summary>
@@ -231,5 +270,13 @@ public sealed class BrokerSession : IAsyncDisposable
         await _reader.ConfigureAwait(false);
         _stop.Dispose();
         _stopPings.Dispose();
+        // The broker has unlinked the files and stopped all device access to them; now this
+        // process lets go of its own mappings (spans taken from them must not be used any more).
+        lock (_mappings)
+        {
+            foreach (var mapping in _mappings)
+                ((IDisposable)mapping).Dispose();
+            _mappings.Clear();
+        }
     }
 }

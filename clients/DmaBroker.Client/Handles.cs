@@ -84,16 +84,24 @@ public sealed record IovaMapping(Container Container, ulong Iova, ulong Size)
     public Task<ulong> UnmapAsync(CancellationToken cancellationToken = default) => Container.UnmapAsync(Iova, Size, cancellationToken);
 }
 
-/// <summary>A block of session memory (the process's own memory), page-aligned.</summary>
+/// <summary>
+/// A block of session memory (the process's own memory), page-aligned. The same driver code
+/// works on both kinds: <see cref="ReadAsync"/> and <see cref="WriteAsync"/> go through the
+/// broker's Memory service for an ordinary buffer, and are plain copies for a shared one
+/// (<see cref="IsShared"/>, SPEC §15), whose <see cref="Span"/> and <see cref="Memory"/> point
+/// straight at the pages the device DMAs into.
+/// </summary>
 public sealed class DmaBuffer
 {
     private readonly BrokerSession _session;
+    private readonly SharedMapping? _mapping;
 
-    internal DmaBuffer(BrokerSession session, ulong vaddr, ulong size)
+    internal DmaBuffer(BrokerSession session, ulong vaddr, ulong size, SharedMapping? mapping = null)
     {
         _session = session;
         Vaddr = vaddr;
         Size = size;
+        _mapping = mapping;
     }
 
     /// <summary>The block's address in session memory.</summary>
@@ -102,20 +110,64 @@ public sealed class DmaBuffer
     /// <summary>The block's size, whole pages.</summary>
     public ulong Size { get; }
 
-    /// <summary>The CPU reads the buffer.</summary>
+    /// <summary>
+    /// Whether the buffer is shared memory mapped into this process (allocated with
+    /// <c>shared: true</c> over a unix:// address); only then are <see cref="Span"/> and
+    /// <see cref="Memory"/> available.
+    /// </summary>
+    public bool IsShared => _mapping is not null;
+
+    /// <summary>
+    /// The buffer's bytes, straight onto the shared mapping: what the CPU writes here the device
+    /// reads, and the device's DMA writes appear here. InvalidOperationException for a buffer that
+    /// is not shared; ObjectDisposedException once it was freed or its session disposed (a span
+    /// taken earlier must not be used after that, as freed memory must not be).
+    /// </summary>
+    public Span<byte> Span => Mapping.GetSpan();
+
+    /// <summary>The same bytes as <see cref="Span"/>, as <see cref="Memory{T}"/> for async code; the same rules apply.</summary>
+    public Memory<byte> Memory => Mapping.Memory;
+
+    private SharedMapping Mapping => _mapping ?? throw new InvalidOperationException(
+        $"buffer 0x{Vaddr:x} is not shared memory: allocate it with shared: true over a unix:// address, or use ReadAsync/WriteAsync");
+
+    /// <summary>The CPU reads the buffer: a copy out of the mapping when shared, a Memory.Read call otherwise.</summary>
     public async Task<byte[]> ReadAsync(ulong offset, int length, CancellationToken cancellationToken = default)
     {
+        if (_mapping is not null)
+            return SharedRange(offset, length).ToArray();
         var response = await BrokerException.Wrap(() => _session.Raw.Memory.ReadAsync(new ReadRequest { Vaddr = Vaddr + offset, Size = (uint)length }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
         return response.Data.ToByteArray();
     }
 
-    /// <summary>The CPU writes the buffer.</summary>
-    public Task WriteAsync(ulong offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => _session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
+    /// <summary>The CPU writes the buffer: a copy into the mapping when shared, a Memory.Write call otherwise.</summary>
+    public Task WriteAsync(ulong offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+    {
+        if (_mapping is null)
+            return BrokerException.Wrap(() => _session.Raw.Memory.WriteAsync(new WriteRequest { Vaddr = Vaddr + offset, Data = ByteString.CopyFrom(data.Span) }, cancellationToken: cancellationToken).ResponseAsync);
+        data.Span.CopyTo(SharedRange(offset, data.Length));
+        return Task.CompletedTask;
+    }
 
-    /// <summary>Frees the block (EBUSY while mapped).</summary>
-    public Task FreeAsync(CancellationToken cancellationToken = default) =>
-        BrokerException.Wrap(() => _session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync);
+    // The broker would answer EFAULT for a range outside the block; so does the local path.
+    private Span<byte> SharedRange(ulong offset, int length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        return offset > Size || (ulong)length > Size - offset
+            ? throw new BrokerException(null, nameof(Errno.EFAULT), $"[0x{Vaddr + offset:x}, +0x{length:x}) is not inside buffer 0x{Vaddr:x} of 0x{Size:x} bytes")
+            : Span.Slice((int)offset, length);
+    }
+
+    /// <summary>Frees the block (EBUSY while mapped); a shared buffer is unmapped from this process once the broker freed it.</summary>
+    public async Task FreeAsync(CancellationToken cancellationToken = default)
+    {
+        await BrokerException.Wrap(() => _session.Raw.Memory.FreeAsync(new FreeRequest { Vaddr = Vaddr }, cancellationToken: cancellationToken).ResponseAsync).ConfigureAwait(false);
+        if (_mapping is not null)
+        {
+            _session.Forget(_mapping);
+            ((IDisposable)_mapping).Dispose();
+        }
+    }
 }
 
 /// <summary>An open device (a VFIO device fd): registers, config space, reset, and DMA channels.</summary>

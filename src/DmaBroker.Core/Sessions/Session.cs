@@ -57,7 +57,7 @@ public sealed class Session
 
     internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, Grant grant, string peer)
     {
-        Memory = new SessionMemory(grant.Quotas.MemoryBytes);
+        Memory = new SessionMemory(grant.Quotas.MemoryBytes, id);
         Grant = grant;
         Peer = peer;
         Id = id;
@@ -194,11 +194,15 @@ public sealed class Session
 
     internal void CompleteEvents() => _events.Writer.TryComplete();
 
-    /// <summary>Memory.Allocate: zeroed, page-aligned memory of the session.</summary>
-    public MemoryBlock Allocate(ulong size)
+    /// <summary>
+    /// Memory.Allocate: zeroed, page-aligned memory of the session. With
+    /// <paramref name="shareWithUid"/>, shared memory (SPEC §15): the block lives in the session's
+    /// file under /dev/shm, owned by that uid, which the client maps (<see cref="MemoryBlock.ShmPath"/>).
+    /// </summary>
+    public MemoryBlock Allocate(ulong size, uint? shareWithUid = null)
     {
         using var op = Enter();
-        return Memory.Allocate(size);
+        return Memory.Allocate(size, shareWithUid);
     }
 
     /// <summary>Memory.Free: EBUSY while mapped.</summary>
