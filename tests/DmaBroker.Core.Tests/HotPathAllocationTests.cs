@@ -15,9 +15,10 @@ public sealed class HotPathAllocationTests
     private const ulong Iova = 0x10_0000;
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public async Task DmaWriteReadCopy_AfterWarmUp_AllocateNothingPerOperation(bool metricsListened)
+    [InlineData(false, false)]
+    [InlineData(true, false)]
+    [InlineData(false, true)] // the memory is a shared-memory file (SPEC §15): the same spans, from a pointer
+    public async Task DmaWriteReadCopy_AfterWarmUp_AllocateNothingPerOperation(bool metricsListened, bool shared)
     {
         await using var broker = new Broker(TopologyDocument.Default(), null, new FakeTimeProvider());
         long bytes = 0;
@@ -36,7 +37,7 @@ public sealed class HotPathAllocationTests
         var session = broker.Sessions.Open("hot");
         var container = broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
         broker.Vfio.SetContainer(session, 14, container.Id);
-        var block = session.Allocate(1 << 20);
+        var block = session.Allocate(1 << 20, shared ? Shm.Uid : null);
         broker.Vfio.MapDma(session, container.Id, block.Vaddr, Iova, 1 << 20, read: true, write: true);
         var handle = broker.Vfio.OpenDevice(session, PciAddress.Parse("0000:08:00.0"));
         handle.MmioWrite(7, 4, 2, 0x6);

@@ -44,6 +44,9 @@ public sealed class MemoryBlock
 
     internal SharedMemoryFile? Shared => _shared;
 
+    /// <summary>The array behind a block of the broker's own memory (tests look at it directly); a shared block has none.</summary>
+    internal byte[] Bytes => _bytes ?? throw new InvalidOperationException($"block 0x{Vaddr:x} is shared memory, with no array behind it");
+
     /// <summary>How many IOMMU mappings pin this block; guarded by the owning SessionMemory's lock.</summary>
     internal int Pins { get; set; }
 
