@@ -43,6 +43,9 @@ public sealed class LiveBroker : IAsyncDisposable
 
     public string Address { get; }
 
+    /// <summary>The broker's process id (its shared-memory files carry it: /dev/shm/dmabroker-&lt;pid&gt;-…).</summary>
+    public int Pid => _process.Pid;
+
     /// <summary>The <c>--http-listen</c> address: the live view and /metrics.</summary>
     public string WebAddress { get; }
     public BrokerClient Client { get; }

@@ -154,8 +154,8 @@ public sealed partial class ClientProcess : IAsyncDisposable
         Start("NvmeDriver.dll", ["--broker", brokerAddress, "--device", device, .. args]);
 
     /// <summary>As <see cref="StartNvmeDriver(string, string, string[])"/>, with <c>--pause-before-io</c>: it waits for a line on stdin (<see cref="WriteLineAsync"/>) before its first I/O.</summary>
-    public static ClientProcess StartPausedNvmeDriver(string brokerAddress, string device) =>
-        Launch(DotnetCommand("NvmeDriver.dll", ["--broker", brokerAddress, "--device", device, "--pause-before-io"]), "NvmeDriver", new ProcessSetup(), withInput: true);
+    public static ClientProcess StartPausedNvmeDriver(string brokerAddress, string device, params string[] args) =>
+        Launch(DotnetCommand("NvmeDriver.dll", ["--broker", brokerAddress, "--device", device, "--pause-before-io", .. args]), "NvmeDriver", new ProcessSetup(), withInput: true);
 
     /// <summary>Waits for an output line containing <paramref name="text"/>; fails on exit or timeout.</summary>
     public async Task<string> WaitForLineAsync(string text, TimeSpan timeout) =>

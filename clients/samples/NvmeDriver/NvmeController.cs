@@ -59,11 +59,18 @@ public sealed class NvmeController : IAsyncDisposable
     private DmaBuffer _identify = null!;
     private ulong _identifyIova;
 
-    private NvmeController(VfioBinding vfio, Action<string> log)
+    private NvmeController(VfioBinding vfio, Action<string> log, bool shared)
     {
         _vfio = vfio;
         _log = log;
+        Shared = shared;
     }
+
+    /// <summary>
+    /// Whether the driver's queues, PRP lists and data buffers are shared memory (SPEC §15, a
+    /// unix:// broker): the CPU reads and writes them as plain memory instead of Memory calls.
+    /// </summary>
+    public bool Shared { get; }
 
     /// <summary>CAP as read at start.</summary>
     public ulong Capabilities { get; private set; }
@@ -78,9 +85,9 @@ public sealed class NvmeController : IAsyncDisposable
     /// Maps the admin queues and an identify page, turns on Bus Master, resets the controller
     /// (CC.EN 1 → 0, waiting for CSTS.RDY to clear), programs AQA/ASQ/ACQ and enables it (waiting for RDY).
     /// </summary>
-    public static async Task<NvmeController> StartAsync(VfioBinding vfio, Action<string> log)
+    public static async Task<NvmeController> StartAsync(VfioBinding vfio, Action<string> log, bool shared = false)
     {
-        var controller = new NvmeController(vfio, log);
+        var controller = new NvmeController(vfio, log, shared);
         try
         {
             await controller.StartAsync();
@@ -243,7 +250,7 @@ public sealed class NvmeController : IAsyncDisposable
     /// <summary>Allocates session memory and maps it at the next free IOVA with the device access given.</summary>
     private async Task<(DmaBuffer Buffer, ulong Iova)> MapAsync(string what, int size, bool deviceReads = true, bool deviceWrites = true)
     {
-        var buffer = await _vfio.Session.AllocateAsync((ulong)size);
+        var buffer = await _vfio.Session.AllocateAsync((ulong)size, Shared);
         var mapping = await _vfio.Container.MapAsync(buffer, _nextIova, read: deviceReads, write: deviceWrites);
         _mappings.Add((buffer, mapping));
         // A page left unmapped after each range: a device access that runs over faults instead of landing in a neighbour.
@@ -254,7 +261,7 @@ public sealed class NvmeController : IAsyncDisposable
             (true, false) => "device reads",
             _ => "device writes",
         };
-        _log($"mapped {what}: {buffer.Size / 1024} KiB at vaddr 0x{buffer.Vaddr:x} to IOVA 0x{mapping.Iova:x} ({access})");
+        _log($"mapped {what}: {buffer.Size / 1024} KiB{(Shared ? " of shared memory" : "")} at vaddr 0x{buffer.Vaddr:x} to IOVA 0x{mapping.Iova:x} ({access})");
         return (buffer, mapping.Iova);
     }
 

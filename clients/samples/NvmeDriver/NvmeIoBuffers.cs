@@ -56,6 +56,16 @@ public sealed class NvmeIoBuffers
         return NvmeCommand.ReadWrite(opcode, _nsid, lba, blocks, DataIova(slot), prp2);
     }
 
+    /// <summary>
+    /// Slot <paramref name="slot"/>'s first <paramref name="length"/> bytes as plain memory, when the
+    /// buffers are shared (<see cref="DmaBuffer.IsShared"/>): what the CPU writes there a write
+    /// command sends, and a read command's data appears there.
+    /// </summary>
+    public Memory<byte> Slot(ushort slot, int length) => _data.Memory.Memory.Slice(slot * Stride, length);
+
+    /// <summary>Whether the slots are shared memory, so <see cref="Slot"/> is available.</summary>
+    public bool IsShared => _data.Memory.IsShared;
+
     /// <summary>The CPU fills slot <paramref name="slot"/> (before a write).</summary>
     public Task WriteAsync(ushort slot, ReadOnlyMemory<byte> data) => _data.Memory.WriteAsync((ulong)(slot * Stride), data);
 

@@ -212,14 +212,22 @@ public sealed class NvmeQueuePair
         if (Outstanding == 0)
             return [];
         var toEnd = Math.Min(Outstanding, Entries - _cqHead);
-        var head = await _cq.ReadAsync((ulong)(_cqHead * NvmeCompletion.Size), toEnd * NvmeCompletion.Size);
-        var wrapped = Outstanding > toEnd ? await _cq.ReadAsync(0, (Outstanding - toEnd) * NvmeCompletion.Size) : [];
+        // Shared memory: the ring itself, as a real driver reads it; otherwise a copy by Memory.Read.
+        ReadOnlyMemory<byte> head = _cq.IsShared
+            ? _cq.Memory.Slice(_cqHead * NvmeCompletion.Size, toEnd * NvmeCompletion.Size)
+            : await _cq.ReadAsync((ulong)(_cqHead * NvmeCompletion.Size), toEnd * NvmeCompletion.Size);
+        ReadOnlyMemory<byte> wrapped = Outstanding <= toEnd ? default
+            : _cq.IsShared ? _cq.Memory[..((Outstanding - toEnd) * NvmeCompletion.Size)]
+            : await _cq.ReadAsync(0, (Outstanding - toEnd) * NvmeCompletion.Size);
         var completed = new List<NvmeCompletion>(Outstanding);
         for (var i = 0; i < Outstanding; i++)
         {
-            var entry = i < toEnd ? head.AsSpan(i * NvmeCompletion.Size) : wrapped.AsSpan((i - toEnd) * NvmeCompletion.Size);
+            var entry = i < toEnd ? head.Span[(i * NvmeCompletion.Size)..] : wrapped.Span[((i - toEnd) * NvmeCompletion.Size)..];
             if (NvmeCompletion.Phase(entry) != _phase)
                 break;
+            // The phase tag is read before the rest of the entry (a read barrier, as SPDK's
+            // spdk_rmb): in shared memory the controller may be posting while the driver looks.
+            Interlocked.MemoryBarrier();
             completed.Add(NvmeCompletion.Parse(entry));
             if (++_cqHead == Entries)
             {

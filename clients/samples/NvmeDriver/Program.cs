@@ -6,6 +6,8 @@
 //   dotnet run --project clients/samples/NvmeDriver -- [--broker URL] [--device 0000:01:00.0]
 //       [--qd 16] [--blocks 64 (transfers each way)] [--io-size 32k (bytes, or k for KiB)]
 //       [--pause-before-io (print a line and wait for one on stdin before the first I/O, to inject a fault there)]
+//       [--shared (SPEC §15's local path: queues, PRP lists and data buffers are shared memory, read
+//        and written as plain memory; needs a unix:// broker address)]
 // Under a fault it exits 1 with one line on stderr, within CAP.TO for the controller to become
 // ready and 10 s for a command; a lost or late interrupt costs 0.5 s, after which it reads the
 // completion queue itself (as Linux's nvme driver does) and says so on stderr.
@@ -33,6 +35,12 @@ if (queueDepth is < 1 or > 1023 || transfers < 1 || ioSize < 512 || ioSize % 512
     Console.Error.WriteLine("nvme-driver: --qd 1..1023, --blocks >= 1, --io-size a multiple of 512 bytes");
     return 2;
 }
+var shared = args.Contains("--shared");
+if (shared && broker?.StartsWith("unix://", StringComparison.Ordinal) != true)
+{
+    Console.Error.WriteLine($"nvme-driver: --shared needs a unix:// broker address (--broker unix:///path/to/socket), not '{broker}': the broker shares memory only with clients on its own host");
+    return 2;
+}
 var timeout = TimeSpan.FromSeconds(10);
 BrokerSession? session = null;
 
@@ -41,7 +49,7 @@ try
     using var client = BrokerClient.Connect(broker);
     await using var vfio = await VfioBinding.OpenAsync(client, address, "nvme", "nvme-driver", Console.WriteLine);
     session = vfio.Session;
-    await using var controller = await NvmeController.StartAsync(vfio, Console.WriteLine);
+    await using var controller = await NvmeController.StartAsync(vfio, Console.WriteLine, shared);
 
     var id = await controller.IdentifyAsync();
     Console.WriteLine($"identify controller: model '{id.Model}', serial '{id.Serial}', firmware '{id.Firmware}', MDTS {id.MaxTransfer / 1024} KiB, {id.Namespaces} namespace(s)");
@@ -67,7 +75,10 @@ try
     await queue.RunAsync(transfers, queueDepth,
         async (i, slot) =>
         {
-            await buffers.WriteAsync(slot, Pattern(i, ioSize));
+            if (buffers.IsShared)
+                FillPattern(i, buffers.Slot(slot, ioSize).Span);
+            else
+                await buffers.WriteAsync(slot, Pattern(i, ioSize));
             return buffers.Command(NvmeCommand.IoWrite, slot, (ulong)(i * blocks), blocks, id.BlockSize);
         },
         (_, _) => Task.CompletedTask, timeout);
@@ -78,9 +89,9 @@ try
         (i, slot) => Task.FromResult(buffers.Command(NvmeCommand.IoRead, slot, (ulong)(i * blocks), blocks, id.BlockSize)),
         async (i, slot) =>
         {
-            var data = await buffers.ReadAsync(slot, ioSize);
-            if (!data.AsSpan().SequenceEqual(Pattern(i, ioSize)))
-                throw new InvalidDataException($"transfer {i} (LBA {i * blocks}) read back differs from what was written (first bytes {Convert.ToHexString(data.AsSpan(0, 16))})");
+            ReadOnlyMemory<byte> data = buffers.IsShared ? buffers.Slot(slot, ioSize) : await buffers.ReadAsync(slot, ioSize);
+            if (!data.Span.SequenceEqual(Pattern(i, ioSize)))
+                throw new InvalidDataException($"transfer {i} (LBA {i * blocks}) read back differs from what was written (first bytes {Convert.ToHexString(data.Span[..16])})");
         },
         timeout);
     Console.WriteLine($"read back {transfers} x {ioSize / 1024} KiB, {queueDepth} in flight, woken by {queue.InterruptsTaken - started} interrupts: every byte matches");
@@ -92,7 +103,7 @@ try
     await controller.ShutdownAsync();
     await controller.ReleaseAsync();
     await vfio.CloseAsync();
-    Console.WriteLine($"done: {transfers} writes + {transfers} reads of {ioSize / 1024.0:0.#} KiB at QD {queueDepth}, data verified");
+    Console.WriteLine($"done: {transfers} writes + {transfers} reads of {ioSize / 1024.0:0.#} KiB at QD {queueDepth}, data verified{(shared ? ", through shared memory" : "")}");
     return 0;
 }
 catch (BrokerException e)
@@ -137,14 +148,20 @@ static async Task<string?> EndedAsync(BrokerSession session)
 static byte[] Pattern(long transfer, int size)
 {
     var data = new byte[size];
-    for (var at = 0; at < size; at += 512)
+    FillPattern(transfer, data);
+    return data;
+}
+
+// The same, written straight into a buffer (shared memory).
+static void FillPattern(long transfer, Span<byte> data)
+{
+    for (var at = 0; at < data.Length; at += 512)
     {
-        BinaryPrimitives.WriteInt64LittleEndian(data.AsSpan(at), transfer);
-        BinaryPrimitives.WriteInt32LittleEndian(data.AsSpan(at + 8), at);
+        BinaryPrimitives.WriteInt64LittleEndian(data[at..], transfer);
+        BinaryPrimitives.WriteInt32LittleEndian(data[(at + 8)..], at);
         for (var i = at + 12; i < at + 512; i++)
             data[i] = (byte)((transfer * 131) + (i * 7));
     }
-    return data;
 }
 
 // "4096", "32k" or "32K": bytes, or KiB with a k.

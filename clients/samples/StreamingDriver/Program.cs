@@ -4,6 +4,8 @@
 // device bind, and broker-chosen IOVAs.
 //   dotnet run --project clients/samples/StreamingDriver -- [--broker URL] [--device 0000:09:00.0]
 //       [--packets N (0 = until Ctrl-C)] [--size 64] [--ring 256]
+//       [--shared (SPEC §15's local path: the rings are shared memory the driver reads and writes
+//        as plain memory; needs a unix:// broker address)]
 using System.Buffers.Binary;
 using System.Diagnostics;
 using DmaBroker.Client;
@@ -17,6 +19,13 @@ var ring = int.Parse(Option("--ring") ?? "256", System.Globalization.CultureInfo
 if (size is < 16 or > 65536 || ring is < 1 or > 4096 || packets < 0)
 {
     Console.Error.WriteLine("streaming-driver: --size 16..65536, --ring 1..4096, --packets >= 0");
+    return 2;
+}
+
+var shared = args.Contains("--shared");
+if (shared && broker?.StartsWith("unix://", StringComparison.Ordinal) != true)
+{
+    Console.Error.WriteLine($"streaming-driver: --shared needs a unix:// broker address (--broker unix:///path/to/socket), not '{broker}': the broker shares memory only with clients on its own host");
     return 2;
 }
 
@@ -34,14 +43,14 @@ try
     var container = await session.NewContainerAsync(ContainerType.Iommufd);
     await container.BindDeviceAsync(address);
     var ringBytes = (ulong)(ring * size);
-    var rx = await session.AllocateAsync(ringBytes);
-    var tx = await session.AllocateAsync(ringBytes);
+    var rx = await session.AllocateAsync(ringBytes, shared);
+    var tx = await session.AllocateAsync(ringBytes, shared);
     var rxMap = await container.MapAsync(rx, iova: null, read: false, write: true);   // the device writes RX
     var txMap = await container.MapAsync(tx, iova: null, read: true, write: false);   // the device reads TX
     await using var device = await session.OpenDeviceAsync(address);
     await device.EnableBusMasterAsync();
     await using var dma = await device.OpenDmaChannelAsync();
-    Console.WriteLine($"ready: session {session.Id}, {address}, RX ring at IOVA 0x{rxMap.Iova:x}, TX ring at 0x{txMap.Iova:x}, {ring} x {size} bytes");
+    Console.WriteLine($"ready: session {session.Id}, {address}, RX ring at IOVA 0x{rxMap.Iova:x}, TX ring at 0x{txMap.Iova:x}, {ring} x {size} bytes{(shared ? " of shared memory" : "")}");
 
     long sequence = 0;
     var clock = Stopwatch.StartNew();
@@ -56,15 +65,17 @@ try
             writes[i] = dma.WriteAsync(rxMap.Iova + (ulong)(i * size), Packet(sequence + i, size));
         foreach (var w in writes)
             (await w).EnsureOk();
-        var received = await rx.ReadAsync(0, count * size);
+        // Shared memory: the ring itself; otherwise a copy by Memory.Read.
+        ReadOnlyMemory<byte> received = shared ? rx.Memory[..(count * size)] : await rx.ReadAsync(0, count * size);
         for (var i = 0; i < count; i++)
-            Verify(received.AsSpan(i * size, size), sequence + i, "RX");
+            Verify(received.Span.Slice(i * size, size), sequence + i, "RX");
 
-        // TX: the driver fills the ring; the device reads each packet out.
-        var outgoing = new byte[count * size];
+        // TX: the driver fills the ring (in place when shared, else by Memory.Write); the device reads each packet out.
+        var outgoing = shared ? tx.Memory[..(count * size)] : new byte[count * size];
         for (var i = 0; i < count; i++)
-            Packet(sequence + i, size).CopyTo(outgoing.AsSpan(i * size));
-        await tx.WriteAsync(0, outgoing);
+            Packet(sequence + i, size).CopyTo(outgoing.Span[(i * size)..]);
+        if (!shared)
+            await tx.WriteAsync(0, outgoing);
         var reads = new Task<DmaResult>[count];
         for (var i = 0; i < count; i++)
             reads[i] = dma.ReadAsync(txMap.Iova + (ulong)(i * size), size);
@@ -83,7 +94,7 @@ try
         Console.Error.WriteLine($"streaming-driver: session ended: {await ended}");
         return 1;
     }
-    Console.WriteLine($"done: {sequence} packets of {size} bytes each way in {clock.Elapsed.TotalSeconds:F2} s ({sequence / clock.Elapsed.TotalSeconds:F0} packets/s), data intact");
+    Console.WriteLine($"done: {sequence} packets of {size} bytes each way in {clock.Elapsed.TotalSeconds:F2} s ({sequence / clock.Elapsed.TotalSeconds:F0} packets/s), data intact{(shared ? ", through shared memory" : "")}");
     return 0;
 }
 catch (BrokerException e)
