@@ -13,6 +13,15 @@ using Microsoft.Extensions.Logging;
 // Side-by-side DMA benchmarks on loopback: the broker's Dma.Stream against a raw gRPC stream of
 // the same messages, alternating in one run so machine noise hits both alike.
 //   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- [--rounds N] [--seconds S]
+// SPEC §15's local fast path: NVMe 128 KiB reads at QD 32 over shared memory vs TCP vs memcpy (see NvmeLocalBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- nvme-local [--rounds N] [--seconds S]
+if (args is ["nvme-local", ..])
+{
+    var rows = await new NvmeLocalBenchmark().RunAsync(new BenchOptions(Arg("--rounds", 5), Arg("--seconds", 2.0), Quick: false));
+    foreach (var row in rows)
+        Console.WriteLine($"| {row.Name} | {row.Result} | {row.Baseline} | {row.Ratio} | {row.Detail} |");
+    return;
+}
 // What authentication costs claim+release calls (see AuthBenchmark):
 //   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- auth [--rounds N] [--seconds S] [--sessions N]
 if (args is ["auth", ..])
