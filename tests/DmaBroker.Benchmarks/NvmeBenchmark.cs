@@ -2,7 +2,6 @@ using System.Diagnostics;
 using System.Globalization;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
-using DmaBroker.Samples.Nvme;
 
 namespace DmaBroker.Benchmarks;
 
@@ -18,13 +17,11 @@ namespace DmaBroker.Benchmarks;
 /// </summary>
 internal static class NvmeBenchmark
 {
-    private const string NvmeAddress = "0000:01:00.0";
     private const string EduAddress = "0000:08:00.0";
     private const uint EduGroup = 14;
     private const int LargestRead = 128 * 1024;
     /// <summary>The range the reads cycle over, written once before they start, so they return data rather than never-written zeros.</summary>
     private const int RegionBytes = 16 * 1024 * 1024;
-    private static readonly TimeSpan CommandTimeout = TimeSpan.FromSeconds(10);
 
     private sealed record Side(string Name, Func<Task<double>> Measure)
     {
@@ -36,16 +33,8 @@ internal static class NvmeBenchmark
         await using var broker = await Host.StartBrokerAsync();
         using var client = BrokerClient.Connect(broker.Address);
 
-        await using var vfio = await VfioBinding.OpenAsync(client, NvmeAddress, "nvme", "bench-nvme", _ => { });
-        await using var controller = await NvmeController.StartAsync(vfio, _ => { });
-        var id = await controller.IdentifyAsync();
-        await controller.SetNumberOfQueuesAsync(1);
-        var queue = await controller.CreateIoQueuePairAsync(qid: 1, entries: queueDepth + 1, vector: 1);
-        var buffers = await controller.MapIoBuffersAsync(queueDepth, LargestRead);
-        var blocksPerLargest = LargestRead / id.BlockSize;
-        await queue.RunAsync(RegionBytes / LargestRead, queueDepth,
-            (i, slot) => Task.FromResult(buffers.Command(NvmeCommand.IoWrite, slot, (ulong)(i * blocksPerLargest), blocksPerLargest, id.BlockSize)),
-            (_, _) => Task.CompletedTask, CommandTimeout);
+        await using var nvme = await NvmeBenchDriver.StartAsync(client, "bench-nvme", queueDepth, LargestRead, RegionBytes);
+        var id = nvme.Identity;
 
         await using var eduSession = await client.OpenSessionAsync("bench-edu");
         var container = await eduSession.NewContainerAsync(ContainerType.Type1V2);
@@ -60,11 +49,10 @@ internal static class NvmeBenchmark
         Console.WriteLine($"NVMe reads (the NvmeDriver sample's path) beside edu DMA, queue depth {queueDepth}: {rounds} rounds x {seconds:F1} s per side, in-process broker on loopback, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
         foreach (var size in new[] { 4096, LargestRead })
         {
-            var blocks = size / id.BlockSize;
             Side[] sides =
             [
-                new($"NVMe read, {Kib(size)} KiB", () => NvmeReadsAsync(queue, buffers, blocks, id.BlockSize, queueDepth, deadline, verify: false)),
-                new("  + CPU reads the data", () => NvmeReadsAsync(queue, buffers, blocks, id.BlockSize, queueDepth, deadline, verify: true)),
+                new($"NVMe read, {Kib(size)} KiB", () => NvmeReadsAsync(nvme, size, deadline, verify: false)),
+                new("  + CPU reads the data", () => NvmeReadsAsync(nvme, size, deadline, verify: true)),
                 new($"edu DMA write, {Kib(size)} KiB", () => EduWritesAsync(dma, size, queueDepth, deadline)),
             ];
             // A warm-up round, not counted: the JIT's later tiers and the connections' windows settle first.
@@ -86,22 +74,14 @@ internal static class NvmeBenchmark
             var edus = sides[2].Rates;
             Console.WriteLine($"  NVMe read / edu DMA        {Rounds.Median(sides[0].Rates.Zip(edus, (n, e) => n / e)),9:P0}   (median of the rounds' ratios; with the CPU reading the data {Rounds.Median(sides[1].Rates.Zip(edus, (n, e) => n / e)):P0})");
         }
-        await controller.DeleteIoQueuePairAsync(queue);
-        await controller.ShutdownAsync();
-        await controller.ReleaseAsync();
-        await vfio.CloseAsync();
     }
 
-    /// <summary>Reads of <paramref name="blocks"/> blocks cycling over the written region for <paramref name="duration"/>, <paramref name="queueDepth"/> in flight; completions per second.</summary>
-    private static async Task<double> NvmeReadsAsync(NvmeQueuePair queue, NvmeIoBuffers buffers, int blocks, int blockSize, int queueDepth, TimeSpan duration, bool verify)
+    /// <summary>Reads of <paramref name="size"/> bytes cycling over the written region for <paramref name="duration"/>, at the driver's queue depth; completions per second.</summary>
+    private static async Task<double> NvmeReadsAsync(NvmeBenchDriver nvme, int size, TimeSpan duration, bool verify)
     {
-        var regionBlocks = RegionBytes / blockSize;
-        using var stop = new CancellationTokenSource(duration);
         var clock = Stopwatch.StartNew();
-        var completed = await queue.RunAsync(long.MaxValue, queueDepth,
-            (i, slot) => Task.FromResult(buffers.Command(NvmeCommand.IoRead, slot, (ulong)(i * blocks % regionBlocks), blocks, blockSize)),
-            verify ? async (_, slot) => await buffers.ReadAsync(slot, blocks * blockSize) : (_, _) => Task.CompletedTask,
-            CommandTimeout, stop.Token);
+        var completed = await nvme.ReadAsync(size, duration,
+            verify ? async (_, slot) => await nvme.Buffers.ReadAsync(slot, size) : (_, _) => Task.CompletedTask);
         return completed / clock.Elapsed.TotalSeconds;
     }
 

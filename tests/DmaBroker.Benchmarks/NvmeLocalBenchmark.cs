@@ -3,7 +3,6 @@ using System.Globalization;
 using System.Numerics;
 using System.Runtime.InteropServices;
 using DmaBroker.Client;
-using DmaBroker.Samples.Nvme;
 
 namespace DmaBroker.Benchmarks;
 
@@ -25,8 +24,6 @@ internal sealed class NvmeLocalBenchmark : IBenchSection
     private const int QueueDepth = 32;
     /// <summary>The range the reads cycle over (of the 64 MiB namespace), larger than the last-level cache.</summary>
     private const int RegionBytes = 16 * 1024 * 1024;
-    private static readonly TimeSpan CommandTimeout = TimeSpan.FromSeconds(10);
-
     public string Key => "nvme-local";
 
     public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
@@ -37,13 +34,15 @@ internal sealed class NvmeLocalBenchmark : IBenchSection
         {
             await using var tcpBroker = await Host.StartBrokerAsync();
             await using var localBroker = await Host.StartBrokerAsync($"unix://{socket}");
-            await using var tcp = await Driver.StartAsync(tcpBroker.Address, shared: false);
-            await using var local = await Driver.StartAsync($"unix://{socket}", shared: true);
+            using var tcpClient = BrokerClient.Connect(tcpBroker.Address);
+            using var localClient = BrokerClient.Connect($"unix://{socket}");
+            await using var tcp = await NvmeBenchDriver.StartAsync(tcpClient, "bench-nvme-tcp", QueueDepth, ReadSize, RegionBytes, shared: false);
+            await using var local = await NvmeBenchDriver.StartAsync(localClient, "bench-nvme-local", QueueDepth, ReadSize, RegionBytes, shared: true);
             var memcpy = new Memcpy();
             var sides = new (string Name, Func<TimeSpan, Task<double>> Measure, List<double> Rates)[]
             {
-                ("local", local.ReadAsync, []),
-                ("TCP", tcp.ReadAsync, []),
+                ("local", d => ReadAsync(local, d), []),
+                ("TCP", d => ReadAsync(tcp, d), []),
                 ("memcpy", d => Task.FromResult(memcpy.Run(d)), []),
             };
             var duration = TimeSpan.FromSeconds(options.Seconds);
@@ -73,6 +72,23 @@ internal sealed class NvmeLocalBenchmark : IBenchSection
         }
     }
 
+    /// <summary>Reads cycling over the region for <paramref name="duration"/>, consuming each one's data; bytes per second.</summary>
+    private static async Task<double> ReadAsync(NvmeBenchDriver driver, TimeSpan duration)
+    {
+        var buffers = driver.Buffers;
+        ulong consumed = 0;
+        var clock = Stopwatch.StartNew();
+        var completed = await driver.ReadAsync(ReadSize, duration, buffers.IsShared
+            ? (_, slot) =>
+            {
+                consumed ^= Consume(buffers.Slot(slot, ReadSize).Span);
+                return Task.CompletedTask;
+            }
+            : async (_, slot) => consumed ^= Consume(await buffers.ReadAsync(slot, ReadSize)));
+        GC.KeepAlive(consumed);
+        return completed * (double)ReadSize / clock.Elapsed.TotalSeconds;
+    }
+
     /// <summary>What the driver does with the data it read: reads every byte (a vectorised XOR), so neither side can skip it.</summary>
     private static ulong Consume(ReadOnlySpan<byte> data)
     {
@@ -81,73 +97,6 @@ internal sealed class NvmeLocalBenchmark : IBenchSection
         foreach (var word in words)
             sum ^= word;
         return Vector.Dot(sum, Vector<ulong>.One);
-    }
-
-    /// <summary>The NvmeDriver sample's controller, one I/O queue pair and its buffers, on one broker, with the region written once.</summary>
-    private sealed class Driver : IAsyncDisposable
-    {
-        private readonly BrokerClient _client;
-        private readonly VfioBinding _vfio;
-        private readonly NvmeController _controller;
-        private readonly NvmeQueuePair _queue;
-        private readonly NvmeIoBuffers _buffers;
-        private readonly int _blocks;
-        private readonly int _blockSize;
-        private ulong _consumed;
-
-        private Driver(BrokerClient client, VfioBinding vfio, NvmeController controller, NvmeQueuePair queue, NvmeIoBuffers buffers, int blockSize)
-        {
-            (_client, _vfio, _controller, _queue, _buffers, _blockSize) = (client, vfio, controller, queue, buffers, blockSize);
-            _blocks = ReadSize / blockSize;
-        }
-
-        public static async Task<Driver> StartAsync(string address, bool shared)
-        {
-            var client = BrokerClient.Connect(address);
-            var vfio = await VfioBinding.OpenAsync(client, NvmeAddress, "nvme", shared ? "bench-nvme-local" : "bench-nvme-tcp", _ => { });
-            var controller = await NvmeController.StartAsync(vfio, _ => { }, shared);
-            var id = await controller.IdentifyAsync();
-            await controller.SetNumberOfQueuesAsync(1);
-            var queue = await controller.CreateIoQueuePairAsync(qid: 1, entries: QueueDepth + 1, vector: 1);
-            var buffers = await controller.MapIoBuffersAsync(QueueDepth, ReadSize);
-            var blocks = ReadSize / id.BlockSize;
-            // Written once, so the reads return data that was written rather than never-written zeros.
-            await queue.RunAsync(RegionBytes / ReadSize, QueueDepth,
-                (i, slot) => Task.FromResult(buffers.Command(NvmeCommand.IoWrite, slot, (ulong)(i * blocks), blocks, id.BlockSize)),
-                (_, _) => Task.CompletedTask, CommandTimeout);
-            return new Driver(client, vfio, controller, queue, buffers, id.BlockSize);
-        }
-
-        /// <summary>Reads cycling over the region for <paramref name="duration"/>, consuming each one's data; bytes per second.</summary>
-        public async Task<double> ReadAsync(TimeSpan duration)
-        {
-            var regionBlocks = RegionBytes / _blockSize;
-            using var stop = new CancellationTokenSource(duration);
-            var clock = Stopwatch.StartNew();
-            var completed = await _queue.RunAsync(long.MaxValue, QueueDepth,
-                (i, slot) => Task.FromResult(_buffers.Command(NvmeCommand.IoRead, slot, (ulong)(i * _blocks % regionBlocks), _blocks, _blockSize)),
-                _buffers.IsShared
-                    ? (_, slot) =>
-                    {
-                        _consumed ^= Consume(_buffers.Slot(slot, ReadSize).Span);
-                        return Task.CompletedTask;
-                    }
-                    : async (_, slot) => _consumed ^= Consume(await _buffers.ReadAsync(slot, ReadSize)),
-                CommandTimeout, stop.Token);
-            return completed * (double)ReadSize / clock.Elapsed.TotalSeconds;
-        }
-
-        public async ValueTask DisposeAsync()
-        {
-            await _controller.DeleteIoQueuePairAsync(_queue);
-            await _controller.ShutdownAsync();
-            await _controller.ReleaseAsync();
-            await _vfio.CloseAsync();
-            await _controller.DisposeAsync();
-            await _vfio.DisposeAsync();
-            _client.Dispose();
-            GC.KeepAlive(_consumed);
-        }
     }
 
     /// <summary>The baseline: the same bytes copied by the CPU, 128 KiB at a time from a 16 MiB region into 32 slots, and consumed as the drivers consume theirs.</summary>
