@@ -29,6 +29,9 @@ internal sealed class NvmeBenchDriver : IAsyncDisposable
     public NvmeQueuePair Queue { get; }
     public NvmeIoBuffers Buffers { get; }
 
+    /// <summary>Completions per interrupt taken, one entry per measured stretch (a benchmark's bookkeeping).</summary>
+    public List<double> CommandsPerInterrupt { get; } = [];
+
     public static async Task<NvmeBenchDriver> StartAsync(BrokerClient client, string name, int queueDepth, int largestRead, int regionBytes, bool shared = false)
     {
         var vfio = await VfioBinding.OpenAsync(client, Address, "nvme", name, _ => { });
