@@ -74,6 +74,13 @@ public sealed record OwnershipChange(uint GroupId, ulong SessionId, string Princ
 public sealed class Broker : IAsyncDisposable
 {
     /// <summary>
+    /// Removes the shared-memory files (SPEC §15) that brokers killed before they could end their
+    /// sessions left under /dev/shm: those whose broker process no longer exists. A broker host
+    /// calls it once at start. Returns how many files went.
+    /// </summary>
+    public static int RemoveOrphanedSharedMemory() => Memory.SharedMemoryFile.RemoveOrphans();
+
+    /// <summary>
     /// A broker whose table starts from <paramref name="topology"/> (SPEC §2). Leases, grace periods
     /// and the devices' own timing (an edu DMA) run on <paramref name="time"/>, so tests can drive
     /// them with a fake clock. Its instruments are on a meter from <paramref name="meterFactory"/>

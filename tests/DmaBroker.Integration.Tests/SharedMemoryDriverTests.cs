@@ -90,6 +90,24 @@ public sealed class SharedMemoryDriverTests
         Assert.Empty(broker.Files());
     }
 
+    [Fact]
+    public async Task SharedMemory_BrokerKilled_TheNextBrokerRemovesTheFileItLeft()
+    {
+        string file;
+        await using (var killed = await UnixBroker.StartAsync())
+        {
+            await using var driver = ClientProcess.StartPausedNvmeDriver(killed.Unix, Nvme, "--shared");
+            await driver.WaitForLineAsync("paused before I/O", Timeout);
+            file = Assert.Single(killed.Files());
+            killed.Live.Kill();
+        }
+        Assert.True(File.Exists(file), "a SIGKILLed broker cannot unlink its files");
+
+        await using var next = await UnixBroker.StartAsync();
+
+        Assert.False(File.Exists(file));
+    }
+
     /// <summary>A broker process with a loopback listener (for watchers and admin calls) and a Unix socket (for the drivers).</summary>
     private sealed class UnixBroker : IAsyncDisposable
     {

@@ -109,6 +109,36 @@ internal sealed unsafe partial class SharedMemoryFile : IDisposable
     }
 
     /// <summary>
+    /// Removes the files of brokers that no longer run (killed before their sessions' teardown could
+    /// unlink them), so their pages go back to the system: a file whose name's pid has no process.
+    /// A file of a live process, this one's included, is never touched. Returns how many went.
+    /// </summary>
+    public static int RemoveOrphans()
+    {
+        if (!OperatingSystem.IsLinux() || !System.IO.Directory.Exists(Directory))
+            return 0;
+        var removed = 0;
+        foreach (var path in System.IO.Directory.EnumerateFiles(Directory, NamePrefix + "*"))
+        {
+            var name = System.IO.Path.GetFileName(path.AsSpan())[NamePrefix.Length..];
+            var dash = name.IndexOf('-');
+            if (dash <= 0 || !int.TryParse(name[..dash], System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var pid)
+                || pid == Environment.ProcessId || System.IO.Directory.Exists($"/proc/{pid}"))
+                continue;
+            try
+            {
+                File.Delete(path);
+                removed++;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Someone else's file we may not remove, or gone already: not ours to worry about.
+            }
+        }
+        return removed;
+    }
+
+    /// <summary>
     /// Carves <paramref name="size"/> bytes (whole pages) out of the file, zeroed and backed:
     /// their pages are allocated in /dev/shm now, so neither the broker nor the client can meet
     /// SIGBUS on a full tmpfs later. ENOMEM when no free run is large enough or /dev/shm is full.

@@ -219,16 +219,25 @@ public static class BrokerHost
         builder.Services.AddSingleton<BrokerAudit>();
         builder.Services.AddSingleton(sp => new AccessGate(sp.GetRequiredService<AccessControl>(), clientTrust, sp.GetRequiredService<BrokerAudit>()));
         builder.Services.AddSingleton(TimeProvider.System);
-        builder.Services.AddSingleton(sp => new Broker(topology, new BrokerOptions
+        builder.Services.AddSingleton(sp =>
         {
-            Sessions = new Core.Sessions.SessionOptions
+            // Files a killed broker left under /dev/shm go before this one shares any memory (SPEC §15).
+            if (Broker.RemoveOrphanedSharedMemory() is > 0 and var orphans)
             {
-                LeaseTtl = leaseTtl,
-                MemoryLimit = (ulong)options.MemoryLimitMb * 1024 * 1024,
-                DmaLimit = options.DmaLimit,
-            },
-            WatchBuffer = options.WatchBuffer,
-        }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>(), sp.GetRequiredService<BrokerAudit>().Record));
+                var startup = sp.GetRequiredService<ILoggerFactory>().CreateLogger("DmaBroker.Server.Startup");
+                StartupLog.SharedMemoryOrphansRemoved(startup, orphans);
+            }
+            return new Broker(topology, new BrokerOptions
+            {
+                Sessions = new Core.Sessions.SessionOptions
+                {
+                    LeaseTtl = leaseTtl,
+                    MemoryLimit = (ulong)options.MemoryLimitMb * 1024 * 1024,
+                    DmaLimit = options.DmaLimit,
+                },
+                WatchBuffer = options.WatchBuffer,
+            }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>(), sp.GetRequiredService<BrokerAudit>().Record);
+        });
         builder.AddBrokerMetrics(web);
         builder.Services.AddGrpc(grpc =>
         {
@@ -484,4 +493,8 @@ internal static partial class StartupLog
     [LoggerMessage(EventId = 2, EventName = "VariableIgnored", Level = LogLevel.Warning,
         Message = "environment variable {Variable} ignored: it names no broker option (see --help)")]
     public static partial void VariableIgnored(ILogger logger, string variable);
+
+    [LoggerMessage(EventId = 3, EventName = "SharedMemoryOrphansRemoved", Level = LogLevel.Information,
+        Message = "removed {Count} shared-memory file(s) under /dev/shm left by brokers no longer running")]
+    public static partial void SharedMemoryOrphansRemoved(ILogger logger, int count);
 }
