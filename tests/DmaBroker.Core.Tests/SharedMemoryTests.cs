@@ -120,6 +120,70 @@ public sealed class SharedMemoryTests
         Assert.All(contents, b => Assert.Equal(0, b)); // ...zeroed
     }
 
+    /// <summary>
+    /// The file's free list against a model: random allocations and frees of shared blocks (seeds
+    /// replayable) never give two live blocks overlapping pages of the file, never disturb a live
+    /// block's bytes, count exactly the live blocks against the limit, and leave exactly their pages
+    /// allocated in /dev/shm. A refusal changes nothing.
+    /// </summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    public async Task SharedBlocks_RandomAllocateAndFree_MatchTheModel(int seed)
+    {
+        const ulong limit = 64 * Page;
+        await using var rig = DmaRig.Create(ContainerType.Type1v2, claimed: 0, new SessionOptions { MemoryLimit = limit });
+        var random = new Random(seed);
+        var live = new List<(MemoryBlock Block, byte Tag)>();
+        for (var step = 0; step < 400; step++)
+        {
+            var used = live.Aggregate(0ul, (sum, b) => sum + b.Block.Size);
+            if (live.Count > 0 && random.Next(3) == 0)
+            {
+                var index = random.Next(live.Count);
+                rig.Session.Free(live[index].Block.Vaddr);
+                live.RemoveAt(index);
+            }
+            else
+            {
+                var size = (ulong)random.Next(1, 9) * Page;
+                try
+                {
+                    var block = rig.Session.Allocate(size, Shm.Uid);
+                    var tag = (byte)(step % 251 + 1);
+                    var contents = new byte[block.Size];
+                    rig.Session.ReadMemory(block.Vaddr, contents);
+                    Assert.All(contents, b => Assert.Equal(0, b));
+                    Array.Fill(contents, tag);
+                    rig.Session.WriteMemory(block.Vaddr, contents);
+                    live.Add((block, tag));
+                }
+                catch (ErrnoException e) when (e.Errno == Errno.ENOMEM)
+                {
+                    // Over the limit, or (rarely, within it) no free run of the file is large enough.
+                    Assert.True(used + size > limit || e.Message.Contains("no free run", StringComparison.Ordinal), $"seed {seed} step {step}: {e.Message}");
+                    Assert.Equal(used, rig.Session.Memory.Used);
+                }
+            }
+
+            Assert.Equal(live.Aggregate(0ul, (sum, b) => sum + b.Block.Size), rig.Session.Memory.Used);
+            var byOffset = live.OrderBy(b => b.Block.ShmOffset).ToList();
+            for (var i = 1; i < byOffset.Count; i++)
+                Assert.True(byOffset[i - 1].Block.ShmOffset + byOffset[i - 1].Block.Size <= byOffset[i].Block.ShmOffset, $"seed {seed} step {step}: two live blocks overlap in the file");
+            if (step % 50 == 49 && rig.Session.Memory.SharedPath is { } path)
+            {
+                foreach (var (block, tag) in live)
+                {
+                    var contents = new byte[block.Size];
+                    rig.Session.ReadMemory(block.Vaddr, contents);
+                    Assert.All(contents, b => Assert.Equal(tag, b));
+                }
+                Assert.Equal(rig.Session.Memory.Used, Shm.AllocatedBytes(path));
+            }
+        }
+    }
+
     [Fact]
     public async Task Free_MappedSharedBlock_IsEbusyAndKeepsItsPages()
     {

@@ -181,22 +181,16 @@ internal sealed class SessionMemory(ulong limit, ulong sessionId = 0)
         }
     }
 
-    // The CPU's copies run under the lock, so a racing Free cannot release (punch out) a shared
-    // block's pages halfway through one, nor let a write land in pages a later block is given.
+    // The CPU's copies run outside the lock, as they always have: a Free racing one of the
+    // session's own Read or Write calls is its own use-after-free. For a shared block it reads
+    // zeros or writes pages that were punched out, and those are punched again before a later
+    // block gets them (SharedMemoryFile.Reserve), so no block ever starts with stale bytes.
 
     /// <summary>The CPU reads its memory.</summary>
-    public void Read(ulong vaddr, Span<byte> destination)
-    {
-        lock (_sync)
-            Find(vaddr, (ulong)destination.Length).Slice(vaddr, destination.Length).CopyTo(destination);
-    }
+    public void Read(ulong vaddr, Span<byte> destination) => Find(vaddr, (ulong)destination.Length).Slice(vaddr, destination.Length).CopyTo(destination);
 
     /// <summary>The CPU writes its memory.</summary>
-    public void Write(ulong vaddr, ReadOnlySpan<byte> source)
-    {
-        lock (_sync)
-            source.CopyTo(Find(vaddr, (ulong)source.Length).Slice(vaddr, source.Length));
-    }
+    public void Write(ulong vaddr, ReadOnlySpan<byte> source) => source.CopyTo(Find(vaddr, (ulong)source.Length).Slice(vaddr, source.Length));
 
     /// <summary>Pins the block that holds all of <c>[vaddr, vaddr+size)</c> for a mapping; EFAULT if none does.</summary>
     internal MemoryBlock Pin(ulong vaddr, ulong size)
