@@ -43,8 +43,8 @@ internal sealed class MetricsSection : IBenchSection
                 var requests = scenario.Requests();
                 var rates = await Rounds.AlternateAsync(options, warmup,
                     [.. sides.Select(side => (Func<Task<double>>)(() => DmaLoad.MeasureAsync(side.Session.Raw.Dma.Stream(), side.Handle, requests, scenario.OpsPerMessage, options.Seconds)))]);
-                rows.Add(Paired(Rounds.Row($"{scenario.Name}, metrics on (OTel + Prometheus reader)", rates[0], "DmaBroker meter dropped", rates[1],
-                    r => Rounds.Format(scenario.Scale(r), scenario.Unit == "MiB/s" ? 0 : 2, scenario.Unit)), rates[0], rates[1]));
+                rows.Add(Rounds.Row($"{scenario.Name}, metrics on (OTel + Prometheus reader)", rates[0], "DmaBroker meter dropped", rates[1],
+                    r => Rounds.Format(scenario.Scale(r), scenario.Unit == "MiB/s" ? 0 : 2, scenario.Unit)));
             }
             var scrape = await new HttpClient().GetStringAsync(on.WebAddress + "/metrics");
             if (!scrape.Contains("dmabroker_dma_bytes", StringComparison.Ordinal))
@@ -58,10 +58,6 @@ internal sealed class MetricsSection : IBenchSection
                 await side.DisposeAsync();
         }
     }
-
-    /// <summary><paramref name="row"/> with the median of the rounds' own on/off ratios in its detail.</summary>
-    private static BenchRow Paired(BenchRow row, List<double> on, List<double> off) =>
-        row with { Detail = row.Detail + $"; the rounds' own ratios' median {Rounds.Percent(Rounds.Median(on.Zip(off, (a, b) => a / b)))}" };
 
     /// <summary>The core alone: 64-byte device writes, back to back on one thread, with the meter collected by an OpenTelemetry SDK reader or not listened to.</summary>
     private static async Task<BenchRow> CoreAsync(BenchOptions options, int warmup)
@@ -92,8 +88,8 @@ internal sealed class MetricsSection : IBenchSection
         // Rates in, ns per write out: the ratio is of times, so on / off above 100 % is the cost.
         var nsOn = rates[0].Select(r => 1e9 / r).ToList();
         var nsOff = rates[1].Select(r => 1e9 / r).ToList();
-        return Paired(Rounds.Row("core: 64-byte device write (one thread, no gRPC), metrics on (OTel SDK reader)", nsOn, "meter not listened to", nsOff,
-            ns => Rounds.Format(ns, 1, "ns/op")), nsOn, nsOff);
+        return Rounds.Row("core: 64-byte device write (one thread, no gRPC), metrics on (OTel SDK reader)", nsOn, "meter not listened to", nsOff,
+            ns => Rounds.Format(ns, 1, "ns/op"));
     }
 
     private static DeviceHandle OpenEdu(Broker broker)

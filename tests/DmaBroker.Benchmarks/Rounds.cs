@@ -49,16 +49,18 @@ internal static class Rounds
     }
 
     /// <summary>
-    /// The row of a rate and its baseline's, both in rounds: medians, their ratio, and every round's value
-    /// in the detail. <paramref name="format"/> writes a rate with its unit.
+    /// The row of a rate and its baseline's, both in rounds: medians, their ratio, and in the detail every
+    /// round's value and the median of the rounds' own ratios. <paramref name="format"/> writes a rate with its unit.
     /// </summary>
     public static BenchRow Row(string name, IReadOnlyList<double> rates, string baselineName, IReadOnlyList<double> baselineRates,
         Func<double, string> format, string note = "")
     {
         var median = Median(rates);
         var baseline = Median(baselineRates);
+        // Each round's two sides ran seconds apart: the median of their own ratios shrugs off a drift of the machine's load.
+        var paired = Median(rates.Zip(baselineRates, (r, b) => r / b));
         return new BenchRow(name, format(median), $"{baselineName} {format(baseline)}", Percent(median / baseline),
-            $"median of {rates.Count} rounds{note}: {Values(rates, format)}; baseline {Values(baselineRates, format)}");
+            $"median of {rates.Count} rounds{note}: {Values(rates, format)}; baseline {Values(baselineRates, format)}; the rounds' own ratios' median {Percent(paired)}");
     }
 
     /// <summary>A ratio as a whole percentage, e.g. "203 %".</summary>
