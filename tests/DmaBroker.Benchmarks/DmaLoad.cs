@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 using Google.Protobuf;
 using Grpc.Core;
@@ -21,7 +22,8 @@ internal static class DmaLoad
     /// <summary>Large writes (bandwidth) and batched small writes (per-operation cost).</summary>
     public static DmaScenario[] Scenarios { get; } =
     [
-        new("DMA write, 64 KiB operations", "MiB/s", () => Writes(1, 64 * 1024), 1, 64 * 1024),
+        new("DMA write 64 KiB", "MiB/s", () => Writes(1, 64 * 1024), 1, 64 * 1024),
+        new("DMA write 1 MiB", "MiB/s", () => Writes(1, 1024 * 1024), 1, 1024 * 1024),
         new("batched 64-byte writes (256 per batch)", "Mops/s", () => Writes(256, 64), 256, 64, () => Writes(256, 64, coalesce: true)),
     ];
 
@@ -32,8 +34,9 @@ internal static class DmaLoad
     public static DmaRequest[] Writes(int perBatch, int size, bool coalesce = false)
     {
         var data = ByteString.CopyFrom(Enumerable.Range(0, size).Select(i => (byte)i).ToArray());
+        var slots = Math.Max(1, Host.MappedBytes / size);
         if (perBatch == 1)
-            return [.. Enumerable.Range(0, 64).Select(i => new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)(i % 16) * (ulong)size, Data = data } })];
+            return [.. Enumerable.Range(0, 64).Select(i => new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)(i % slots) * (ulong)size, Data = data } })];
         var batch = new DmaBatch { Coalesce = coalesce };
         for (var i = 0; i < perBatch; i++)
             batch.Requests.Add(new DmaRequest { Tag = (ulong)i, Write = new DmaWrite { Iova = Host.Iova + (ulong)i * 64, Data = data } });
@@ -95,5 +98,54 @@ internal static class DmaLoad
         await call.RequestStream.CompleteAsync();
         await reader;
         return completed / elapsed;
+    }
+}
+
+/// <summary>
+/// What a side-by-side DMA section runs against: an in-process broker with a session whose edu
+/// device has <see cref="Host.MappedBytes"/> mapped at <see cref="Host.Iova"/>, and the raw gRPC
+/// service beside it, each on its own loopback port and client connection.
+/// </summary>
+internal sealed class DmaPair : IAsyncDisposable
+{
+    private readonly Host _broker;
+    private readonly Host _raw;
+    private readonly BrokerClient _brokerClient;
+    private readonly BrokerClient _rawClient;
+
+    private DmaPair(Host broker, Host raw, BrokerClient brokerClient, BrokerClient rawClient, BrokerSession session, ulong handle)
+    {
+        (_broker, _raw, _brokerClient, _rawClient, Session, Handle) = (broker, raw, brokerClient, rawClient, session, handle);
+    }
+
+    /// <summary>The broker's session.</summary>
+    public BrokerSession Session { get; }
+
+    /// <summary>The open edu device's handle, for <c>open{handle}</c>.</summary>
+    public ulong Handle { get; }
+
+    /// <summary>A new DMA stream on the broker.</summary>
+    public AsyncDuplexStreamingCall<DmaRequest, DmaResponse> BrokerStream() => Session.Raw.Dma.Stream();
+
+    /// <summary>A new stream on the raw service.</summary>
+    public AsyncDuplexStreamingCall<DmaRequest, DmaResponse> RawStream() => new Dma.DmaClient(_rawClient.Raw.Channel).Stream();
+
+    public static async Task<DmaPair> StartAsync(string sessionName)
+    {
+        var broker = await Host.StartBrokerAsync();
+        var raw = await Host.StartRawAsync();
+        var brokerClient = BrokerClient.Connect(broker.Address);
+        var rawClient = BrokerClient.Connect(raw.Address);
+        var session = await brokerClient.OpenSessionAsync(sessionName);
+        return new DmaPair(broker, raw, brokerClient, rawClient, session, await Host.PrepareDeviceAsync(session));
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await Session.DisposeAsync();
+        _brokerClient.Dispose();
+        _rawClient.Dispose();
+        await _raw.DisposeAsync();
+        await _broker.DisposeAsync();
     }
 }

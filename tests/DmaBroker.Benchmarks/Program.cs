@@ -1,4 +1,3 @@
-using System.Globalization;
 using DmaBroker.Benchmarks;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
@@ -10,93 +9,33 @@ using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
-// Side-by-side DMA benchmarks on loopback: the broker's Dma.Stream against a raw gRPC stream of
-// the same messages, alternating in one run so machine noise hits both alike.
-//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- [--rounds N] [--seconds S]
-// SPEC §15's local fast path: NVMe 128 KiB reads at QD 32 over shared memory vs TCP vs memcpy (see NvmeLocalBenchmark):
-//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- nvme-local [--rounds N] [--seconds S]
-if (args is ["nvme-local", ..])
-{
-    var rows = await new NvmeLocalBenchmark().RunAsync(new BenchOptions(Arg("--rounds", 5), Arg("--seconds", 2.0), Quick: false));
-    foreach (var row in rows)
-        Console.WriteLine($"| {row.Name} | {row.Result} | {row.Baseline} | {row.Ratio} | {row.Detail} |");
-    return;
-}
-// What authentication costs claim+release calls (see AuthBenchmark):
-//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- auth [--rounds N] [--seconds S] [--sessions N]
-if (args is ["auth", ..])
-{
-    await AuthBenchmark.RunAsync(Arg("--rounds", 7), Arg("--seconds", 2.0), Arg("--sessions", 4));
-    return;
-}
-// What collecting the DmaBroker meter costs DMA-stream throughput (see MetricsBenchmark):
-//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- metrics [--rounds N] [--seconds S]
-if (args is ["metrics", ..])
-{
-    await MetricsBenchmark.RunAsync(Arg("--rounds", 7), Arg("--seconds", 2.0));
-    return;
-}
-
-// NVMe reads through the NvmeDriver sample's queue pair beside edu DMA of the same sizes (see NvmeBenchmark):
-//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- nvme [--rounds N] [--seconds S] [--qd 32]
-if (args is ["nvme", ..])
-{
-    await NvmeBenchmark.RunAsync(Arg("--rounds", 5), Arg("--seconds", 2.0), Arg("--qd", 32));
-    return;
-}
-
-var rounds = Arg("--rounds", 5);
-var seconds = Arg("--seconds", 2.0);
-
-await using var broker = await Host.StartBrokerAsync();
-await using var raw = await Host.StartRawAsync();
-using var brokerClient = BrokerClient.Connect(broker.Address);
-using var rawClient = BrokerClient.Connect(raw.Address);
-await using var session = await brokerClient.OpenSessionAsync("bench");
-var handle = await Host.PrepareDeviceAsync(session);
-
-Console.WriteLine($"DmaBroker side-by-side benchmark: {rounds} rounds x {seconds:F1} s per side, loopback, {Environment.ProcessorCount} cores");
-foreach (var scenario in DmaLoad.Scenarios)
-{
-    var (name, unit, make, opsPerMessage, _, makeCoalesced) = scenario;
-    var requests = make();
-    var coalesced = makeCoalesced?.Invoke();
-    var brokerRates = new List<double>();
-    var coalescedRates = new List<double>();
-    var rawRates = new List<double>();
-    for (var round = 0; round < rounds; round++)
-    {
-        // The raw stream always answers each request on its own: the message rate to beat.
-        rawRates.Add(await DmaLoad.MeasureAsync(new Dma.DmaClient(rawClient.Raw.Channel).Stream(), null, requests, opsPerMessage, seconds));
-        brokerRates.Add(await DmaLoad.MeasureAsync(session.Raw.Dma.Stream(), handle, requests, opsPerMessage, seconds));
-        if (coalesced is not null)
-            coalescedRates.Add(await DmaLoad.MeasureAsync(session.Raw.Dma.Stream(), handle, coalesced, opsPerMessage, seconds));
-    }
-    var r = Rounds.Median(rawRates);
-    Console.WriteLine($"{name}:");
-    Row("broker Dma.Stream", brokerRates);
-    if (coalesced is not null)
-        Row("broker, coalesced", coalescedRates);
-    Row("raw gRPC stream", rawRates);
-    Console.WriteLine($"  broker / raw        {Rounds.Median(brokerRates) / r,10:P0}");
-    if (coalesced is not null)
-        Console.WriteLine($"  coalesced / raw     {Rounds.Median(coalescedRates) / r,10:P0}");
-
-    void Row(string label, List<double> rates) =>
-        Console.WriteLine($"  {label,-19} {scenario.Scale(Rounds.Median(rates)),10:F2} {unit}   (median of {rounds}; {string.Join(", ", rates.Select(x => scenario.Scale(x).ToString("F2", CultureInfo.InvariantCulture)))})");
-}
-
-await LookupBenchmark.RunAsync(rounds);
-
-T Arg<T>(string name, T fallback) where T : IParsable<T>
-{
-    var i = Array.IndexOf(args, name);
-    return i >= 0 && i + 1 < args.Length ? T.Parse(args[i + 1], CultureInfo.InvariantCulture) : fallback;
-}
+// The benchmark table (issue 11): every section below, each row side by side with its baseline
+// measured in the same run (alternating rounds), printed as one markdown table at the end.
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- [KEY ...] [--rounds N] [--seconds S] [--quick] [--list] [--help]
+// A section is a class implementing IBenchSection in its own file; register it here, one line each,
+// in the order its rows should appear in the table.
+IBenchSection[] sections =
+[
+    new DmaSection(),
+    new RoundTripSection(),
+    new ClaimSection(),
+    new NvmeLocalSection(),
+    // issue 11's other rows, in the issue's order: UnmapSection (unmap), SigkillSection (sigkill),
+    // SessionsSection (sessions).
+    MicroSection.Lookup,
+    MicroSection.Core,
+    new NvmeSection(),
+    new AuthSection(),
+    new MetricsSection(),
+];
+return await BenchCommand.RunAsync(args, sections, Console.Out, Console.Error);
 
 internal sealed class Host(WebApplication app, string address) : IAsyncDisposable
 {
     public const ulong Iova = 0x100_0000;
+
+    /// <summary>How much <see cref="PrepareDeviceAsync"/> maps at <see cref="Iova"/>.</summary>
+    public const int MappedBytes = 1 << 20;
     public string Address { get; } = address;
 
     /// <summary>A broker on <paramref name="listen"/> (port 0: any free port) with further <paramref name="options"/>.</summary>
@@ -122,6 +61,7 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
         builder.Services.AddGrpc(o => o.MaxReceiveMessageSize = 16 * 1024 * 1024);
         var app = builder.Build();
         app.MapGrpcService<RawDmaService>();
+        app.MapGrpcService<RawVfioService>();
         await app.StartAsync();
         // Not a broker host: its one address is Kestrel's own, not BrokerHost's list of gRPC listeners.
         return new Host(app, app.Urls.Single());
@@ -137,8 +77,8 @@ internal sealed class Host(WebApplication app, string address) : IAsyncDisposabl
     {
         var container = await session.CreateContainerAsync(ContainerType.Type1V2);
         await session.SetContainerAsync(14, container);
-        var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = 1 << 20 })).Vaddr;
-        await session.Raw.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = Iova, Size = 1 << 20, Read = true, Write = true });
+        var vaddr = (await session.Raw.Memory.AllocateAsync(new AllocateRequest { Size = MappedBytes })).Vaddr;
+        await session.Raw.Vfio.MapDmaAsync(new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = Iova, Size = MappedBytes, Read = true, Write = true });
         var handle = (await session.Raw.Vfio.OpenDeviceAsync(new OpenDeviceRequest { Address = "0000:08:00.0" })).Handle;
         await session.Raw.Vfio.RegionWriteAsync(new RegionWriteRequest { Handle = handle, Index = 7, Offset = 4, Data = ByteString.CopyFrom(0x06, 0x00) });
         return handle;

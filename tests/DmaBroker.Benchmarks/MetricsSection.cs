@@ -1,5 +1,4 @@
 using System.Diagnostics.Metrics;
-using System.Globalization;
 using DmaBroker.Client;
 using DmaBroker.Core;
 using DmaBroker.Core.Telemetry;
@@ -19,48 +18,39 @@ namespace DmaBroker.Benchmarks;
 /// the two sides, rotating which goes first, after warm-up rounds; each side's median round is
 /// reported, with the on/off ratio of the medians and the median of the rounds' own ratios.
 /// </summary>
-internal static class MetricsBenchmark
+internal sealed class MetricsSection : IBenchSection
 {
     private const int WarmupRounds = 2;
 
-    public static async Task RunAsync(int rounds, double seconds)
+    public string Key => "metrics";
+
+    public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
     {
+        var warmup = options.Quick ? 0 : WarmupRounds;
         await using var on = await Host.StartBrokerAsync("http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0");
         await using var off = await Host.StartBrokerAsync(services => services.ConfigureOpenTelemetryMeterProvider(metrics =>
             metrics.AddView(instrument => instrument.Meter.Name == BrokerMetrics.MeterName ? MetricStreamConfiguration.Drop : null)),
             "http://127.0.0.1:0", "--http-listen", "http://127.0.0.1:0");
-        var sides = new[] { await Side.StartAsync("metrics on (OTel + Prometheus reader)", on), await Side.StartAsync("metrics off (DmaBroker meter dropped)", off) };
+        var sides = new[] { await Side.StartAsync(on), await Side.StartAsync(off) };
         try
         {
-            Console.WriteLine($"DmaBroker metrics benchmark: {rounds} rounds x {seconds:F1} s per side, sides interleaved, {WarmupRounds} warm-up rounds, loopback, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
-            foreach (var side in sides)
-                Console.WriteLine($"  {side.Name}: dmabroker.dma.bytes collected: {(IsListened(side.Host) ? "yes" : "no")}");
-            foreach (var scenario in DmaLoad.Scenarios)
+            if (!IsListened(on) || IsListened(off))
+                throw new InvalidOperationException("the 'on' broker's DMA counters are not collected, or the 'off' broker's are");
+            var rows = new List<BenchRow>();
+            // 1 MiB writes tell nothing 64 KiB ones do not: the counters are per operation.
+            foreach (var scenario in DmaLoad.Scenarios.Where(s => s.BytesPerOp != 1024 * 1024))
             {
                 var requests = scenario.Requests();
-                var rates = sides.ToDictionary(s => s, _ => new List<double>());
-                for (var round = -WarmupRounds; round < rounds; round++)
-                {
-                    for (var i = 0; i < sides.Length; i++)
-                    {
-                        var side = sides[(round + WarmupRounds + i) % sides.Length];
-                        var rate = await DmaLoad.MeasureAsync(side.Session.Raw.Dma.Stream(), side.Handle, requests, scenario.OpsPerMessage, seconds);
-                        if (round >= 0)
-                            rates[side].Add(rate);
-                    }
-                }
-                Console.WriteLine($"{scenario.Name}:");
-                foreach (var side in sides)
-                {
-                    var all = string.Join(", ", rates[side].Select(r => scenario.Scale(r).ToString("F2", CultureInfo.InvariantCulture)));
-                    Console.WriteLine($"  {side.Name,-40} {scenario.Scale(Rounds.Median(rates[side])),10:F2} {scenario.Unit}   (median of {rounds}; {all})");
-                }
-                Ratio(rates[sides[0]], rates[sides[1]]);
+                var rates = await Rounds.AlternateAsync(options, warmup,
+                    [.. sides.Select(side => (Func<Task<double>>)(() => DmaLoad.MeasureAsync(side.Session.Raw.Dma.Stream(), side.Handle, requests, scenario.OpsPerMessage, options.Seconds)))]);
+                rows.Add(Rounds.Row($"{scenario.Name}, metrics on (OTel + Prometheus reader)", rates[0], "DmaBroker meter dropped", rates[1],
+                    r => Rounds.Format(scenario.Scale(r), scenario.Unit == "MiB/s" ? 0 : 2, scenario.Unit)));
             }
             var scrape = await new HttpClient().GetStringAsync(on.WebAddress + "/metrics");
-            Console.WriteLine($"the 'on' broker's /metrics counted: {string.Join("; ", scrape.Split('\n').Where(l => l.StartsWith("dmabroker_dma_", StringComparison.Ordinal)))}");
-            await CoreAsync(rounds, seconds);
-            Console.WriteLine($"(end{Rounds.LoadAverage()})");
+            if (!scrape.Contains("dmabroker_dma_bytes", StringComparison.Ordinal))
+                throw new InvalidOperationException("the 'on' broker's /metrics has no dmabroker_dma_bytes");
+            rows.Add(await CoreAsync(options, warmup));
+            return rows;
         }
         finally
         {
@@ -69,50 +59,37 @@ internal static class MetricsBenchmark
         }
     }
 
-    private static void Ratio(List<double> on, List<double> off)
-    {
-        var paired = Rounds.Median(on.Zip(off, (a, b) => a / b));
-        Console.WriteLine($"  on / off {Rounds.Median(on) / Rounds.Median(off),41:P1}   (paired rounds: {paired:P1})");
-    }
-
     /// <summary>The core alone: 64-byte device writes, back to back on one thread, with the meter collected by an OpenTelemetry SDK reader or not listened to.</summary>
-    private static async Task CoreAsync(int rounds, double seconds)
+    private static async Task<BenchRow> CoreAsync(BenchOptions options, int warmup)
     {
         // In-process sessions send no pings: a lease longer than the run keeps them.
-        var options = new BrokerOptions { Sessions = new Core.Sessions.SessionOptions { LeaseTtl = TimeSpan.FromHours(1) } };
-        await using var on = new Broker(TopologyDocument.Default(), options);
-        await using var off = new Broker(TopologyDocument.Default(), options);
+        var brokerOptions = new BrokerOptions { Sessions = new Core.Sessions.SessionOptions { LeaseTtl = TimeSpan.FromHours(1) } };
+        await using var on = new Broker(TopologyDocument.Default(), brokerOptions);
+        await using var off = new Broker(TopologyDocument.Default(), brokerOptions);
         // Both meters are named DmaBroker: the reader takes only the 'on' broker's.
         using var provider = OpenTelemetry.Sdk.CreateMeterProviderBuilder()
             .AddMeter(BrokerMetrics.MeterName)
             .AddView(instrument => instrument.Meter == on.Metrics.Meter ? null : MetricStreamConfiguration.Drop)
             .AddReader(new PeriodicExportingMetricReader(new DiscardingExporter(), 1000))
             .Build();
-        var handles = new[] { OpenEdu(on), OpenEdu(off) };
-        var rates = new[] { new List<double>(), new List<double>() };
         var data = new byte[64];
-        for (var round = -WarmupRounds; round < rounds; round++)
+        var rates = await Rounds.AlternateAsync(options, warmup, [.. new[] { OpenEdu(on), OpenEdu(off) }.Select(handle => (Func<Task<double>>)(() =>
         {
-            for (var i = 0; i < 2; i++)
+            long done = 0;
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            while (clock.Elapsed.TotalSeconds < options.Seconds)
             {
-                var side = (round + WarmupRounds + i) % 2;
-                var handle = handles[side];
-                long done = 0;
-                var clock = System.Diagnostics.Stopwatch.StartNew();
-                while (clock.Elapsed.TotalSeconds < seconds)
-                {
-                    for (var n = 0; n < 1024; n++)
-                        handle.DmaWrite(Host.Iova + (ulong)(n % 256) * 64, data);
-                    done += 1024;
-                }
-                if (round >= 0)
-                    rates[side].Add(done / clock.Elapsed.TotalSeconds);
+                for (var n = 0; n < 1024; n++)
+                    handle.DmaWrite(Host.Iova + (ulong)(n % 256) * 64, data);
+                done += 1024;
             }
-        }
-        Console.WriteLine("core alone, 64-byte device writes (no gRPC, one thread):");
-        Console.WriteLine($"  metrics on (OTel SDK reader)             {1e9 / Rounds.Median(rates[0]),10:F1} ns/op");
-        Console.WriteLine($"  metrics off (meter not listened to)      {1e9 / Rounds.Median(rates[1]),10:F1} ns/op");
-        Ratio(rates[0], rates[1]);
+            return Task.FromResult(done / clock.Elapsed.TotalSeconds);
+        }))]);
+        // Rates in, ns per write out: the ratio is of times, so on / off above 100 % is the cost.
+        var nsOn = rates[0].Select(r => 1e9 / r).ToList();
+        var nsOff = rates[1].Select(r => 1e9 / r).ToList();
+        return Rounds.Row("core: 64-byte device write (one thread, no gRPC), metrics on (OTel SDK reader)", nsOn, "meter not listened to", nsOff,
+            ns => Rounds.Format(ns, 1, "ns/op"));
     }
 
     private static DeviceHandle OpenEdu(Broker broker)
@@ -150,18 +127,16 @@ internal static class MetricsBenchmark
     }
 
     /// <summary>One broker with a client, a session and an open edu device with 1 MiB mapped.</summary>
-    private sealed class Side(string name, Host host, BrokerClient client, BrokerSession session, ulong handle) : IAsyncDisposable
+    private sealed class Side(BrokerClient client, BrokerSession session, ulong handle) : IAsyncDisposable
     {
-        public string Name { get; } = name;
-        public Host Host { get; } = host;
         public BrokerSession Session { get; } = session;
         public ulong Handle { get; } = handle;
 
-        public static async Task<Side> StartAsync(string name, Host host)
+        public static async Task<Side> StartAsync(Host host)
         {
             var client = BrokerClient.Connect(host.Address);
             var session = await client.OpenSessionAsync("metrics-bench");
-            return new Side(name, host, client, session, await Host.PrepareDeviceAsync(session));
+            return new Side(client, session, await Host.PrepareDeviceAsync(session));
         }
 
         public async ValueTask DisposeAsync()

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Globalization;
 using System.Security.Cryptography;
 using System.Text;
 using DmaBroker.Client;
@@ -19,18 +18,19 @@ namespace DmaBroker.Benchmarks;
 /// that mTLS / TLS shows what authentication adds to TLS and mTLS / off what TLS costs besides.
 /// Rounds alternate the modes, rotating which goes first, and each mode's median round is reported.
 /// </summary>
-internal static class AuthBenchmark
+internal sealed class AuthSection : IBenchSection
 {
     private const int CallsPerCycle = 4;
     private const int WarmupRounds = 2;
+    private const int Sessions = 4;
     private const string Loopback = "http://127.0.0.1:0";
     private const string LoopbackTls = "https://127.0.0.1:0";
     private static readonly string[] EduDevices = ["0000:08:00.0", "0000:09:00.0", "0000:0a:00.0", "0000:0b:00.0"];
 
-    public static async Task RunAsync(int rounds, double seconds, int sessions)
+    public string Key => "auth";
+
+    public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
     {
-        if (sessions < 1 || sessions > EduDevices.Length)
-            throw new ArgumentOutOfRangeException(nameof(sessions), sessions, $"--sessions takes 1 to {EduDevices.Length}: one free edu group each");
         var directory = Directory.CreateTempSubdirectory("dmabroker-auth-bench-").FullName;
         var modes = new List<Mode>();
         try
@@ -40,30 +40,21 @@ internal static class AuthBenchmark
             var authFile = Path.Combine(directory, "auth.json");
             await File.WriteAllTextAsync(authFile, AuthFile(token));
             string[] tls = ["--tls-cert", pki.ServerCertFile, "--tls-key", pki.ServerKeyFile];
-            modes.Add(new Mode("auth off (open mode)", await Host.StartBrokerAsync(Loopback), new BrokerClientOptions()));
-            modes.Add(new Mode("bearer token (auth file)", await Host.StartBrokerAsync(Loopback, "--auth-file", authFile),
+            modes.Add(new Mode("auth off (open mode), http", await Host.StartBrokerAsync(Loopback), new BrokerClientOptions()));
+            modes.Add(new Mode("bearer token (auth file), http", await Host.StartBrokerAsync(Loopback, "--auth-file", authFile),
                 new BrokerClientOptions { BearerToken = token }));
-            modes.Add(new Mode("TLS, auth off (open mode)", await Host.StartBrokerAsync(LoopbackTls, tls),
+            modes.Add(new Mode("TLS, auth off, https", await Host.StartBrokerAsync(LoopbackTls, tls),
                 new BrokerClientOptions { TrustedAuthorities = pki.Authorities }));
-            modes.Add(new Mode("mTLS client cert (auth file)", await Host.StartBrokerAsync(LoopbackTls, [.. tls, "--auth-file", authFile, "--client-ca", pki.CaFile]),
+            modes.Add(new Mode("mTLS client cert (auth file), https", await Host.StartBrokerAsync(LoopbackTls, [.. tls, "--auth-file", authFile, "--client-ca", pki.CaFile]),
                 new BrokerClientOptions { TrustedAuthorities = pki.Authorities, ClientCertificate = pki.Client("bench") }));
             foreach (var mode in modes)
-                await mode.OpenSessionsAsync(sessions);
+                await mode.OpenSessionsAsync(Sessions);
 
-            Console.WriteLine($"DmaBroker auth benchmark: {rounds} rounds x {seconds:F1} s per mode, modes interleaved, {sessions} sessions per mode, {WarmupRounds} warm-up rounds, loopback, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
-            Console.WriteLine($"cycle = CreateContainer + SetContainer (own edu group) + UnsetContainer + DestroyContainer on an open session: {CallsPerCycle} calls");
             // Warm-up rounds, not counted: the tiered JIT keeps recompiling for some 10 s of this load.
-            for (var round = -WarmupRounds; round < rounds; round++)
-            {
-                for (var i = 0; i < modes.Count; i++)
-                {
-                    var mode = modes[(round + WarmupRounds + i) % modes.Count];
-                    var measured = await mode.MeasureAsync(seconds);
-                    if (round >= 0)
-                        mode.Rounds.Add(measured);
-                }
-            }
-            Report(modes);
+            var rounds = await Rounds.AlternateAsync(options, options.Quick ? 0 : WarmupRounds, [.. modes.Select(m => (Func<Task<(double, double)>>)(() => m.MeasureAsync(options.Seconds)))]);
+            for (var i = 0; i < modes.Count; i++)
+                modes[i].Rounds.AddRange(rounds[i]);
+            return [Row(modes[1], modes[0]), Row(modes[3], modes[0]), Row(modes[3], modes[2])];
         }
         finally
         {
@@ -73,34 +64,15 @@ internal static class AuthBenchmark
         }
     }
 
-    private static void Report(List<Mode> modes)
+    /// <summary>Calls/s of <paramref name="measured"/> beside <paramref name="baseline"/>, with CPU µs per call (this process's: clients and brokers) in the detail.</summary>
+    private static BenchRow Row(Mode measured, Mode baseline)
     {
-        var off = modes[0];
-        Console.WriteLine();
-        Console.WriteLine($"{"mode",-30} {"listener",-8} {"calls/s",9} {"cycles/s",9} {"vs off",8} {"CPU µs/call",12} {"vs off",8}   rounds (calls/s)");
-        foreach (var mode in modes)
+        var row = Rounds.Row($"claim+release calls/s, {measured.Name}", [.. measured.Rounds.Select(r => r.CallsPerSecond)], baseline.Name,
+            [.. baseline.Rounds.Select(r => r.CallsPerSecond)], r => Rounds.Format(r, 0, "calls/s"), note: $" ({CallsPerCycle} unary calls a cycle, {Sessions} sessions)");
+        return row with
         {
-            var rates = string.Join(" ", mode.Rounds.Select(r => r.CallsPerSecond.ToString("F0", CultureInfo.InvariantCulture)));
-            Console.WriteLine($"{mode.Name,-30} {mode.Listener,-8} {mode.CallsPerSecond,9:F0} {mode.CallsPerSecond / CallsPerCycle,9:F0} {mode.CallsPerSecond / off.CallsPerSecond,8:P1} "
-                + $"{mode.CpuPerCall,12:F1} {mode.CpuPerCall / off.CpuPerCall,8:P1}   {rates}");
-        }
-        Console.WriteLine();
-        Console.WriteLine($"{"ratio",-30} {"calls/s",8} {"auth cost",10} {"paired",8}   {"CPU/call",8} {"paired",8}");
-        Ratio("bearer / off", modes[1], modes[0]);
-        Ratio("mTLS / off (TLS + auth)", modes[3], modes[0]);
-        Ratio("mTLS / TLS (auth alone)", modes[3], modes[2]);
-        Console.WriteLine("auth cost = 1 - calls/s ratio of the medians; paired = the median of the rounds' own ratios (both modes");
-        Console.WriteLine("measured seconds apart); CPU/call = this process's CPU time (clients and brokers) per call, which other");
-        Console.WriteLine($"processes' load moves far less than calls/s (end{Rounds.LoadAverage()})");
-    }
-
-    private static void Ratio(string name, Mode measured, Mode baseline)
-    {
-        var ratio = measured.CallsPerSecond / baseline.CallsPerSecond;
-        var paired = Rounds.Median(measured.Rounds.Zip(baseline.Rounds, (m, b) => m.CallsPerSecond / b.CallsPerSecond));
-        var cpu = measured.CpuPerCall / baseline.CpuPerCall;
-        var cpuPaired = Rounds.Median(measured.Rounds.Zip(baseline.Rounds, (m, b) => m.CpuPerCall / b.CpuPerCall));
-        Console.WriteLine($"{name,-30} {ratio,8:P1} {1 - ratio,10:P1} {paired,8:P1}   {cpu,8:P1} {cpuPaired,8:P1}");
+            Detail = row.Detail + $"; CPU {measured.CpuPerCall:F1} vs {baseline.CpuPerCall:F1} µs/call ({Rounds.Percent(measured.CpuPerCall / baseline.CpuPerCall)})",
+        };
     }
 
     /// <summary>The bearer token's and the client certificate's principals, among entries like docs/auth.example.json's.</summary>
@@ -121,7 +93,6 @@ internal static class AuthBenchmark
         private readonly List<(BrokerClient Client, BrokerSession Session, uint Group)> _workers = [];
 
         public string Name { get; } = name;
-        public string Listener { get; } = broker.Address.StartsWith("https:", StringComparison.Ordinal) ? "https" : "http";
         public List<(double CallsPerSecond, double CpuPerCall)> Rounds { get; } = [];
         public double CallsPerSecond => Benchmarks.Rounds.Median(Rounds.Select(r => r.CallsPerSecond));
         public double CpuPerCall => Benchmarks.Rounds.Median(Rounds.Select(r => r.CpuPerCall));

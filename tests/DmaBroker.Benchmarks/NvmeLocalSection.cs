@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Globalization;
 using System.Numerics;
 using System.Runtime.InteropServices;
 using DmaBroker.Client;
@@ -17,13 +16,14 @@ namespace DmaBroker.Benchmarks;
 /// side has its own in-process broker with one NVMe controller; the sides alternate, one round
 /// each in turn, after a warm-up round.
 /// </summary>
-internal sealed class NvmeLocalBenchmark : IBenchSection
+internal sealed class NvmeLocalSection : IBenchSection
 {
     private const string NvmeAddress = "0000:01:00.0";
     private const int ReadSize = 128 * 1024;
     private const int QueueDepth = 32;
     /// <summary>The range the reads cycle over (of the 64 MiB namespace), larger than the last-level cache.</summary>
     private const int RegionBytes = 16 * 1024 * 1024;
+
     public string Key => "nvme-local";
 
     public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
@@ -39,35 +39,21 @@ internal sealed class NvmeLocalBenchmark : IBenchSection
             await using var tcp = await NvmeBenchDriver.StartAsync(tcpClient, "bench-nvme-tcp", QueueDepth, ReadSize, RegionBytes, shared: false);
             await using var local = await NvmeBenchDriver.StartAsync(localClient, "bench-nvme-local", QueueDepth, ReadSize, RegionBytes, shared: true);
             var memcpy = new Memcpy();
-            var sides = new (string Name, Func<TimeSpan, Task<double>> Measure, List<double> Rates)[]
-            {
-                ("local", d => ReadAsync(local, d), []),
-                ("TCP", d => ReadAsync(tcp, d), []),
-                ("memcpy", d => Task.FromResult(memcpy.Run(d)), []),
-            };
             var duration = TimeSpan.FromSeconds(options.Seconds);
-            Console.WriteLine($"nvme-local: NVMe {ReadSize / 1024} KiB reads at QD {QueueDepth}, local shared-memory path vs TCP path vs memcpy: {options.Rounds} rounds x {options.Seconds:F1} s per side, alternating, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
-            for (var round = -1; round < options.Rounds; round++)
-            {
-                foreach (var (_, measure, rates) in sides)
-                {
-                    var bytesPerSecond = await measure(duration);
-                    if (round >= 0)
-                        rates.Add(bytesPerSecond / (1024 * 1024));
-                }
-            }
-            var (localRate, tcpRate, memcpyRate) = (Rounds.Median(sides[0].Rates), Rounds.Median(sides[1].Rates), Rounds.Median(sides[2].Rates));
-            var baseline = $"memcpy of the same bytes {memcpyRate:F0} MiB/s";
-            string Detail(int side) => $"median of {options.Rounds}: {string.Join(", ", sides[side].Rates.Select(r => r.ToString("F0", CultureInfo.InvariantCulture)))} MiB/s"
-                + (side switch { 0 => Messages(local), 1 => Messages(tcp), _ => "" });
+            // A warm-up round, not counted: the JIT's later tiers and the connections' windows settle first.
+            var rates = await Rounds.AlternateAsync(options, options.Quick ? 0 : 1,
+                () => ReadAsync(local, duration),
+                () => ReadAsync(tcp, duration),
+                () => Task.FromResult(memcpy.Run(duration)));
+            static string MiBs(double bytesPerSecond) => Rounds.Format(bytesPerSecond / (1024 * 1024), 0, "MiB/s");
             // Per interrupt the driver gets one session event and sends two doorbells (CQ head, SQ tail) on the DMA stream.
-            static string Messages(NvmeBenchDriver driver) =>
-                $"; {Rounds.Median(driver.CommandsPerInterrupt):F1} commands per interrupt";
+            static string PerInterrupt(NvmeBenchDriver driver) => $", {Rounds.Median(driver.CommandsPerInterrupt):F1} commands per interrupt";
+            const string baseline = "memcpy of the same bytes";
             return
             [
-                new($"NVMe {ReadSize / 1024} KiB reads at QD {QueueDepth}, local shared-memory path", $"{localRate:F0} MiB/s", baseline, $"{localRate / memcpyRate:P0}", Detail(0)),
-                new($"NVMe {ReadSize / 1024} KiB reads at QD {QueueDepth}, TCP path", $"{tcpRate:F0} MiB/s", baseline, $"{tcpRate / memcpyRate:P0}", Detail(1)),
-                new("  local path / TCP path", $"{Rounds.Median(sides[0].Rates.Zip(sides[1].Rates, (l, t) => l / t)):F1}x", $"TCP path {tcpRate:F0} MiB/s", "", "median of the rounds' ratios; memcpy: " + Detail(2)),
+                Rounds.Row($"NVMe read {ReadSize / 1024} KiB at QD {QueueDepth}, local shared-memory path (unix://)", rates[0], baseline, rates[2], MiBs, PerInterrupt(local)),
+                Rounds.Row($"NVMe read {ReadSize / 1024} KiB at QD {QueueDepth}, TCP path, the same driver", rates[1], baseline, rates[2], MiBs, PerInterrupt(tcp)),
+                Rounds.Row("  local path vs TCP path", rates[0], "TCP path", rates[1], MiBs),
             ];
         }
         finally

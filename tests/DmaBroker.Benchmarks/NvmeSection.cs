@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Globalization;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 
@@ -15,21 +14,20 @@ namespace DmaBroker.Benchmarks;
 /// read moves its data from the namespace to session memory inside the broker; the row "CPU reads
 /// the data" adds what the sample does to check it, a Memory.Read of every block.
 /// </summary>
-internal static class NvmeBenchmark
+internal sealed class NvmeSection : IBenchSection
 {
+    private const int QueueDepth = 32;
     private const string EduAddress = "0000:08:00.0";
     private const uint EduGroup = 14;
     private const int LargestRead = 128 * 1024;
     /// <summary>The range the reads cycle over, written once before they start, so they return data rather than never-written zeros.</summary>
     private const int RegionBytes = 16 * 1024 * 1024;
 
-    private sealed record Side(string Name, Func<Task<double>> Measure)
-    {
-        public List<double> Rates { get; } = [];
-    }
+    public string Key => "nvme";
 
-    public static async Task RunAsync(int rounds, double seconds, int queueDepth)
+    public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
     {
+        const int queueDepth = QueueDepth;
         await using var broker = await Host.StartBrokerAsync();
         using var client = BrokerClient.Connect(broker.Address);
 
@@ -45,35 +43,22 @@ internal static class NvmeBenchmark
         await edu.EnableBusMasterAsync();
         await using var dma = await edu.OpenDmaChannelAsync();
 
-        var deadline = TimeSpan.FromSeconds(seconds);
-        Console.WriteLine($"NVMe reads (the NvmeDriver sample's path) beside edu DMA, queue depth {queueDepth}: {rounds} rounds x {seconds:F1} s per side, in-process broker on loopback, {Environment.ProcessorCount} cores{Rounds.LoadAverage()}");
+        var deadline = TimeSpan.FromSeconds(options.Seconds);
+        var rows = new List<BenchRow>();
         foreach (var size in new[] { 4096, LargestRead })
         {
-            Side[] sides =
-            [
-                new($"NVMe read, {Kib(size)} KiB", () => NvmeReadsAsync(nvme, size, deadline, verify: false)),
-                new("  + CPU reads the data", () => NvmeReadsAsync(nvme, size, deadline, verify: true)),
-                new($"edu DMA write, {Kib(size)} KiB", () => EduWritesAsync(dma, size, queueDepth, deadline)),
-            ];
             // A warm-up round, not counted: the JIT's later tiers and the connections' windows settle first.
-            for (var round = -1; round < rounds; round++)
-            {
-                foreach (var side in sides)
-                {
-                    var rate = await side.Measure();
-                    if (round >= 0)
-                        side.Rates.Add(rate);
-                }
-            }
-            Console.WriteLine($"{Kib(size)} KiB at QD {queueDepth}:");
-            foreach (var side in sides)
-            {
-                var iops = Rounds.Median(side.Rates);
-                Console.WriteLine($"  {side.Name,-26} {iops,9:F0} IOPS {iops * size / (1024 * 1024),9:F1} MiB/s   (median of {rounds}; {string.Join(", ", side.Rates.Select(r => r.ToString("F0", CultureInfo.InvariantCulture)))})");
-            }
-            var edus = sides[2].Rates;
-            Console.WriteLine($"  NVMe read / edu DMA        {Rounds.Median(sides[0].Rates.Zip(edus, (n, e) => n / e)),9:P0}   (median of the rounds' ratios; with the CPU reading the data {Rounds.Median(sides[1].Rates.Zip(edus, (n, e) => n / e)):P0})");
+            var rates = await Rounds.AlternateAsync(options, options.Quick ? 0 : 1,
+                () => NvmeReadsAsync(nvme, size, deadline, verify: false),
+                () => NvmeReadsAsync(nvme, size, deadline, verify: true),
+                () => EduWritesAsync(dma, size, queueDepth, deadline));
+            rows.Add(Row($"NVMe read {Kib(size)} KiB at QD {queueDepth} (TCP, NvmeDriver sample's path)", rates[0], rates[2]));
+            rows.Add(Row($"NVMe read {Kib(size)} KiB at QD {queueDepth}, + the CPU reads the data", rates[1], rates[2]));
+
+            BenchRow Row(string name, List<double> nvme, List<double> edu) =>
+                Rounds.Row(name, nvme, $"edu DMA write {Kib(size)} KiB", edu, iops => Rounds.Format(iops * size / (1024 * 1024), 1, "MiB/s"));
         }
+        return rows;
     }
 
     /// <summary>Reads of <paramref name="size"/> bytes cycling over the written region for <paramref name="duration"/>, at the driver's queue depth; completions per second.</summary>
