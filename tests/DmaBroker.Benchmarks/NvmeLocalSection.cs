@@ -53,7 +53,7 @@ internal sealed class NvmeLocalSection : IBenchSection
             [
                 Rounds.Row($"NVMe read {ReadSize / 1024} KiB at QD {QueueDepth}, local shared-memory path (unix://)", rates[0], baseline, rates[2], MiBs, PerInterrupt(local)),
                 Rounds.Row($"NVMe read {ReadSize / 1024} KiB at QD {QueueDepth}, TCP path, the same driver", rates[1], baseline, rates[2], MiBs, PerInterrupt(tcp)),
-                Rounds.Row("  local path vs TCP path", rates[0], "TCP path", rates[1], MiBs),
+                Rounds.Row($"NVMe read {ReadSize / 1024} KiB at QD {QueueDepth}, local path vs TCP path", rates[0], "TCP path", rates[1], MiBs),
             ];
         }
         finally
