@@ -36,6 +36,16 @@ if (args is ["nvme", ..])
     return;
 }
 
+// UnmapDma p50/p99 on an idle container and under a 4-device DMA load on it (see UnmapBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- unmap [--rounds N] [--seconds S] [--load-size BYTES]
+if (args is ["unmap", ..])
+{
+    var section = new UnmapBenchmark(Arg("--load-size", 1 << 20));
+    foreach (var row in await section.RunAsync(new BenchOptions(Arg("--rounds", 5), Arg("--seconds", 2.0), args.Contains("--quick"))))
+        Console.WriteLine($"| {row.Name} | {row.Result} | {row.Baseline} | {row.Ratio} | {row.Detail} |");
+    return;
+}
+
 var rounds = Arg("--rounds", 5);
 var seconds = Arg("--seconds", 2.0);
 
