@@ -46,6 +46,14 @@ if (args is ["unmap", ..])
     return;
 }
 
+// IOVA translation with 16 and with 65,535 mappings, alone (see LookupBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- lookup [--rounds N]
+if (args is ["lookup", ..])
+{
+    await LookupBenchmark.RunAsync(Arg("--rounds", 5));
+    return;
+}
+
 var rounds = Arg("--rounds", 5);
 var seconds = Arg("--seconds", 2.0);
 
