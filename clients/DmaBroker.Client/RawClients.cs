@@ -59,8 +59,8 @@ public sealed class RawSessionClients
     public Memory.MemoryClient Memory { get; }
 
     /// <summary>
-    /// The Dma service: the stream on which a device performs DMA. Its calls go over the client's
-    /// second connection, kept for DMA streams, so bulk DMA never delays the calls above.
+    /// The Dma service: the stream on which a device performs DMA; over a connection of its own
+    /// with <see cref="BrokerClientOptions.DmaStreamsOwnConnection"/>.
     /// </summary>
     public Dma.DmaClient Dma { get; }
 }

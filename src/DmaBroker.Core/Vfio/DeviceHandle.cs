@@ -96,7 +96,7 @@ public sealed class DeviceHandle : IDevicePort
         lock (Model.Sync)
         {
             CheckOpen();
-            if (EnterDomain(sourceIova, DmaAccess.Read, out var refused) is not { } space)
+            if (CurrentSpace(sourceIova, DmaAccess.Read, out var refused) is not { } space)
                 return Report(refused, DmaAccess.Read, length);
             var buffer = ArrayPool<byte>.Shared.Rent(length);
             try
@@ -250,10 +250,10 @@ public sealed class DeviceHandle : IDevicePort
     }
 
     private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data) =>
-        Report(EnterDomain(iova, DmaAccess.Write, out var refused)?.DeviceWrite(iova, data) ?? refused, DmaAccess.Write, data.Length);
+        Report(CurrentSpace(iova, DmaAccess.Write, out var refused)?.DeviceWrite(iova, data) ?? refused, DmaAccess.Write, data.Length);
 
     private DmaOutcome Read(ulong iova, Span<byte> destination) =>
-        Report(EnterDomain(iova, DmaAccess.Read, out var refused)?.DeviceRead(iova, destination) ?? refused, DmaAccess.Read, destination.Length);
+        Report(CurrentSpace(iova, DmaAccess.Read, out var refused)?.DeviceRead(iova, destination) ?? refused, DmaAccess.Read, destination.Length);
 
     /// <summary>
     /// The address space the device's group translates through right now, for one access made under
@@ -261,7 +261,7 @@ public sealed class DeviceHandle : IDevicePort
     /// DMA (Bus Master off, or no user domain attached). A detach waits for the model's lock after it
     /// clears the attachment, so an access that got a space here ends before the detach returns.
     /// </summary>
-    private IovaSpace? EnterDomain(ulong iova, DmaAccess access, out DmaOutcome refused)
+    private IovaSpace? CurrentSpace(ulong iova, DmaAccess access, out DmaOutcome refused)
     {
         var page = iova & ~IovaSpace.PageMask;
         refused = default;
