@@ -33,11 +33,23 @@ public sealed record BrokerClientOptions
 
     /// <summary>A client certificate (with its private key) for a broker that requires mTLS; its subject CN is the principal <c>cert:&lt;CN&gt;</c>.</summary>
     public X509Certificate2? ClientCertificate { get; init; }
+
+    /// <summary>
+    /// Opens sessions' DMA streams (Dma.Stream) on a second HTTP/2 connection of their own, so a
+    /// control call such as UnmapDma never queues behind megabytes of DMA data in one connection's
+    /// flow-control window and TCP send queue (under four devices streaming 1 MiB writes, UnmapDma's
+    /// median falls from about 1.3 ms to 0.15-0.5 ms). The price: the two connections are not
+    /// ordered, so a call made after <c>OpenDmaChannelAsync</c> returns may reach the broker before
+    /// the stream does (counted in stats, or against the dma_streams quota, a moment later). Off by default.
+    /// </summary>
+    public bool DmaStreamsOwnConnection { get; init; }
 }
 
 /// <summary>
 /// A connection to a broker: the read side (devices, groups, watch), the admin side, and the
-/// door to sessions. Thread-safe; share one per process.
+/// door to sessions. Thread-safe; share one per process. With
+/// <see cref="BrokerClientOptions.DmaStreamsOwnConnection"/>, sessions' DMA streams go over a second
+/// connection of their own.
 /// </summary>
 public sealed class BrokerClient : IDisposable
 {
@@ -47,15 +59,22 @@ public sealed class BrokerClient : IDisposable
     /// <summary>The environment variable that names the broker for dmactl and the samples.</summary>
     public const string AddressVariable = "DMABROKER_ADDRESS";
 
-    private BrokerClient(GrpcChannel channel, CallInvoker invoker)
+    private readonly GrpcChannel? _streams;
+
+    private BrokerClient(GrpcChannel channel, GrpcChannel? streams, BrokerClientOptions options)
     {
-        Invoker = invoker;
-        Raw = new RawBrokerClients(channel, invoker);
+        _streams = streams;
+        Invoker = WithBearer(channel.CreateCallInvoker(), options);
+        StreamInvoker = streams is null ? Invoker : WithBearer(streams.CreateCallInvoker(), options);
+        Raw = new RawBrokerClients(channel, Invoker);
         Admin = new BrokerAdmin(Raw.Kernel);
     }
 
     /// <summary>Every call goes through this: the channel, with the bearer token when there is one.</summary>
     internal CallInvoker Invoker { get; }
+
+    /// <summary>The same for DMA streams: over their own connection, or <see cref="Invoker"/>.</summary>
+    internal CallInvoker StreamInvoker { get; }
 
     /// <summary>The admin side: driver binding, hotplug, session revocation, live counts.</summary>
     public BrokerAdmin Admin { get; }
@@ -74,6 +93,12 @@ public sealed class BrokerClient : IDisposable
     {
         options ??= new BrokerClientOptions();
         address = string.IsNullOrWhiteSpace(address) ? DefaultAddress : address;
+        return new BrokerClient(Channel(address, options), options.DmaStreamsOwnConnection ? Channel(address, options) : null, options);
+    }
+
+    // One channel, with a connection pool (and so a connection) of its own.
+    private static GrpcChannel Channel(string address, BrokerClientOptions options)
+    {
         var handler = new SocketsHttpHandler
         {
             KeepAlivePingDelay = options.KeepAliveInterval,
@@ -115,22 +140,23 @@ public sealed class BrokerClient : IDisposable
             handler.SslOptions.ClientCertificates = [certificate];
         if (options.TrustedAuthorities is { Count: > 0 } authorities)
             handler.SslOptions.RemoteCertificateValidationCallback = (_, presented, _, errors) => Trusts(authorities, presented, errors);
-        var channel = GrpcChannel.ForAddress(uri, new GrpcChannelOptions
+        return GrpcChannel.ForAddress(uri, new GrpcChannelOptions
         {
             HttpHandler = handler,
             MaxReceiveMessageSize = WireConstants.MaxMessageSize,
         });
-        CallInvoker invoker = channel.CreateCallInvoker();
-        if (options.BearerToken is { Length: > 0 } token)
+    }
+
+    private static CallInvoker WithBearer(CallInvoker invoker, BrokerClientOptions options)
+    {
+        if (options.BearerToken is not { Length: > 0 } token)
+            return invoker;
+        var authorization = $"Bearer {token}";
+        return invoker.Intercept(metadata =>
         {
-            var authorization = $"Bearer {token}";
-            invoker = invoker.Intercept(metadata =>
-            {
-                metadata.Add("authorization", authorization);
-                return metadata;
-            });
-        }
-        return new BrokerClient(channel, invoker);
+            metadata.Add("authorization", authorization);
+            return metadata;
+        });
     }
 
     // host:port alone, as people type it, means cleartext http like the broker's default listener.
@@ -190,5 +216,9 @@ public sealed class BrokerClient : IDisposable
         BrokerSession.OpenAsync(this, clientName, cancellationToken);
 
     /// <summary>Closes the connection.</summary>
-    public void Dispose() => Raw.Channel.Dispose();
+    public void Dispose()
+    {
+        Raw.Channel.Dispose();
+        _streams?.Dispose();
+    }
 }

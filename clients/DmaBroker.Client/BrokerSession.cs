@@ -29,7 +29,7 @@ public sealed class BrokerSession : IAsyncDisposable
     private Task? _requestsCompleted;
     private object? _requestsLock;
 
-    private BrokerSession(AsyncDuplexStreamingCall<SessionRequest, SessionEvent> call, CancellationTokenSource stop, Opened opened, CallInvoker invoker)
+    private BrokerSession(AsyncDuplexStreamingCall<SessionRequest, SessionEvent> call, CancellationTokenSource stop, Opened opened, CallInvoker invoker, CallInvoker streams)
     {
         _call = call;
         _stop = stop;
@@ -37,13 +37,15 @@ public sealed class BrokerSession : IAsyncDisposable
         Token = opened.Token;
         LeaseTtl = TimeSpan.FromMilliseconds(opened.LeaseTtlMs);
         Principal = opened.Principal;
-        var authenticated = invoker.Intercept(metadata =>
-        {
-            metadata.Add(TokenHeader, Token);
-            return metadata;
-        });
-        Raw = new RawSessionClients(authenticated);
+        Raw = new RawSessionClients(Authenticated(invoker), Authenticated(streams));
     }
+
+    // Every call of the session carries its token.
+    private CallInvoker Authenticated(CallInvoker invoker) => invoker.Intercept(metadata =>
+    {
+        metadata.Add(TokenHeader, Token);
+        return metadata;
+    });
 
     /// <summary>The public session id, shown as a group's owner.</summary>
     public ulong Id { get; }
@@ -82,7 +84,7 @@ public sealed class BrokerSession : IAsyncDisposable
                 await call.RequestStream.WriteAsync(new SessionRequest { Hello = new Hello { ClientName = clientName } }, cancellationToken).ConfigureAwait(false);
             if (!await call.ResponseStream.MoveNext(cancellationToken).ConfigureAwait(false) || call.ResponseStream.Current.Opened is not { } opened)
                 throw new BrokerException(StatusCode.Internal, "EPROTO", "the broker did not answer Session.Open with 'opened'");
-            var session = new BrokerSession(call, stop, opened, client.Invoker);
+            var session = new BrokerSession(call, stop, opened, client.Invoker, client.StreamInvoker);
             session._reader = session.ReadEventsAsync();
             session._pinger = session.PingAsync();
             return session;

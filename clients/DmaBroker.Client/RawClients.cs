@@ -45,11 +45,11 @@ public sealed class RawBrokerClients
 /// </summary>
 public sealed class RawSessionClients
 {
-    internal RawSessionClients(CallInvoker authenticated)
+    internal RawSessionClients(CallInvoker authenticated, CallInvoker streams)
     {
         Vfio = new Vfio.VfioClient(authenticated);
         Memory = new Memory.MemoryClient(authenticated);
-        Dma = new Dma.DmaClient(authenticated);
+        Dma = new Dma.DmaClient(streams);
     }
 
     /// <summary>The Vfio service: containers, groups, device claims, mappings, device handles and regions.</summary>
@@ -58,6 +58,9 @@ public sealed class RawSessionClients
     /// <summary>The Memory service: the session's own memory, as the CPU sees it.</summary>
     public Memory.MemoryClient Memory { get; }
 
-    /// <summary>The Dma service: the stream on which a device performs DMA.</summary>
+    /// <summary>
+    /// The Dma service: the stream on which a device performs DMA; over a connection of its own
+    /// with <see cref="BrokerClientOptions.DmaStreamsOwnConnection"/>.
+    /// </summary>
     public Dma.DmaClient Dma { get; }
 }

@@ -20,8 +20,8 @@ IBenchSection[] sections =
     new RoundTripSection(),
     new ClaimSection(),
     new NvmeLocalSection(),
-    // issue 11's other rows, in the issue's order: UnmapSection (unmap), SigkillSection (sigkill),
-    // SessionsSection (sessions).
+    new UnmapBenchmark(),
+    // issue 11's other rows, in the issue's order: SigkillSection (sigkill), SessionsSection (sessions).
     MicroSection.Lookup,
     MicroSection.Core,
     new NvmeSection(),

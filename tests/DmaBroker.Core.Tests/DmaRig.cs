@@ -125,20 +125,12 @@ internal sealed class DmaRig : IAsyncDisposable
         sb.Append(CultureInfo.InvariantCulture, $"count={space.Count} available={space.Available} used={Session.Memory.Used} blocks={Session.Memory.BlockCount}\n");
         foreach (var block in _blocks)
             sb.Append(CultureInfo.InvariantCulture, $"block 0x{block.Vaddr:x}+0x{block.Size:x} pins={block.Pins} freed={block.Freed}\n");
-        space.EnterAccess();
-        try
+        foreach (var p in probes)
         {
-            foreach (var p in probes)
-            {
-                var r = space.Check(p, Page, DmaAccess.Read).Ok;
-                var w = space.Check(p, Page, DmaAccess.Write).Ok;
-                if (r || w)
-                    sb.Append(CultureInfo.InvariantCulture, $"0x{p:x}:{(r ? "R" : "")}{(w ? "W" : "")} ");
-            }
-        }
-        finally
-        {
-            space.ExitAccess();
+            var r = space.Check(p, Page, DmaAccess.Read).Ok;
+            var w = space.Check(p, Page, DmaAccess.Write).Ok;
+            if (r || w)
+                sb.Append(CultureInfo.InvariantCulture, $"0x{p:x}:{(r ? "R" : "")}{(w ? "W" : "")} ");
         }
         return sb.ToString();
     }

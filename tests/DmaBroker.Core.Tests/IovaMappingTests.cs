@@ -538,15 +538,7 @@ public sealed class IovaMappingTests
     private static ulong[] MappedPages(DmaRig rig)
     {
         var space = rig.Container.Iova;
-        space.EnterAccess();
-        try
-        {
-            return [.. Enumerable.Range(0, 0x40).Select(p => (ulong)p * Page).Where(p => space.Check(p, Page, DmaAccess.Read).Ok)];
-        }
-        finally
-        {
-            space.ExitAccess();
-        }
+        return [.. Enumerable.Range(0, 0x40).Select(p => (ulong)p * Page).Where(p => space.Check(p, Page, DmaAccess.Read).Ok)];
     }
 
     private static (bool Ok, ulong Iova, FaultReason Reason) Fault(DmaOutcome outcome) => (outcome.Ok, outcome.FaultIova, outcome.Reason);

@@ -40,6 +40,34 @@ public sealed class ClientLibraryTests
         Assert.Equal(999L, BitConverter.ToInt64(memory));
     }
 
+    /// <summary>
+    /// DmaStreamsOwnConnection: the DMA stream goes over a second connection, authenticated as the
+    /// session as its calls are; UnmapDma on the first still orders against it (SPEC §4).
+    /// </summary>
+    [Fact]
+    public async Task DmaStreamsOwnConnection_StreamAuthenticatedAsTheSession_UnmapStillFencesIt()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        using var client = BrokerClient.Connect(broker.Address, new BrokerClientOptions { DmaStreamsOwnConnection = true });
+        await using var session = await client.OpenSessionAsync("own-connection");
+        var container = await session.NewContainerAsync(ContainerType.Type1V2);
+        await container.SetGroupAsync(17);
+        var buffer = await session.AllocateAsync(0x10000);
+        var mapping = await container.MapAsync(buffer, Iova);
+        var device = await session.OpenDeviceAsync("0000:0b:00.0");
+        await device.EnableBusMasterAsync();
+        await using var dma = await device.OpenDmaChannelAsync();
+
+        (await dma.WriteAsync(Iova + 64, BitConverter.GetBytes(0x1122334455667788L)).WaitAsync(TestBroker.Timeout)).EnsureOk();
+        Assert.Equal(0x1122334455667788L, BitConverter.ToInt64(await buffer.ReadAsync(64, 8)));
+        Assert.Equal(1u, (await broker.Client.Admin.GetStatsAsync()).DmaStreams);
+
+        await mapping.UnmapAsync();
+        var late = await dma.WriteAsync(Iova + 64, BitConverter.GetBytes(-1L)).WaitAsync(TestBroker.Timeout);
+        Assert.Equal((false, FaultReason.Unmapped, Iova), (late.Ok, late.Fault?.Reason, late.Fault?.Iova));
+        Assert.Equal(0x1122334455667788L, BitConverter.ToInt64(await buffer.ReadAsync(64, 8)));
+    }
+
     [Fact]
     public async Task DmaChannel_ConcurrentCallersMixingFaultsAndErrors_EachGetsItsOwnResult()
     {

@@ -18,6 +18,64 @@ internal sealed class IovaMapping(ulong iova, ulong size, MemoryBlock block, ulo
 
     // The bytes behind [iova, iova + length); the caller has checked the range lies inside.
     internal Span<byte> Bytes(ulong iova, int length) => Block.Slice(Vaddr + (iova - Iova), length);
+
+    // The device accesses in flight through the mapping (the low bits) and, once it has been taken
+    // out of its space's table, the Removed bit: one word, so entering and removing are each one
+    // atomic step and either an access sees Removed or the remover sees the access (docs/locking.md).
+    private const int RemovedBit = 1 << 30;
+    private int _state;
+    // Set by the remover before it sets Removed, so whoever lets the count fall to zero finds it.
+    private object? _drainSync;
+
+    /// <summary>Counts an access in; false, counting nothing, if the mapping was removed meanwhile.</summary>
+    internal bool TryEnter()
+    {
+        if ((Interlocked.Increment(ref _state) & RemovedBit) == 0)
+            return true;
+        Exit();
+        return false;
+    }
+
+    /// <summary>Counts an access out; the last one out of a removed mapping wakes its remover.</summary>
+    internal void Exit()
+    {
+        if (Interlocked.Decrement(ref _state) != RemovedBit)
+            return;
+        var sync = Volatile.Read(ref _drainSync)!;
+        lock (sync)
+            Monitor.PulseAll(sync);
+    }
+
+    /// <summary>
+    /// Marks the mapping removed (after its space published a table without it): no access enters
+    /// it from now on. Call <see cref="WaitDrained"/> next.
+    /// </summary>
+    internal void MarkRemoved()
+    {
+        Volatile.Write(ref _drainSync, new object());
+        Interlocked.Or(ref _state, RemovedBit);
+    }
+
+    /// <summary>Returns once no access that entered before <see cref="MarkRemoved"/> is still in the mapping.</summary>
+    internal void WaitDrained()
+    {
+        // Accesses are memory copies of at most 4 MiB: spin a little before sleeping.
+        var spin = new SpinWait();
+        while (Volatile.Read(ref _state) != RemovedBit)
+        {
+            if (spin.NextSpinWillYield)
+            {
+                var sync = Volatile.Read(ref _drainSync)!;
+                lock (sync)
+                {
+                    while (Volatile.Read(ref _state) != RemovedBit)
+                        Monitor.Wait(sync);
+                }
+                return;
+            }
+            spin.SpinOnce();
+        }
+    }
 }
 
 /// <summary>What a device access came to: done, or a fault at the first page that failed.</summary>
@@ -45,11 +103,14 @@ internal enum UnmapRules
 
 /// <summary>
 /// An IOMMU address space: mappings sorted by IOVA (binary search, so lookups stay logarithmic
-/// at 65,535 mappings), the aperture and the reserved MSI window. Device accesses run under the
-/// read side of a reader-writer lock and changes under the write side, so when an unmap (or a
-/// domain detach) returns, no device access that could see the old mapping is still running.
+/// at 65,535 mappings), the aperture and the reserved MSI window. The mappings are an immutable
+/// table, replaced whole by every change (copy on write) under the change lock; a device access
+/// takes no lock: it reads the current table, counts itself into the mappings it translates
+/// through and copies. An unmap publishes a table without the range, marks its mappings removed
+/// and waits only for the accesses already counted into them, so when it returns no device access
+/// that translated through the range is still running and none can start (docs/locking.md).
 /// </summary>
-internal sealed class IovaSpace(int dmaLimit) : IDisposable
+internal sealed class IovaSpace(int dmaLimit)
 {
     public const ulong PageSize = 4096;
     public const ulong PageMask = PageSize - 1;
@@ -58,29 +119,15 @@ internal sealed class IovaSpace(int dmaLimit) : IDisposable
     public const ulong MsiFirst = 0xfee0_0000;
     public const ulong MsiLast = 0xfeef_ffff;
 
-    // Lock 5 of docs/locking.md: shared by device accesses, exclusive for changes and detaches;
-    // taken after the group, container and device locks, before session memory's.
-    private readonly ReaderWriterLockSlim _lock = new(LockRecursionPolicy.NoRecursion);
-    private IovaMapping[] _mappings = new IovaMapping[16];
-    private int _count;
+    // Lock 5 of docs/locking.md: serialises map, unmap and clear (a change and its drain); taken
+    // after the group, container and device locks, before session memory's. Device accesses never take it.
+    private readonly Lock _changes = new();
+    // The current table, read without a lock; replaced (never changed in place) under _changes.
+    private Table _table = Table.Empty;
 
     public int DmaLimit { get; } = dmaLimit;
 
-    public int Count
-    {
-        get
-        {
-            _lock.EnterReadLock();
-            try
-            {
-                return _count;
-            }
-            finally
-            {
-                _lock.ExitReadLock();
-            }
-        }
-    }
+    public int Count => Volatile.Read(ref _table).Count;
 
     /// <summary>The usable IOVA ranges (inclusive): the aperture minus the reserved window.</summary>
     public static IReadOnlyList<(ulong First, ulong Last)> UsableRanges { get; } = [(0, MsiFirst - 1), (MsiLast + 1, ApertureLast)];
@@ -101,37 +148,33 @@ internal sealed class IovaSpace(int dmaLimit) : IDisposable
         if (vaddr + size - 1 < vaddr || (iova is { } fixedIova && fixedIova + size - 1 < fixedIova))
             throw ErrnoException.Invalid("the range wraps around the end of the address space");
 
-        _lock.EnterWriteLock();
-        try
+        lock (_changes)
         {
+            var table = _table;
             ulong at;
             if (iova is { } requested)
             {
-                if (FindFirstOverlap(requested, requested + size - 1) >= 0)
+                if (table.FindFirstOverlap(requested, requested + size - 1) >= 0)
                     throw ErrnoException.Exists($"[0x{requested:x}, 0x{requested + size - 1:x}] overlaps an existing mapping");
-                CheckRoom();
+                CheckRoom(table);
                 if (!IsUsable(requested, requested + size - 1))
                     throw ErrnoException.Invalid($"[0x{requested:x}, 0x{requested + size - 1:x}] is outside the aperture [0, 2^48) or inside the reserved MSI window [0x{MsiFirst:x}, 0x{MsiLast:x}]");
                 at = requested;
             }
             else
             {
-                CheckRoom();
-                at = PickFree(size) ?? throw ErrnoException.Exhausted(Errno.ENOSPC, $"no free IOVA range of 0x{size:x} bytes");
+                CheckRoom(table);
+                at = table.PickFree(size) ?? throw ErrnoException.Exhausted(Errno.ENOSPC, $"no free IOVA range of 0x{size:x} bytes");
             }
             var block = memory.Pin(vaddr, size);
-            Insert(new IovaMapping(at, size, block, vaddr, read, write));
+            Volatile.Write(ref _table, table.Insert(new IovaMapping(at, size, block, vaddr, read, write)));
             return at;
-        }
-        finally
-        {
-            _lock.ExitWriteLock();
         }
     }
 
     /// <summary>
     /// Unmaps and returns the bytes unmapped. Returns only once every device access that could
-    /// use the range has finished.
+    /// use the range has finished; accesses to other mappings do not hold it up.
     /// </summary>
     public ulong Unmap(SessionMemory memory, ulong iova, ulong size, bool all, UnmapRules rules)
     {
@@ -149,17 +192,17 @@ internal sealed class IovaSpace(int dmaLimit) : IDisposable
         if (last < iova)
             throw ErrnoException.Invalid("the range wraps around the end of the address space");
 
-        _lock.EnterWriteLock();
-        try
+        lock (_changes)
         {
-            var first = FindFirstOverlap(iova, last);
+            var table = _table;
+            var first = table.FindFirstOverlap(iova, last);
             if (first < 0)
                 return rules == UnmapRules.Iommufd ? throw ErrnoException.NotFound(Errno.ENOENT, $"nothing is mapped in [0x{iova:x}, 0x{last:x}]") : 0UL;
             var end = first;
-            while (end < _count && _mappings[end].Iova <= last)
+            while (end < table.Count && table.Items[end].Iova <= last)
                 end++;
-            var head = _mappings[first];
-            var tail = _mappings[end - 1];
+            var head = table.Items[first];
+            var tail = table.Items[end - 1];
             if (head.Iova < iova || tail.Last > last)
             {
                 var bisected = head.Iova < iova ? head : tail;
@@ -167,183 +210,161 @@ internal sealed class IovaSpace(int dmaLimit) : IDisposable
                     ? ErrnoException.NotFound(Errno.ENOENT, $"[0x{iova:x}, 0x{last:x}] only partly covers the mapping [0x{bisected.Iova:x}, 0x{bisected.Last:x}]")
                     : ErrnoException.Invalid($"[0x{iova:x}, 0x{last:x}] would bisect the mapping [0x{bisected.Iova:x}, 0x{bisected.Last:x}]");
             }
-            ulong unmapped = 0;
-            for (var i = first; i < end; i++)
-            {
-                unmapped += _mappings[i].Size;
-                memory.Unpin(_mappings[i].Block);
-            }
-            RemoveRange(first, end - first);
-            return unmapped;
-        }
-        finally
-        {
-            _lock.ExitWriteLock();
+            Volatile.Write(ref _table, table.Remove(first, end - first));
+            return Retire(memory, table.Items.AsSpan(first, end - first));
         }
     }
 
-    /// <summary>Removes every mapping (unmap all, container emptied or destroyed).</summary>
+    /// <summary>Removes every mapping (unmap all, container emptied or destroyed); returns once no device access uses any of them.</summary>
     public ulong Clear(SessionMemory memory)
     {
-        _lock.EnterWriteLock();
-        try
+        lock (_changes)
         {
-            ulong unmapped = 0;
-            for (var i = 0; i < _count; i++)
-            {
-                unmapped += _mappings[i].Size;
-                memory.Unpin(_mappings[i].Block);
-            }
-            RemoveRange(0, _count);
-            return unmapped;
-        }
-        finally
-        {
-            _lock.ExitWriteLock();
+            var table = _table;
+            Volatile.Write(ref _table, Table.Empty);
+            return Retire(memory, table.Items.AsSpan(0, table.Count));
         }
     }
 
     /// <summary>How many more mappings fit.</summary>
     public int Available => DmaLimit - Count;
 
-    // ---- the device side: call between EnterAccess and ExitAccess ----
+    // Mappings just taken out of the published table: no access can find them any more; mark them
+    // removed so none that found them earlier can enter, wait for those already in, then unpin.
+    private static ulong Retire(SessionMemory memory, ReadOnlySpan<IovaMapping> removed)
+    {
+        ulong unmapped = 0;
+        foreach (var m in removed)
+            m.MarkRemoved();
+        foreach (var m in removed)
+        {
+            m.WaitDrained();
+            memory.Unpin(m.Block);
+            unmapped += m.Size;
+        }
+        return unmapped;
+    }
 
-    /// <summary>Holds off unmaps and detaches while a device access runs.</summary>
-    internal void EnterAccess() => _lock.EnterReadLock();
-
-    internal void ExitAccess() => _lock.ExitReadLock();
-
-    /// <summary>Write blocks (X) out, exclusively; call around anything that changes what devices may reach.</summary>
-    internal void EnterExclusive() => _lock.EnterWriteLock();
-
-    internal void ExitExclusive() => _lock.ExitWriteLock();
+    // ---- the device side: no lock, the current table and the mappings' access counts ----
 
     /// <summary>The device writes <paramref name="data"/> at <paramref name="iova"/>: every page is checked before any byte lands.</summary>
     internal DmaOutcome DeviceWrite(ulong iova, ReadOnlySpan<byte> data)
     {
-        var check = Check(iova, (ulong)data.Length, DmaAccess.Write);
-        if (!check.Ok)
-            return check;
-        var at = iova;
-        while (!data.IsEmpty)
-        {
-            var m = _mappings[FindContaining(at)];
-            var n = (int)Math.Min((ulong)data.Length, m.Last - at + 1);
-            data[..n].CopyTo(m.Bytes(at, n));
-            data = data[n..];
-            at += (ulong)n;
-        }
-        return DmaOutcome.Success;
+        using var access = Enter(iova, (ulong)data.Length, DmaAccess.Write, out var outcome);
+        if (outcome.Ok)
+            access.Write(iova, data);
+        return outcome;
     }
 
     /// <summary>The device reads host memory at <paramref name="iova"/> into <paramref name="destination"/>.</summary>
     internal DmaOutcome DeviceRead(ulong iova, Span<byte> destination)
     {
-        var check = Check(iova, (ulong)destination.Length, DmaAccess.Read);
-        if (!check.Ok)
-            return check;
-        var at = iova;
-        while (!destination.IsEmpty)
-        {
-            var m = _mappings[FindContaining(at)];
-            var n = (int)Math.Min((ulong)destination.Length, m.Last - at + 1);
-            m.Bytes(at, n).CopyTo(destination);
-            destination = destination[n..];
-            at += (ulong)n;
-        }
-        return DmaOutcome.Success;
+        using var access = Enter(iova, (ulong)destination.Length, DmaAccess.Read, out var outcome);
+        if (outcome.Ok)
+            access.Read(iova, destination);
+        return outcome;
     }
 
-    /// <summary>Checks every page of the range, in order; the first that fails is the fault.</summary>
-    internal DmaOutcome Check(ulong iova, ulong length, DmaAccess access)
+    /// <summary>
+    /// The device's copy engine, through <paramref name="buffer"/> (the copy's length): every page of
+    /// the source and then of the destination is checked before a byte moves.
+    /// </summary>
+    internal DmaOutcome DeviceCopy(ulong sourceIova, ulong destinationIova, Span<byte> buffer)
     {
-        if (length == 0)
-            return DmaOutcome.Success;
-        var last = iova + length - 1;
-        // A range that wraps starts above the aperture, so its first page is unmapped. One that runs
-        // past the aperture needs no special case: nothing is mapped there, so the walk faults at the
-        // first page that is not mapped, which may come before the aperture's end.
-        if (last < iova)
-            return DmaOutcome.Faulted(iova & ~PageMask, access, FaultReason.Unmapped);
-        var at = iova;
+        using var source = Enter(sourceIova, (ulong)buffer.Length, DmaAccess.Read, out var outcome);
+        if (!outcome.Ok)
+            return outcome;
+        using var destination = Enter(destinationIova, (ulong)buffer.Length, DmaAccess.Write, out outcome);
+        if (outcome.Ok)
+        {
+            source.Read(sourceIova, buffer);
+            destination.Write(destinationIova, buffer);
+        }
+        return outcome;
+    }
+
+    /// <summary>Checks every page of the range against the current table, in order; the first that fails is the fault.</summary>
+    internal DmaOutcome Check(ulong iova, ulong length, DmaAccess access) =>
+        Volatile.Read(ref _table).Walk(iova, length, access, out _, out _);
+
+    // Translates the range through the current table and counts the access into every mapping it
+    // uses (dispose the result to count it out; on a fault it holds none). A mapping removed since
+    // the table was read refuses it; the table that removed it is already published, so the next
+    // look finds it gone (or its range mapped anew).
+    private Entered Enter(ulong iova, ulong length, DmaAccess access, out DmaOutcome outcome)
+    {
         while (true)
         {
-            var index = FindContaining(at);
-            if (index < 0)
-                return DmaOutcome.Faulted(at & ~PageMask, access, FaultReason.Unmapped);
-            var m = _mappings[index];
-            if (!m.Allows(access))
-                return DmaOutcome.Faulted(at & ~PageMask, access, FaultReason.Permission);
-            if (m.Last >= last)
-                return DmaOutcome.Success;
-            at = m.Last + 1;
+            var table = Volatile.Read(ref _table);
+            outcome = table.Walk(iova, length, access, out var first, out var last);
+            // On a fault the walk gives first = last = -1: nothing entered, nothing to leave.
+            var entered = new Entered(table, first, last);
+            if (!outcome.Ok || entered.TryEnter())
+                return entered;
         }
     }
 
-    public void Dispose() => _lock.Dispose();
-
-    // ---- the sorted table (under the lock) ----
-
-    private void CheckRoom()
+    /// <summary>The mappings <c>[first, last]</c> of one table that one access has entered (none when first is -1).</summary>
+    private readonly struct Entered(Table table, int first, int last) : IDisposable
     {
-        if (_count >= DmaLimit)
-            throw ErrnoException.Exhausted(Errno.ENOSPC, $"the container already has {_count} mappings, its dma_avail limit");
+        public bool TryEnter()
+        {
+            for (var i = first; i <= last && i >= 0; i++)
+            {
+                if (table.Items[i].TryEnter())
+                    continue;
+                for (var j = first; j < i; j++)
+                    table.Items[j].Exit();
+                return false;
+            }
+            return true;
+        }
+
+        public void Dispose()
+        {
+            for (var i = first; i <= last && i >= 0; i++)
+                table.Items[i].Exit();
+        }
+
+        public void Write(ulong at, ReadOnlySpan<byte> data)
+        {
+            for (var i = first; !data.IsEmpty;)
+            {
+                var bytes = Next(ref i, ref at, data.Length);
+                data[..bytes.Length].CopyTo(bytes);
+                data = data[bytes.Length..];
+            }
+        }
+
+        public void Read(ulong at, Span<byte> destination)
+        {
+            for (var i = first; !destination.IsEmpty;)
+            {
+                var bytes = Next(ref i, ref at, destination.Length);
+                bytes.CopyTo(destination);
+                destination = destination[bytes.Length..];
+            }
+        }
+
+        // Mapping i's part of the access from `at`, at most `max` bytes; moves on to the next mapping.
+        private Span<byte> Next(ref int i, ref ulong at, int max)
+        {
+            var m = table.Items[i++];
+            var n = (int)Math.Min((ulong)max, m.Last - at + 1);
+            var bytes = m.Bytes(at, n);
+            at += (ulong)n;
+            return bytes;
+        }
+    }
+
+    private void CheckRoom(Table table)
+    {
+        if (table.Count >= DmaLimit)
+            throw ErrnoException.Exhausted(Errno.ENOSPC, $"the container already has {table.Count} mappings, its dma_avail limit");
     }
 
     private static bool IsUsable(ulong first, ulong last) =>
         last <= ApertureLast && (last < MsiFirst || first > MsiLast);
-
-    // The index of the mapping containing iova, or -1.
-    private int FindContaining(ulong iova)
-    {
-        int lo = 0, hi = _count - 1;
-        while (lo <= hi)
-        {
-            var mid = (lo + hi) >>> 1;
-            var m = _mappings[mid];
-            if (iova < m.Iova)
-                hi = mid - 1;
-            else if (iova > m.Last)
-                lo = mid + 1;
-            else
-                return mid;
-        }
-        return -1;
-    }
-
-    // The index of the first mapping overlapping [first, last], or -1.
-    private int FindFirstOverlap(ulong first, ulong last)
-    {
-        // The first mapping whose Last >= first.
-        int lo = 0, hi = _count;
-        while (lo < hi)
-        {
-            var mid = (lo + hi) >>> 1;
-            if (_mappings[mid].Last < first)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        return lo < _count && _mappings[lo].Iova <= last ? lo : -1;
-    }
-
-    // Lowest-address-first search would be O(n) per map; try above the highest mapping first.
-    private ulong? PickFree(ulong size)
-    {
-        var candidate = _count == 0 ? PageSize : _mappings[_count - 1].Last + 1;
-        if (Fits(ref candidate, size))
-            return candidate;
-        candidate = PageSize;
-        for (var i = 0; i <= _count; i++)
-        {
-            var limit = i < _count ? _mappings[i].Iova : ApertureLast + 1;
-            if (Fits(ref candidate, size) && candidate + size <= limit)
-                return candidate;
-            if (i < _count)
-                candidate = Math.Max(candidate, _mappings[i].Last + 1);
-        }
-        return null;
-    }
 
     // Moves a candidate past the reserved window if it would touch it; false if it leaves the aperture.
     private static bool Fits(ref ulong candidate, ulong size)
@@ -353,28 +374,138 @@ internal sealed class IovaSpace(int dmaLimit) : IDisposable
         return candidate + size - 1 >= candidate && candidate + size - 1 <= ApertureLast;
     }
 
-    private void Insert(IovaMapping mapping)
+    /// <summary>
+    /// The mappings sorted by IOVA: <see cref="Items"/> [0, <see cref="Count"/>) never change once
+    /// the table is published. A new table may share the array only by appending past Count (no
+    /// published table shows those slots); every other change copies.
+    /// </summary>
+    private sealed class Table(IovaMapping[] items, int count)
     {
-        int lo = 0, hi = _count;
-        while (lo < hi)
-        {
-            var mid = (lo + hi) >>> 1;
-            if (_mappings[mid].Iova < mapping.Iova)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        if (_count == _mappings.Length)
-            Array.Resize(ref _mappings, _mappings.Length * 2);
-        Array.Copy(_mappings, lo, _mappings, lo + 1, _count - lo);
-        _mappings[lo] = mapping;
-        _count++;
-    }
+        public static readonly Table Empty = new([], 0);
 
-    private void RemoveRange(int index, int count)
-    {
-        Array.Copy(_mappings, index + count, _mappings, index, _count - index - count);
-        Array.Clear(_mappings, _count - count, count);
-        _count -= count;
+        public IovaMapping[] Items { get; } = items;
+        public int Count { get; } = count;
+
+        /// <summary>Checks every page of the range, in order; the first that fails is the fault. On success, the range lies in the adjacent mappings [first, last].</summary>
+        public DmaOutcome Walk(ulong iova, ulong length, DmaAccess access, out int first, out int last)
+        {
+            first = last = -1;
+            if (length == 0)
+                return DmaOutcome.Success;
+            var end = iova + length - 1;
+            // A range that wraps starts above the aperture, so its first page is unmapped. One that runs
+            // past the aperture needs no special case: nothing is mapped there, so the walk faults at the
+            // first page that is not mapped, which may come before the aperture's end.
+            if (end < iova)
+                return DmaOutcome.Faulted(iova & ~PageMask, access, FaultReason.Unmapped);
+            var index = FindContaining(iova);
+            var at = iova;
+            var start = index;
+            while (true)
+            {
+                if (index < 0)
+                    return DmaOutcome.Faulted(at & ~PageMask, access, FaultReason.Unmapped);
+                var m = Items[index];
+                if (!m.Allows(access))
+                    return DmaOutcome.Faulted(at & ~PageMask, access, FaultReason.Permission);
+                if (m.Last >= end)
+                {
+                    (first, last) = (start, index);
+                    return DmaOutcome.Success;
+                }
+                at = m.Last + 1;
+                // Sorted and disjoint: the next page is mapped only if the next mapping starts there.
+                index = index + 1 < Count && Items[index + 1].Iova == at ? index + 1 : -1;
+            }
+        }
+
+        // The index of the mapping containing iova, or -1.
+        private int FindContaining(ulong iova)
+        {
+            int lo = 0, hi = Count - 1;
+            while (lo <= hi)
+            {
+                var mid = (lo + hi) >>> 1;
+                var m = Items[mid];
+                if (iova < m.Iova)
+                    hi = mid - 1;
+                else if (iova > m.Last)
+                    lo = mid + 1;
+                else
+                    return mid;
+            }
+            return -1;
+        }
+
+        // The index of the first mapping overlapping [first, last], or -1.
+        public int FindFirstOverlap(ulong first, ulong last)
+        {
+            // The first mapping whose Last >= first.
+            int lo = 0, hi = Count;
+            while (lo < hi)
+            {
+                var mid = (lo + hi) >>> 1;
+                if (Items[mid].Last < first)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            return lo < Count && Items[lo].Iova <= last ? lo : -1;
+        }
+
+        // Lowest-address-first search would be O(n) per map; try above the highest mapping first.
+        public ulong? PickFree(ulong size)
+        {
+            var candidate = Count == 0 ? PageSize : Items[Count - 1].Last + 1;
+            if (Fits(ref candidate, size))
+                return candidate;
+            candidate = PageSize;
+            for (var i = 0; i <= Count; i++)
+            {
+                var limit = i < Count ? Items[i].Iova : ApertureLast + 1;
+                if (Fits(ref candidate, size) && candidate + size <= limit)
+                    return candidate;
+                if (i < Count)
+                    candidate = Math.Max(candidate, Items[i].Last + 1);
+            }
+            return null;
+        }
+
+        /// <summary>This table with <paramref name="mapping"/> added; an append shares the array when it has room.</summary>
+        public Table Insert(IovaMapping mapping)
+        {
+            int lo = 0, hi = Count;
+            while (lo < hi)
+            {
+                var mid = (lo + hi) >>> 1;
+                if (Items[mid].Iova < mapping.Iova)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            if (lo == Count && Count < Items.Length)
+            {
+                // The slot past Count is in no published table, so no access can be reading it.
+                Items[Count] = mapping;
+                return new Table(Items, Count + 1);
+            }
+            var items = new IovaMapping[Math.Max(16, Count == Items.Length ? Count * 2 : Items.Length)];
+            Array.Copy(Items, items, lo);
+            items[lo] = mapping;
+            Array.Copy(Items, lo, items, lo + 1, Count - lo);
+            return new Table(items, Count + 1);
+        }
+
+        /// <summary>This table without the mappings [index, index + count), in a new array (accesses may still be reading this one).</summary>
+        public Table Remove(int index, int count)
+        {
+            var left = Count - count;
+            if (left == 0)
+                return Empty;
+            var items = new IovaMapping[Math.Max(16, left + left / 2)];
+            Array.Copy(Items, items, index);
+            Array.Copy(Items, index + count, items, index, left - index);
+            return new Table(items, left);
+        }
     }
 }

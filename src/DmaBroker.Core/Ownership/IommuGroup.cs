@@ -158,21 +158,22 @@ public sealed class IommuGroup(uint id)
 
     /// <summary>
     /// Detaches the user domain, if any, and returns only once no device access can still be
-    /// translating through it: taking its address space exclusively waits out every access that
-    /// entered before, and every later one sees no domain. So none of its DMA lands afterwards.
+    /// translating through it. Every device access runs under its device model's lock and reads
+    /// <see cref="Attached"/> there; so once the attachment is cleared, taking each device's model
+    /// lock in turn waits out the access in flight, and every later one sees no domain. So none of
+    /// its DMA lands afterwards; accesses of other groups through the same domain do not hold it up.
     /// </summary>
     internal void DetachAndDrain()
     {
-        if (_attached is not { } old)
+        if (_attached is null)
             return;
-        old.Iova.EnterExclusive();
-        try
+        Interlocked.Exchange(ref _attached, null);
+        foreach (var device in Devices)
         {
-            Volatile.Write(ref _attached, null);
-        }
-        finally
-        {
-            old.Iova.ExitExclusive();
+            lock (device.Model.Sync)
+            {
+                // Nothing to do: the lock is free only between two accesses of the device.
+            }
         }
     }
 

@@ -96,19 +96,12 @@ public sealed class DeviceHandle : IDevicePort
         lock (Model.Sync)
         {
             CheckOpen();
-            using var domain = EnterDomain(sourceIova, DmaAccess.Read);
-            if (domain.Space is not { } space)
-                return Report(domain.Refused, DmaAccess.Read, length);
+            if (CurrentSpace(sourceIova, DmaAccess.Read, out var refused) is not { } space)
+                return Report(refused, DmaAccess.Read, length);
             var buffer = ArrayPool<byte>.Shared.Rent(length);
             try
             {
-                var outcome = space.Check(sourceIova, (ulong)length, DmaAccess.Read);
-                if (outcome.Ok)
-                    outcome = space.Check(destinationIova, (ulong)length, DmaAccess.Write);
-                if (outcome.Ok)
-                    outcome = space.DeviceRead(sourceIova, buffer.AsSpan(0, length));
-                if (outcome.Ok)
-                    outcome = space.DeviceWrite(destinationIova, buffer.AsSpan(0, length));
+                var outcome = space.DeviceCopy(sourceIova, destinationIova, buffer.AsSpan(0, length));
                 // The copy engine's two accesses: it reads the source, then writes the destination.
                 if (outcome.Ok)
                     _metrics.DmaMoved(DmaAccess.Read, length);
@@ -256,51 +249,32 @@ public sealed class DeviceHandle : IDevicePort
         }
     }
 
-    private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data)
-    {
-        using var domain = EnterDomain(iova, DmaAccess.Write);
-        return Report(domain.Space?.DeviceWrite(iova, data) ?? domain.Refused, DmaAccess.Write, data.Length);
-    }
+    private DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data) =>
+        Report(CurrentSpace(iova, DmaAccess.Write, out var refused)?.DeviceWrite(iova, data) ?? refused, DmaAccess.Write, data.Length);
 
-    private DmaOutcome Read(ulong iova, Span<byte> destination)
-    {
-        using var domain = EnterDomain(iova, DmaAccess.Read);
-        return Report(domain.Space?.DeviceRead(iova, destination) ?? domain.Refused, DmaAccess.Read, destination.Length);
-    }
+    private DmaOutcome Read(ulong iova, Span<byte> destination) =>
+        Report(CurrentSpace(iova, DmaAccess.Read, out var refused)?.DeviceRead(iova, destination) ?? refused, DmaAccess.Read, destination.Length);
 
     /// <summary>
-    /// The address space the device's group translates through right now, entered for one access
-    /// (dispose to leave it); no space, with the fault, when the device may not DMA (Bus Master
-    /// off, or no user domain attached).
+    /// The address space the device's group translates through right now, for one access made under
+    /// the model's lock; null, with the fault in <paramref name="refused"/>, when the device may not
+    /// DMA (Bus Master off, or no user domain attached). A detach waits for the model's lock after it
+    /// clears the attachment, so an access that got a space here ends before the detach returns.
     /// </summary>
-    private DomainAccess EnterDomain(ulong iova, DmaAccess access)
+    private IovaSpace? CurrentSpace(ulong iova, DmaAccess access, out DmaOutcome refused)
     {
         var page = iova & ~IovaSpace.PageMask;
+        refused = default;
         if (!Model.BusMaster)
-            return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.BusMasterOff));
+            refused = DmaOutcome.Faulted(page, access, FaultReason.BusMasterOff);
         // Fault injection (SPEC §14): IOMMU_FAULT refuses the access as unmapped before it translates.
-        if (Model.Faults.Any && Model.Faults.Fire(FaultKind.IommuFault) is not null)
-            return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.Unmapped));
-        var group = Device.Group;
-        var container = group.Attached;
-        if (container is not null)
-        {
-            container.Iova.EnterAccess();
-            // Re-read under the access lock: a detach takes it exclusively before it lets go.
-            if (group.Attached == container)
-                return new DomainAccess(container.Iova, default);
-            container.Iova.ExitAccess();
-        }
-        return new DomainAccess(null, DmaOutcome.Faulted(page, access, FaultReason.Blocked));
-    }
-
-    /// <summary>An entered address space (or the reason there is none) for the length of one access.</summary>
-    private readonly ref struct DomainAccess(IovaSpace? space, DmaOutcome refused)
-    {
-        public IovaSpace? Space { get; } = space;
-        public DmaOutcome Refused { get; } = refused;
-
-        public void Dispose() => Space?.ExitAccess();
+        else if (Model.Faults.Any && Model.Faults.Fire(FaultKind.IommuFault) is not null)
+            refused = DmaOutcome.Faulted(page, access, FaultReason.Unmapped);
+        else if (Device.Group.Attached is { } domain)
+            return domain.Iova;
+        else
+            refused = DmaOutcome.Faulted(page, access, FaultReason.Blocked);
+        return null;
     }
 
     /// <summary>Counts a device access of <paramref name="length"/> bytes that went through, or posts and counts its fault.</summary>
