@@ -16,6 +16,12 @@ public sealed record BrokerOptions
 
     /// <summary>Events a watcher may fall behind before it is resynchronised with a snapshot.</summary>
     public int WatchBuffer { get; init; } = 1024;
+
+    /// <summary>
+    /// Where group ownership is decided (SPEC §16): this process alone (the default,
+    /// <see cref="EmbeddedOwnershipStore"/>), or a cluster store shared by several replicas.
+    /// </summary>
+    public IOwnershipStore? Store { get; init; }
 }
 
 /// <summary>Live counts of what the broker holds, for operators and leak checks.</summary>
@@ -86,7 +92,7 @@ public sealed class Broker : IAsyncDisposable
     {
         Options = options ?? new BrokerOptions();
         var clock = time ?? TimeProvider.System;
-        Table = new OwnershipTable(topology, Options.WatchBuffer, clock);
+        Table = new OwnershipTable(topology, Options.WatchBuffer, clock, Options.Store);
         Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount);
         Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
@@ -95,7 +101,11 @@ public sealed class Broker : IAsyncDisposable
             if (s.EndReason is { } reason)
                 Metrics.SessionReleased(reason, clock.GetElapsedTime(s.EndingSince));
             Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
-        });
+            Table.Store.SessionEnded(s);
+        })
+        {
+            FirstId = Table.Store.FirstSessionId,
+        };
         Faults = new FaultInjector(Table, Vfio, Sessions, clock);
         if (ownershipChanged is not null)
             Journal.GroupTransition = (before, after) => Report(before, after, ownershipChanged);
