@@ -13,6 +13,9 @@ using Mvccpb;
 
 namespace DmaBroker.Cluster;
 
+/// <summary>etcd could not be reached to join the cluster.</summary>
+public sealed class ClusterUnavailableException(string message, Exception inner) : Exception(message, inner);
+
 /// <summary>
 /// The cluster store on etcd (SPEC §16). A user claim or release is one etcd transaction that
 /// compares the group's key with the owner and count this replica expects, so exactly one replica's
@@ -96,6 +99,12 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             await store.RegisterAsync(cancellationToken).ConfigureAwait(false);
             return store;
+        }
+        catch (RpcException e)
+        {
+            await store.DisposeAsync().ConfigureAwait(false);
+            throw new ClusterUnavailableException(
+                $"cannot join the cluster: etcd at {string.Join(",", options.Endpoints)} did not answer ({e.StatusCode}: {e.Status.Detail})", e);
         }
         catch
         {

@@ -49,7 +49,11 @@ public readonly record struct BrokerStats(
 /// <param name="MemoryBytes">Session memory it has allocated.</param>
 /// <param name="DmaStreams">Its DMA streams open.</param>
 public sealed record SessionSummary(ulong Id, string Principal, string ClientName, string Peer, TimeSpan Age,
-    IReadOnlyList<uint> Groups, ulong MemoryBytes, int DmaStreams);
+    IReadOnlyList<uint> Groups, ulong MemoryBytes, int DmaStreams)
+{
+    /// <summary>The replica that serves it (SPEC §16); empty for a single broker.</summary>
+    public string Replica { get; init; } = "";
+}
 
 /// <summary>
 /// A change of a group's user DMA ownership, as the journal published it: a claim (the owner's
@@ -158,8 +162,12 @@ public sealed class Broker : IAsyncDisposable
     {
         var groups = Journal.Current.Groups.Values.Where(g => g.OwnerKind == OwnerKind.User).ToLookup(g => g.OwnerSession, g => g.Id);
         var now = Sessions.Now;
+        var replica = Table.Store.Replica ?? "";
         return [.. Sessions.Visible(caller).Select(s => new SessionSummary(
-            s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount))];
+            s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount)
+        {
+            Replica = replica,
+        })];
     }
 
     // A group's user ownership before and after one published change, as claims and releases.

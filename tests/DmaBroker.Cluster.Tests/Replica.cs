@@ -33,6 +33,8 @@ public sealed class Replica : IAsyncDisposable
         {
             Store = store,
             Sessions = new SessionOptions { LeaseTtl = TimeSpan.FromHours(1) },
+            // Room for every change of a contention run, so a watch is never resynchronised.
+            WatchBuffer = 1 << 16,
         }, time);
         await store.StartAsync(broker).WaitAsync(TimeSpan.FromSeconds(30));
         return new Replica(broker, store);
