@@ -360,10 +360,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                         Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), header.Revision));
                 }
             }
-            catch (Exception e) when (e is RpcException or IOException or OperationCanceledException or InvalidOperationException)
+            catch (Exception e) when (!_stop.IsCancellationRequested)
             {
-                if (_stop.IsCancellationRequested)
-                    return;
+                // Whatever broke the stream (a member gone, a reset connection), resume from the
+                // last revision applied, on any member.
                 Log.WatchFailed(_log, e.Message);
                 try
                 {
@@ -373,6 +373,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 {
                     return;
                 }
+            }
+            catch (OperationCanceledException)
+            {
+                return;
             }
         }
     }

@@ -7,10 +7,11 @@ namespace DmaBroker.Cluster;
 
 /// <summary>
 /// Keeps this replica's etcd leases alive and fences the ones it cannot (SPEC §16). Every tick of
-/// the broker's clock (a sixth of the TTL) it sends one keepalive per lease on one stream, and
-/// fences every lease etcd could expire within the safety margin (a third of the TTL): the margin
-/// covers the next tick and the session's teardown, so the session's DMA has stopped before etcd
-/// can have freed its groups for another replica.
+/// the broker's clock (a sixth of the TTL) it sends one keepalive per lease on one stream; twice
+/// as often, on a timer that waits for no I/O, it fences every lease etcd could expire within the
+/// safety margin (a third of the TTL): the margin covers the check's own period and the session's
+/// teardown, so the session's DMA has stopped before etcd can have freed its groups for another
+/// replica.
 /// </summary>
 internal sealed partial class LeaseKeeper : IAsyncDisposable
 {
@@ -32,7 +33,7 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
         _fence = fence;
         Interval = ttl / 6;
         Margin = ttl / 3;
-        _loop = RunAsync();
+        _loop = Task.WhenAll(RunAsync(), CheckAsync());
     }
 
     /// <summary>How often keepalives go out and deadlines are checked.</summary>
@@ -63,17 +64,33 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
         }
     }
 
-    private async Task TickAsync()
+    // The deadlines, on a timer of their own that waits for no I/O, twice per keepalive: a
+    // fence comes at most half an interval after it is due, well inside the margin.
+    private async Task CheckAsync()
     {
-        var now = _time.GetTimestamp();
-        foreach (var lease in _leases.Values)
+        using var timer = new PeriodicTimer(Interval / 2, _time);
+        try
         {
-            if (lease.FenceDue(now, Margin, _time))
+            while (await timer.WaitForNextTickAsync(_stop.Token).ConfigureAwait(false))
             {
-                Log.Fencing(_log, lease.Id, lease.Session?.Id ?? 0);
-                _fence(lease);
+                var now = _time.GetTimestamp();
+                foreach (var lease in _leases.Values)
+                {
+                    if (lease.FenceDue(now, Margin, _time))
+                    {
+                        Log.Fencing(_log, lease.Id, lease.Session?.Id ?? 0);
+                        _fence(lease);
+                    }
+                }
             }
         }
+        catch (OperationCanceledException) when (_stop.IsCancellationRequested)
+        {
+        }
+    }
+
+    private async Task TickAsync()
+    {
         var stream = _stream ??= Open();
         // A write that a partition stalls must not hold up the next tick's deadline checks.
         using var bounded = new CancellationTokenSource(Interval, _time);
@@ -88,7 +105,7 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
                 await stream.RequestStream.WriteAsync(new LeaseKeepAliveRequest { ID = lease.Id }, linked.Token).ConfigureAwait(false);
             }
         }
-        catch (Exception e) when (e is RpcException or InvalidOperationException or IOException or OperationCanceledException && !_stop.IsCancellationRequested)
+        catch (Exception e) when (!_stop.IsCancellationRequested)
         {
             // The member went away: the next tick opens a new stream (to any member). Until a
             // keepalive is answered again, the deadlines run out and the leases are fenced.
@@ -122,10 +139,12 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
                 }
             }
         }
-        catch (Exception e) when (e is RpcException or IOException or OperationCanceledException)
+        catch (Exception e) when (!_stop.IsCancellationRequested)
         {
-            if (!_stop.IsCancellationRequested)
-                Log.KeepAliveFailed(_log, e.Message);
+            Log.KeepAliveFailed(_log, e.Message);
+        }
+        catch (OperationCanceledException)
+        {
         }
         Drop(stream);
     }

@@ -1,6 +1,7 @@
 using DmaBroker.Core;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
+using Xunit.Abstractions;
 
 namespace DmaBroker.Cluster.Tests;
 
@@ -21,14 +22,15 @@ public sealed class Replica : IAsyncDisposable
     /// leases (clients' silence) are long: in-process sessions send nothing, and the etcd lease
     /// (<paramref name="ttl"/>, 3 s by default) is what these tests are about.
     /// </summary>
-    public static async Task<Replica> StartAsync(string name, IReadOnlyList<Uri> endpoints, TimeProvider? time = null, TimeSpan? ttl = null)
+    public static async Task<Replica> StartAsync(string name, IReadOnlyList<Uri> endpoints, TimeProvider? time = null, TimeSpan? ttl = null,
+        ITestOutputHelper? output = null)
     {
         var store = await EtcdOwnershipStore.ConnectAsync(new EtcdStoreOptions
         {
             Endpoints = endpoints,
             Replica = name,
             LeaseTtl = ttl ?? TimeSpan.FromSeconds(3),
-        }, time).WaitAsync(TimeSpan.FromSeconds(30));
+        }, time, output is null ? null : new TestLog(output, name)).WaitAsync(TimeSpan.FromSeconds(30));
         var broker = new Broker(TopologyDocument.Default(), new BrokerOptions
         {
             Store = store,
