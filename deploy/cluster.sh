@@ -15,9 +15,12 @@ cd "$(dirname "$0")/.."
 base=${1:-23790}
 run=$(mktemp -d -t dmabroker-cluster-XXXXXX)
 pids=()
+# Replicas first (they revoke their leases on the way out), then the etcd members.
 stop() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
   rm -rf "$run"
 }
 trap stop EXIT INT TERM

@@ -59,8 +59,9 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
             while (await timer.WaitForNextTickAsync(_stop.Token).ConfigureAwait(false))
                 await TickAsync().ConfigureAwait(false);
         }
-        catch (OperationCanceledException) when (_stop.IsCancellationRequested)
+        catch (Exception) when (_stop.IsCancellationRequested)
         {
+            // Stopping: a write in flight is cancelled with its call.
         }
     }
 
