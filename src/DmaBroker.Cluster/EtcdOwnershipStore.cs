@@ -7,6 +7,7 @@ using dotnet_etcd;
 using Etcdserverpb;
 using Google.Protobuf;
 using Grpc.Core;
+using Grpc.Net.Client.Configuration;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Mvccpb;
@@ -59,13 +60,37 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         _options = options;
         _time = time;
         _log = log;
-        _client = new EtcdClient(string.Join(",", options.Endpoints.Select(e => e.GetLeftPart(UriPartial.Authority))));
+        _client = new EtcdClient(string.Join(",", options.Endpoints.Select(e => e.GetLeftPart(UriPartial.Authority))),
+            configureChannelOptions: channel => channel.ServiceConfig = Failover);
         var connection = _client.GetConnection();
         _kv = connection.KVClient;
         _leaseClient = connection.LeaseClient;
         _watchClient = connection.WatchClient;
         _keeper = new LeaseKeeper(_leaseClient, time, TimeSpan.FromSeconds(options.TtlSeconds), log, Fence);
     }
+
+    // Calls spread over every member; one refused by a member that is gone (UNAVAILABLE) is tried
+    // again on another. A retried transaction that had in fact committed finds the key changed
+    // and is refused: never a second owner, at worst a group held until its session's lease ends.
+    private static readonly ServiceConfig Failover = new()
+    {
+        LoadBalancingConfigs = { new RoundRobinConfig() },
+        MethodConfigs =
+        {
+            new MethodConfig
+            {
+                Names = { MethodName.Default },
+                RetryPolicy = new RetryPolicy
+                {
+                    MaxAttempts = 5,
+                    InitialBackoff = TimeSpan.FromMilliseconds(50),
+                    MaxBackoff = TimeSpan.FromMilliseconds(500),
+                    BackoffMultiplier = 2,
+                    RetryableStatusCodes = { StatusCode.Unavailable },
+                },
+            },
+        },
+    };
 
     /// <inheritdoc/>
     public string Replica => _options.Replica;
@@ -374,9 +399,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     return;
                 }
             }
-            catch (OperationCanceledException)
+            catch (Exception)
             {
-                return;
+                return; // stopping: the stream was cancelled with the store
             }
         }
     }

@@ -36,6 +36,15 @@ if (args is ["nvme", ..])
     return;
 }
 
+// Claims per second on one broker with the embedded table, one replica on etcd and three (see ClusterBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- cluster [--rounds N] [--seconds S]
+if (args is ["cluster", ..])
+{
+    foreach (var row in await new ClusterBenchmark().RunAsync(new BenchOptions(Arg("--rounds", 5), Arg("--seconds", 2.0), Quick: false)))
+        Console.WriteLine($"{row.Name}: {row.Result}  [{row.Baseline}{(row.Ratio.Length > 0 ? ", " + row.Ratio : "")}]  {row.Detail}");
+    return;
+}
+
 var rounds = Arg("--rounds", 5);
 var seconds = Arg("--seconds", 2.0);
 

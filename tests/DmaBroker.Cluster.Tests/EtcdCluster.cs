@@ -2,9 +2,6 @@ using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
 
-// Each test starts its own etcd and measures lease expiry: run them one at a time.
-[assembly: CollectionBehavior(DisableTestParallelization = true)]
-
 namespace DmaBroker.Cluster.Tests;
 
 /// <summary>

@@ -45,6 +45,9 @@ public sealed class ReplicaTests
 
         var seen = await WaitForGroupAsync(b.Broker, group, g => g.OwnerKind == OwnerKind.User);
         Assert.Equal(sa.Id, seen.OwnerSession);
+        var listed = Assert.Single(a.Broker.ListSessions(a.Broker.Sessions.OpenModeGrant), x => x.Id == sa.Id);
+        Assert.Equal("a", listed.Replica);
+        Assert.Equal([group], listed.Groups);
         Assert.Equal(a.Broker.Journal.Current.Groups[group].Generation, seen.Generation);
         var refused = Assert.Throws<ErrnoException>(() => b.Broker.Vfio.SetContainer(sb, group, cb.Id));
         Assert.Equal(Errno.EPERM, refused.Errno);
