@@ -305,8 +305,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     {
         if (lease.Session is not { } session || _broker is null)
             return;
-        _ = _broker.Sessions.EndAsync(session, SessionEndReason.LeaseExpired,
-            "the broker could not renew the session's cluster lease (etcd) in time");
+        _ = EndFencedAsync(session, "the broker could not renew the session's cluster lease (etcd) in time");
     }
 
     private async Task RevokeAsync(SessionLease lease)
@@ -356,10 +355,18 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 PrevKv = true,
             },
         };
+        var resync = false;
         while (!_stop.IsCancellationRequested)
         {
             try
             {
+                // After a break, reload the whole table rather than resume: changes refused while a
+                // fenced session still held its groups here are taken from the reload.
+                if (resync)
+                {
+                    from = await ResyncAsync(_stop.Token).ConfigureAwait(false) + 1;
+                    resync = false;
+                }
                 request.CreateRequest.StartRevision = from;
                 using var call = _watchClient.Watch(cancellationToken: _stop.Token);
                 await call.RequestStream.WriteAsync(request, _stop.Token).ConfigureAwait(false);
@@ -387,9 +394,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             }
             catch (Exception e) when (!_stop.IsCancellationRequested)
             {
-                // Whatever broke the stream (a member gone, a reset connection), resume from the
-                // last revision applied, on any member.
+                // Whatever broke the stream (a member gone, a reset connection), start again on any member.
                 Log.WatchFailed(_log, e.Message);
+                resync = true;
                 try
                 {
                     await Task.Delay(TimeSpan.FromMilliseconds(200), _time, _stop.Token).ConfigureAwait(false);
@@ -413,13 +420,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         if (!deleted && (record is null || record.Replica == Replica))
             return;
         var owner = deleted ? null : new RemoteOwner(record!.Session, record.Replica);
-        var fenced = _broker!.Table.ApplyRemote(groupId, () =>
-        {
-            if (_revisions.TryGetValue(groupId, out var seen) && seen >= revision)
-                return false;
-            _revisions[groupId] = revision;
-            return true;
-        }, owner, deleted ? 0 : record!.Count, deleted ? 0 : (ulong)created);
+        var fenced = _broker!.Table.ApplyRemote(groupId,
+            () => !_revisions.TryGetValue(groupId, out var seen) || seen < revision,
+            () => _revisions[groupId] = revision,
+            owner, deleted ? 0 : record!.Count, deleted ? 0 : (ulong)created);
         if (fenced is not null)
         {
             // etcd says a session of ours no longer owns a group it holds here: its lease ended
@@ -427,7 +431,23 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             Log.OwnershipLost(_log, groupId, fenced.Id);
             if (_leases.TryGetValue(fenced.Id, out var lazy) && lazy.IsValueCreated)
                 lazy.Value.MarkLost();
-            _ = _broker.Sessions.EndAsync(fenced, SessionEndReason.LeaseExpired, "the session's cluster lease (etcd) ended");
+            _ = EndFencedAsync(fenced, "the session's cluster lease (etcd) ended");
+        }
+    }
+
+    // Ends a session whose lease is lost, then reloads the table from etcd: changes of its groups
+    // that came while it still held them here were not taken, and are now.
+    private async Task EndFencedAsync(Session session, string reason)
+    {
+        await _broker!.Sessions.EndAsync(session, SessionEndReason.LeaseExpired, reason).ConfigureAwait(false);
+        try
+        {
+            await ResyncAsync(_stop.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is RpcException or OperationCanceledException or ObjectDisposedException)
+        {
+            // etcd out of reach: the watch brings the changes once it reconnects (it resyncs if it must).
+            Log.WatchFailed(_log, e.Message);
         }
     }
 

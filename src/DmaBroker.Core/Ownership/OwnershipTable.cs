@@ -206,11 +206,14 @@ public sealed class OwnershipTable
     /// that owns the group instead, which has lost its lease and must be fenced; null otherwise.
     /// <paramref name="isNewer"/> is asked under the group's lock, where the store's own commits
     /// for the group run: false skips a report older than what the store already wrote or saw.
-    /// An unknown group is ignored (it cannot be owned).
+    /// <paramref name="applied"/> is told, under the lock, that the report was taken; a report
+    /// refused because a session of this replica owns the group is not, so the store can bring it
+    /// again once that session has ended. An unknown group is ignored (it cannot be owned).
     /// </summary>
-    public Session? ApplyRemote(uint groupId, Func<bool> isNewer, RemoteOwner? owner, int count, ulong generation)
+    public Session? ApplyRemote(uint groupId, Func<bool> isNewer, Action applied, RemoteOwner? owner, int count, ulong generation)
     {
         ArgumentNullException.ThrowIfNull(isNewer);
+        ArgumentNullException.ThrowIfNull(applied);
         if (!_groups.TryGetValue(groupId, out var group))
             return null;
         lock (group.Sync)
@@ -220,6 +223,7 @@ public sealed class OwnershipTable
             var before = group.ToInfo();
             if (!group.ApplyRemote(owner, count, generation))
                 return group.Owner;
+            applied();
             if (group.ToInfo() is var after && before with { Devices = after.Devices } != after)
                 Journal.Publish(new GroupChanged(after));
             return null;
