@@ -16,6 +16,12 @@ public sealed record BrokerOptions
 
     /// <summary>Events a watcher may fall behind before it is resynchronised with a snapshot.</summary>
     public int WatchBuffer { get; init; } = 1024;
+
+    /// <summary>
+    /// Where group ownership is decided (SPEC §16): this process alone (the default,
+    /// <see cref="EmbeddedOwnershipStore"/>), or a cluster store shared by several replicas.
+    /// </summary>
+    public IOwnershipStore? Store { get; init; }
 }
 
 /// <summary>Live counts of what the broker holds, for operators and leak checks.</summary>
@@ -43,7 +49,11 @@ public readonly record struct BrokerStats(
 /// <param name="MemoryBytes">Session memory it has allocated.</param>
 /// <param name="DmaStreams">Its DMA streams open.</param>
 public sealed record SessionSummary(ulong Id, string Principal, string ClientName, string Peer, TimeSpan Age,
-    IReadOnlyList<uint> Groups, ulong MemoryBytes, int DmaStreams);
+    IReadOnlyList<uint> Groups, ulong MemoryBytes, int DmaStreams)
+{
+    /// <summary>The replica that serves it (SPEC §16); empty for a single broker.</summary>
+    public string Replica { get; init; } = "";
+}
 
 /// <summary>
 /// A change of a group's user DMA ownership, as the journal published it: a claim (the owner's
@@ -93,7 +103,7 @@ public sealed class Broker : IAsyncDisposable
     {
         Options = options ?? new BrokerOptions();
         var clock = time ?? TimeProvider.System;
-        Table = new OwnershipTable(topology, Options.WatchBuffer, clock);
+        Table = new OwnershipTable(topology, Options.WatchBuffer, clock, Options.Store);
         Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount);
         Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
@@ -102,7 +112,11 @@ public sealed class Broker : IAsyncDisposable
             if (s.EndReason is { } reason)
                 Metrics.SessionReleased(reason, clock.GetElapsedTime(s.EndingSince));
             Journal.Publish(new SessionEnded(s.Id, s.EndMessage ?? ""));
-        });
+            Table.Store.SessionEnded(s);
+        })
+        {
+            FirstId = Table.Store.FirstSessionId,
+        };
         Faults = new FaultInjector(Table, Vfio, Sessions, clock);
         if (ownershipChanged is not null)
             Journal.GroupTransition = (before, after) => Report(before, after, ownershipChanged);
@@ -155,8 +169,12 @@ public sealed class Broker : IAsyncDisposable
     {
         var groups = Journal.Current.Groups.Values.Where(g => g.OwnerKind == OwnerKind.User).ToLookup(g => g.OwnerSession, g => g.Id);
         var now = Sessions.Now;
+        var replica = Table.Store.Replica ?? "";
         return [.. Sessions.Visible(caller).Select(s => new SessionSummary(
-            s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount))];
+            s.Id, s.Principal, s.ClientName, s.Peer, now - s.OpenedAt, [.. groups[s.Id].Order()], s.Memory.Used, s.StreamCount)
+        {
+            Replica = replica,
+        })];
     }
 
     // A group's user ownership before and after one published change, as claims and releases.

@@ -20,5 +20,14 @@ catch (Exception e) when (e is ArgumentException or TopologyException or IOExcep
     return 2;
 }
 
-await app.RunAsync();
+try
+{
+    await app.RunAsync();
+}
+catch (Exception e) when (e is DmaBroker.Core.ErrnoException or DmaBroker.Cluster.ClusterUnavailableException)
+{
+    // Joining the cluster failed (--cluster etcd): etcd unreachable, or the replica name taken.
+    Console.Error.WriteLine($"dmabroker: {e.Message.ReplaceLineEndings(" ")}");
+    return 2;
+}
 return 0;

@@ -27,6 +27,7 @@ IBenchSection[] sections =
     new NvmeSection(),
     new AuthSection(),
     new MetricsSection(),
+    new ClusterBenchmark(),
 ];
 return await BenchCommand.RunAsync(args, sections, Console.Out, Console.Error);
 

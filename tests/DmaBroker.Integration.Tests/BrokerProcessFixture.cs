@@ -137,6 +137,12 @@ public sealed class LiveBroker : IAsyncDisposable
     /// <summary>SIGKILL: the broker dies at once, as on a crash; its clients see their connections drop.</summary>
     public void Kill() => _process.Kill();
 
+    /// <summary>SIGSTOP: the broker freezes (a hung host, a long GC pause); <see cref="Thaw"/> lets it run on.</summary>
+    public void Freeze() => _process.Stop();
+
+    /// <summary>SIGCONT after <see cref="Freeze"/>.</summary>
+    public void Thaw() => _process.Continue();
+
     /// <summary>
     /// Kills the broker, then fails if it logged an error (the console logger's <c>fail:</c> and
     /// <c>crit:</c> lines, or their JSON form), as the server tests' <c>BrokerLog</c> does for a broker in the test host.

@@ -3,13 +3,18 @@ using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Ownership;
 
+/// <summary>A session of another replica that owns a group (SPEC §16).</summary>
+/// <param name="SessionId">The session's id, unique across the cluster.</param>
+/// <param name="Replica">The replica that serves it.</param>
+public sealed record RemoteOwner(ulong SessionId, string Replica);
+
 /// <summary>
 /// An IOMMU group and its DMA ownership state machine, after Linux <c>drivers/iommu/iommu.c</c>
 /// (v5.19+). Every member is guarded by <see cref="Sync"/>, the kernel's <c>group-&gt;mutex</c>;
 /// the <c>Check*</c> methods throw without changing anything, so a caller checks everything a
 /// compound operation needs before it mutates.
 /// </summary>
-public sealed class IommuGroup(uint id)
+public sealed class IommuGroup(uint id, IOwnershipStore? store = null)
 {
     /// <summary>The group's lock (lock 2 of <c>docs/locking.md</c>): below the hotplug lock, above every other.</summary>
     internal readonly Lock Sync = new();
@@ -20,6 +25,13 @@ public sealed class IommuGroup(uint id)
     internal List<PciDevice> Devices { get; } = [];
     internal int OwnerCount { get; set; }
     internal Session? Owner { get; set; }
+    /// <summary>
+    /// A session of another replica that owns the group (SPEC §16), as the cluster store last
+    /// reported it; then <see cref="Owner"/> is null and the count is that session's claims.
+    /// </summary>
+    internal RemoteOwner? Remote { get; set; }
+    /// <summary>Where the group's ownership changes are decided: this process, or the cluster.</summary>
+    internal IOwnershipStore Store { get; } = store ?? EmbeddedOwnershipStore.Instance;
     internal DomainKind Domain { get; set; } = DomainKind.Default;
     internal ulong Generation { get; set; }
     /// <summary>
@@ -36,13 +48,13 @@ public sealed class IommuGroup(uint id)
     private IUserDomain? _attached;
     internal bool Removed { get; set; }
 
-    internal OwnerKind OwnerKind => OwnerCount == 0 ? OwnerKind.None : Owner is null ? OwnerKind.Kernel : OwnerKind.User;
+    internal OwnerKind OwnerKind => OwnerCount == 0 ? OwnerKind.None : Owner is null && Remote is null ? OwnerKind.Kernel : OwnerKind.User;
 
     // --- kernel DMA API (iommu_device_use_default_domain / unuse) ---
 
     internal void CheckKernelUse(PciDevice device, string driver)
     {
-        if (OwnerCount > 0 && (Owner is not null || Domain != DomainKind.Default))
+        if (OwnerCount > 0 && (OwnerKind == OwnerKind.User || Domain != DomainKind.Default))
             throw ErrnoException.Busy($"cannot bind DMA-API driver {driver} to {device.Address}: group {Id} is {Describe()}");
     }
 
@@ -50,7 +62,7 @@ public sealed class IommuGroup(uint id)
 
     internal void KernelUnuse()
     {
-        if (OwnerCount == 0 || Owner is not null)
+        if (OwnerKind != OwnerKind.Kernel)
             throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} holds no kernel DMA ownership");
         OwnerCount--;
     }
@@ -91,17 +103,22 @@ public sealed class IommuGroup(uint id)
     {
         CheckDeviceClaim(session);
         if (OwnerCount > 0)
+        {
+            Store.CommitClaim(Id, session, OwnerCount, Generation);
             OwnerCount++;
+        }
         else
+        {
             TakeOwnership(session);
+        }
     }
 
     private void TakeOwnership(Session session)
     {
+        Generation = Store.CommitClaim(Id, session, 0, Generation);
         Owner = session;
         OwnerCount = 1;
         Domain = DomainKind.Blocking;
-        Generation++;
     }
 
     internal void CheckUserRelease(Session session)
@@ -114,6 +131,7 @@ public sealed class IommuGroup(uint id)
     internal void ReleaseGroup(Session session)
     {
         CheckUserRelease(session);
+        Store.CommitRelease(Id, session, OwnerCount, 0, Generation);
         OwnerCount = 0;
         Owner = null;
         DetachAndDrain();
@@ -125,7 +143,10 @@ public sealed class IommuGroup(uint id)
     {
         CheckUserRelease(session);
         if (OwnerCount > 1)
+        {
+            Store.CommitRelease(Id, session, OwnerCount, OwnerCount - 1, Generation);
             OwnerCount--;
+        }
         else
             ReleaseGroup(session);
     }
@@ -181,15 +202,35 @@ public sealed class IommuGroup(uint id)
     {
         OwnerKind.None => "unowned",
         OwnerKind.Kernel => $"owned by {OwnerCount} kernel DMA-API driver(s)",
+        _ when Remote is { } remote => $"owned by session {remote.SessionId} on replica {remote.Replica}",
         _ => $"owned by session {Owner!.Id}",
     };
+
+    /// <summary>
+    /// Takes the cluster store's word for a group no session of this replica owns: owned by
+    /// <paramref name="owner"/> with <paramref name="count"/> claims and <paramref name="generation"/>,
+    /// or (null) free again. Call under the group's lock; false, changing nothing, when a session of
+    /// this replica owns it (then that session has lost its lease and must be fenced).
+    /// </summary>
+    internal bool ApplyRemote(RemoteOwner? owner, int count, ulong generation)
+    {
+        if (Owner is not null)
+            return false;
+        if (owner is null && Remote is null)
+            return true;
+        Remote = owner;
+        OwnerCount = owner is null ? 0 : count;
+        Domain = owner is null ? DomainKind.Default : DomainKind.Blocking;
+        Generation = Math.Max(Generation, generation);
+        return true;
+    }
 
     internal GroupInfo ToInfo() => new(
         Id,
         [.. Devices.Select(d => d.Address)],
         OwnerKind,
         OwnerCount,
-        Owner?.Id ?? 0,
+        Owner?.Id ?? Remote?.SessionId ?? 0,
         Generation,
         Domain);
 }

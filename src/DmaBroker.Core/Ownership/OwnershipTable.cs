@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Collections.Immutable;
 using DmaBroker.Core.Devices;
+using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Ownership;
@@ -22,10 +23,15 @@ public sealed class OwnershipTable
     private readonly TimeProvider _time;
     private uint _nextGroupId;
 
-    /// <summary>The table of <paramref name="topology"/>; its device models keep time on <paramref name="time"/> (the system clock by default).</summary>
-    internal OwnershipTable(TopologyDocument topology, int watchBuffer = 1024, TimeProvider? time = null)
+    /// <summary>
+    /// The table of <paramref name="topology"/>; its device models keep time on <paramref name="time"/>
+    /// (the system clock by default), and its ownership changes are decided by <paramref name="store"/>
+    /// (this process alone by default).
+    /// </summary>
+    internal OwnershipTable(TopologyDocument topology, int watchBuffer = 1024, TimeProvider? time = null, IOwnershipStore? store = null)
     {
         _time = time ?? TimeProvider.System;
+        Store = store ?? EmbeddedOwnershipStore.Instance;
         _pinnedGroupIds = [.. topology.Functions.Where(f => f.PinnedGroup.HasValue).Select(f => f.PinnedGroup!.Value)];
         foreach (var spec in topology.Functions)
         {
@@ -45,6 +51,9 @@ public sealed class OwnershipTable
 
     /// <summary>The revisioned record of this table, for readers and watchers.</summary>
     public TopologyJournal Journal { get; }
+
+    /// <summary>Where ownership changes are decided: this process alone, or a cluster (SPEC §16).</summary>
+    public IOwnershipStore Store { get; }
 
     /// <summary>The device at <paramref name="address"/>; ENODEV (NOT_FOUND) if there is none.</summary>
     public PciDevice GetDevice(PciAddress address) =>
@@ -68,7 +77,10 @@ public sealed class OwnershipTable
             if (device.Driver is { } bound)
                 throw ErrnoException.Busy($"{address} is already bound to {bound}; unbind it first");
             if (!Drivers.ManagesDma(driver))
+            {
                 group.CheckKernelUse(device, driver);
+                Store.CommitKernel(group.Id, address, bind: true);
+            }
             Bind(device, driver);
             return PublishDevice(device);
         }
@@ -89,7 +101,10 @@ public sealed class OwnershipTable
             if (device.OpenHandles > 0)
                 throw ErrnoException.Busy($"{address} is open by a user driver");
             if (!device.DriverManagesDma)
+            {
+                Store.CommitKernel(group.Id, address, bind: false);
                 group.KernelUnuse();
+            }
             device.Driver = null;
             return PublishDevice(device);
         }
@@ -119,9 +134,11 @@ public sealed class OwnershipTable
                     var probe = new PciDevice(spec, existing, _time);
                     if (spec.Driver is { } d && !Drivers.ManagesDma(d))
                         existing.CheckKernelUse(probe, d);
+                    Store.CommitHotplug(spec.Address, added: true);
                     return Plug(Insert(spec, existing));
                 }
             }
+            Store.CommitHotplug(spec.Address, added: true);
             var device = Insert(spec);
             lock (device.Group.Sync)
                 return Plug(device);
@@ -159,6 +176,7 @@ public sealed class OwnershipTable
             {
                 if (detach is null && group.OwnerKind == OwnerKind.User)
                     throw ErrnoException.Busy($"{address}: group {group.Id} is {group.Describe()}");
+                Store.CommitHotplug(address, added: false);
                 detach?.Invoke(device);
                 if (device.Driver is not null && !device.DriverManagesDma)
                     group.KernelUnuse();
@@ -179,6 +197,36 @@ public sealed class OwnershipTable
                     Journal.Publish(new DeviceRemoved(address), new GroupChanged(group.ToInfo()));
                 }
             }
+        }
+    }
+
+    /// <summary>
+    /// Takes the cluster store's word for a group no session of this replica owns (see
+    /// <see cref="IommuGroup.ApplyRemote"/>) and publishes it. Returns the session of this replica
+    /// that owns the group instead, which has lost its lease and must be fenced; null otherwise.
+    /// <paramref name="isNewer"/> is asked under the group's lock, where the store's own commits
+    /// for the group run: false skips a report older than what the store already wrote or saw.
+    /// <paramref name="applied"/> is told, under the lock, that the report was taken; a report
+    /// refused because a session of this replica owns the group is not, so the store can bring it
+    /// again once that session has ended. An unknown group is ignored (it cannot be owned).
+    /// </summary>
+    public Session? ApplyRemote(uint groupId, Func<bool> isNewer, Action applied, RemoteOwner? owner, int count, ulong generation)
+    {
+        ArgumentNullException.ThrowIfNull(isNewer);
+        ArgumentNullException.ThrowIfNull(applied);
+        if (!_groups.TryGetValue(groupId, out var group))
+            return null;
+        lock (group.Sync)
+        {
+            if (group.Removed || !isNewer())
+                return null;
+            var before = group.ToInfo();
+            if (!group.ApplyRemote(owner, count, generation))
+                return group.Owner;
+            applied();
+            if (group.ToInfo() is var after && before with { Devices = after.Devices } != after)
+                Journal.Publish(new GroupChanged(after));
+            return null;
         }
     }
 
@@ -236,7 +284,7 @@ public sealed class OwnershipTable
                 _nextGroupId++;
             id = _nextGroupId++;
         }
-        return _groups.GetOrAdd(id, static i => new IommuGroup(i));
+        return _groups.GetOrAdd(id, static (i, store) => new IommuGroup(i, store), Store);
     }
 
     /// <summary>

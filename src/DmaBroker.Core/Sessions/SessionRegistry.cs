@@ -56,6 +56,9 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// <summary>The leases, limits and grace periods every session gets.</summary>
     public SessionOptions Options { get; } = options;
 
+    /// <summary>The id of the first session (1 by default); a cluster gives each replica its own range (SPEC §16).</summary>
+    public ulong FirstId { init => _nextId = (long)value - 1; }
+
     /// <summary>The registry's clock, now: what session ages are measured against.</summary>
     public DateTimeOffset Now => time.GetUtcNow();
 

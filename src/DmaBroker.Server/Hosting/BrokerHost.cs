@@ -1,5 +1,6 @@
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
+using DmaBroker.Cluster;
 using DmaBroker.Core;
 using DmaBroker.Core.Access;
 using DmaBroker.Core.Topology;
@@ -71,6 +72,18 @@ public sealed record BrokerHostOptions
 
     /// <summary>The console log's format: <c>text</c>, one line per event, or <c>json</c>, one JSON object per line.</summary>
     public string LogFormat { get; init; } = "text";
+
+    /// <summary>
+    /// Where group ownership is decided (SPEC §16): <c>none</c>, this process alone, or <c>etcd</c>,
+    /// shared with the other replicas on the same etcd.
+    /// </summary>
+    public string Cluster { get; init; } = "none";
+
+    /// <summary>The etcd members' client URLs (http://host:port), separated by commas or spaces; with <c>--cluster etcd</c>.</summary>
+    public string? EtcdEndpoints { get; init; }
+
+    /// <summary>This replica's name, unique in the cluster; with <c>--cluster etcd</c>.</summary>
+    public string? Replica { get; init; }
 }
 
 /// <summary>Builds the broker's web host; Program and the tests share it.</summary>
@@ -102,6 +115,9 @@ public static class BrokerHost
           --dma-limit <n>       mappings per container (dma_avail)       [default: 65535]
           --log-format <text|json>  console log: one line per event, or one JSON object per line
                                                                          [default: text]
+          --cluster <none|etcd> share the group table with other replicas on etcd  [default: none]
+          --etcd-endpoints <urls>  etcd client URLs, http://host:port, comma-separated (with --cluster etcd)
+          --replica <name>      this replica's name, unique in the cluster: a-z 0-9 . _ - (with --cluster etcd)
           -h, --help            show this help
 
         Every option is also an environment variable named after it, DMABROKER_ and the option in
@@ -134,6 +150,9 @@ public static class BrokerHost
         ["--memory-limit-mb"] = "DmaBroker:MemoryLimitMb",
         ["--dma-limit"] = "DmaBroker:DmaLimit",
         ["--log-format"] = "DmaBroker:LogFormat",
+        ["--cluster"] = "DmaBroker:Cluster",
+        ["--etcd-endpoints"] = "DmaBroker:EtcdEndpoints",
+        ["--replica"] = "DmaBroker:Replica",
     };
 
     /// <summary>Every long option and the setting it sets: <see cref="Switches"/>, --listen and --insecure.</summary>
@@ -191,6 +210,7 @@ public static class BrokerHost
         var serverCertificate = LoadServerCertificate(options, every);
         var clientTrust = options.ClientCa is { } ca ? ClientCertificateTrust.Load(ca) : null;
         var memoryLimit = (ulong)options.MemoryLimitMb * 1024 * 1024;
+        var cluster = ClusterOptions(options, leaseTtl, Origin);
 
         builder.WebHost.ConfigureKestrel(kestrel =>
         {
@@ -219,6 +239,15 @@ public static class BrokerHost
         builder.Services.AddSingleton<BrokerAudit>();
         builder.Services.AddSingleton(sp => new AccessGate(sp.GetRequiredService<AccessControl>(), clientTrust, sp.GetRequiredService<BrokerAudit>()));
         builder.Services.AddSingleton(TimeProvider.System);
+        if (cluster is not null)
+        {
+            // Claims block on etcd under their group's lock: keep threads at hand for the gRPC I/O they wait on.
+            ThreadPool.GetMinThreads(out var workers, out var io);
+            ThreadPool.SetMinThreads(Math.Max(workers, 64), io);
+            builder.Services.AddSingleton(sp => EtcdOwnershipStore.ConnectAsync(cluster, sp.GetRequiredService<TimeProvider>(),
+                sp.GetRequiredService<ILoggerFactory>().CreateLogger("DmaBroker.Cluster")).GetAwaiter().GetResult());
+            builder.Services.AddHostedService<ClusterStart>();
+        }
         builder.Services.AddSingleton(sp =>
         {
             // Files a killed broker left under /dev/shm go before this one shares any memory (SPEC §15).
@@ -229,6 +258,7 @@ public static class BrokerHost
             }
             return new Broker(topology, new BrokerOptions
             {
+                Store = cluster is null ? null : sp.GetRequiredService<EtcdOwnershipStore>(),
                 Sessions = new Core.Sessions.SessionOptions
                 {
                     LeaseTtl = leaseTtl,
@@ -298,7 +328,8 @@ public static class BrokerHost
             var served = string.Join(", ", app.Addresses()) + (web.Address is { } http ? $"; metrics and live view on {http}" : "");
             var auth = options.AuthFile is null ? "open mode (every caller is anonymous with every role)" : $"auth file {options.AuthFile} ({access.Current.Count} entries)";
             var source = string.IsNullOrEmpty(options.Topology) ? "the embedded default" : options.Topology;
-            StartupLog.Banner(startup, version, served, auth, source, snapshot.Devices.Count, snapshot.Groups.Count, options.LeaseTtlMs);
+            var clustered = cluster is null ? "none" : $"etcd ({string.Join(",", cluster.Endpoints)}) as replica {cluster.Replica}";
+            StartupLog.Banner(startup, version, served, auth, source, snapshot.Devices.Count, snapshot.Groups.Count, options.LeaseTtlMs, clustered);
             foreach (var variable in ignoredVariables)
                 StartupLog.VariableIgnored(startup, variable);
         });
@@ -480,6 +511,43 @@ public static class BrokerHost
             throw new ArgumentException($"{name(nameof(o.ShutdownGrace))} must be between 00:00:00 and 01:00:00, got {o.ShutdownGrace}");
         if (o.LogFormat is not ("text" or "json"))
             throw new ArgumentException($"{name(nameof(o.LogFormat))} takes text or json, got {ErrnoException.Quote(o.LogFormat)}");
+        if (o.Cluster is not ("none" or "etcd"))
+            throw new ArgumentException($"{name(nameof(o.Cluster))} takes none or etcd, got {ErrnoException.Quote(o.Cluster)}");
+    }
+
+    /// <summary>
+    /// The etcd store's options for <c>--cluster etcd</c> (both <c>--etcd-endpoints</c> and
+    /// <c>--replica</c> needed), or null for <c>--cluster none</c> (neither allowed).
+    /// </summary>
+    private static EtcdStoreOptions? ClusterOptions(BrokerHostOptions o, TimeSpan leaseTtl, Func<string, string> name)
+    {
+        if (o.Cluster != "etcd")
+        {
+            if (o.EtcdEndpoints is not null || o.Replica is not null)
+                throw new ArgumentException($"{name(o.EtcdEndpoints is not null ? nameof(o.EtcdEndpoints) : nameof(o.Replica))} needs --cluster etcd");
+            return null;
+        }
+        if (string.IsNullOrWhiteSpace(o.EtcdEndpoints))
+            throw new ArgumentException("--cluster etcd needs --etcd-endpoints, the etcd members' client URLs (http://host:port, comma-separated)");
+        if (string.IsNullOrWhiteSpace(o.Replica))
+            throw new ArgumentException("--cluster etcd needs --replica, this replica's name, unique in the cluster");
+        var endpoints = new List<Uri>();
+        foreach (var text in o.EtcdEndpoints.Split([',', ' ', '\t'], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            if (!Uri.TryCreate(text, UriKind.Absolute, out var uri))
+                throw new ArgumentException($"{name(nameof(o.EtcdEndpoints))} takes http://host:port URLs, got {ErrnoException.Quote(text)}");
+            endpoints.Add(uri);
+        }
+        var cluster = new EtcdStoreOptions { Endpoints = endpoints, Replica = o.Replica, LeaseTtl = leaseTtl };
+        try
+        {
+            cluster.Validate();
+        }
+        catch (ErrnoException e)
+        {
+            throw new ArgumentException($"{name(e.Message.StartsWith("replica", StringComparison.Ordinal) ? nameof(o.Replica) : nameof(o.EtcdEndpoints))}: {e.Message}", e);
+        }
+        return cluster;
     }
 }
 
@@ -487,8 +555,8 @@ public static class BrokerHost
 internal static partial class StartupLog
 {
     [LoggerMessage(EventId = 1, EventName = "Started", Level = LogLevel.Information,
-        Message = "DmaBroker {Version} serving {Listeners}; auth: {Auth}; topology: {Topology} ({Devices} devices, {Groups} groups); lease TTL {LeaseTtlMs} ms")]
-    public static partial void Banner(ILogger logger, string version, string listeners, string auth, string topology, int devices, int groups, int leaseTtlMs);
+        Message = "DmaBroker {Version} serving {Listeners}; auth: {Auth}; topology: {Topology} ({Devices} devices, {Groups} groups); lease TTL {LeaseTtlMs} ms; cluster: {Cluster}")]
+    public static partial void Banner(ILogger logger, string version, string listeners, string auth, string topology, int devices, int groups, int leaseTtlMs, string cluster);
 
     [LoggerMessage(EventId = 2, EventName = "VariableIgnored", Level = LogLevel.Warning,
         Message = "environment variable {Variable} ignored: it names no broker option (see --help)")]

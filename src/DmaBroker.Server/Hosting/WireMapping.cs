@@ -139,6 +139,7 @@ internal static class WireMapping
             AgeMs = (ulong)Math.Max(0, s.Age.TotalMilliseconds),
             MemoryBytes = s.MemoryBytes,
             DmaStreams = (uint)s.DmaStreams,
+            Replica = s.Replica,
         };
         info.Groups.AddRange(s.Groups);
         return info;

@@ -1,0 +1,508 @@
+using System.Collections.Concurrent;
+using System.Globalization;
+using DmaBroker.Core;
+using DmaBroker.Core.Ownership;
+using DmaBroker.Core.Sessions;
+using dotnet_etcd;
+using Etcdserverpb;
+using Google.Protobuf;
+using Grpc.Core;
+using Grpc.Net.Client.Configuration;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using Mvccpb;
+
+namespace DmaBroker.Cluster;
+
+/// <summary>etcd could not be reached to join the cluster.</summary>
+public sealed class ClusterUnavailableException(string message, Exception inner) : Exception(message, inner);
+
+/// <summary>
+/// The cluster store on etcd (SPEC §16). A user claim or release is one etcd transaction that
+/// compares the group's key with the owner and count this replica expects, so exactly one replica's
+/// session can win a free group; a new grant's generation is the transaction's revision. Each
+/// session that owns something has an etcd lease (the session's TTL), kept alive by this replica,
+/// and its group keys are attached to it: a replica that dies loses its leases, and its sessions'
+/// groups go free with them. A watch on the groups' keys brings the other replicas' claims and
+/// releases into this replica's table, and so into its <c>Topology.Watch</c>.
+/// </summary>
+/// <remarks>
+/// Driver binding and hotplug are not shared across replicas yet: in a cluster they are refused
+/// with ENOSYS, so every replica's kernel side stays the topology's.
+/// Calls run under the group's lock (lock 2 of docs/locking.md), blocking on etcd: one group's
+/// changes are serialised as they are in one process; different groups' run in parallel.
+/// </remarks>
+public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposable
+{
+    private const string SessionsPrefix = "/dmabroker/sessions/";
+    private const string ReplicasPrefix = "/dmabroker/replicas/";
+    private const string ReplicaSequenceKey = "/dmabroker/replica-seq";
+
+    private readonly EtcdStoreOptions _options;
+    private readonly EtcdClient _client;
+    private readonly KV.KVClient _kv;
+    private readonly Lease.LeaseClient _leaseClient;
+    private readonly Watch.WatchClient _watchClient;
+    private readonly TimeProvider _time;
+    private readonly ILogger _log;
+    private readonly LeaseKeeper _keeper;
+    private readonly CancellationTokenSource _stop = new();
+    // The etcd revision of the last change this replica wrote or applied, per group; read and
+    // written only under that group's lock.
+    private readonly ConcurrentDictionary<uint, long> _revisions = new();
+    private readonly ConcurrentDictionary<ulong, Lazy<SessionLease>> _leases = new();
+    private SessionLease? _registration;
+    private Broker? _broker;
+    private Task _watch = Task.CompletedTask;
+
+    private EtcdOwnershipStore(EtcdStoreOptions options, TimeProvider time, ILogger log)
+    {
+        _options = options;
+        _time = time;
+        _log = log;
+        _client = new EtcdClient(string.Join(",", options.Endpoints.Select(e => e.GetLeftPart(UriPartial.Authority))),
+            configureChannelOptions: channel => channel.ServiceConfig = Failover);
+        var connection = _client.GetConnection();
+        _kv = connection.KVClient;
+        _leaseClient = connection.LeaseClient;
+        _watchClient = connection.WatchClient;
+        _keeper = new LeaseKeeper(_leaseClient, time, TimeSpan.FromSeconds(options.TtlSeconds), log, Fence);
+    }
+
+    // Calls spread over every member; one refused by a member that is gone (UNAVAILABLE) is tried
+    // again on another. A retried transaction that had in fact committed finds the key changed
+    // and is refused: never a second owner, at worst a group held until its session's lease ends.
+    private static readonly ServiceConfig Failover = new()
+    {
+        LoadBalancingConfigs = { new RoundRobinConfig() },
+        MethodConfigs =
+        {
+            new MethodConfig
+            {
+                Names = { MethodName.Default },
+                RetryPolicy = new RetryPolicy
+                {
+                    MaxAttempts = 5,
+                    InitialBackoff = TimeSpan.FromMilliseconds(50),
+                    MaxBackoff = TimeSpan.FromMilliseconds(500),
+                    BackoffMultiplier = 2,
+                    RetryableStatusCodes = { StatusCode.Unavailable },
+                },
+            },
+        },
+    };
+
+    /// <inheritdoc/>
+    public string Replica => _options.Replica;
+
+    /// <inheritdoc/>
+    public ulong FirstSessionId { get; private set; }
+
+    /// <summary>This replica's number in the cluster, from etcd: its sessions' ids are <c>number &lt;&lt; 32</c> and up.</summary>
+    public ulong ReplicaNumber { get; private set; }
+
+    /// <summary>Session leases this replica keeps alive now (with its own registration).</summary>
+    public int LeasesKept => _keeper.Count;
+
+    /// <summary>The revision of etcd this replica's table has caught up with (its watch's progress).</summary>
+    public long Revision => Interlocked.Read(ref _revision);
+
+    private long _revision;
+
+    /// <summary>
+    /// Joins the cluster: registers <see cref="EtcdStoreOptions.Replica"/> under its own lease
+    /// (EEXIST when a live replica has that name) and takes a replica number. Build the
+    /// <see cref="Broker"/> with the store next, then <see cref="StartAsync"/> it.
+    /// </summary>
+    public static async Task<EtcdOwnershipStore> ConnectAsync(EtcdStoreOptions options, TimeProvider? time = null,
+        ILogger? logger = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        var store = new EtcdOwnershipStore(options, time ?? TimeProvider.System, logger ?? NullLogger.Instance);
+        try
+        {
+            await store.RegisterAsync(cancellationToken).ConfigureAwait(false);
+            return store;
+        }
+        catch (RpcException e)
+        {
+            await store.DisposeAsync().ConfigureAwait(false);
+            throw new ClusterUnavailableException(
+                $"cannot join the cluster: etcd at {string.Join(",", options.Endpoints)} did not answer ({e.StatusCode}: {e.Status.Detail})", e);
+        }
+        catch
+        {
+            await store.DisposeAsync().ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    private async Task RegisterAsync(CancellationToken cancellationToken)
+    {
+        var sentAt = _time.GetTimestamp();
+        var grant = await _leaseClient.LeaseGrantAsync(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline(), cancellationToken: cancellationToken);
+        var lease = new SessionLease(grant.ID, null, TimeSpan.FromSeconds(grant.TTL));
+        lease.Sent(sentAt);
+        lease.Answered(lease.Ttl, _time);
+        var key = ByteString.CopyFromUtf8(ReplicasPrefix + Replica);
+        var claim = new TxnRequest();
+        claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
+        claim.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = ByteString.CopyFromUtf8(Replica), Lease = grant.ID } });
+        var named = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
+        if (!named.Succeeded)
+            throw ErrnoException.Exists($"a live replica named {ErrnoException.Quote(Replica)} is already in the cluster");
+        _registration = lease;
+        _keeper.Track(lease);
+        // The replica's number: one compare-and-swap on a counter, retried while another replica races.
+        var counter = ByteString.CopyFromUtf8(ReplicaSequenceKey);
+        while (true)
+        {
+            var current = await _kv.RangeAsync(new RangeRequest { Key = counter }, deadline: Deadline(), cancellationToken: cancellationToken);
+            var kv = current.Kvs.FirstOrDefault();
+            var last = kv is null ? 0UL : ulong.Parse(kv.Value.ToStringUtf8(), CultureInfo.InvariantCulture);
+            var next = last + 1;
+            var bump = new TxnRequest();
+            bump.Compare.Add(new Compare { Key = counter, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = kv?.ModRevision ?? 0 });
+            bump.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = counter, Value = ByteString.CopyFromUtf8(next.ToString(CultureInfo.InvariantCulture)) } });
+            if ((await _kv.TxnAsync(bump, deadline: Deadline(), cancellationToken: cancellationToken)).Succeeded)
+            {
+                // 2^21 replica starts keep every id below 2^53, exact in JSON numbers.
+                ReplicaNumber = ((next - 1) % (1UL << 21)) + 1;
+                FirstSessionId = (ReplicaNumber << 32) + 1;
+                return;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Serves <paramref name="broker"/>, built with this store: loads the cluster's group table into
+    /// it, then follows etcd's watch from that revision on.
+    /// </summary>
+    public async Task StartAsync(Broker broker, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(broker);
+        if (broker.Table.Store != this)
+            throw new ArgumentException("the broker was not built with this store", nameof(broker));
+        _broker = broker;
+        var revision = await ResyncAsync(cancellationToken).ConfigureAwait(false);
+        _watch = WatchAsync(revision + 1);
+    }
+
+    // --- IOwnershipStore ---
+
+    /// <inheritdoc/>
+    public ulong CommitClaim(uint groupId, Session session, int countBefore, ulong generation)
+    {
+        ArgumentNullException.ThrowIfNull(session);
+        var lease = LeaseOf(session);
+        if (lease.Lost)
+            throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease could not be renewed; it is ending");
+        var key = GroupRecord.Key(groupId);
+        var txn = new TxnRequest();
+        txn.Compare.Add(countBefore == 0
+            ? new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 }
+            : new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
+        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session, countBefore + 1).Encode(), Lease = lease.Id } });
+        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+        var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"claim of group {groupId}");
+        if (!answer.Succeeded)
+        {
+            var holder = answer.Responses.FirstOrDefault()?.ResponseRange?.Kvs.FirstOrDefault() is { } kv ? GroupRecord.Decode(kv.Value) : null;
+            throw ErrnoException.NotPermitted($"group {groupId} is {holder?.Describe() ?? "changed by another replica"} in the cluster");
+        }
+        var revision = answer.Header.Revision;
+        _revisions[groupId] = revision;
+        // A new grant created the key: its create_revision, this transaction's revision, is the generation.
+        return countBefore == 0 ? (ulong)revision : generation;
+    }
+
+    /// <inheritdoc/>
+    public void CommitRelease(uint groupId, Session session, int countBefore, int countAfter, ulong generation)
+    {
+        ArgumentNullException.ThrowIfNull(session);
+        if (!_leases.TryGetValue(session.Id, out var lazy) || !lazy.IsValueCreated || lazy.Value.Lost)
+            return; // never recorded, or its lease is gone or going: etcd frees the group with it
+        var key = GroupRecord.Key(groupId);
+        var txn = new TxnRequest();
+        txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
+        txn.Success.Add(countAfter == 0
+            ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
+            : new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session, countAfter).Encode(), Lease = lazy.Value.Id } });
+        try
+        {
+            var answer = _kv.Txn(txn, deadline: Deadline());
+            if (answer.Succeeded)
+                _revisions[groupId] = answer.Header.Revision;
+            else
+                Log.ReleaseNotRecorded(_log, groupId, session.Id, "the key holds another owner or count");
+        }
+        catch (RpcException e)
+        {
+            // The table releases anyway; etcd frees the group when the session's lease ends.
+            Log.ReleaseNotRecorded(_log, groupId, session.Id, e.Status.Detail);
+        }
+    }
+
+    /// <inheritdoc/>
+    public void CommitKernel(uint groupId, PciAddress device, bool bind) =>
+        throw new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented,
+            $"in a cluster (--cluster etcd) drivers are not yet bound across replicas; {device} keeps its driver");
+
+    /// <inheritdoc/>
+    public void CommitHotplug(PciAddress device, bool added) =>
+        throw new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented,
+            $"in a cluster (--cluster etcd) hotplug is not yet shared across replicas; {device} was not {(added ? "added" : "removed")}");
+
+    /// <inheritdoc/>
+    public void SessionEnded(Session session)
+    {
+        ArgumentNullException.ThrowIfNull(session);
+        if (!_leases.TryRemove(session.Id, out var lazy) || !lazy.IsValueCreated)
+            return;
+        var lease = lazy.Value;
+        lease.MarkLost();
+        _keeper.Forget(lease);
+        _ = RevokeAsync(lease);
+    }
+
+    // --- leases ---
+
+    // The session's lease, granted at its first claim: a session that owns nothing needs none.
+    private SessionLease LeaseOf(Session session)
+    {
+        var lazy = _leases.GetOrAdd(session.Id, _ => new Lazy<SessionLease>(() => GrantLease(session)));
+        try
+        {
+            return lazy.Value;
+        }
+        catch
+        {
+            // A failed grant is not cached: the next claim tries again.
+            _leases.TryRemove(KeyValuePair.Create(session.Id, lazy));
+            throw;
+        }
+    }
+
+    private SessionLease GrantLease(Session session)
+    {
+        var sentAt = _time.GetTimestamp();
+        var grant = Call(() => _leaseClient.LeaseGrant(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline()), "lease grant");
+        var lease = new SessionLease(grant.ID, session, TimeSpan.FromSeconds(grant.TTL));
+        lease.Sent(sentAt);
+        lease.Answered(lease.Ttl, _time);
+        var record = ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture,
+            $"{{\"replica\":\"{Replica}\",\"lease\":{grant.ID}}}"));
+        Call(() => _kv.Put(new PutRequest { Key = ByteString.CopyFromUtf8(SessionsPrefix + session.Id.ToString(CultureInfo.InvariantCulture)), Value = record, Lease = grant.ID }, deadline: Deadline()), "session record");
+        _keeper.Track(lease);
+        return lease;
+    }
+
+    // The keeper gave the lease up: stop the session's DMA and end it (SPEC §16's fencing). Ending
+    // a session admits no new operation or DMA, waits out the ones in flight, then resets its
+    // devices and detaches its domains before it releases anything.
+    private void Fence(SessionLease lease)
+    {
+        if (lease.Session is not { } session || _broker is null)
+            return;
+        _ = EndFencedAsync(session, "the broker could not renew the session's cluster lease (etcd) in time");
+    }
+
+    private async Task RevokeAsync(SessionLease lease)
+    {
+        try
+        {
+            await _leaseClient.LeaseRevokeAsync(new LeaseRevokeRequest { ID = lease.Id }, deadline: Deadline());
+        }
+        catch (RpcException e)
+        {
+            Log.RevokeFailed(_log, lease.Id, e.Status.Detail);
+        }
+    }
+
+    // --- the watch ---
+
+    // Loads the whole group table from etcd into the broker's: every group either has a record
+    // (owned) or not (free). Returns the revision it read at.
+    private async Task<long> ResyncAsync(CancellationToken cancellationToken)
+    {
+        var all = await _kv.RangeAsync(new RangeRequest
+        {
+            Key = ByteString.CopyFromUtf8(GroupRecord.Prefix),
+            RangeEnd = EtcdClient.GetRangeEnd(ByteString.CopyFromUtf8(GroupRecord.Prefix)),
+        }, deadline: Deadline(), cancellationToken: cancellationToken);
+        var revision = all.Header.Revision;
+        var records = all.Kvs.Where(kv => GroupRecord.GroupOf(kv.Key).HasValue).ToDictionary(kv => GroupRecord.GroupOf(kv.Key)!.Value);
+        foreach (var id in _broker!.Journal.Current.Groups.Keys)
+        {
+            if (records.TryGetValue(id, out var kv))
+                Apply(id, kv.ModRevision, kv.CreateRevision, GroupRecord.Decode(kv.Value), deleted: false);
+            else
+                Apply(id, revision, 0, null, deleted: true);
+        }
+        Interlocked.Exchange(ref _revision, revision);
+        return revision;
+    }
+
+    private async Task WatchAsync(long from)
+    {
+        var request = new WatchRequest
+        {
+            CreateRequest = new WatchCreateRequest
+            {
+                Key = ByteString.CopyFromUtf8(GroupRecord.Prefix),
+                RangeEnd = EtcdClient.GetRangeEnd(ByteString.CopyFromUtf8(GroupRecord.Prefix)),
+                PrevKv = true,
+            },
+        };
+        var resync = false;
+        while (!_stop.IsCancellationRequested)
+        {
+            try
+            {
+                // After a break, reload the whole table rather than resume: changes refused while a
+                // fenced session still held its groups here are taken from the reload.
+                if (resync)
+                {
+                    from = await ResyncAsync(_stop.Token).ConfigureAwait(false) + 1;
+                    resync = false;
+                }
+                request.CreateRequest.StartRevision = from;
+                using var call = _watchClient.Watch(cancellationToken: _stop.Token);
+                await call.RequestStream.WriteAsync(request, _stop.Token).ConfigureAwait(false);
+                while (await call.ResponseStream.MoveNext(_stop.Token).ConfigureAwait(false))
+                {
+                    var answer = call.ResponseStream.Current;
+                    if (answer.CompactRevision > 0)
+                    {
+                        // The history we need is compacted away: start over from a fresh table.
+                        from = await ResyncAsync(_stop.Token).ConfigureAwait(false) + 1;
+                        break;
+                    }
+                    foreach (var ev in answer.Events)
+                    {
+                        if (GroupRecord.GroupOf(ev.Kv.Key) is { } id)
+                        {
+                            var deleted = ev.Type == Event.Types.EventType.Delete;
+                            Apply(id, ev.Kv.ModRevision, ev.Kv.CreateRevision, GroupRecord.Decode(deleted ? ev.PrevKv?.Value ?? ByteString.Empty : ev.Kv.Value), deleted);
+                        }
+                        from = ev.Kv.ModRevision + 1;
+                    }
+                    if (answer.Header is { } header && answer.Events.Count > 0)
+                        Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), header.Revision));
+                }
+            }
+            catch (Exception e) when (!_stop.IsCancellationRequested)
+            {
+                // Whatever broke the stream (a member gone, a reset connection), start again on any member.
+                Log.WatchFailed(_log, e.Message);
+                resync = true;
+                try
+                {
+                    await Task.Delay(TimeSpan.FromMilliseconds(200), _time, _stop.Token).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException)
+                {
+                    return;
+                }
+            }
+            catch (Exception)
+            {
+                return; // stopping: the stream was cancelled with the store
+            }
+        }
+    }
+
+    // One change of a group's key, at etcd revision `revision`: a record put, or the key deleted
+    // (released, or its lease ended). This replica's own puts are already in its table.
+    private void Apply(uint groupId, long revision, long created, GroupRecord? record, bool deleted)
+    {
+        if (!deleted && (record is null || record.Replica == Replica))
+            return;
+        var owner = deleted ? null : new RemoteOwner(record!.Session, record.Replica);
+        var fenced = _broker!.Table.ApplyRemote(groupId,
+            () => !_revisions.TryGetValue(groupId, out var seen) || seen < revision,
+            () => _revisions[groupId] = revision,
+            owner, deleted ? 0 : record!.Count, deleted ? 0 : (ulong)created);
+        if (fenced is not null)
+        {
+            // etcd says a session of ours no longer owns a group it holds here: its lease ended
+            // without this replica noticing in time. Stop it now.
+            Log.OwnershipLost(_log, groupId, fenced.Id);
+            if (_leases.TryGetValue(fenced.Id, out var lazy) && lazy.IsValueCreated)
+                lazy.Value.MarkLost();
+            _ = EndFencedAsync(fenced, "the session's cluster lease (etcd) ended");
+        }
+    }
+
+    // Ends a session whose lease is lost, then reloads the table from etcd: changes of its groups
+    // that came while it still held them here were not taken, and are now.
+    private async Task EndFencedAsync(Session session, string reason)
+    {
+        await _broker!.Sessions.EndAsync(session, SessionEndReason.LeaseExpired, reason).ConfigureAwait(false);
+        try
+        {
+            await ResyncAsync(_stop.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is RpcException or OperationCanceledException or ObjectDisposedException)
+        {
+            // etcd out of reach: the watch brings the changes once it reconnects (it resyncs if it must).
+            Log.WatchFailed(_log, e.Message);
+        }
+    }
+
+    // --- helpers ---
+
+    private GroupRecord Record(Session session, int count) => new(session.Id, Replica, count);
+
+    private DateTime Deadline() => DateTime.UtcNow + _options.CallTimeout;
+
+    private static T Call<T>(Func<T> call, string what)
+    {
+        try
+        {
+            return call();
+        }
+        catch (RpcException e)
+        {
+            throw new ErrnoException(Errno.EAGAIN, ErrorKind.FailedPrecondition,
+                $"the cluster store (etcd) did not answer the {what}: {e.Status.StatusCode}; try again")
+            {
+                RetryAfter = TimeSpan.FromSeconds(1),
+            };
+        }
+    }
+
+    /// <summary>Stops the watch and the keepalives and revokes the replica's registration; sessions' leases are revoked as they end.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync().ConfigureAwait(false);
+        await _keeper.DisposeAsync().ConfigureAwait(false);
+        try
+        {
+            await _watch.ConfigureAwait(false);
+        }
+        catch (OperationCanceledException)
+        {
+        }
+        if (_registration is { } registration)
+            await RevokeAsync(registration).ConfigureAwait(false);
+        _client.Dispose();
+        _stop.Dispose();
+    }
+
+    private static partial class Log
+    {
+        [LoggerMessage(EventId = 1610, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Reason}); the group goes free when the session's lease ends")]
+        public static partial void ReleaseNotRecorded(ILogger logger, uint groupId, ulong sessionId, string reason);
+
+        [LoggerMessage(EventId = 1611, Level = LogLevel.Information, Message = "Revoking etcd lease {LeaseId} failed ({Reason}); it expires on its own")]
+        public static partial void RevokeFailed(ILogger logger, long leaseId, string reason);
+
+        [LoggerMessage(EventId = 1612, Level = LogLevel.Information, Message = "etcd watch failed: {Reason}; resuming")]
+        public static partial void WatchFailed(ILogger logger, string reason);
+
+        [LoggerMessage(EventId = 1613, Level = LogLevel.Warning, Message = "etcd says group {GroupId} is no longer session {SessionId}'s: ending the session")]
+        public static partial void OwnershipLost(ILogger logger, uint groupId, ulong sessionId);
+    }
+}

@@ -1,0 +1,92 @@
+using DmaBroker.Core.Sessions;
+
+namespace DmaBroker.Core.Ownership;
+
+/// <summary>
+/// Where a group's ownership is decided (SPEC §16): every claim, release, driver bind and hotplug
+/// goes through it, under the group's lock (and the hotplug lock for hotplug), after the table has
+/// checked the §3 rules and before it changes anything. A store that refuses throws an
+/// <see cref="ErrnoException"/>, and the table then changes nothing. The default,
+/// <see cref="EmbeddedOwnershipStore"/>, is the single process's table itself and refuses nothing;
+/// a cluster store (etcd) makes each change a transaction shared by every replica.
+/// </summary>
+public interface IOwnershipStore
+{
+    /// <summary>The replica this broker is in a cluster, or null for a single process.</summary>
+    string? Replica { get; }
+
+    /// <summary>
+    /// The first session id this broker may hand out: a cluster store gives each replica its own
+    /// range, so a session id names one session across the cluster. 1 for a single process.
+    /// </summary>
+    ulong FirstSessionId { get; }
+
+    /// <summary>
+    /// A user claim of group <paramref name="groupId"/> by <paramref name="session"/>, which held
+    /// <paramref name="countBefore"/> claims on it (0: the group is free and this is a new grant).
+    /// Returns the grant's generation: a new one, greater than <paramref name="generation"/>, for a
+    /// new grant; <paramref name="generation"/> itself otherwise. Throws to refuse.
+    /// </summary>
+    ulong CommitClaim(uint groupId, Session session, int countBefore, ulong generation);
+
+    /// <summary>
+    /// A user release: <paramref name="session"/>'s claims on the group go from
+    /// <paramref name="countBefore"/> to <paramref name="countAfter"/> (0: the group is free).
+    /// Never throws: a release always happens in the table, and a store that cannot record it
+    /// must free the group no later than the session's end.
+    /// </summary>
+    void CommitRelease(uint groupId, Session session, int countBefore, int countAfter, ulong generation);
+
+    /// <summary>A DMA-API driver binds to (<paramref name="bind"/>) or unbinds from a device of the group. Throws to refuse.</summary>
+    void CommitKernel(uint groupId, PciAddress device, bool bind);
+
+    /// <summary>A device is hot-added (<paramref name="added"/>) or removed. Throws to refuse.</summary>
+    void CommitHotplug(PciAddress device, bool added);
+
+    /// <summary>A session has ended and released everything it held: the store forgets it.</summary>
+    void SessionEnded(Session session);
+}
+
+/// <summary>
+/// The single-process store: the table in this process is the whole truth, so it refuses nothing
+/// and a new grant's generation is the next number. The default.
+/// </summary>
+public sealed class EmbeddedOwnershipStore : IOwnershipStore
+{
+    /// <summary>The one instance: it holds no state.</summary>
+    public static EmbeddedOwnershipStore Instance { get; } = new();
+
+    private EmbeddedOwnershipStore()
+    {
+    }
+
+    /// <inheritdoc/>
+    public string? Replica => null;
+
+    /// <inheritdoc/>
+    public ulong FirstSessionId => 1;
+
+    /// <inheritdoc/>
+    public ulong CommitClaim(uint groupId, Session session, int countBefore, ulong generation) =>
+        countBefore == 0 ? generation + 1 : generation;
+
+    /// <inheritdoc/>
+    public void CommitRelease(uint groupId, Session session, int countBefore, int countAfter, ulong generation)
+    {
+    }
+
+    /// <inheritdoc/>
+    public void CommitKernel(uint groupId, PciAddress device, bool bind)
+    {
+    }
+
+    /// <inheritdoc/>
+    public void CommitHotplug(PciAddress device, bool added)
+    {
+    }
+
+    /// <inheritdoc/>
+    public void SessionEnded(Session session)
+    {
+    }
+}

@@ -1,0 +1,160 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+
+namespace DmaBroker.Cluster.Tests;
+
+/// <summary>
+/// Real etcd members (Debian's <c>etcd</c>, 3.4) on loopback ports the OS chose, each with a
+/// temporary data directory. Disposing kills every member by its pid and deletes the directories,
+/// whatever the test's outcome.
+/// </summary>
+public sealed class EtcdCluster : IAsyncDisposable
+{
+    private static readonly TimeSpan StartupTimeout = TimeSpan.FromSeconds(60);
+    // Printed by an etcd 3.4 member once it is ready and serves its clients.
+    private const string Ready = "serving client traffic";
+
+    private readonly List<Member> _members;
+
+    private EtcdCluster(List<Member> members) => _members = members;
+
+    /// <summary>Every member's client URL.</summary>
+    public IReadOnlyList<Uri> Endpoints => [.. _members.Select(m => m.ClientUrl)];
+
+    /// <summary>Starts <paramref name="size"/> members as one new cluster and returns once each serves clients.</summary>
+    public static async Task<EtcdCluster> StartAsync(int size = 1)
+    {
+        var token = "dmabroker-test-" + Guid.NewGuid().ToString("N");
+        var members = Enumerable.Range(0, size).Select(i => new Member($"m{i}", new Uri($"http://127.0.0.1:{FreePort()}"),
+            new Uri($"http://127.0.0.1:{FreePort()}"), Directory.CreateTempSubdirectory("dmabroker-etcd-").FullName)).ToList();
+        var cluster = new EtcdCluster(members);
+        try
+        {
+            var initial = string.Join(",", members.Select(m => $"{m.Name}={m.PeerUrl.GetLeftPart(UriPartial.Authority)}"));
+            foreach (var m in members)
+                m.Start(token, initial);
+            await Task.WhenAll(members.Select(m => m.ReadyAsync.WaitAsync(StartupTimeout)));
+            return cluster;
+        }
+        catch
+        {
+            await cluster.DisposeAsync();
+            throw;
+        }
+    }
+
+    /// <summary>Kills member <paramref name="index"/> with SIGKILL, by its pid, and waits until it is gone.</summary>
+    public async Task KillAsync(int index)
+    {
+        var process = _members[index].Process!;
+        process.Kill();
+        await process.WaitForExitAsync().WaitAsync(StartupTimeout);
+    }
+
+    /// <summary>What member <paramref name="index"/> printed, for a failing test's message.</summary>
+    public string Log(int index) => _members[index].Log;
+
+    public async ValueTask DisposeAsync()
+    {
+        foreach (var m in _members)
+            await m.DisposeAsync();
+    }
+
+    private static int FreePort()
+    {
+        var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        var port = ((IPEndPoint)listener.LocalEndpoint).Port;
+        listener.Stop();
+        return port;
+    }
+
+    private sealed class Member(string name, Uri clientUrl, Uri peerUrl, string dataDir) : IAsyncDisposable
+    {
+        private readonly TaskCompletionSource _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly System.Text.StringBuilder _log = new();
+
+        public string Name { get; } = name;
+        public Uri ClientUrl { get; } = clientUrl;
+        public Uri PeerUrl { get; } = peerUrl;
+        public Process? Process { get; private set; }
+        public Task ReadyAsync => _ready.Task;
+
+        public string Log
+        {
+            get
+            {
+                lock (_log)
+                    return _log.ToString();
+            }
+        }
+
+        public void Start(string token, string initialCluster)
+        {
+            var client = ClientUrl.GetLeftPart(UriPartial.Authority);
+            var peer = PeerUrl.GetLeftPart(UriPartial.Authority);
+            var info = new ProcessStartInfo("etcd")
+            {
+                RedirectStandardError = true,
+                RedirectStandardOutput = true,
+                UseShellExecute = false,
+            };
+            foreach (var arg in new[]
+            {
+                "--name", Name, "--data-dir", dataDir,
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", initialCluster, "--initial-cluster-state", "new", "--initial-cluster-token", token,
+                "--logger", "zap", "--log-level", "info",
+            })
+            {
+                info.ArgumentList.Add(arg);
+            }
+            var process = new Process { StartInfo = info, EnableRaisingEvents = true };
+            process.ErrorDataReceived += (_, e) => Line(e.Data);
+            process.OutputDataReceived += (_, e) => Line(e.Data);
+            process.Exited += (_, _) => _ready.TrySetException(new InvalidOperationException($"etcd {Name} exited before it was ready:\n{Log}"));
+            process.Start();
+            Process = process;
+            process.BeginErrorReadLine();
+            process.BeginOutputReadLine();
+        }
+
+        private void Line(string? line)
+        {
+            if (line is null)
+                return;
+            lock (_log)
+                _log.AppendLine(line);
+            if (line.Contains(Ready, StringComparison.Ordinal))
+                _ready.TrySetResult();
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            if (Process is { } p)
+            {
+                try
+                {
+                    if (!p.HasExited)
+                        p.Kill();
+                    await p.WaitForExitAsync().WaitAsync(StartupTimeout);
+                }
+                catch (InvalidOperationException)
+                {
+                    // never started
+                }
+                p.Dispose();
+            }
+            try
+            {
+                Directory.Delete(dataDir, recursive: true);
+            }
+            catch (IOException)
+            {
+                // a member still closing its files; the temp dir is cleaned by the OS
+            }
+        }
+    }
+}

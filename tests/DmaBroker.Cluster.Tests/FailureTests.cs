@@ -1,0 +1,143 @@
+using System.Diagnostics;
+using DmaBroker.Core;
+using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
+using Microsoft.Extensions.Time.Testing;
+using Xunit.Abstractions;
+
+namespace DmaBroker.Cluster.Tests;
+
+/// <summary>A replica cut off from etcd, its sessions fenced, and an etcd member lost (SPEC §16).</summary>
+public sealed class FailureTests(ITestOutputHelper output)
+{
+    private static readonly TimeSpan Ttl = TimeSpan.FromSeconds(3);
+
+    [Fact]
+    public async Task ReplicaCutOffFromEtcd_ItsGroupsAreFreeWithinTtlPlusOneSecond_AndAnotherReplicaClaimsThem()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var lost = await Replica.StartAsync("lost", [proxy.Endpoint], output: output);
+        await using var survivor = await Replica.StartAsync("survivor", etcd.Endpoints, output: output);
+        var group = ReplicaTests.FreeGroups(lost.Broker)[0];
+        var doomed = lost.Broker.Sessions.Open();
+        lost.Broker.Vfio.SetContainer(doomed, group, lost.Broker.Vfio.CreateContainer(doomed, ContainerType.Type1v2).Id);
+        await ReplicaTests.WaitForGroupAsync(survivor.Broker, group, g => g.OwnerSession == doomed.Id);
+        using var lostWatch = lost.Broker.Journal.Watch();
+        var heir = survivor.Broker.Sessions.Open();
+        var container = survivor.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2);
+
+        // As etcd sees it, the replica is dead: no keepalive reaches it any more.
+        var clock = Stopwatch.StartNew();
+        var ending = EndOf(lostWatch, doomed.Id);
+        proxy.Cut();
+        await ReplicaTests.WaitForGroupAsync(survivor.Broker, group, g => g.OwnerKind == OwnerKind.None);
+        var free = clock.Elapsed;
+        survivor.Broker.Vfio.SetContainer(heir, group, container.Id);
+        var claimed = clock.Elapsed;
+
+        // The cut-off replica stopped its session on its own, before etcd freed the group.
+        var ended = await ending;
+        Assert.True(ended < free, $"the cut-off replica ended its session at {ended.TotalMilliseconds:F0} ms, after the group was free at {free.TotalMilliseconds:F0} ms");
+        Assert.True(free <= Ttl + TimeSpan.FromSeconds(1), $"free after {free.TotalMilliseconds:F0} ms; the lease TTL is {Ttl.TotalMilliseconds} ms");
+        Assert.Equal(heir.Id, survivor.Broker.Journal.Current.Groups[group].OwnerSession);
+        output.WriteLine($"cut off -> session fenced after {ended.TotalMilliseconds:F0} ms, group free on the other replica after {free.TotalMilliseconds:F0} ms, claimed there after {claimed.TotalMilliseconds:F0} ms (TTL {Ttl.TotalMilliseconds} ms)");
+
+        async Task<TimeSpan> EndOf(TopologyWatcher watcher, ulong session)
+        {
+            using var cts = new CancellationTokenSource(ReplicaTests.Timeout);
+            await foreach (var ev in watcher.ReadAllAsync(cts.Token))
+            {
+                if (ev.Change is SessionEnded e && e.SessionId == session)
+                    return clock.Elapsed;
+            }
+            throw new TimeoutException();
+        }
+    }
+
+    [Fact]
+    public async Task KeepaliveFails_SessionsDmaStops_BeforeTheLeaseCanHaveExpired()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
+        await using var replica = await Replica.StartAsync("fenced", [proxy.Endpoint], clock, Ttl);
+        var broker = replica.Broker;
+        var edu = broker.Journal.Current.Devices.Values.First(d => d.Model == "edu" && d.Driver == Drivers.VfioPci);
+        var session = broker.Sessions.Open();
+        var container = broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        broker.Vfio.SetContainer(session, edu.GroupId, container.Id);
+        var granted = clock.GetTimestamp(); // the lease was granted now, on the broker's clock
+        var block = session.Allocate(4096);
+        broker.Vfio.MapDma(session, container.Id, block.Vaddr, 0x10000, 4096, read: true, write: true);
+        var handle = broker.Vfio.OpenDevice(session, edu.Address);
+        // Config space (region 7), command register: memory space and Bus Master on (SPEC §4).
+        Assert.True(handle.MmioWrite(7, 4, 2, 0b110).Ok);
+        Assert.True(handle.DmaWrite(0x10000, [1, 2, 3]).Ok);
+        using var watcher = broker.Journal.Watch();
+
+        proxy.Cut();
+        // The broker's clock runs on, a keepalive tick at a time, to the fencing point: the TTL
+        // less the safety margin after the last renewal etcd confirmed (the grant).
+        var tick = Ttl / 6;
+        while (clock.GetElapsedTime(granted) < Ttl - Ttl / 3)
+            clock.Advance(tick);
+        using var cts = new CancellationTokenSource(ReplicaTests.Timeout);
+        await foreach (var ev in watcher.ReadAllAsync(cts.Token))
+        {
+            if (ev.Change is SessionEnded e && e.SessionId == session.Id)
+                break;
+        }
+
+        // The session has ended, its DMA refused, its group released here, and all of it while
+        // etcd could not yet have expired its lease: no other replica can have been granted the group.
+        var at = clock.GetElapsedTime(granted);
+        Assert.True(at < Ttl, $"fenced at {at.TotalMilliseconds} ms on the broker's clock; the lease could expire at {Ttl.TotalMilliseconds} ms");
+        var refused = Assert.Throws<ErrnoException>(() => handle.DmaWrite(0x10000, [4, 5, 6]));
+        Assert.Equal(Errno.EACCES, refused.Errno);
+        Assert.Equal(OwnerKind.None, broker.Journal.Current.Groups[edu.GroupId].OwnerKind);
+        output.WriteLine($"keepalives cut at 0 ms -> session fenced, DMA refused and group released at {at.TotalMilliseconds} ms on the broker's clock (TTL {Ttl.TotalMilliseconds} ms)");
+    }
+
+    [Fact]
+    public async Task OneEtcdMemberKilled_TheClusterKeepsServing()
+    {
+        await using var etcd = await EtcdCluster.StartAsync(size: 3);
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints, output: output);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints, output: output);
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+        var before = a.Broker.Sessions.Open();
+        a.Broker.Vfio.SetContainer(before, group, a.Broker.Vfio.CreateContainer(before, ContainerType.Type1v2).Id);
+        await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerSession == before.Id);
+        a.Broker.Vfio.UnsetContainer(before, group);
+        await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerKind == OwnerKind.None);
+
+        await etcd.KillAsync(0);
+
+        // Claims and releases go on through the two members left (a leader election may refuse a
+        // few with EAGAIN meanwhile), and the other replica's watch follows every one.
+        var session = b.Broker.Sessions.Open();
+        var container = b.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        var retries = 0;
+        for (var round = 0; round < 10; round++)
+        {
+            while (true)
+            {
+                try
+                {
+                    b.Broker.Vfio.SetContainer(session, group, container.Id);
+                    break;
+                }
+                catch (ErrnoException e) when (e.Errno == Errno.EAGAIN && retries < 100)
+                {
+                    retries++;
+                    await Task.Yield();
+                }
+            }
+            await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerSession == session.Id);
+            b.Broker.Vfio.UnsetContainer(session, group);
+            await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.None);
+        }
+        output.WriteLine($"member m0 killed: 10 claims and releases through the other two, seen by the other replica; {retries} EAGAIN retries");
+    }
+}
