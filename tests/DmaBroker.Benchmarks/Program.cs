@@ -15,6 +15,21 @@ using Microsoft.Extensions.Logging;
 //   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- [--rounds N] [--seconds S]
 // What authentication costs claim+release calls (see AuthBenchmark):
 //   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- auth [--rounds N] [--seconds S] [--sessions N]
+// The client processes the sigkill and sessions benchmarks start (this program again, see BenchChild).
+if (args is [BenchChild.Mode, ..])
+{
+    await BenchChild.RunAsync(args);
+    return;
+}
+// Release after SIGKILL seen by a watcher, idle and under 1,000 pinging sessions; 10,000 sessions on one broker (see SigkillBenchmark, SessionsBenchmark):
+//   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- sigkill|sessions [--quick]
+if (args is ["sigkill" or "sessions", ..])
+{
+    IBenchSection section = args[0] == "sigkill" ? new SigkillBenchmark() : new SessionsBenchmark();
+    foreach (var row in await section.RunAsync(new BenchOptions(Arg("--rounds", 5), Arg("--seconds", 2.0), args.Contains("--quick"))))
+        Console.WriteLine($"{row.Name}: {row.Result} | {row.Baseline} | {row.Ratio}\n  {row.Detail}");
+    return;
+}
 if (args is ["auth", ..])
 {
     await AuthBenchmark.RunAsync(Arg("--rounds", 7), Arg("--seconds", 2.0), Arg("--sessions", 4));
