@@ -408,6 +408,22 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
         Assert.Equal(1, _broker.Sessions.Counts.Closed);
     }
 
+    [Fact]
+    public void EndInlineAsync_NothingInFlight_ReleasedAndPublishedBeforeItReturns()
+    {
+        Vfio.SetContainer(_a, EduGroup, NewContainer(_a).Id);
+
+        var ending = _broker.Sessions.EndInlineAsync(_a, SessionEndReason.ConnectionLost);
+
+        // The whole teardown ran on this thread, before the call returned: nothing was queued
+        // behind other work, and the release is in the journal already.
+        Assert.True(ending.IsCompletedSuccessfully);
+        Assert.Equal(OwnerKind.None, CoreState.Group(_broker, EduGroup).OwnerKind);
+        Assert.Contains(_broker.Journal.Recent(8), ev => ev.Change is SessionEnded { Reason: "connection lost" } ended && ended.SessionId == _a.Id);
+        Assert.Same(ending, _broker.Sessions.EndAsync(_a, SessionEndReason.Revoked));
+        Assert.Equal(SessionEndReason.ConnectionLost, _a.EndReason);
+    }
+
     public static TheoryData<string> UserCalls => ["GetGroupStatus", "CreateContainer", "DestroyContainer", "SetContainer", "UnsetContainer", "BindDevice", "UnbindDevice", "Enter"];
 
     [Theory]

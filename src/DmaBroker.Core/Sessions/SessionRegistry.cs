@@ -143,9 +143,17 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// <summary>Renews the lease: the client said something.</summary>
     public void Touch(Session session)
     {
-        if (!session.Gate.IsRunDown)
-            session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+        if (session.Gate.IsRunDown)
+            return;
+        session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+        Renewed?.Invoke(session);
     }
+
+    /// <summary>
+    /// Told of every lease renewal, after it (on the thread that read the client's message): how a
+    /// test learns that the broker has read the pings it sent before it moves a fake clock on.
+    /// </summary>
+    internal Action<Session>? Renewed { get; set; }
 
     /// <summary>
     /// Revokes a live session and waits until everything it held is released. An admin may revoke
@@ -167,7 +175,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// <see cref="Session.ConnectionCut"/> so the host aborts its calls; completes once everything
     /// it held is released. A session already ending keeps its own end.
     /// </summary>
-    public Task CutConnectionAsync(Session session, string message) => End(session, SessionEndReason.ConnectionLost, message, cut: true);
+    public Task CutConnectionAsync(Session session, string message) => End(session, SessionEndReason.ConnectionLost, message, cut: true, inline: false);
 
     /// <summary>The longest revocation reason, which the revoked client is sent.</summary>
     public const int MaxReasonLength = 256;
@@ -177,10 +185,20 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// (SPEC §5): no new operation or DMA is admitted, the ones in flight complete, then the
     /// teardown releases devices, containers and ownership; only then is the session gone.
     /// </summary>
-    public Task EndAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false);
+    public Task EndAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false, inline: false);
 
-    private Task End(Session session, SessionEndReason reason, string? message, bool cut)
+    /// <summary>
+    /// As <see cref="EndAsync"/>, but the teardown starts on the calling thread and runs on it until
+    /// it first has to wait (for operations still in flight), instead of being queued to the thread
+    /// pool: the groups of a session whose connection died are released and published without
+    /// waiting behind other sessions' queued work. Only for a caller that holds no lock and may run
+    /// the teardown itself, as the session's own stream does when it ends.
+    /// </summary>
+    public Task EndInlineAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false, inline: true);
+
+    private Task End(Session session, SessionEndReason reason, string? message, bool cut, bool inline)
     {
+        Task<Task> start;
         Task teardownTask;
         lock (session.Sync)
         {
@@ -190,14 +208,24 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             session.EndReason = reason;
             session.EndingSince = time.GetTimestamp();
             session.EndMessage = message ?? Describe(reason);
-            teardownTask = session.Teardown = RunTeardownAsync(session);
+            // Created here, so every caller gets the same task; started below, outside the session's
+            // lock, since the teardown takes locks above it (docs/locking.md).
+            start = new Task<Task>(static state =>
+            {
+                var (registry, ending) = ((SessionRegistry, Session))state!;
+                return registry.RunTeardownAsync(ending);
+            }, (this, session));
+            teardownTask = session.Teardown = start.Unwrap();
         }
+        if (inline)
+            start.RunSynchronously(TaskScheduler.Default);
+        else
+            start.Start(TaskScheduler.Default);
         return teardownTask;
     }
 
     private async Task RunTeardownAsync(Session session)
     {
-        await Task.Yield();
         session.Lease?.Dispose();
         session.SignalEnding();
         var drained = session.Gate.RundownAsync();
