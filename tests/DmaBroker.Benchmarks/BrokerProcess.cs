@@ -142,9 +142,13 @@ internal sealed class ChildProcess : IAsyncDisposable
 /// <summary>A broker process on a loopback port the OS chose, with its /metrics listener, and a client connected to it.</summary>
 internal sealed class BrokerProcess : IAsyncDisposable
 {
-    /// <summary>The broker's assembly in its own output folder (the build writes its path into this assembly).</summary>
-    private static readonly string AssemblyPath = typeof(BrokerProcess).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>()
-        .Single(a => a.Key == "BrokerAssemblyPath").Value!;
+    /// <summary>
+    /// The broker's assembly in its own output folder (the build writes its path into this
+    /// assembly), or the one <c>DMABROKER_BENCH_BROKER</c> names: another build, to compare.
+    /// </summary>
+    private static readonly string AssemblyPath = Environment.GetEnvironmentVariable("DMABROKER_BENCH_BROKER") is { Length: > 0 } other
+        ? other
+        : typeof(BrokerProcess).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "BrokerAssemblyPath").Value!;
 
     private static readonly TimeSpan StartupTimeout = TimeSpan.FromSeconds(60);
 
@@ -199,9 +203,17 @@ internal sealed class BrokerProcess : IAsyncDisposable
             if (stats.Sessions == sessions)
                 return stats;
             if (clock.Elapsed > timeout)
-                throw new TimeoutException($"the broker still has {stats.Sessions} sessions after {timeout}, not {sessions}");
+                throw new TimeoutException($"the broker still has {stats.Sessions} sessions after {timeout}, not {sessions}; sessions ended so far, by reason: {await EndReasonsAsync()}");
             await Task.Delay(5);
         }
+    }
+
+    /// <summary>How many sessions have ended, by reason, from /metrics (the release-duration histogram's counts).</summary>
+    public async Task<string> EndReasonsAsync()
+    {
+        using var http = new HttpClient();
+        var text = await http.GetStringAsync($"{WebAddress.TrimEnd('/')}/metrics");
+        return string.Join("; ", text.Split('\n').Where(l => l.StartsWith("dmabroker_session_release_duration_seconds_count", StringComparison.Ordinal)));
     }
 
     /// <summary>The managed heap after the last collection, summed over generations, from /metrics (the runtime's own meter).</summary>

@@ -95,6 +95,6 @@ internal sealed class SessionsBenchmark : IBenchSection
         await load.SendAsync("check");
         var live = int.Parse(await load.WaitForLineAsync("live ", Timeout), CultureInfo.InvariantCulture);
         if (stats.Sessions != count || stats.SessionsClosed != closedBefore || live != count)
-            throw new InvalidOperationException($"sessions lost while pinging: the broker has {stats.Sessions} of {count} ({stats.SessionsClosed - closedBefore} ended), the client {live}");
+            throw new InvalidOperationException($"sessions lost while pinging: the broker has {stats.Sessions} of {count} ({stats.SessionsClosed - closedBefore} ended), the client {live}; ended by reason: {await broker.EndReasonsAsync()}");
     }
 }

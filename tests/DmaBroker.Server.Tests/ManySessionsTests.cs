@@ -1,9 +1,11 @@
 using System.Net.Sockets;
 using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
-using DmaBroker.Server.Hosting;
 using Grpc.Core;
 using Grpc.Net.Client;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Options;
 using Microsoft.Extensions.Time.Testing;
 
 namespace DmaBroker.Server.Tests;
@@ -22,14 +24,17 @@ public sealed class ManySessionsTests
     private static readonly TimeSpan Ttl = TimeSpan.FromSeconds(3);
 
     [Fact]
-    public async Task ThousandsOfSessions_MoreThanOneConnectionCarries_NoneLostOverFourTtlsWhilePinging()
+    public async Task ManySessions_MoreThanOneConnectionCarries_NoneLostOverFourTtlsWhilePinging()
     {
-        // Two clients, each with more sessions than Kestrel lets one connection carry
-        // (BrokerHost.MaxStreamsPerConnection): each client opens a second connection for the rest.
+        // Two clients, each with more sessions than one connection may carry
+        // (--max-streams-per-connection): each client opens further connections for the rest.
         const int Clients = 2;
-        const int PerClient = BrokerHost.MaxStreamsPerConnection + 176;
+        const int StreamsPerConnection = 300;
+        const int PerClient = (2 * StreamsPerConnection) + 150;
         var time = new FakeTimeProvider();
-        await using var broker = await TestBroker.StartAsync(time, "--lease-ttl-ms", ((int)Ttl.TotalMilliseconds).ToString(System.Globalization.CultureInfo.InvariantCulture));
+        await using var broker = await TestBroker.StartAsync(time, "--lease-ttl-ms", ((int)Ttl.TotalMilliseconds).ToString(System.Globalization.CultureInfo.InvariantCulture),
+            "--max-streams-per-connection", StreamsPerConnection.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        Assert.Equal(StreamsPerConnection, broker.Services.GetRequiredService<IOptions<KestrelServerOptions>>().Value.Limits.Http2.MaxStreamsPerConnection);
         var clients = Enumerable.Range(0, Clients).Select(_ => BrokerClient.Connect(broker.Address)).ToArray();
         var calls = new AsyncDuplexStreamingCall<SessionRequest, SessionEvent>[Clients * PerClient];
         var renewals = new Renewals(broker.Broker.Sessions);
