@@ -512,6 +512,56 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
     }
 
     [Fact]
+    public async Task Lease_RenewedAfterItFellDueButBeforeItsTimerRan_SessionLivesOn()
+    {
+        // The broker fell behind: the lease's timer fell due, but its callback ran only after a
+        // ping that had been waiting in the same queue renewed the lease.
+        var time = new LateTimers();
+        await using var broker = new Broker(TopologyDocument.Default(), null, time);
+        var session = broker.Sessions.Open();
+        var ttl = broker.Sessions.Options.LeaseTtl;
+        time.Advance(ttl);
+        broker.Sessions.Touch(session);
+
+        time.RunDue();
+
+        Assert.Null(session.EndReason);
+        // The renewal re-armed the lease: a TTL later without another, it runs out.
+        time.Advance(ttl - TimeSpan.FromMilliseconds(1));
+        time.RunDue();
+        Assert.Null(session.EndReason);
+        time.Advance(TimeSpan.FromMilliseconds(1));
+        time.RunDue();
+        Assert.Equal(SessionEndReason.LeaseExpired, session.EndReason);
+        await End(broker, session);
+    }
+
+    /// <summary>A fake clock whose timers, when they fall due, wait (as behind a busy queue) until the test runs them.</summary>
+    private sealed class LateTimers : FakeTimeProvider
+    {
+        private readonly List<Action> _due = [];
+
+        public override ITimer CreateTimer(TimerCallback callback, object? state, TimeSpan dueTime, TimeSpan period) =>
+            base.CreateTimer(s =>
+            {
+                lock (_due)
+                    _due.Add(() => callback(s));
+            }, state, dueTime, period);
+
+        public void RunDue()
+        {
+            Action[] due;
+            lock (_due)
+            {
+                due = [.. _due];
+                _due.Clear();
+            }
+            foreach (var run in due)
+                run();
+        }
+    }
+
+    [Fact]
     public async Task Touch_AfterSessionEnded_DoesNotRevive()
     {
         await End(_broker, _a);

@@ -93,6 +93,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
             time.GetUtcNow(), Options.EventBuffer, grant, peer);
         // The lease exists before anyone can find the session, so a teardown always disposes it.
+        session.RenewedAt = time.GetTimestamp();
         session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
             Options.LeaseTtl, Timeout.InfiniteTimeSpan);
         _byId[id] = session;
@@ -145,6 +146,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     {
         if (session.Gate.IsRunDown)
             return;
+        session.RenewedAt = time.GetTimestamp();
         session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
         Renewed?.Invoke(session);
     }
@@ -272,9 +274,20 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         _ => reason.ToString(),
     };
 
+    // Whether a full TTL has passed since the session's lease was last renewed.
+    private bool LeaseRanOut(Session session) => time.GetElapsedTime(session.RenewedAt) >= Options.LeaseTtl;
+
     private sealed record LeaseState(SessionRegistry Registry, Session Session)
     {
-        public void Expire() => _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+        public void Expire()
+        {
+            // A timer callback waits its turn behind other queued work, and so do the client's
+            // pings: a broker that fell behind may read a ping that came in time only after the
+            // lease fell due and this callback was queued. That renewal re-armed the timer; the
+            // session lives on. A callback on time finds no renewal since the lease fell due.
+            if (Registry.LeaseRanOut(Session))
+                _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+        }
     }
 
     /// <summary>
