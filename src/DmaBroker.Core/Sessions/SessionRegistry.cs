@@ -274,8 +274,8 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         _ => reason.ToString(),
     };
 
-    // Whether a full TTL has passed since the session's lease was last renewed.
-    private bool LeaseRanOut(Session session) => time.GetElapsedTime(session.RenewedAt) >= Options.LeaseTtl;
+    // What is left of the session's lease: the TTL less the time since it was last renewed.
+    private TimeSpan LeaseLeft(Session session) => Options.LeaseTtl - time.GetElapsedTime(session.RenewedAt);
 
     private sealed record LeaseState(SessionRegistry Registry, Session Session)
     {
@@ -283,10 +283,22 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         {
             // A timer callback waits its turn behind other queued work, and so do the client's
             // pings: a broker that fell behind may read a ping that came in time only after the
-            // lease fell due and this callback was queued. That renewal re-armed the timer; the
-            // session lives on. A callback on time finds no renewal since the lease fell due.
-            if (Registry.LeaseRanOut(Session))
+            // lease fell due and this callback was queued. That renewal counts: the lease runs on
+            // from it. (So does the little a real clock's timer may fire early by.)
+            var left = Registry.LeaseLeft(Session);
+            if (left <= TimeSpan.Zero)
+            {
                 _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+                return;
+            }
+            try
+            {
+                Session.Lease?.Change(left, Timeout.InfiniteTimeSpan);
+            }
+            catch (ObjectDisposedException)
+            {
+                // The session ended meanwhile, and its teardown disposed the lease.
+            }
         }
     }
 
