@@ -9,6 +9,13 @@ using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
+// The client processes the sigkill and sessions sections start (this program again, see BenchChild).
+if (args is [BenchChild.Mode, ..])
+{
+    await BenchChild.RunAsync(args);
+    return 0;
+}
+
 // The benchmark table (issue 11): every section below, each row side by side with its baseline
 // measured in the same run (alternating rounds), printed as one markdown table at the end.
 //   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- [KEY ...] [--rounds N] [--seconds S] [--quick] [--list] [--help]
@@ -21,7 +28,8 @@ IBenchSection[] sections =
     new ClaimSection(),
     new NvmeLocalSection(),
     new UnmapBenchmark(),
-    // issue 11's other rows, in the issue's order: SigkillSection (sigkill), SessionsSection (sessions).
+    new SigkillBenchmark(),
+    new SessionsBenchmark(),
     MicroSection.Lookup,
     MicroSection.Core,
     new NvmeSection(),

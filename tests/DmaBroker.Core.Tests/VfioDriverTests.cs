@@ -408,6 +408,22 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
         Assert.Equal(1, _broker.Sessions.Counts.Closed);
     }
 
+    [Fact]
+    public void EndInlineAsync_NothingInFlight_ReleasedAndPublishedBeforeItReturns()
+    {
+        Vfio.SetContainer(_a, EduGroup, NewContainer(_a).Id);
+
+        var ending = _broker.Sessions.EndInlineAsync(_a, SessionEndReason.ConnectionLost);
+
+        // The whole teardown ran on this thread, before the call returned: nothing was queued
+        // behind other work, and the release is in the journal already.
+        Assert.True(ending.IsCompletedSuccessfully);
+        Assert.Equal(OwnerKind.None, CoreState.Group(_broker, EduGroup).OwnerKind);
+        Assert.Contains(_broker.Journal.Recent(8), ev => ev.Change is SessionEnded { Reason: "connection lost" } ended && ended.SessionId == _a.Id);
+        Assert.Same(ending, _broker.Sessions.EndAsync(_a, SessionEndReason.Revoked));
+        Assert.Equal(SessionEndReason.ConnectionLost, _a.EndReason);
+    }
+
     public static TheoryData<string> UserCalls => ["GetGroupStatus", "CreateContainer", "DestroyContainer", "SetContainer", "UnsetContainer", "BindDevice", "UnbindDevice", "Enter"];
 
     [Theory]
@@ -493,6 +509,56 @@ public sealed class VfioDriverTests : IAsyncLifetime, IAsyncDisposable
         Assert.Equal(SessionEndReason.LeaseExpired, _a.EndReason);
         await End(_broker, _a);
         Assert.Equal(OwnerKind.None, CoreState.Group(_broker, EduGroup).OwnerKind);
+    }
+
+    [Fact]
+    public async Task Lease_RenewedAfterItFellDueButBeforeItsTimerRan_SessionLivesOn()
+    {
+        // The broker fell behind: the lease's timer fell due, but its callback ran only after a
+        // ping that had been waiting in the same queue renewed the lease.
+        var time = new LateTimers();
+        await using var broker = new Broker(TopologyDocument.Default(), null, time);
+        var session = broker.Sessions.Open();
+        var ttl = broker.Sessions.Options.LeaseTtl;
+        time.Advance(ttl);
+        broker.Sessions.Touch(session);
+
+        time.RunDue();
+
+        Assert.Null(session.EndReason);
+        // The renewal re-armed the lease: a TTL later without another, it runs out.
+        time.Advance(ttl - TimeSpan.FromMilliseconds(1));
+        time.RunDue();
+        Assert.Null(session.EndReason);
+        time.Advance(TimeSpan.FromMilliseconds(1));
+        time.RunDue();
+        Assert.Equal(SessionEndReason.LeaseExpired, session.EndReason);
+        await End(broker, session);
+    }
+
+    /// <summary>A fake clock whose timers, when they fall due, wait (as behind a busy queue) until the test runs them.</summary>
+    private sealed class LateTimers : FakeTimeProvider
+    {
+        private readonly List<Action> _due = [];
+
+        public override ITimer CreateTimer(TimerCallback callback, object? state, TimeSpan dueTime, TimeSpan period) =>
+            base.CreateTimer(s =>
+            {
+                lock (_due)
+                    _due.Add(() => callback(s));
+            }, state, dueTime, period);
+
+        public void RunDue()
+        {
+            Action[] due;
+            lock (_due)
+            {
+                due = [.. _due];
+                _due.Clear();
+            }
+            foreach (var run in due)
+                run();
+        }
     }
 
     [Fact]

@@ -55,9 +55,11 @@ public sealed class SettingsTests : IDisposable
             ["DMABROKER_DMA_LIMIT"] = "99",
             ["DMABROKER_LOG_FORMAT"] = "json",
             ["DMABROKER_INSECURE"] = "true",
+            ["DMABROKER_MAX_STREAMS_PER_CONNECTION"] = "2048",
         };
 
         var o = await OptionsAsync(environment, []);
+        Assert.Equal(2048, o.MaxStreamsPerConnection);
 
         Assert.Equal(["http://127.0.0.1:0", "unix:///tmp/dmabroker-settings.sock"], o.Listen);
         Assert.Equal(("0600", 1700, 64, 32, 99, "json", true), (o.UnixSocketMode, o.KeepAlivePingMs, o.WatchBuffer, o.MemoryLimitMb, o.DmaLimit, o.LogFormat, o.Insecure));
@@ -88,6 +90,7 @@ public sealed class SettingsTests : IDisposable
     [InlineData("DMABROKER_LEASE_TTL_MS", "soon", "DMABROKER_LEASE_TTL_MS (environment) takes a whole number, got 'soon'")]
     [InlineData("DmaBroker__DmaLimit", "0", "DmaBroker__DmaLimit (environment) must be between 1 and 1000000, got 0")]
     [InlineData("DMABROKER_KEEPALIVE_MS", "500", "DMABROKER_KEEPALIVE_MS (environment) must be between 1000 and 3600000, got 500")]
+    [InlineData("DMABROKER_MAX_STREAMS_PER_CONNECTION", "0", "DMABROKER_MAX_STREAMS_PER_CONNECTION (environment) must be between 1 and 1000000, got 0")]
     [InlineData("DMABROKER_INSECURE", "maybe", "DMABROKER_INSECURE (environment) takes true or false, got 'maybe'")]
     [InlineData("DMABROKER_LOG_FORMAT", "xml", "DMABROKER_LOG_FORMAT (environment) takes text or json, got 'xml'")]
     [InlineData("DMABROKER_UNIX_SOCKET_MODE", "rw", "DMABROKER_UNIX_SOCKET_MODE (environment) takes an octal mode such as 0660, got 'rw'")]

@@ -52,6 +52,7 @@ public sealed class Session
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
     private long _droppedEvents;
+    private long _renewedAt;
     private int _streams;
     private TaskCompletionSource? _streamsClosed;
 
@@ -104,6 +105,13 @@ public sealed class Session
     internal Lock Sync => _sync;
 
     internal ITimer? Lease { get; set; }
+
+    /// <summary>When the lease was last renewed (or the session opened), as a timestamp of the registry's clock.</summary>
+    internal long RenewedAt
+    {
+        get => Volatile.Read(ref _renewedAt);
+        set => Volatile.Write(ref _renewedAt, value);
+    }
 
     internal Task? Teardown { get; set; }
 

@@ -96,6 +96,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
             time.GetUtcNow(), Options.EventBuffer, grant, peer);
         // The lease exists before anyone can find the session, so a teardown always disposes it.
+        session.RenewedAt = time.GetTimestamp();
         session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),
             Options.LeaseTtl, Timeout.InfiniteTimeSpan);
         _byId[id] = session;
@@ -146,9 +147,18 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// <summary>Renews the lease: the client said something.</summary>
     public void Touch(Session session)
     {
-        if (!session.Gate.IsRunDown)
-            session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+        if (session.Gate.IsRunDown)
+            return;
+        session.RenewedAt = time.GetTimestamp();
+        session.Lease?.Change(Options.LeaseTtl, Timeout.InfiniteTimeSpan);
+        Renewed?.Invoke(session);
     }
+
+    /// <summary>
+    /// Told of every lease renewal, after it (on the thread that read the client's message): how a
+    /// test learns that the broker has read the pings it sent before it moves a fake clock on.
+    /// </summary>
+    internal Action<Session>? Renewed { get; set; }
 
     /// <summary>
     /// Revokes a live session and waits until everything it held is released. An admin may revoke
@@ -170,7 +180,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// <see cref="Session.ConnectionCut"/> so the host aborts its calls; completes once everything
     /// it held is released. A session already ending keeps its own end.
     /// </summary>
-    public Task CutConnectionAsync(Session session, string message) => End(session, SessionEndReason.ConnectionLost, message, cut: true);
+    public Task CutConnectionAsync(Session session, string message) => End(session, SessionEndReason.ConnectionLost, message, cut: true, inline: false);
 
     /// <summary>The longest revocation reason, which the revoked client is sent.</summary>
     public const int MaxReasonLength = 256;
@@ -180,10 +190,20 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
     /// (SPEC §5): no new operation or DMA is admitted, the ones in flight complete, then the
     /// teardown releases devices, containers and ownership; only then is the session gone.
     /// </summary>
-    public Task EndAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false);
+    public Task EndAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false, inline: false);
 
-    private Task End(Session session, SessionEndReason reason, string? message, bool cut)
+    /// <summary>
+    /// As <see cref="EndAsync"/>, but the teardown starts on the calling thread and runs on it until
+    /// it first has to wait (for operations still in flight), instead of being queued to the thread
+    /// pool: the groups of a session whose connection died are released and published without
+    /// waiting behind other sessions' queued work. Only for a caller that holds no lock and may run
+    /// the teardown itself, as the session's own stream does when it ends.
+    /// </summary>
+    public Task EndInlineAsync(Session session, SessionEndReason reason, string? message = null) => End(session, reason, message, cut: false, inline: true);
+
+    private Task End(Session session, SessionEndReason reason, string? message, bool cut, bool inline)
     {
+        Task<Task> start;
         Task teardownTask;
         lock (session.Sync)
         {
@@ -193,14 +213,24 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
             session.EndReason = reason;
             session.EndingSince = time.GetTimestamp();
             session.EndMessage = message ?? Describe(reason);
-            teardownTask = session.Teardown = RunTeardownAsync(session);
+            // Created here, so every caller gets the same task; started below, outside the session's
+            // lock, since the teardown takes locks above it (docs/locking.md).
+            start = new Task<Task>(static state =>
+            {
+                var (registry, ending) = ((SessionRegistry, Session))state!;
+                return registry.RunTeardownAsync(ending);
+            }, (this, session));
+            teardownTask = session.Teardown = start.Unwrap();
         }
+        if (inline)
+            start.RunSynchronously(TaskScheduler.Default);
+        else
+            start.Start(TaskScheduler.Default);
         return teardownTask;
     }
 
     private async Task RunTeardownAsync(Session session)
     {
-        await Task.Yield();
         session.Lease?.Dispose();
         session.SignalEnding();
         var drained = session.Gate.RundownAsync();
@@ -247,9 +277,32 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         _ => reason.ToString(),
     };
 
+    // What is left of the session's lease: the TTL less the time since it was last renewed.
+    private TimeSpan LeaseLeft(Session session) => Options.LeaseTtl - time.GetElapsedTime(session.RenewedAt);
+
     private sealed record LeaseState(SessionRegistry Registry, Session Session)
     {
-        public void Expire() => _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+        public void Expire()
+        {
+            // A timer callback waits its turn behind other queued work, and so do the client's
+            // pings: a broker that fell behind may read a ping that came in time only after the
+            // lease fell due and this callback was queued. That renewal counts: the lease runs on
+            // from it. (So does the little a real clock's timer may fire early by.)
+            var left = Registry.LeaseLeft(Session);
+            if (left <= TimeSpan.Zero)
+            {
+                _ = Registry.EndAsync(Session, SessionEndReason.LeaseExpired);
+                return;
+            }
+            try
+            {
+                Session.Lease?.Change(left, Timeout.InfiniteTimeSpan);
+            }
+            catch (ObjectDisposedException)
+            {
+                // The session ended meanwhile, and its teardown disposed the lease.
+            }
+        }
     }
 
     /// <summary>

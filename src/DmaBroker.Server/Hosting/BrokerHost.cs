@@ -58,6 +58,12 @@ public sealed record BrokerHostOptions
     /// <summary>HTTP/2 keepalive ping interval; a connection that misses pings for a lease TTL is dropped.</summary>
     public int KeepAlivePingMs { get; init; } = 1000;
 
+    /// <summary>
+    /// Concurrent HTTP/2 streams one client connection may carry: sessions, DMA streams, watches and
+    /// calls in flight. A client with more opens further connections (the C# client library does so by itself).
+    /// </summary>
+    public int MaxStreamsPerConnection { get; init; } = BrokerHost.MaxStreamsPerConnection;
+
     /// <summary>Events a watcher may fall behind before it is resynchronised.</summary>
     public int WatchBuffer { get; init; } = 1024;
 
@@ -110,6 +116,8 @@ public static class BrokerHost
           --topology <file>     a topology JSON file                     [default: the embedded topology]
           --lease-ttl-ms <ms>   end a session silent for this long        [default: 3000]
           --keepalive-ms <ms>   HTTP/2 keepalive ping interval           [default: 1000]
+          --max-streams-per-connection <n>  HTTP/2 streams (sessions, DMA streams, watches,
+                                calls) one client connection may carry   [default: 1024]
           --watch-buffer <n>    events a watcher may lag before resync   [default: 1024]
           --memory-limit-mb <n> memory one session may allocate          [default: 256]
           --dma-limit <n>       mappings per container (dma_avail)       [default: 65535]
@@ -146,6 +154,7 @@ public static class BrokerHost
         ["--topology"] = "DmaBroker:Topology",
         ["--lease-ttl-ms"] = "DmaBroker:LeaseTtlMs",
         ["--keepalive-ms"] = "DmaBroker:KeepAlivePingMs",
+        ["--max-streams-per-connection"] = "DmaBroker:MaxStreamsPerConnection",
         ["--watch-buffer"] = "DmaBroker:WatchBuffer",
         ["--memory-limit-mb"] = "DmaBroker:MemoryLimitMb",
         ["--dma-limit"] = "DmaBroker:DmaLimit",
@@ -169,7 +178,7 @@ public static class BrokerHost
         Protocol.V1.Vfio.Descriptor.FullName, Protocol.V1.Memory.Descriptor.FullName, Protocol.V1.Dma.Descriptor.FullName,
     ];
 
-    /// <summary>Concurrent HTTP/2 streams (sessions, DMA streams, calls) per client connection.</summary>
+    /// <summary>Concurrent HTTP/2 streams (sessions, DMA streams, calls) per client connection, unless <c>--max-streams-per-connection</c> says otherwise.</summary>
     public const int MaxStreamsPerConnection = 1024;
 
     /// <summary>Builds the app. <paramref name="configure"/> lets tests replace services such as the clock.</summary>
@@ -227,7 +236,7 @@ public static class BrokerHost
             // (and then closes the connection, ending its sessions) once a connection has about
             // twice this many streams refused or reset within a few seconds. At 100 (the default) a
             // client retrying refused Session.Opens from a few workers reached that in seconds.
-            kestrel.Limits.Http2.MaxStreamsPerConnection = MaxStreamsPerConnection;
+            kestrel.Limits.Http2.MaxStreamsPerConnection = options.MaxStreamsPerConnection;
         });
 
         builder.Services.AddSingleton(options);
@@ -501,6 +510,8 @@ public static class BrokerHost
         // Kestrel pings at most once a second.
         if (o.KeepAlivePingMs is < 1000 or > 3_600_000)
             throw new ArgumentException($"{name(nameof(o.KeepAlivePingMs))} must be between 1000 and 3600000, got {o.KeepAlivePingMs}");
+        if (o.MaxStreamsPerConnection is < 1 or > 1_000_000)
+            throw new ArgumentException($"{name(nameof(o.MaxStreamsPerConnection))} must be between 1 and 1000000, got {o.MaxStreamsPerConnection}");
         if (o.MemoryLimitMb is < 1 or > 1_048_576)
             throw new ArgumentException($"{name(nameof(o.MemoryLimitMb))} must be between 1 and 1048576, got {o.MemoryLimitMb}");
         if (o.DmaLimit is < 1 or > 1_000_000)

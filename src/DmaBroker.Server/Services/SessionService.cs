@@ -55,7 +55,9 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
         {
             try
             {
-                await broker.Sessions.EndAsync(session, reason, malformed is null ? null : "malformed request on the session stream");
+                // Here, on this thread, not queued behind other sessions' work: this is the path
+                // from a dead connection to the published release.
+                await broker.Sessions.EndInlineAsync(session, reason, malformed is null ? null : "malformed request on the session stream");
             }
             finally
             {
