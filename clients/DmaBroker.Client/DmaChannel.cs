@@ -100,10 +100,13 @@ public sealed class DmaChannel : IAsyncDisposable
         {
             await call.RequestStream.WriteAsync(new DmaRequest { Open = new DmaOpen { Handle = handle } }, cancellationToken).ConfigureAwait(false);
         }
-        catch (RpcException e)
+        catch (Exception e) when (e is RpcException or IOException or InvalidOperationException
+            || (e is OperationCanceledException && !cancellationToken.IsCancellationRequested))
         {
+            // The broker refused the stream (over quota, a bad session) before the open went out.
+            var reason = await EndedStatusAsync(call, e).ConfigureAwait(false);
             call.Dispose();
-            throw BrokerException.From(e);
+            throw reason;
         }
         catch
         {
@@ -114,6 +117,29 @@ public sealed class DmaChannel : IAsyncDisposable
         channel._sender = channel.SendAsync();
         channel._receiver = channel.ReceiveAsync();
         return channel;
+    }
+
+    // A write failed because the call is over: the broker's status, on the response, says why. A
+    // write to a stream the broker has already reset fails with CANCELLED (or is cancelled) before
+    // the client has read that status, which has arrived all the same.
+    private static async Task<BrokerException> EndedStatusAsync(AsyncDuplexStreamingCall<DmaRequest, DmaResponse> call, Exception writeFailure)
+    {
+        if (writeFailure is RpcException { StatusCode: not StatusCode.Cancelled } status)
+            return BrokerException.From(status);
+        try
+        {
+            while (await call.ResponseStream.MoveNext(CancellationToken.None).ConfigureAwait(false))
+            {
+                // Nothing is answered before the open: whatever came is not for this caller.
+            }
+        }
+        catch (RpcException e)
+        {
+            return BrokerException.From(e);
+        }
+        return writeFailure is RpcException cancelled
+            ? BrokerException.From(cancelled)
+            : new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA stream ended as it opened", writeFailure);
     }
 
     /// <summary>The device writes <paramref name="data"/> to host memory at <paramref name="iova"/>.</summary>
@@ -186,10 +212,13 @@ public sealed class DmaChannel : IAsyncDisposable
         }
         catch (Exception e) when (e is RpcException or OperationCanceledException or InvalidOperationException or IOException)
         {
-            if (e is InvalidOperationException or IOException && !_stop.IsCancellationRequested)
+            if (!_stop.IsCancellationRequested && e is not RpcException { StatusCode: not StatusCode.Cancelled })
             {
                 // The call is over while we were writing: the receiver learns the broker's status
-                // (ENODEV for a surprise-removed device, UNAUTHENTICATED for an ended session) and breaks with it.
+                // (ENODEV for a surprise-removed device, UNAUTHENTICATED for an ended session,
+                // ENOSPC for a stream refused as it started) and breaks with it. A write to a stream
+                // the broker has reset fails with CANCELLED, or is cancelled, before that status has
+                // been read: only a failure that carries another status is the call's own.
                 await _receiver.ConfigureAwait(false);
             }
             Break(e is RpcException rpc ? BrokerException.From(rpc) : new BrokerException(StatusCode.Cancelled, "ECANCELED", "the DMA channel was closed", e));

@@ -18,7 +18,11 @@ public sealed partial class ChaosTests(ITestOutputHelper output)
 {
     private const int Rounds = 5;
     private const string SeedVariable = "DMABROKER_CHAOS_SEED";
-    private static readonly TimeSpan LeaseTtl = TimeSpan.FromMilliseconds(1000);
+    // SPEC's default lease. A shorter one is lost under load by drivers that are neither killed nor
+    // frozen: on a machine at load average 20-50 a live client can go unscheduled for most of a
+    // second, missing its pings (every third of the lease) and its HTTP/2 ping acks (the broker
+    // drops the connection after a lease without them).
+    private static readonly TimeSpan LeaseTtl = TimeSpan.FromMilliseconds(3000);
     private static readonly TimeSpan ProcessTimeout = TimeSpan.FromSeconds(30);
 
     private enum KillKind
@@ -75,8 +79,9 @@ public sealed partial class ChaosTests(ITestOutputHelper output)
                     var latency = Stopwatch.GetElapsedTime(sentAt[driver.Group], watch.ChangedAt(driver.Group));
                     latencies[kind].Add(latency.TotalMilliseconds);
                     report.Add($"{Name(kind)} {driver.Device} (session {driver.Session}) released after {latency.TotalMilliseconds:F1} ms");
-                    // A dead connection is noticed at once; a frozen client is dropped when its lease runs out.
-                    var bound = kind == KillKind.SigKill ? LeaseTtl : LeaseTtl + TimeSpan.FromSeconds(1);
+                    // A dead connection is noticed at once, before the lease could end it; a frozen client
+                    // is dropped when its lease runs out, within another lease of scheduling slack.
+                    var bound = kind == KillKind.SigKill ? LeaseTtl : 2 * LeaseTtl;
                     Assert.True(latency < bound, $"seed {seed} round {round}: {Name(kind)} {driver.Device} released after {latency}, bound {bound}");
                     live.Remove(driver.Group);
                 }

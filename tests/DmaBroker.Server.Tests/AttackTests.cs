@@ -409,6 +409,10 @@ public sealed class AttackTests
             var device = await session.OpenDeviceAsync(VictimDevice, Ct);
             await device.EnableBusMasterAsync(Ct);
             var channel = await device.OpenDmaChannelAsync(cancellationToken: Ct);
+            // OpenDmaChannelAsync returns once the open is sent; the broker counts the stream when its
+            // handler starts, which may come after a later call on the connection has read the counts.
+            // The stream's first completion comes after that: only then is the victim's state settled.
+            Assert.Equal(EduId, (await channel.MmioReadAsync(0, 0, cancellationToken: Ct).WaitAsync(TestBroker.Timeout, Ct)).EnsureOk().Value);
             Victim = new Victim(session, type1, ioas, GroupOf(VictimDevice), GroupOf(VictimBoundDevice), data, secret, secretIova, device, channel);
             Attackers[Mallory] = await AttackerAsync(Broker.Connect(MalloryToken), MalloryToken);
             Attackers[Sibling] = await AttackerAsync(victims, VictimToken);

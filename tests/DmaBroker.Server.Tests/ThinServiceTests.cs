@@ -38,6 +38,23 @@ public sealed class ShutdownTests
     }
 
     [Fact]
+    public async Task Stop_CallsOutlastTheShutdownGrace_CutShortSoTheStopEndsWithoutTheHostTimeout()
+    {
+        // The silent client's call waits its own grace (2 s) for the client to close its side,
+        // longer than this broker's stop waits: as when a loaded machine slows the calls past the
+        // stop's grace. A call that completed after the server had stopped would hold the stop
+        // until the host's shutdown timeout (30 s); cut short, it ends before the server stops.
+        var broker = await TestBroker.StartAsync(null, "--lease-ttl-ms", "3600000", "--DmaBroker:ShutdownGrace=00:00:00.100");
+        using var channel = GrpcChannel.ForAddress(broker.Address);
+        using var call = new Session.SessionClient(channel).Open();
+        Assert.NotNull((await ThinServiceTests.NextEventAsync(call)).Opened);
+
+        await broker.DisposeAsync().AsTask().WaitAsync(TestBroker.Timeout);
+
+        Assert.Empty(broker.Broker.Sessions.Live);
+    }
+
+    [Fact]
     public async Task Stop_LibrarySessions_CloseTheirSideOnRevokedSoTheStopNeedsNoGrace()
     {
         // On a clock that never moves, the broker's grace for a client that keeps its side of the

@@ -15,7 +15,9 @@ namespace DmaBroker.Server.Hosting;
 /// only when the client next sends a frame, and then at once; a .NET client drops what it has
 /// received but not yet read on a stream whose own side is still open when its connection closes.
 /// A call still writing <c>revoked</c> when Kestrel stopped either lost it that way or held the
-/// stop until the host's shutdown timeout.
+/// stop until the host's shutdown timeout. So once the grace has passed (on a loaded machine a
+/// silent client's call can take longer than its own graces), the calls still open are told to
+/// stop waiting, and the stop waits for them to complete before Kestrel stops.
 /// </remarks>
 internal sealed class SessionShutdown(Broker broker, SessionCalls calls, BrokerHostOptions options, TimeProvider time) : IHostedLifecycleService
 {
@@ -24,9 +26,20 @@ internal sealed class SessionShutdown(Broker broker, SessionCalls calls, BrokerH
         try
         {
             var ended = broker.Sessions.ShutdownAsync();
-            await Task.WhenAll(ended, calls.WhenNoneAsync()).WaitAsync(options.ShutdownGrace, time, cancellationToken);
+            try
+            {
+                await Task.WhenAll(ended, calls.WhenNoneAsync()).WaitAsync(options.ShutdownGrace, time, cancellationToken);
+            }
+            catch (TimeoutException)
+            {
+                // The calls still waiting on their clients are cut short, and the stop waits for them
+                // to complete, which they then do at once: a call that completed after Kestrel had
+                // stopped would hold the stop until the host's shutdown timeout (see above).
+                calls.CutOverdue();
+                await calls.WhenNoneAsync().WaitAsync(cancellationToken);
+            }
         }
-        catch (Exception e) when (e is TimeoutException || (e is OperationCanceledException && cancellationToken.IsCancellationRequested))
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
         {
             // A session whose teardown or call is still running must not keep the broker from stopping.
         }

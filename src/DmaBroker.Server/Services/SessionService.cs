@@ -23,7 +23,9 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
         var session = broker.Sessions.Open(context.Caller().Grant, null, context.Peer);
         LogOpened(logger, session.Id, context.Peer);
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
-        var writer = WriteEventsAsync(session, responseStream, context.CancellationToken);
+        // Stopping waits for this call a grace at most: then it stops waiting on the client as if the call were aborted.
+        using var aborted = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, calls.Overdue);
+        var writer = WriteEventsAsync(session, responseStream, aborted.Token);
         var reason = SessionEndReason.ClientClosed;
         var clientClosed = false;
         RpcException? malformed = null;
@@ -63,7 +65,7 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
             {
                 var told = await writer;
                 if (told && !clientClosed && session.EndReason == SessionEndReason.Shutdown)
-                    await AwaitClientCloseAsync(requestStream, context.CancellationToken);
+                    await AwaitClientCloseAsync(requestStream, aborted.Token);
                 LogEnded(logger, session.Id, session.ClientName, session.EndMessage ?? "");
                 // LINK_DOWN (SPEC §14): the client must see what a dead link shows, a reset stream, not a completed call.
                 if (session.ConnectionCut)
