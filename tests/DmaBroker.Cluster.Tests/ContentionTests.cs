@@ -21,6 +21,7 @@ public sealed class ContentionTests(ITestOutputHelper output)
     private const int SessionsPerReplica = 2;
     private const int ClaimsPerSession = 1000;
     private const int Groups = 2;
+    private static readonly TimeSpan LeaseTtl = TimeSpan.FromSeconds(30);
 
     [Fact]
     public async Task ManyClaims_OfFewGroups_FromThreeReplicas_NeverHaveTwoOwners()
@@ -29,8 +30,11 @@ public sealed class ContentionTests(ITestOutputHelper output)
         var replicas = new List<Replica>();
         try
         {
+            // Fencing is not what this test is about: a lease long enough that a CI machine busy with
+            // other test assemblies (etcd's fsync and keepalives delayed by seconds) fences nobody
+            // mid-run, which would end a claimer's session ("session … has ended").
             for (var r = 0; r < Replicas; r++)
-                replicas.Add(await Replica.StartAsync($"r{r}", etcd.Endpoints));
+                replicas.Add(await Replica.StartAsync($"r{r}", etcd.Endpoints, ttl: LeaseTtl));
             var groups = ReplicaTests.FreeGroups(replicas[0].Broker)[..Groups];
             var watches = replicas.Select(r => Record(r.Broker, groups)).ToList();
             var holder = new ulong[groups.Length];
