@@ -117,8 +117,10 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
         while (clock.Elapsed.TotalSeconds < seconds)
         {
             core.Vfio.MapDma(session, container, vaddr, TargetIova, TargetSize, read: true, write: true);
-            // Mapping took the space exclusively and so drained the devices' accesses: give them time
-            // to come back, or the unmap right after would find none in its way.
+            // Pacing, about one cycle a millisecond as the gRPC rows run: back to back, the cycles
+            // would take a core from the four device engines and measure a lighter load. (With the
+            // older reader-writer space, whose map drained every access, it also let the devices
+            // come back before the unmap, so a before/after run compares like with like.)
             Thread.Sleep(1);
             var start = Stopwatch.GetTimestamp();
             var unmapped = core.Vfio.UnmapDma(session, container, TargetIova, TargetSize, all: false);
