@@ -26,7 +26,7 @@ internal sealed class SigkillBenchmark : IBenchSection
 
     public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
     {
-        var kills = options.Quick ? 10 : 60;
+        var kills = options.Quick ? 10 : 100;
         var load = options.Quick ? 200 : 1000;
         await using var idle = await BrokerProcess.StartAsync();
         await using var busy = await BrokerProcess.StartAsync();

@@ -18,6 +18,9 @@ namespace DmaBroker.Benchmarks;
 /// two rows: the UnmapDma gRPC call as the client library makes it (DMA streams on their own
 /// connection, BrokerClientOptions.DmaStreamsOwnConnection), and the core's UnmapDma
 /// called on a thread of its own, so the IOVA space's share and the RPC's share can be told apart.
+/// The gRPC rows' baseline is a raw unary call (a server in this process that answers at once,
+/// doing nothing, on a connection of its own) made right after each UnmapDma under the same load:
+/// what any gRPC round trip costs while the machine carries that load, the RPC's own floor.
 ///   dotnet run -c Release --project tests/DmaBroker.Benchmarks -- unmap [--rounds N] [--seconds S] [--load-size BYTES]
 /// </summary>
 internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
@@ -33,6 +36,9 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
     public async Task<IReadOnlyList<BenchRow>> RunAsync(BenchOptions options)
     {
         await using var broker = await Host.StartBrokerAsync();
+        await using var rawHost = await Host.StartRawAsync();
+        using var rawClient = BrokerClient.Connect(rawHost.Address);
+        var rawVfio = new Vfio.VfioClient(rawClient.Raw.Channel);
         // DMA streams on a connection of their own: on the one connection an UnmapDma call waits
         // behind the streams' data in flight (p50 ~1.3 ms under this load, whatever the broker does).
         using var client = BrokerClient.Connect(broker.Address, new BrokerClientOptions { DmaStreamsOwnConnection = true });
@@ -60,6 +66,7 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
         // with no gRPC at all (as NVMe PRP transfers run), so some access is always in flight.
         string[] loads = ["idle", "gRPC", "core"];
         var grpc = new Sides(loads);
+        var raw = new Sides(loads);
         var direct = new Sides(loads);
         var rates = loads.ToDictionary(l => l, _ => new List<double>());
         for (var round = 0; round < options.Rounds; round++)
@@ -74,7 +81,9 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
                     "core" => CoreLoad.Start(coreHandles, size),
                     _ => null,
                 };
-                grpc.Add(kind, await CyclesOverGrpcAsync(session.Raw.Vfio, container, targetVaddr, options.Seconds / 2));
+                var (unmaps, rawCalls) = await CyclesOverGrpcAsync(session.Raw.Vfio, rawVfio, container, targetVaddr, options.Seconds / 2);
+                grpc.Add(kind, unmaps);
+                raw.Add(kind, rawCalls);
                 direct.Add(kind, await Task.Factory.StartNew(() => CyclesInCore(core, coreSession, container, targetVaddr, options.Seconds / 2), TaskCreationOptions.LongRunning));
                 if (dma is not null)
                     rates[kind].Add(await dma.StopAsync());
@@ -84,17 +93,20 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
         var engines = $"4 edu devices x {size / 1024} KiB writes by threads in the core (no gRPC), {Rounds.Median(rates["core"]):F0} MiB/s in all (median round)";
         return
         [
-            grpc.Row("UnmapDma gRPC call, 4 devices streaming DMA", "gRPC", options, streams),
+            grpc.Row("UnmapDma gRPC call, 4 devices streaming DMA", "gRPC", options, streams, raw),
             direct.Row("UnmapDma core call, 4 devices streaming DMA", "gRPC", options, streams + "; the core's UnmapDma called on a thread of its own"),
-            grpc.Row("UnmapDma gRPC call, 4 device engines in the core", "core", options, engines),
+            grpc.Row("UnmapDma gRPC call, 4 device engines in the core", "core", options, engines, raw),
             direct.Row("UnmapDma core call, 4 device engines in the core", "core", options, engines + "; the core's UnmapDma called on a thread of its own"),
         ];
     }
 
-    // Map then unmap the target range over gRPC until the time is up; the unmap calls' round trips.
-    private static async Task<List<double>> CyclesOverGrpcAsync(Vfio.VfioClient vfio, ulong container, ulong vaddr, double seconds)
+    // Map then unmap the target range over gRPC until the time is up; the unmap calls' round trips,
+    // and those of a raw unary call made after each unmap.
+    private static async Task<(List<double> Unmaps, List<double> Raw)> CyclesOverGrpcAsync(Vfio.VfioClient vfio, Vfio.VfioClient rawVfio, ulong container, ulong vaddr, double seconds)
     {
         var samples = new List<double>();
+        var rawSamples = new List<double>();
+        var rawRequest = new UnsetContainerRequest();
         var map = new MapDmaRequest { ContainerId = container, Vaddr = vaddr, Iova = TargetIova, Size = TargetSize, Read = true, Write = true };
         var unmap = new UnmapDmaRequest { ContainerId = container, Iova = TargetIova, Size = TargetSize };
         var clock = Stopwatch.StartNew();
@@ -106,8 +118,11 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
             samples.Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds);
             if (response.Unmapped != TargetSize)
                 throw new InvalidOperationException($"unmapped {response.Unmapped} bytes, not {TargetSize}");
+            start = Stopwatch.GetTimestamp();
+            await rawVfio.UnsetContainerAsync(rawRequest);
+            rawSamples.Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds);
         }
-        return samples;
+        return (samples, rawSamples);
     }
 
     private static List<double> CyclesInCore(Core.Broker core, CoreSession session, ulong container, ulong vaddr, double seconds)
@@ -143,17 +158,30 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
             _p99[load].Add(Percentile(samples, 0.99));
         }
 
-        public BenchRow Row(string name, string load, BenchOptions options, string what)
+        // The row of this side's samples under <load>, against the idle container, or (given
+        // <raw>) against the raw unary calls made under the same load.
+        public BenchRow Row(string name, string load, BenchOptions options, string what, Sides? raw = null)
         {
             var loaded = _samples[load];
             var idle = _samples["idle"];
             var p99 = Percentile(loaded, 0.99);
             var idle99 = Percentile(idle, 0.99);
+            var rounds = $"{options.Rounds} rounds, loads rotating; {loaded.Count} loaded and {idle.Count} idle unmaps of 64 KiB; p99 per round loaded {List(_p99[load])}, idle {List(_p99["idle"])}; max loaded {loaded.Max():F0} µs";
+            if (raw is null)
+            {
+                return new BenchRow(name,
+                    $"p50 {Percentile(loaded, 0.5):F1} / p99 {p99:F1} µs",
+                    $"idle container p50 {Percentile(idle, 0.5):F1} / p99 {idle99:F1} µs",
+                    $"p99 {p99 / idle99:F2}x",
+                    $"{rounds}; {what}{Rounds.LoadAverage()}");
+            }
+            var floor = raw._samples[load];
+            var floor99 = Percentile(floor, 0.99);
             return new BenchRow(name,
                 $"p50 {Percentile(loaded, 0.5):F1} / p99 {p99:F1} µs",
-                $"idle container p50 {Percentile(idle, 0.5):F1} / p99 {idle99:F1} µs",
-                $"p99 {p99 / idle99:F2}x",
-                $"{options.Rounds} rounds, loads rotating; {loaded.Count} loaded and {idle.Count} idle unmaps of 64 KiB; p99 per round loaded {List(_p99[load])}, idle {List(_p99["idle"])}; max loaded {loaded.Max():F0} µs; {what}{Rounds.LoadAverage()}");
+                $"raw unary call, same load: p50 {Percentile(floor, 0.5):F1} / p99 {floor99:F1} µs",
+                $"p99 {p99 / floor99:F2}x",
+                $"{rounds}; idle container: UnmapDma p50 {Percentile(idle, 0.5):F1} / p99 {idle99:F1} µs, raw unary call p50 {Percentile(raw._samples["idle"], 0.5):F1} / p99 {Percentile(raw._samples["idle"], 0.99):F1} µs; raw unary p99 per round under this load {List(raw._p99[load])}; {what}{Rounds.LoadAverage()}");
         }
 
         private static string List(List<double> values) => string.Join("/", values.Select(v => v.ToString("F0", CultureInfo.InvariantCulture)));
