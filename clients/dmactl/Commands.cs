@@ -38,7 +38,7 @@ internal static class Commands
             Define("bind", $"Bind a driver to a device, as the kernel would (admin). Known drivers: {DriverNames.Describe()}; another name needs --force.", BindAsync, Address, Driver, Force),
             Define("unbind", "Unbind a device's driver (admin).", UnbindAsync, Address),
             Define("revoke", "End a session; the broker tells it why and releases everything it held (admin: any session; user: its own).", RevokeAsync, SessionId, Reason),
-            Define("sessions", "List live sessions, oldest first: id, principal, client name, peer, age, groups held, memory and DMA streams.", SessionsAsync),
+            Define("sessions", "List live sessions, oldest first: id, principal, client name, peer, age, groups held, memory and DMA streams (and, on a replica of a cluster, the replica serving each).", SessionsAsync),
             Define("stats", "Live sessions, containers, user-owned groups and watchers.", StatsAsync),
             Define("topology", "Print the running topology as a topology file, which the broker's --topology reads (docs/topology.md).", TopologyAsync),
             Define("dma", "Claim the device's group, map memory, and run a DMA round trip: the device writes a pattern, the CPU checks it, the device reads it back.", DeviceCommands.DmaAsync, [Address, DeviceCommands.Bytes]),
@@ -225,14 +225,22 @@ internal static class Commands
             c.Output.Message(response);
             return Cli.Ok;
         }
-        c.Output.Table(["SESSION", "PRINCIPAL", "CLIENT", "PEER", "AGE", "GROUPS", "MEMORY", "STREAMS"],
-            sessions.Select(s => new Cell[]
+        // A replica of a cluster (SPEC §16) names itself on each of its sessions; a single broker
+        // names none, and its table keeps the columns it always had.
+        var clustered = sessions.Any(s => s.Replica.Length > 0);
+        string[] columns = ["SESSION", "PRINCIPAL", "CLIENT", "PEER", "AGE", "GROUPS", "MEMORY", "STREAMS"];
+        c.Output.Table(clustered ? [.. columns, "REPLICA"] : columns,
+            sessions.Select(s =>
             {
-                Number(s.SessionId), s.Principal, s.ClientName, s.Peer,
-                Age(TimeSpan.FromMilliseconds(s.AgeMs)),
-                s.Groups.Count == 0 ? "-" : string.Join(",", s.Groups),
-                Number(s.MemoryBytes),
-                Number(s.DmaStreams),
+                Cell[] cells =
+                [
+                    Number(s.SessionId), s.Principal, s.ClientName, s.Peer,
+                    Age(TimeSpan.FromMilliseconds(s.AgeMs)),
+                    s.Groups.Count == 0 ? "-" : string.Join(",", s.Groups),
+                    Number(s.MemoryBytes),
+                    Number(s.DmaStreams),
+                ];
+                return clustered ? [.. cells, s.Replica] : cells;
             }));
         return Cli.Ok;
     }
