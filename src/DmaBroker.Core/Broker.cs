@@ -1,5 +1,6 @@
 using System.Diagnostics.Metrics;
 using DmaBroker.Core.Access;
+using DmaBroker.Core.Devices;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Telemetry;
@@ -22,6 +23,19 @@ public sealed record BrokerOptions
     /// <see cref="EmbeddedOwnershipStore"/>), or a cluster store shared by several replicas.
     /// </summary>
     public IOwnershipStore? Store { get; init; }
+
+    /// <summary>
+    /// The nice value (0 to 19) of the threads on which devices do their heavy work
+    /// (<see cref="DeviceEngines"/>): higher yields more of the CPU to control calls while
+    /// devices run flat out. 0 runs them at the broker's own priority.
+    /// </summary>
+    public int DeviceNice { get; init; } = DefaultDeviceNice;
+
+    /// <summary>How many threads devices do their heavy work on: one per processor by default.</summary>
+    public int DeviceThreads { get; init; } = Environment.ProcessorCount;
+
+    /// <summary>The default <see cref="DeviceNice"/>.</summary>
+    public const int DefaultDeviceNice = 10;
 }
 
 /// <summary>Live counts of what the broker holds, for operators and leak checks.</summary>
@@ -118,6 +132,7 @@ public sealed class Broker : IAsyncDisposable
             FirstId = Table.Store.FirstSessionId,
         };
         Faults = new FaultInjector(Table, Vfio, Sessions, clock);
+        Engines = new DeviceEngines(Options.DeviceThreads, Options.DeviceNice);
         if (ownershipChanged is not null)
             Journal.GroupTransition = (before, after) => Report(before, after, ownershipChanged);
     }
@@ -136,6 +151,9 @@ public sealed class Broker : IAsyncDisposable
 
     /// <summary>Fault injection (SPEC §14): faults armed on devices, surprise removal, cut connections.</summary>
     public FaultInjector Faults { get; }
+
+    /// <summary>The threads on which devices do their heavy work, below the control plane's priority.</summary>
+    public DeviceEngines Engines { get; }
 
     /// <summary>The broker's instruments (SPEC §13): its meter, counters and live counts.</summary>
     public BrokerMetrics Metrics { get; }
@@ -212,6 +230,7 @@ public sealed class Broker : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         await Sessions.ShutdownAsync().ConfigureAwait(false);
+        Engines.Dispose();
         Metrics.Dispose();
     }
 }

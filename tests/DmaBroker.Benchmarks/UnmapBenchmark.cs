@@ -12,9 +12,9 @@ namespace DmaBroker.Benchmarks;
 /// UnmapDma latency (issue 11, SPEC §4) on one IOMMUFD container with the four free edu devices
 /// bound into it: map and unmap a 64 KiB range of its own, again and again (only the unmap is
 /// timed), while the container is idle, while all four devices write 1 MiB at a time into another
-/// range flat out over Dma.Stream (pipelined, 16 messages in flight each), and while four threads
-/// in the core write through the four devices' handles with no gRPC (device engines flat out, the
-/// devices' accesses back to back). The three loads rotate round by round. Each loaded side has
+/// range flat out over Dma.Stream (pipelined, 16 messages in flight each), and while the four
+/// devices write through their handles on the broker's device engines with no gRPC (where an NVMe
+/// doorbell's transfers run: the engines flat out, the devices' accesses back to back). The three loads rotate round by round. Each loaded side has
 /// two rows: the UnmapDma gRPC call as the client library makes it (DMA streams on their own
 /// connection, BrokerClientOptions.DmaStreamsOwnConnection), and the core's UnmapDma
 /// called on a thread of its own, so the IOVA space's share and the RPC's share can be told apart.
@@ -62,8 +62,8 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
 
         var coreHandles = handles.Select(h => core.Vfio.FindHandle(coreSession, h)).ToArray();
 
-        // Loads: none; four Dma.Streams (the gRPC path); four device engines writing in the core
-        // with no gRPC at all (as NVMe PRP transfers run), so some access is always in flight.
+        // Loads: none; four Dma.Streams (the gRPC path); the four devices writing on the broker's
+        // device engines with no gRPC at all (as NVMe PRP transfers run), so some access is always in flight.
         string[] loads = ["idle", "gRPC", "core"];
         var grpc = new Sides(loads);
         var raw = new Sides(loads);
@@ -78,7 +78,7 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
                 await using var dma = kind switch
                 {
                     "gRPC" => await StreamLoad.StartAsync(session, handles, load),
-                    "core" => CoreLoad.Start(coreHandles, size),
+                    "core" => CoreLoad.Start(core.Engines, coreHandles, size),
                     _ => null,
                 };
                 var (unmaps, rawCalls) = await CyclesOverGrpcAsync(session.Raw.Vfio, rawVfio, container, targetVaddr, options.Seconds / 2);
@@ -90,13 +90,13 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
             }
         }
         var streams = $"4 edu devices x {size / 1024} KiB writes over Dma.Stream (their own connection), 16 in flight each, {Rounds.Median(rates["gRPC"]):F0} MiB/s in all (median round)";
-        var engines = $"4 edu devices x {size / 1024} KiB writes by threads in the core (no gRPC), {Rounds.Median(rates["core"]):F0} MiB/s in all (median round)";
+        var engines = $"4 edu devices x {size / 1024} KiB writes back to back on the broker's {core.Engines.Threads} device engine threads at nice {core.Engines.Nice} (no gRPC), {Rounds.Median(rates["core"]):F0} MiB/s in all (median round)";
         return
         [
             grpc.Row("UnmapDma gRPC call, 4 devices streaming DMA", "gRPC", options, streams, raw),
             direct.Row("UnmapDma core call, 4 devices streaming DMA", "gRPC", options, streams + "; the core's UnmapDma called on a thread of its own"),
-            grpc.Row("UnmapDma gRPC call, 4 device engines in the core", "core", options, engines, raw),
-            direct.Row("UnmapDma core call, 4 device engines in the core", "core", options, engines + "; the core's UnmapDma called on a thread of its own"),
+            grpc.Row("UnmapDma gRPC call, 4 devices DMA on the device engines", "core", options, engines, raw),
+            direct.Row("UnmapDma core call, 4 devices DMA on the device engines", "core", options, engines + "; the core's UnmapDma called on a thread of its own"),
         ];
     }
 
@@ -279,32 +279,33 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
         Task<double> StopAsync();
     }
 
-    /// <summary>Four threads, one per device, each writing <c>size</c> bytes through its handle in the core until stopped.</summary>
+    /// <summary>
+    /// Four devices, each writing <c>size</c> bytes through its handle in the core, back to back
+    /// until stopped, on the broker's device engines (<see cref="Core.Devices.DeviceEngines"/>),
+    /// where an NVMe doorbell's commands and their transfers run.
+    /// </summary>
     private sealed class CoreLoad : ILoad
     {
         private readonly Stopwatch _clock = Stopwatch.StartNew();
-        private readonly Task<long>[] _threads;
+        private readonly Task<long>[] _devices;
         private readonly int _size;
         private volatile bool _stop;
 
-        private CoreLoad(Core.Vfio.DeviceHandle[] handles, int size)
+        private CoreLoad(Core.Devices.DeviceEngines engines, Core.Vfio.DeviceHandle[] handles, int size)
         {
             _size = size;
-            using var started = new CountdownEvent(handles.Length);
-            _threads = [.. handles.Select(h => Task.Factory.StartNew(() => Run(h, started), TaskCreationOptions.LongRunning))];
-            started.Wait();
+            _devices = [.. handles.Select(h => RunAsync(engines, h))];
         }
 
-        public static CoreLoad Start(Core.Vfio.DeviceHandle[] handles, int size) => new CoreLoad(handles, size);
+        public static CoreLoad Start(Core.Devices.DeviceEngines engines, Core.Vfio.DeviceHandle[] handles, int size) => new(engines, handles, size);
 
-        private long Run(Core.Vfio.DeviceHandle handle, CountdownEvent started)
+        private async Task<long> RunAsync(Core.Devices.DeviceEngines engines, Core.Vfio.DeviceHandle handle)
         {
             var data = new byte[_size];
             long ops = 0;
-            started.Signal();
             while (!_stop)
             {
-                if (!handle.DmaWrite(LoadIova, data).Ok)
+                if (!(await engines.RunAsync(() => handle.DmaWrite(LoadIova, data))).Ok)
                     throw new InvalidOperationException("a load write faulted");
                 ops++;
             }
@@ -314,7 +315,7 @@ internal sealed class UnmapBenchmark(int loadSize = 1 << 20) : IBenchSection
         public async Task<double> StopAsync()
         {
             _stop = true;
-            var ops = (await Task.WhenAll(_threads)).Sum();
+            var ops = (await Task.WhenAll(_devices)).Sum();
             return ops * (double)_size / (1024 * 1024) / _clock.Elapsed.TotalSeconds;
         }
 

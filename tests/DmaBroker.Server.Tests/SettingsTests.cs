@@ -91,6 +91,7 @@ public sealed class SettingsTests : IDisposable
     [InlineData("DmaBroker__DmaLimit", "0", "DmaBroker__DmaLimit (environment) must be between 1 and 1000000, got 0")]
     [InlineData("DMABROKER_KEEPALIVE_MS", "500", "DMABROKER_KEEPALIVE_MS (environment) must be between 1000 and 3600000, got 500")]
     [InlineData("DMABROKER_MAX_STREAMS_PER_CONNECTION", "0", "DMABROKER_MAX_STREAMS_PER_CONNECTION (environment) must be between 1 and 1000000, got 0")]
+    [InlineData("DMABROKER_DEVICE_NICE", "20", "DMABROKER_DEVICE_NICE (environment) must be between 0 and 19, got 20")]
     [InlineData("DMABROKER_INSECURE", "maybe", "DMABROKER_INSECURE (environment) takes true or false, got 'maybe'")]
     [InlineData("DMABROKER_LOG_FORMAT", "xml", "DMABROKER_LOG_FORMAT (environment) takes text or json, got 'xml'")]
     [InlineData("DMABROKER_UNIX_SOCKET_MODE", "rw", "DMABROKER_UNIX_SOCKET_MODE (environment) takes an octal mode such as 0660, got 'rw'")]

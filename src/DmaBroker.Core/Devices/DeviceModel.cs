@@ -107,6 +107,14 @@ internal abstract class DeviceModel
     /// <summary>A driver's register write; may start device work that uses <paramref name="port"/>.</summary>
     public abstract MmioResult MmioWrite(int bar, ulong offset, int width, ulong value, IDevicePort port);
 
+    /// <summary>
+    /// Whether a write to BAR <paramref name="bar"/> at <paramref name="offset"/> can set the device
+    /// to heavy work before it returns (an NVMe doorbell runs the commands it posted): such a write
+    /// runs on the broker's device engines (<see cref="DeviceEngines"/>), below the control plane.
+    /// No register by default.
+    /// </summary>
+    public virtual bool StartsWork(int bar, ulong offset) => false;
+
     /// <summary>Function-level reset: registers cleared, Bus Master off.</summary>
     public void Reset()
     {

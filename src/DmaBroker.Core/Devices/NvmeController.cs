@@ -117,6 +117,9 @@ internal sealed partial class NvmeController : DeviceModel
         return value;
     }
 
+    /// <summary>A submission queue's tail doorbell runs the commands posted to it, transfers and all.</summary>
+    public override bool StartsWork(int bar, ulong offset) => bar == 0 && offset >= RegDoorbells;
+
     public override MmioResult MmioWrite(int bar, ulong offset, int width, ulong value, IDevicePort port)
     {
         if (offset >= RegDoorbells)

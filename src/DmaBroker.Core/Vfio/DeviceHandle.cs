@@ -173,6 +173,10 @@ public sealed class DeviceHandle : IDevicePort
         return bytes[..(int)size];
     }
 
+    /// <summary>Whether a write to region <paramref name="index"/> at <paramref name="offset"/> can set the device to heavy work (<see cref="DeviceModel.StartsWork"/>).</summary>
+    internal bool StartsWork(uint index, ulong offset) =>
+        index != DeviceModel.ConfigIndex && index < int.MaxValue && Model.StartsWork((int)index, offset);
+
     /// <summary>Writes a region: config space in any size, a BAR as one register access.</summary>
     internal MmioResult RegionWrite(uint index, ulong offset, ReadOnlySpan<byte> data)
     {

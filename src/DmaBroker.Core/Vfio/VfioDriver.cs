@@ -311,6 +311,24 @@ public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int 
         FindHandle(session, handleId).RegionRead(index, offset, size);
 
     /// <summary>
+    /// Whether the write would set the device to heavy work (an NVMe doorbell): the caller runs such
+    /// a write on the device engines (<see cref="Broker.Engines"/>). False for a handle that is not
+    /// the session's (the write then fails as it would anyway).
+    /// </summary>
+    public bool RegionWriteStartsWork(Session session, ulong handleId, uint index, ulong offset)
+    {
+        ArgumentNullException.ThrowIfNull(session);
+        try
+        {
+            return FindHandle(session, handleId).StartsWork(index, offset);
+        }
+        catch (ErrnoException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>
     /// Writes a region of an open device (pwrite on the device fd). A DMA fault the write causes
     /// is reported on the session stream, as the device's own business; a device error fails the
     /// write with EIO.

@@ -67,6 +67,12 @@ public sealed record BrokerHostOptions
     /// <summary>Events a watcher may fall behind before it is resynchronised.</summary>
     public int WatchBuffer { get; init; } = 1024;
 
+    /// <summary>
+    /// The nice value (0 to 19) of the threads on which devices do their heavy work (an NVMe
+    /// doorbell's commands and transfers): above 0, control calls take the CPU first.
+    /// </summary>
+    public int DeviceNice { get; init; } = BrokerOptions.DefaultDeviceNice;
+
     /// <summary>Memory one session may allocate, in MiB (like RLIMIT_MEMLOCK).</summary>
     public int MemoryLimitMb { get; init; } = 256;
 
@@ -119,6 +125,8 @@ public static class BrokerHost
           --max-streams-per-connection <n>  HTTP/2 streams (sessions, DMA streams, watches,
                                 calls) one client connection may carry   [default: 1024]
           --watch-buffer <n>    events a watcher may lag before resync   [default: 1024]
+          --device-nice <n>     nice value (0-19) of the threads devices do heavy
+                                work on (NVMe commands), below control calls [default: 10]
           --memory-limit-mb <n> memory one session may allocate          [default: 256]
           --dma-limit <n>       mappings per container (dma_avail)       [default: 65535]
           --log-format <text|json>  console log: one line per event, or one JSON object per line
@@ -156,6 +164,7 @@ public static class BrokerHost
         ["--keepalive-ms"] = "DmaBroker:KeepAlivePingMs",
         ["--max-streams-per-connection"] = "DmaBroker:MaxStreamsPerConnection",
         ["--watch-buffer"] = "DmaBroker:WatchBuffer",
+        ["--device-nice"] = "DmaBroker:DeviceNice",
         ["--memory-limit-mb"] = "DmaBroker:MemoryLimitMb",
         ["--dma-limit"] = "DmaBroker:DmaLimit",
         ["--log-format"] = "DmaBroker:LogFormat",
@@ -275,6 +284,7 @@ public static class BrokerHost
                     DmaLimit = options.DmaLimit,
                 },
                 WatchBuffer = options.WatchBuffer,
+                DeviceNice = options.DeviceNice,
             }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>(), sp.GetRequiredService<BrokerAudit>().Record);
         });
         builder.AddBrokerMetrics(web);
@@ -512,6 +522,8 @@ public static class BrokerHost
             throw new ArgumentException($"{name(nameof(o.KeepAlivePingMs))} must be between 1000 and 3600000, got {o.KeepAlivePingMs}");
         if (o.MaxStreamsPerConnection is < 1 or > 1_000_000)
             throw new ArgumentException($"{name(nameof(o.MaxStreamsPerConnection))} must be between 1 and 1000000, got {o.MaxStreamsPerConnection}");
+        if (o.DeviceNice is < 0 or > 19)
+            throw new ArgumentException($"{name(nameof(o.DeviceNice))} must be between 0 and 19, got {o.DeviceNice}");
         if (o.MemoryLimitMb is < 1 or > 1_048_576)
             throw new ArgumentException($"{name(nameof(o.MemoryLimitMb))} must be between 1 and 1048576, got {o.MemoryLimitMb}");
         if (o.DmaLimit is < 1 or > 1_000_000)

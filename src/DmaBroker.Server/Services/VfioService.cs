@@ -105,9 +105,16 @@ public sealed class VfioService(Broker broker, TimeProvider time) : Wire.Vfio.Vf
         return Task.FromResult(new Wire.RegionReadResponse { Data = UnsafeByteOperations.UnsafeWrap(data) });
     }
 
-    public override Task<Wire.RegionWriteResponse> RegionWrite(Wire.RegionWriteRequest request, ServerCallContext context)
+    public override async Task<Wire.RegionWriteResponse> RegionWrite(Wire.RegionWriteRequest request, ServerCallContext context)
     {
-        broker.Vfio.RegionWrite(broker.Authenticate(context), request.Handle, request.Index, request.Offset, request.Data.Span);
-        return Task.FromResult(new Wire.RegionWriteResponse());
+        var session = broker.Authenticate(context);
+        // A doorbell runs the device's commands, transfers and all: on the device engines, which
+        // yield the CPU to control calls (an UnmapDma while devices run flat out). Any other
+        // register write is quick and runs here.
+        if (broker.Vfio.RegionWriteStartsWork(session, request.Handle, request.Index, request.Offset))
+            await broker.Engines.RunAsync(() => broker.Vfio.RegionWrite(session, request.Handle, request.Index, request.Offset, request.Data.Span));
+        else
+            broker.Vfio.RegionWrite(session, request.Handle, request.Index, request.Offset, request.Data.Span);
+        return new Wire.RegionWriteResponse();
     }
 }
