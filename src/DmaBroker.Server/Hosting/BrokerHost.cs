@@ -277,7 +277,7 @@ public static class BrokerHost
                 WatchBuffer = options.WatchBuffer,
             }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>(), sp.GetRequiredService<BrokerAudit>().Record);
         });
-        builder.AddBrokerMetrics(web);
+        builder.AddBrokerMetrics(web, cluster?.Replica);
         builder.Services.AddGrpc(grpc =>
         {
             grpc.Interceptors.Add<ErrorInterceptor>();
