@@ -1,17 +1,16 @@
-using System.Buffers.Binary;
 using System.Diagnostics;
 using DmaBroker.Core;
+using DmaBroker.Core.Iommu;
 using DmaBroker.Core.Vfio;
 
 namespace DmaBroker.Cluster.Tests;
 
 /// <summary>
 /// A device writing its session's memory flat out, on a thread of its own, until the broker
-/// refuses it: write <c>n</c> (1, 2, 3, …) puts the 8-byte number <c>n</c> into slot
-/// <c>n % slots</c> of the mapped range, so the memory itself shows which writes landed. As one
-/// writer's writes land in order, the memory after its last acknowledged write <c>N</c> holds
-/// exactly <c>N - slots + 1 … N</c>, slot by slot (<see cref="Expected"/>): a write that landed
-/// unacknowledged, or was acknowledged without landing, shows there.
+/// refuses it, each write stamped (<see cref="DmaStamps"/>). As one writer's writes land in order,
+/// the memory after its last acknowledged write <c>N</c> holds exactly <c>N - slots + 1 … N</c>,
+/// slot by slot (<see cref="Expected"/>): a write that landed unacknowledged, or was acknowledged
+/// without landing, shows there.
 /// </summary>
 public sealed class DmaStamper
 {
@@ -26,7 +25,7 @@ public sealed class DmaStamper
     {
         _device = device;
         _iova = iova;
-        _slots = bytes / sizeof(ulong);
+        _slots = bytes / DmaStamps.Size;
         _clock = clock;
         Stopped = Task.Factory.StartNew(Run, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
     }
@@ -40,50 +39,43 @@ public sealed class DmaStamper
     /// <summary>The writes the device acknowledged so far: the last number that landed.</summary>
     public long Applied => Interlocked.Read(ref _applied);
 
-    /// <summary>Completes when the broker refuses a write: the last write that landed, when its acknowledgement was read, and the refusal.</summary>
-    public Task<(long Last, TimeSpan LastAt, ErrnoException Refusal)> Stopped { get; }
+    /// <summary>Completes when the broker refuses a write (an error, or a BLOCKED fault): the last write that landed, when its acknowledgement was read, and the refusal.</summary>
+    public Task<(long Last, TimeSpan LastAt, string Refusal)> Stopped { get; }
 
     /// <summary>What the memory must hold after write <paramref name="last"/>, and nothing after it, landed.</summary>
-    public byte[] Expected(long last)
-    {
-        var memory = new byte[_slots * sizeof(ulong)];
-        for (var n = Math.Max(1, last - _slots + 1); n <= last; n++)
-            BinaryPrimitives.WriteInt64LittleEndian(memory.AsSpan((int)(n % _slots) * sizeof(ulong)), n);
-        return memory;
-    }
+    public byte[] Expected(long last) => DmaStamps.Expected(last, _slots);
 
-    /// <summary>The last write whose number <paramref name="memory"/> (a copy of the range) holds: the highest.</summary>
-    public static long LastIn(ReadOnlySpan<byte> memory)
+    private (long, TimeSpan, string) Run()
     {
-        var last = 0L;
-        for (var i = 0; i + sizeof(ulong) <= memory.Length; i += sizeof(ulong))
-            last = Math.Max(last, BinaryPrimitives.ReadInt64LittleEndian(memory[i..]));
-        return last;
-    }
-
-    private (long, TimeSpan, ErrnoException) Run()
-    {
-        Span<byte> stamp = stackalloc byte[sizeof(ulong)];
+        Span<byte> stamp = stackalloc byte[DmaStamps.Size];
         var at = TimeSpan.Zero;
         for (var n = 1L; ; n++)
         {
-            BinaryPrimitives.WriteInt64LittleEndian(stamp, n);
+            DmaStamps.Stamp(stamp, n);
+            string refusal;
             try
             {
-                var outcome = _device.DmaWrite(_iova + (ulong)(n % _slots * sizeof(ulong)), stamp);
-                // No fault is expected: a session that ends refuses DMA before it detaches anything.
-                if (!outcome.Ok)
+                var outcome = _device.DmaWrite(_iova + DmaStamps.Offset(n, _slots), stamp);
+                if (outcome.Ok)
+                {
+                    // Read after the write returned: no earlier than it landed.
+                    at = _clock.Elapsed;
+                    Interlocked.Exchange(ref _applied, n);
+                    _first.TrySetResult();
+                    continue;
+                }
+                // The session's DMA fence (SPEC §16) blocks it, as a detached domain would; any
+                // other fault is the test's mistake.
+                if (outcome.Reason != FaultReason.Blocked)
                     throw new InvalidOperationException($"write {n} faulted: {outcome.Reason} at 0x{outcome.FaultIova:x}");
+                refusal = "BLOCKED (the session's DMA fence)";
             }
-            catch (ErrnoException refusal)
+            catch (ErrnoException e)
             {
-                _first.TrySetException(refusal);
-                return (n - 1, at, refusal);
+                refusal = $"{e.Errno}: {e.Message}";
             }
-            // Read after the write returned: no earlier than it landed.
-            at = _clock.Elapsed;
-            Interlocked.Exchange(ref _applied, n);
-            _first.TrySetResult();
+            _first.TrySetException(new InvalidOperationException($"write {n} refused: {refusal}"));
+            return (n - 1, at, refusal);
         }
     }
 }

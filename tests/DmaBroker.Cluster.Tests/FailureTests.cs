@@ -61,11 +61,20 @@ public sealed class FailureTests(ITestOutputHelper output)
 
         // The cut-off replica stopped its session's DMA on its own, before etcd freed the group,
         // and none of it landed after the other replica's grant.
-        var (last, lastAt, refusal) = await writer.Stopped.WaitAsync(ReplicaTests.Timeout);
+        (long Last, TimeSpan LastAt, string Refusal) stopped;
+        try
+        {
+            stopped = await writer.Stopped.WaitAsync(ReplicaTests.Timeout);
+        }
+        catch (TimeoutException)
+        {
+            throw new Xunit.Sdk.XunitException($"the fenced session's device still wrote {ReplicaTests.Timeout.TotalSeconds} s after the other replica's grant: write {writer.Applied} landed, memory held {DmaStamps.LastIn(atGrant)} when the claim was sent");
+        }
+        var (last, lastAt, refusal) = stopped;
         var ended = await ending;
         Assert.True(last > atCut, $"the session's device wrote {atCut} times before the cut and no more while cut off");
-        Assert.True(DmaStamper.LastIn(block.Bytes) == DmaStamper.LastIn(atGrant),
-            $"writes {DmaStamper.LastIn(atGrant) + 1} to {DmaStamper.LastIn(block.Bytes)} of the fenced session landed after the other replica's claim was sent");
+        Assert.True(DmaStamps.LastIn(block.Bytes) == DmaStamps.LastIn(atGrant),
+            $"writes {DmaStamps.LastIn(atGrant) + 1} to {DmaStamps.LastIn(block.Bytes)} of the fenced session landed after the other replica's claim was sent");
         Assert.Equal(atGrant, block.Bytes);
         Assert.Equal(writer.Expected(last), block.Bytes);
         Assert.True(lastAt < free, $"the fenced session's last DMA landed at {lastAt.TotalMilliseconds:F0} ms, after its group was free on the other replica at {free.TotalMilliseconds:F0} ms");
@@ -73,7 +82,7 @@ public sealed class FailureTests(ITestOutputHelper output)
         Assert.True(free - cut <= Ttl + TimeSpan.FromSeconds(1), $"free {(free - cut).TotalMilliseconds:F0} ms after the cut; the lease TTL is {Ttl.TotalMilliseconds} ms");
         Assert.Equal(heir.Id, granted.OwnerSession);
         Assert.True(granted.Generation > held.Generation, $"the heir's grant (etcd revision {granted.Generation}) after the fenced session's ({held.Generation})");
-        output.WriteLine($"cut off at {cut.TotalMilliseconds:F0} ms while DMA ran flat out ({atCut} writes by then) -> last of {last} writes landed at {lastAt.TotalMilliseconds:F0} ms ({refusal.Errno}: {refusal.Message}), session ended at {ended.TotalMilliseconds:F0} ms, group free on the other replica at {free.TotalMilliseconds:F0} ms, granted there (etcd revision {granted.Generation}) by {claimed.TotalMilliseconds:F0} ms; memory unchanged since (TTL {Ttl.TotalMilliseconds} ms)");
+        output.WriteLine($"cut off at {cut.TotalMilliseconds:F0} ms while DMA ran flat out ({atCut} writes by then) -> last of {last} writes landed at {lastAt.TotalMilliseconds:F0} ms (then refused: {refusal}), session ended at {ended.TotalMilliseconds:F0} ms, group free on the other replica at {free.TotalMilliseconds:F0} ms, granted there (etcd revision {granted.Generation}) by {claimed.TotalMilliseconds:F0} ms; memory unchanged since (TTL {Ttl.TotalMilliseconds} ms)");
 
         async Task<TimeSpan> EndOf(TopologyWatcher watcher, ulong session)
         {

@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using System.Diagnostics;
 using DmaBroker.Client;
 using DmaBroker.Cluster.Tests;
@@ -73,11 +72,11 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
                 g => g.TryGetValue(Group, out var x) && x.OwnerSession == regranted.OwnerSession);
             var after = stamper.Memory;
             var (sent, acknowledged, blocked) = await stamper.StopAsync();
-            var landed = SharedDmaStamper.LastIn(frozen!);
+            var landed = DmaStamps.LastIn(frozen!);
             output.WriteLine($"SIGSTOP of a replica while its session's device wrote flat out ({sent} writes sent, {acknowledged} acknowledged, write {landed} the last in memory when frozen) -> its group free on the other after {free.TotalMilliseconds:F0} ms (TTL {Ttl.TotalMilliseconds} ms) and granted there; thawed, it ended its session and shows the new owner; {blocked} writes it still had were refused BLOCKED by the DMA fence, the memory is {(after.AsSpan().SequenceEqual(frozen) ? "unchanged" : "CHANGED")} since the freeze");
             Assert.True(landed > 0, "the device wrote nothing before the freeze");
-            Assert.True(SharedDmaStamper.LastIn(after) == landed,
-                $"writes up to {SharedDmaStamper.LastIn(after)} landed after the freeze, when write {landed} was the last in memory and the group went to another replica's session");
+            Assert.True(DmaStamps.LastIn(after) == landed,
+                $"writes up to {DmaStamps.LastIn(after)} landed after the freeze, when write {landed} was the last in memory and the group went to another replica's session");
             Assert.Equal(frozen, after);
             Assert.True(free <= Ttl + TimeSpan.FromSeconds(1), $"free after {free}, more than TTL + 1 s");
         }
@@ -85,13 +84,13 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
 
     /// <summary>
     /// A session on a replica, over its Unix socket, whose edu device writes one page of shared
-    /// memory flat out from several pipelined writers: write <c>n</c> stamps the 8-byte number
-    /// <c>n</c> into slot <c>n % 512</c>, so every write that lands changes the page.
+    /// memory flat out from several pipelined writers, each write stamped (<see cref="DmaStamps"/>),
+    /// so every write that lands changes the page.
     /// </summary>
     private sealed class SharedDmaStamper : IAsyncDisposable
     {
         private const ulong Iova = 0x10_0000;
-        private const int Slots = 4096 / sizeof(ulong);
+        private const int Slots = 4096 / DmaStamps.Size;
         private const int Writers = 32;
         // Writes acknowledged before the replica is frozen: the device has been writing a while.
         private const long WarmUp = 2000;
@@ -146,10 +145,6 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
         /// <summary>Waits until <see cref="WarmUp"/> of the device's writes have landed in the page.</summary>
         public Task WaitForWritesAsync() => _landed.Task.WaitAsync(GroupWatch.DefaultTimeout);
 
-        /// <summary>The last write whose number <paramref name="memory"/> holds: the highest.</summary>
-        public static long LastIn(byte[] memory) =>
-            Enumerable.Range(0, Slots).Max(i => BinaryPrimitives.ReadInt64LittleEndian(memory.AsSpan(i * sizeof(ulong))));
-
         /// <summary>Stops the writers (the broker refused them already, or they are cancelled now); returns the writes sent, acknowledged, and refused as BLOCKED (fenced).</summary>
         public async Task<(long Sent, long Acknowledged, long Blocked)> StopAsync()
         {
@@ -160,14 +155,14 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
 
         private async Task WriteAsync()
         {
-            var stamp = new byte[sizeof(ulong)];
+            var stamp = new byte[DmaStamps.Size];
             try
             {
                 while (!_stop.IsCancellationRequested)
                 {
                     var n = Interlocked.Increment(ref _sent);
-                    BinaryPrimitives.WriteInt64LittleEndian(stamp, n);
-                    var result = await _dma.WriteAsync(Iova + (ulong)(n % Slots * sizeof(ulong)), stamp, _stop.Token);
+                    DmaStamps.Stamp(stamp, n);
+                    var result = await _dma.WriteAsync(Iova + DmaStamps.Offset(n, Slots), stamp, _stop.Token);
                     if (!result.Ok)
                     {
                         // Fenced (BLOCKED), or the session ended under it: the writer stops.
