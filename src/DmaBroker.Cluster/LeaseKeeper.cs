@@ -13,8 +13,8 @@ namespace DmaBroker.Cluster;
 /// teardown, so the session's DMA has stopped before etcd can have freed its groups for another
 /// replica. Each renewal also moves the session's DMA fence (<c>Session.FenceDmaAt</c>) to half the
 /// margin before the lease can expire: every device access checks it, so DMA stops on time even
-/// when the fencing timer does not run on time (a replica thawed after SIGSTOP runs its queued DMA
-/// as soon as its timers).
+/// when the fencing timer does not run on time (a replica thawed after SIGSTOP may take up the DMA
+/// queued to it before its timer runs).
 /// </summary>
 internal sealed partial class LeaseKeeper : IAsyncDisposable
 {

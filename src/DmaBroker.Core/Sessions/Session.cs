@@ -51,8 +51,8 @@ public sealed class Session
     private readonly Lock _sync = new();
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
-    private long _droppedEvents;
     private readonly TimeProvider _time;
+    private long _droppedEvents;
     private long _renewedAt;
     // A timestamp of the broker's clock from which the session's DMA is blocked (SPEC §16's fencing); none by default.
     private long _dmaFence = long.MaxValue;
@@ -156,7 +156,8 @@ public sealed class Session
     /// before it translates, and faults BLOCKED past it. A cluster store (SPEC §16) moves it with
     /// each renewal of the session's lease, to before the lease can expire, so that no DMA is
     /// applied once another replica may own the session's groups, even if the session has not been
-    /// ended yet (a replica thawed after SIGSTOP runs its queued DMA as soon as its fencing timer).
+    /// ended yet: a replica thawed after SIGSTOP may take up the DMA queued to it before its fencing
+    /// timer runs.
     /// </summary>
     public void FenceDmaAt(long timestamp) => Volatile.Write(ref _dmaFence, timestamp);
 
