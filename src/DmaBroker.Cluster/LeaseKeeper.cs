@@ -11,7 +11,10 @@ namespace DmaBroker.Cluster;
 /// as often, on a timer that waits for no I/O, it fences every lease etcd could expire within the
 /// safety margin (a third of the TTL): the margin covers the check's own period and the session's
 /// teardown, so the session's DMA has stopped before etcd can have freed its groups for another
-/// replica.
+/// replica. Each renewal also moves the session's DMA fence (<c>Session.FenceDmaAt</c>) to half the
+/// margin before the lease can expire: every device access checks it, so DMA stops on time even
+/// when the fencing timer does not run on time (a replica thawed after SIGSTOP may take up the DMA
+/// queued to it before its timer runs).
 /// </summary>
 internal sealed partial class LeaseKeeper : IAsyncDisposable
 {
@@ -43,7 +46,11 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
     public TimeSpan Margin { get; }
 
     /// <summary>Keeps <paramref name="lease"/> alive from now on.</summary>
-    public void Track(SessionLease lease) => _leases[lease.Id] = lease;
+    public void Track(SessionLease lease)
+    {
+        FenceDma(lease);
+        _leases[lease.Id] = lease;
+    }
 
     /// <summary>Stops keeping <paramref name="lease"/>.</summary>
     public void Forget(SessionLease lease) => _leases.TryRemove(lease.Id, out _);
@@ -129,7 +136,13 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
             while (await stream.ResponseStream.MoveNext(_stop.Token).ConfigureAwait(false))
             {
                 var answer = stream.ResponseStream.Current;
-                if (_leases.TryGetValue(answer.ID, out var lease) && !lease.Answered(TimeSpan.FromSeconds(answer.TTL), _time))
+                if (!_leases.TryGetValue(answer.ID, out var lease))
+                    continue;
+                if (lease.Answered(TimeSpan.FromSeconds(answer.TTL), _time))
+                {
+                    FenceDma(lease);
+                }
+                else
                 {
                     // etcd says the lease is gone (TTL 0): whatever the clock says, stop now.
                     if (lease.MarkLost() || answer.TTL <= 0)
@@ -149,6 +162,11 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
         }
         Drop(stream);
     }
+
+    // The session's DMA stops half the margin before etcd could expire its lease: after the fencing
+    // timer should have ended the session, before the group can be another replica's.
+    private void FenceDma(SessionLease lease) =>
+        lease.Session?.FenceDmaAt(lease.AliveUntil - (long)(Margin.TotalSeconds / 2 * _time.TimestampFrequency));
 
     private void Drop(AsyncDuplexStreamingCall<LeaseKeepAliveRequest, LeaseKeepAliveResponse> stream)
     {

@@ -35,6 +35,16 @@ internal sealed class SessionLease(long id, Session? session, TimeSpan ttl)
         }
     }
 
+    /// <summary>The latest moment, a timestamp of the broker's clock, at which etcd cannot yet have expired the lease.</summary>
+    public long AliveUntil
+    {
+        get
+        {
+            lock (_sync)
+                return _aliveUntil;
+        }
+    }
+
     /// <summary>A keepalive (or the grant) leaves at <paramref name="timestamp"/>.</summary>
     public void Sent(long timestamp)
     {

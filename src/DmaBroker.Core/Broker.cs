@@ -118,7 +118,7 @@ public sealed class Broker : IAsyncDisposable
         Options = options ?? new BrokerOptions();
         var clock = time ?? TimeProvider.System;
         Table = new OwnershipTable(topology, Options.WatchBuffer, clock, Options.Store);
-        Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount);
+        Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount, Table.Store.Replica);
         Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
         {

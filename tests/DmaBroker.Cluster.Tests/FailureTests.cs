@@ -12,36 +12,77 @@ public sealed class FailureTests(ITestOutputHelper output)
 {
     private static readonly TimeSpan Ttl = TimeSpan.FromSeconds(3);
 
+    /// <summary>
+    /// SPEC §16's fencing seen from outside: a replica cut off from etcd while its session's device
+    /// writes the session's memory flat out. The other replica's heir claims the group as soon as it
+    /// sees it free; by then the fenced session's DMA must have stopped. The memory is the witness:
+    /// as the heir's claim is sent it is copied, and it must end exactly so — had one write landed
+    /// after the grant (fencing late, or none), the copy would differ. The writer's own count must
+    /// match the memory too, so nothing landed unacknowledged.
+    /// </summary>
     [Fact]
-    public async Task ReplicaCutOffFromEtcd_ItsGroupsAreFreeWithinTtlPlusOneSecond_AndAnotherReplicaClaimsThem()
+    public async Task ReplicaCutOffFromEtcd_ItsSessionsDmaStopsBeforeItsGroupIsFree_NoneLandsAfterAnotherReplicaIsGranted()
     {
+        const ulong Iova = 0x10000;
+        const int Bytes = 4096;
         await using var etcd = await EtcdCluster.StartAsync();
         await using var proxy = new TcpProxy(etcd.Endpoints[0]);
         await using var lost = await Replica.StartAsync("lost", [proxy.Endpoint], output: output);
         await using var survivor = await Replica.StartAsync("survivor", etcd.Endpoints, output: output);
-        var group = ReplicaTests.FreeGroups(lost.Broker)[0];
+        var edu = lost.Broker.Journal.Current.Devices.Values.First(d => d.Model == "edu" && d.Driver == Drivers.VfioPci);
+        var group = edu.GroupId;
         var doomed = lost.Broker.Sessions.Open();
-        lost.Broker.Vfio.SetContainer(doomed, group, lost.Broker.Vfio.CreateContainer(doomed, ContainerType.Type1v2).Id);
-        await ReplicaTests.WaitForGroupAsync(survivor.Broker, group, g => g.OwnerSession == doomed.Id);
+        var doomedContainer = lost.Broker.Vfio.CreateContainer(doomed, ContainerType.Type1v2);
+        lost.Broker.Vfio.SetContainer(doomed, group, doomedContainer.Id);
+        var block = doomed.Allocate(Bytes);
+        lost.Broker.Vfio.MapDma(doomed, doomedContainer.Id, block.Vaddr, Iova, Bytes, read: true, write: true);
+        var device = lost.Broker.Vfio.OpenDevice(doomed, edu.Address);
+        // Config space (region 7), command register: memory space and Bus Master on (SPEC §4).
+        Assert.True(device.MmioWrite(7, 4, 2, 0b110).Ok);
+        var held = await ReplicaTests.WaitForGroupAsync(survivor.Broker, group, g => g.OwnerSession == doomed.Id);
         using var lostWatch = lost.Broker.Journal.Watch();
         var heir = survivor.Broker.Sessions.Open();
         var container = survivor.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2);
+        var clock = Stopwatch.StartNew();
+        var writer = DmaStamper.Start(device, Iova, Bytes, clock);
+        await writer.Running.WaitAsync(ReplicaTests.Timeout);
 
         // As etcd sees it, the replica is dead: no keepalive reaches it any more.
-        var clock = Stopwatch.StartNew();
         var ending = EndOf(lostWatch, doomed.Id);
+        var cut = clock.Elapsed;
         proxy.Cut();
+        var atCut = writer.Applied;
         await ReplicaTests.WaitForGroupAsync(survivor.Broker, group, g => g.OwnerKind == OwnerKind.None);
         var free = clock.Elapsed;
+        var atGrant = block.Bytes.ToArray();
         survivor.Broker.Vfio.SetContainer(heir, group, container.Id);
         var claimed = clock.Elapsed;
+        var granted = survivor.Broker.Journal.Current.Groups[group];
 
-        // The cut-off replica stopped its session on its own, before etcd freed the group.
+        // The cut-off replica stopped its session's DMA on its own, before etcd freed the group,
+        // and none of it landed after the other replica's grant.
+        (long Last, TimeSpan LastAt, string Refusal) stopped;
+        try
+        {
+            stopped = await writer.Stopped.WaitAsync(ReplicaTests.Timeout);
+        }
+        catch (TimeoutException)
+        {
+            throw new Xunit.Sdk.XunitException($"the fenced session's device still wrote {ReplicaTests.Timeout.TotalSeconds} s after the other replica's grant: write {writer.Applied} landed, memory held {DmaStamps.LastIn(atGrant)} when the claim was sent");
+        }
+        var (last, lastAt, refusal) = stopped;
         var ended = await ending;
+        Assert.True(last > atCut, $"the session's device wrote {atCut} times before the cut and no more while cut off");
+        Assert.True(DmaStamps.LastIn(block.Bytes) == DmaStamps.LastIn(atGrant),
+            $"writes {DmaStamps.LastIn(atGrant) + 1} to {DmaStamps.LastIn(block.Bytes)} of the fenced session landed after the other replica's claim was sent");
+        Assert.Equal(atGrant, block.Bytes);
+        Assert.Equal(writer.Expected(last), block.Bytes);
+        Assert.True(lastAt < free, $"the fenced session's last DMA landed at {lastAt.TotalMilliseconds:F0} ms, after its group was free on the other replica at {free.TotalMilliseconds:F0} ms");
         Assert.True(ended < free, $"the cut-off replica ended its session at {ended.TotalMilliseconds:F0} ms, after the group was free at {free.TotalMilliseconds:F0} ms");
-        Assert.True(free <= Ttl + TimeSpan.FromSeconds(1), $"free after {free.TotalMilliseconds:F0} ms; the lease TTL is {Ttl.TotalMilliseconds} ms");
-        Assert.Equal(heir.Id, survivor.Broker.Journal.Current.Groups[group].OwnerSession);
-        output.WriteLine($"cut off -> session fenced after {ended.TotalMilliseconds:F0} ms, group free on the other replica after {free.TotalMilliseconds:F0} ms, claimed there after {claimed.TotalMilliseconds:F0} ms (TTL {Ttl.TotalMilliseconds} ms)");
+        Assert.True(free - cut <= Ttl + TimeSpan.FromSeconds(1), $"free {(free - cut).TotalMilliseconds:F0} ms after the cut; the lease TTL is {Ttl.TotalMilliseconds} ms");
+        Assert.Equal(heir.Id, granted.OwnerSession);
+        Assert.True(granted.Generation > held.Generation, $"the heir's grant (etcd revision {granted.Generation}) after the fenced session's ({held.Generation})");
+        output.WriteLine($"cut off at {cut.TotalMilliseconds:F0} ms while DMA ran flat out ({atCut} writes by then) -> last of {last} writes landed at {lastAt.TotalMilliseconds:F0} ms (then refused: {refusal}), session ended at {ended.TotalMilliseconds:F0} ms, group free on the other replica at {free.TotalMilliseconds:F0} ms, granted there (etcd revision {granted.Generation}) by {claimed.TotalMilliseconds:F0} ms; memory unchanged since (TTL {Ttl.TotalMilliseconds} ms)");
 
         async Task<TimeSpan> EndOf(TopologyWatcher watcher, ulong session)
         {

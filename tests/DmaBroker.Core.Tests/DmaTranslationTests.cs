@@ -138,6 +138,31 @@ public sealed class DmaTranslationTests
         Assert.True(handle.DmaWrite(Rw + 4, [1, 2, 3]).Ok);
     }
 
+    [Fact]
+    public async Task Dma_SessionsDmaFenceReached_FaultsBlockedAndWritesNothing_UntilTheFenceMoves()
+    {
+        await using var rig = DmaRig.Create(ContainerType.Type1v2);
+        var block = MapLayout(rig);
+        var handle = rig.Open();
+        // A cluster store's fence (SPEC §16): a second from now on the broker's clock.
+        rig.Session.FenceDmaAt(rig.Clock.GetTimestamp() + rig.Clock.TimestampFrequency);
+        rig.Clock.Advance(TimeSpan.FromSeconds(1) - TimeSpan.FromTicks(1));
+        Assert.True(handle.DmaWrite(Rw + 4, [1, 2, 3]).Ok);
+        var before = DmaRig.Contents(block);
+        rig.DrainEvents();
+
+        rig.Clock.Advance(TimeSpan.FromTicks(1));
+
+        Assert.Equal(DmaOutcome.Faulted(Rw, DmaAccess.Write, FaultReason.Blocked), handle.DmaWrite(Rw + 4, [4, 5, 6]));
+        Assert.Equal(DmaOutcome.Faulted(Rw, DmaAccess.Read, FaultReason.Blocked), handle.DmaRead(Rw + 4, new byte[3]));
+        Assert.Equal(DmaOutcome.Faulted(Rw, DmaAccess.Read, FaultReason.Blocked), handle.DmaCopy(Rw, Rw + Page, 8));
+        Assert.Equal(before, DmaRig.Contents(block));
+        Assert.Equal(3, rig.DrainEvents().Count(e => e is FaultEvent { Reason: FaultReason.Blocked }));
+        // A renewal moves the fence on: DMA goes through again.
+        rig.Session.FenceDmaAt(rig.Clock.GetTimestamp() + rig.Clock.TimestampFrequency);
+        Assert.True(handle.DmaWrite(Rw + 4, [4, 5, 6]).Ok);
+    }
+
     [Theory]
     [InlineData(Rw, Unmapped, (int)Page, Unmapped, DmaAccess.Write, FaultReason.Unmapped)] // destination unmapped
     [InlineData(Rw, ReadOnly, 16, ReadOnly, DmaAccess.Write, FaultReason.Permission)] // destination READ-only

@@ -140,6 +140,9 @@ public sealed class LiveBroker : IAsyncDisposable
     /// <summary>SIGSTOP: the broker freezes (a hung host, a long GC pause); <see cref="Thaw"/> lets it run on.</summary>
     public void Freeze() => _process.Stop();
 
+    /// <summary>Waits until every thread of the broker is stopped, after <see cref="Freeze"/>.</summary>
+    public Task WaitUntilFrozenAsync() => _process.WaitUntilStoppedAsync(StartupTimeout);
+
     /// <summary>SIGCONT after <see cref="Freeze"/>.</summary>
     public void Thaw() => _process.Continue();
 

@@ -221,6 +221,33 @@ public sealed partial class ClientProcess : IAsyncDisposable
 
     public void Continue() => Signal(SigCont);
 
+    /// <summary>
+    /// Waits until every thread of the process is stopped (SIGSTOP is delivered asynchronously: a
+    /// thread running on another core stops a moment after kill(2) returns), reading each
+    /// thread's state in /proc until <paramref name="timeout"/>.
+    /// </summary>
+    public async Task WaitUntilStoppedAsync(TimeSpan timeout)
+    {
+        using var cts = new CancellationTokenSource(timeout);
+        while (!Directory.GetDirectories($"/proc/{Pid}/task").All(IsStopped))
+            await Task.Yield();
+
+        bool IsStopped(string task)
+        {
+            cts.Token.ThrowIfCancellationRequested();
+            try
+            {
+                // stat: "tid (comm) S …"; the state follows the last ')', as comm may hold one.
+                var stat = File.ReadAllText(Path.Combine(task, "stat"));
+                return stat[(stat.LastIndexOf(')') + 2)..] is ['T' or 't', ..];
+            }
+            catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+            {
+                return true; // the thread had exited
+            }
+        }
+    }
+
     private void Signal(int signal)
     {
         if (Kill(_process.Id, signal) != 0)

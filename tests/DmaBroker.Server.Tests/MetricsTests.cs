@@ -177,6 +177,75 @@ public sealed class MetricsTests
         Assert.Equal(0, later.Value("dmabroker_groups_owned", ("owner_kind", "user")));
     }
 
+    /// <summary>
+    /// The labels each of the broker's families carries in a single process (docs/metrics.md), the
+    /// <c>le</c> of a histogram's buckets and the exporter's <c>otel_scope_*</c> aside.
+    /// </summary>
+    private static readonly Dictionary<string, string[]> SingleProcessLabels = new()
+    {
+        ["dmabroker_sessions"] = [],
+        ["dmabroker_groups_owned"] = ["owner_kind"],
+        ["dmabroker_watchers"] = [],
+        ["dmabroker_claims_total"] = ["result"],
+        ["dmabroker_dma_operations_total"] = ["direction"],
+        ["dmabroker_dma_bytes_total"] = ["direction"],
+        ["dmabroker_dma_faults_total"] = ["reason"],
+        ["dmabroker_session_release_duration_seconds"] = ["reason"],
+    };
+
+    [Fact]
+    public async Task Scrape_ClusterReplica_EveryBrokerSeriesCarriesTheReplica_AndTargetInfoNamesIt()
+    {
+        await using var etcd = await Cluster.Tests.EtcdCluster.StartAsync();
+        await using var broker = await TestBroker.StartAsync(null, "--cluster", "etcd",
+            "--etcd-endpoints", etcd.Endpoints[0].GetLeftPart(UriPartial.Authority), "--replica", "metrics-r1");
+        await using (var session = await broker.Client.OpenSessionAsync("replica"))
+        {
+            await (await session.NewContainerAsync(ContainerType.Type1V2)).SetGroupAsync(Group);
+        }
+        await using var open = await broker.Client.OpenSessionAsync("open");
+
+        var scrape = await ScrapeAsync(broker.WebAddress);
+
+        var ours = scrape.Samples.Where(s => s.Name.StartsWith("dmabroker_", StringComparison.Ordinal)).ToList();
+        Assert.Equal(SingleProcessLabels.Keys.Order(), ours.Select(Family).Distinct().Order());
+        Assert.All(ours, s => Assert.Equal("metrics-r1", s.Labels.GetValueOrDefault(Core.Telemetry.BrokerMetrics.ReplicaTag)));
+        Assert.All(ours, s => Assert.Equal(SingleProcessLabels[Family(s)].Append(Core.Telemetry.BrokerMetrics.ReplicaTag).Order(), BrokerLabels(s)));
+        Assert.Equal(1, scrape.Value("dmabroker_sessions", ("replica", "metrics-r1")));
+        Assert.Equal(1, scrape.Value("dmabroker_claims_total", ("result", "ok"), ("replica", "metrics-r1")));
+        Assert.Equal(1, scrape.Value("dmabroker_session_release_duration_seconds_count", ("reason", "client_closed"), ("replica", "metrics-r1")));
+        // OpenTelemetry's resource, as Prometheus sees it: the replica is the service instance.
+        Assert.Equal(1, scrape.Value("target_info", ("service_name", "dmabroker"), ("service_instance_id", "metrics-r1")));
+    }
+
+    [Fact]
+    public async Task Scrape_SingleProcess_NoReplicaLabel_EachFamilyHasItsDocumentedLabelsOnly()
+    {
+        await using var broker = await TestBroker.StartAsync();
+        await using (var session = await broker.Client.OpenSessionAsync("single"))
+        {
+            await (await session.NewContainerAsync(ContainerType.Type1V2)).SetGroupAsync(Group);
+        }
+        await using var watcher = new Watcher(broker.Client);
+        await watcher.NextAsync();
+
+        var scrape = await ScrapeAsync(broker.WebAddress);
+
+        var ours = scrape.Samples.Where(s => s.Name.StartsWith("dmabroker_", StringComparison.Ordinal)).ToList();
+        Assert.Equal(SingleProcessLabels.Keys.Order(), ours.Select(Family).Distinct().Order());
+        Assert.All(ours, s => Assert.Equal(SingleProcessLabels[Family(s)].Order(), BrokerLabels(s)));
+        Assert.DoesNotContain(scrape.Samples, s => s.Labels.ContainsKey(Core.Telemetry.BrokerMetrics.ReplicaTag));
+    }
+
+    // A sample's family: its name without a histogram's _bucket, _sum or _count.
+    private static string Family(PrometheusSample sample) =>
+        SingleProcessLabels.ContainsKey(sample.Name) ? sample.Name
+            : sample.Name[..sample.Name.LastIndexOf('_')] is var family && SingleProcessLabels.ContainsKey(family) ? family : sample.Name;
+
+    // The labels the broker gave a sample, in order: le and the exporter's otel_scope_* left out.
+    private static string[] BrokerLabels(PrometheusSample sample) =>
+        [.. sample.Labels.Keys.Where(k => k != "le" && !k.StartsWith("otel_scope_", StringComparison.Ordinal)).Order()];
+
     [Fact]
     public async Task Otlp_EndpointConfigured_ExportsTheBrokerMetersOverHttpProtobuf()
     {

@@ -51,13 +51,17 @@ public sealed class Session
     private readonly Lock _sync = new();
     private readonly CancellationTokenSource _ending = new();
     private readonly Channel<SessionEvent> _events;
+    private readonly TimeProvider _time;
     private long _droppedEvents;
     private long _renewedAt;
+    // A timestamp of the broker's clock from which the session's DMA is blocked (SPEC §16's fencing); none by default.
+    private long _dmaFence = long.MaxValue;
     private int _streams;
     private TaskCompletionSource? _streamsClosed;
 
-    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, Grant grant, string peer)
+    internal Session(ulong id, string token, string clientName, DateTimeOffset openedAt, int eventBuffer, Grant grant, string peer, TimeProvider time)
     {
+        _time = time;
         Memory = new SessionMemory(grant.Quotas.MemoryBytes, id);
         Grant = grant;
         Peer = peer;
@@ -145,6 +149,20 @@ public sealed class Session
     /// </summary>
     internal OperationScope Enter() =>
         Gate.TryEnter() ? new OperationScope(this) : throw ErrnoException.Unauthenticated($"session {Id} has ended");
+
+    /// <summary>
+    /// Blocks every DMA of the session's devices from <paramref name="timestamp"/> on (a timestamp
+    /// of the broker's clock, <see cref="TimeProvider.GetTimestamp"/>): each access checks it just
+    /// before it translates, and faults BLOCKED past it. A cluster store (SPEC §16) moves it with
+    /// each renewal of the session's lease, to before the lease can expire, so that no DMA is
+    /// applied once another replica may own the session's groups, even if the session has not been
+    /// ended yet: a replica thawed after SIGSTOP may take up the DMA queued to it before its fencing
+    /// timer runs.
+    /// </summary>
+    public void FenceDmaAt(long timestamp) => Volatile.Write(ref _dmaFence, timestamp);
+
+    /// <summary>Whether the session's DMA is fenced now (<see cref="FenceDmaAt"/>); a single process never sets a fence, and pays one read.</summary>
+    internal bool DmaFenced => Volatile.Read(ref _dmaFence) is var fence && fence != long.MaxValue && _time.GetTimestamp() >= fence;
 
     /// <summary>Names the client (from its hello) in logs and admin views.</summary>
     public void Rename(string clientName)

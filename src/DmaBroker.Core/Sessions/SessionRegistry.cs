@@ -94,7 +94,7 @@ public sealed class SessionRegistry(TimeProvider time, SessionOptions options, A
         var id = (ulong)Interlocked.Increment(ref _nextId);
         var token = System.Buffers.Text.Base64Url.EncodeToString(RandomNumberGenerator.GetBytes(32));
         var session = new Session(id, token, string.IsNullOrWhiteSpace(clientName) ? $"client-{id}" : clientName,
-            time.GetUtcNow(), Options.EventBuffer, grant, peer);
+            time.GetUtcNow(), Options.EventBuffer, grant, peer, time);
         // The lease exists before anyone can find the session, so a teardown always disposes it.
         session.RenewedAt = time.GetTimestamp();
         session.Lease = time.CreateTimer(static s => ((LeaseState)s!).Expire(), new LeaseState(this, session),

@@ -264,6 +264,8 @@ public sealed class DeviceHandle : IDevicePort
     /// the model's lock; null, with the fault in <paramref name="refused"/>, when the device may not
     /// DMA (Bus Master off, or no user domain attached). A detach waits for the model's lock after it
     /// clears the attachment, so an access that got a space here ends before the detach returns.
+    /// A session whose DMA is fenced (SPEC §16, <see cref="Session.FenceDmaAt"/>) is BLOCKED, as if
+    /// detached: checked last, right before the access translates and copies.
     /// </summary>
     private IovaSpace? CurrentSpace(ulong iova, DmaAccess access, out DmaOutcome refused)
     {
@@ -274,7 +276,7 @@ public sealed class DeviceHandle : IDevicePort
         // Fault injection (SPEC §14): IOMMU_FAULT refuses the access as unmapped before it translates.
         else if (Model.Faults.Any && Model.Faults.Fire(FaultKind.IommuFault) is not null)
             refused = DmaOutcome.Faulted(page, access, FaultReason.Unmapped);
-        else if (Device.Group.Attached is { } domain)
+        else if (Device.Group.Attached is { } domain && !Session.DmaFenced)
             return domain.Iova;
         else
             refused = DmaOutcome.Faulted(page, access, FaultReason.Blocked);

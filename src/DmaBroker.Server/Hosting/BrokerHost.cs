@@ -287,7 +287,7 @@ public static class BrokerHost
                 DeviceNice = options.DeviceNice,
             }, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>(), sp.GetRequiredService<BrokerAudit>().Record);
         });
-        builder.AddBrokerMetrics(web);
+        builder.AddBrokerMetrics(web, cluster?.Replica);
         builder.Services.AddGrpc(grpc =>
         {
             grpc.Interceptors.Add<ErrorInterceptor>();

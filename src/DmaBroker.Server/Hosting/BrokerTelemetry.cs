@@ -37,14 +37,18 @@ public static class BrokerTelemetry
     /// <summary>
     /// Registers the meter provider: the broker's meter, ASP.NET Core and runtime instrumentation,
     /// the Prometheus exporter when the web listener is on, OTLP when <see cref="OtlpEndpointSetting"/> is set.
+    /// A cluster replica (<paramref name="replica"/>, SPEC §16) is the resource's <c>service.instance.id</c>
+    /// (Prometheus: <c>target_info</c>), as well as the <c>replica</c> tag of the broker's own
+    /// series; a single process keeps OpenTelemetry's generated instance id.
     /// </summary>
-    public static void AddBrokerMetrics(this WebApplicationBuilder builder, WebListener web)
+    public static void AddBrokerMetrics(this WebApplicationBuilder builder, WebListener web, string? replica = null)
     {
         var otlp = OtlpEndpoint(builder.Configuration);
         builder.Services.AddSingleton(new MetricsExport(web.Listener is not null, otlp));
         builder.Services.AddOpenTelemetry()
             .ConfigureResource(resource => resource.AddService("dmabroker",
-                serviceVersion: typeof(BrokerTelemetry).Assembly.GetName().Version?.ToString(3)))
+                serviceVersion: typeof(BrokerTelemetry).Assembly.GetName().Version?.ToString(3),
+                autoGenerateServiceInstanceId: replica is null, serviceInstanceId: replica))
             .WithMetrics(metrics =>
             {
                 metrics.AddMeter(BrokerMetrics.MeterName)
