@@ -211,6 +211,22 @@ public sealed class KernelTests(ITestOutputHelper output)
         Assert.Equal(Errno.ENODEV, Assert.Throws<ErrnoException>(() => c.Broker.Table.RemoveDevice(added.Address)).Errno);
     }
 
+    [Fact]
+    public async Task KernelChanges_WhenEtcdIsGone_FailEagainAndChangeNothing()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
+        var nic = PciAddress.Parse("0000:02:00.1");
+        var added = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, null);
+        await etcd.KillAsync(0);
+        var before = a.Broker.Journal.Current;
+
+        Action[] changes = [() => a.Broker.Table.UnbindDriver(nic), () => a.Broker.Table.UnbindDriver(Edu), () => a.Broker.Table.AddDevice(added), () => a.Broker.Table.RemoveDevice(nic)];
+        foreach (var change in changes)
+            Assert.Equal(Errno.EAGAIN, Assert.Throws<ErrnoException>(change).Errno);
+        Assert.Same(before, a.Broker.Journal.Current);
+    }
+
     [Theory]
     [InlineData(false)]
     [InlineData(true)]
