@@ -212,6 +212,33 @@ public sealed class KernelTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task SurpriseRemove_OnOneReplica_OfADeviceASessionOfAnotherHoldsOpen_TakesItFromThatSession()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        var group = GroupOf(a.Broker, Edu);
+        var sa = a.Broker.Sessions.Open();
+        a.Broker.Vfio.SetContainer(sa, group, a.Broker.Vfio.CreateContainer(sa, ContainerType.Type1v2).Id);
+        var handle = a.Broker.Vfio.OpenDevice(sa, Edu);
+        await WaitForAsync(b.Broker, t => t.Groups[group].OwnerKind == OwnerKind.User);
+        // A planned removal is refused while the group is owned, on any replica.
+        Assert.Equal(Errno.EBUSY, Assert.Throws<ErrnoException>(() => b.Broker.Table.RemoveDevice(Edu)).Errno);
+
+        await b.Broker.Faults.InjectAsync(Edu, new Core.Faults.FaultSettings(Core.Faults.FaultKind.SurpriseRemove)).WaitAsync(Timeout);
+
+        using var cts = new CancellationTokenSource(Timeout);
+        var told = await sa.Events.ReadAsync(cts.Token);
+        while (told is not DeviceRemovedEvent)
+            told = await sa.Events.ReadAsync(cts.Token);
+        Assert.Equal(new DeviceRemovedEvent(Edu), told);
+        var gone = await WaitForAsync(a.Broker, t => !t.Devices.ContainsKey(Edu));
+        Assert.False(gone.Groups.ContainsKey(group));
+        Assert.Equal(Errno.ENODEV, Assert.Throws<ErrnoException>(() => a.Broker.Vfio.ResetDevice(sa, handle.Id)).Errno);
+        Assert.Empty(a.Broker.ListSessions(a.Broker.Sessions.OpenModeGrant).Single(s => s.Id == sa.Id).Groups);
+    }
+
+    [Fact]
     public async Task KernelChanges_WhenEtcdIsGone_FailEagainAndChangeNothing()
     {
         await using var etcd = await EtcdCluster.StartAsync();

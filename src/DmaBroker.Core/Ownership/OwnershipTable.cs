@@ -203,11 +203,18 @@ public sealed class OwnershipTable
     internal void SurpriseRemove(PciAddress address, Action<PciDevice> detach) => Remove(address, detach);
 
     /// <summary>
+    /// What a surprise removal lets go of before the device goes (the VFIO side's handles and
+    /// claims on it); called under the hotplug lock and the group's lock.
+    /// </summary>
+    internal Action<PciDevice>? DetachRemoved { get; set; }
+
+    /// <summary>
     /// A hot-removal another replica made (SPEC §16). <paramref name="isNewer"/> and
     /// <paramref name="applied"/> are asked and told under the hotplug lock, as in
-    /// <see cref="ApplyRemote"/>. A device that is gone already, a bridge with devices below it, or
-    /// one whose group a session of this replica owns (which the cluster's transaction rules out)
-    /// is left as it is.
+    /// <see cref="ApplyRemote"/>. A device that a session of this replica holds was removed by
+    /// surprise there (SPEC §14 SURPRISE_REMOVE: a planned removal of it is refused): it goes here as
+    /// it would have gone by surprise here. A device that is gone already, or a bridge with devices
+    /// below it, is left as it is.
     /// </summary>
     public void ApplyRemoteRemove(PciAddress address, Func<bool> isNewer, Action applied)
     {
@@ -222,8 +229,9 @@ public sealed class OwnershipTable
                 return;
             lock (device.Group.Sync)
             {
-                if (device.Group.Owner is null && device.OpenHandles == 0)
-                    Unplug(device);
+                if (device.Group.Owner is not null || device.OpenHandles > 0)
+                    DetachRemoved?.Invoke(device);
+                Unplug(device);
             }
         }
     }
