@@ -103,6 +103,21 @@ public sealed class OwnershipStoreTests
     }
 
     [Fact]
+    public void AddDevice_AfterTheLastHotAddedGroupWasRemoved_GetsANewGroupId()
+    {
+        // The id a store is told (and a cluster records) is never handed out again.
+        var (broker, store) = NewBroker();
+        var spec = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, null);
+        var first = broker.Table.AddDevice(spec);
+        broker.Table.RemoveDevice(spec.Address);
+
+        var second = broker.Table.AddDevice(spec);
+
+        Assert.True(second.GroupId > first.GroupId, $"group {first.GroupId} came back as {second.GroupId}");
+        Assert.Equal($"add g{second.GroupId} None(0) {spec.Address} - kernel=0", store.Calls[^1]);
+    }
+
+    [Fact]
     public void ApplyRemote_AGrantToAnotherReplicasSession_ResetsThisReplicasCopiesOfTheDevices()
     {
         // SPEC §10.5 across replicas: whoever owns the group here next finds its devices reset.

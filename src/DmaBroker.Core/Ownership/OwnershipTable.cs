@@ -144,7 +144,7 @@ public sealed class OwnershipTable
             }
             var id = NextGroupId(spec.PinnedGroup);
             Store.CommitHotplug(spec, id, default, added: true, spec.Driver, kernel ? 1 : 0);
-            return Plug(spec, NewGroup(id));
+            return Plug(spec, NewGroup(id, spec.PinnedGroup.HasValue));
         }
     }
 
@@ -166,15 +166,7 @@ public sealed class OwnershipTable
             applied();
             if (_devices.ContainsKey(spec.Address) || (spec.Address.Bus != 0 && !_bridgeBySecondaryBus.ContainsKey(spec.Address.Bus)))
                 return;
-            var group = _groups.GetValueOrDefault(groupId);
-            if (group is null)
-            {
-                if (!_pinnedGroupIds.Contains(groupId))
-                    _nextGroupId = Math.Max(_nextGroupId, groupId + 1);
-                group = NewGroup(groupId);
-            }
-            lock (group.Sync)
-                Plug(spec, group);
+            Plug(spec, _groups.GetValueOrDefault(groupId) ?? NewGroup(groupId, _pinnedGroupIds.Contains(groupId)));
         }
     }
 
@@ -381,13 +373,7 @@ public sealed class OwnershipTable
         return device;
     }
 
-    private IommuGroup NewGroup(uint? pinned)
-    {
-        var id = NextGroupId(pinned);
-        if (pinned is null)
-            _nextGroupId = id + 1;
-        return NewGroup(id);
-    }
+    private IommuGroup NewGroup(uint? pinned) => NewGroup(NextGroupId(pinned), pinned.HasValue);
 
     // The id a new group would get: the pinned one, or the next free one (not taken by this call).
     private uint NextGroupId(uint? pinned)
@@ -399,7 +385,13 @@ public sealed class OwnershipTable
         return _nextGroupId;
     }
 
-    private IommuGroup NewGroup(uint id) => _groups.GetOrAdd(id, static (i, store) => new IommuGroup(i, store), Store);
+    // A group's id is never handed out again, even once the group is gone (unless a topology pins it).
+    private IommuGroup NewGroup(uint id, bool pinned)
+    {
+        if (!pinned)
+            _nextGroupId = Math.Max(_nextGroupId, id + 1);
+        return _groups.GetOrAdd(id, static (i, store) => new IommuGroup(i, store), Store);
+    }
 
     /// <summary>
     /// The existing group a new function must join (SPEC §2), or null for a group of its own:
