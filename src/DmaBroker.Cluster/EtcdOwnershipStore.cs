@@ -564,12 +564,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     {
         if (HotplugRecord.Decode(address, value) is not { } record)
             return;
-        bool IsNewer() => Interlocked.Read(ref _shape) < revision;
-        void Applied() => Interlocked.Exchange(ref _shape, revision);
-        if (record is { Added: true, Spec: { } spec })
-            _broker!.Table.ApplyRemoteAdd(spec, record.Group, IsNewer, Applied);
-        else
-            _broker!.Table.ApplyRemoteRemove(address, IsNewer, Applied);
+        _broker!.Table.ApplyRemoteHotplug(address, record.Spec, record.Group,
+            () => Interlocked.Read(ref _shape) < revision,
+            () => Interlocked.Exchange(ref _shape, revision));
     }
 
     // Another replica's driver bind or unbind, at etcd revision `revision`; this replica's own are already in its table.

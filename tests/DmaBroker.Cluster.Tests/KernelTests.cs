@@ -36,14 +36,48 @@ public sealed class KernelTests(ITestOutputHelper output)
         throw new TimeoutException();
     }
 
+    /// <summary>One etcd member and replicas a and b on it, stopped in reverse order.</summary>
+    private sealed class TwoReplicas : IAsyncDisposable
+    {
+        private TwoReplicas(EtcdCluster etcd, Replica a, Replica b) => (Etcd, A, B) = (etcd, a, b);
+
+        public EtcdCluster Etcd { get; }
+        public Replica A { get; }
+        public Replica B { get; }
+
+        public static async Task<TwoReplicas> StartAsync()
+        {
+            var etcd = await EtcdCluster.StartAsync();
+            Replica? a = null;
+            try
+            {
+                a = await Replica.StartAsync("a", etcd.Endpoints);
+                return new TwoReplicas(etcd, a, await Replica.StartAsync("b", etcd.Endpoints));
+            }
+            catch
+            {
+                if (a is not null)
+                    await a.DisposeAsync();
+                await etcd.DisposeAsync();
+                throw;
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await B.DisposeAsync();
+            await A.DisposeAsync();
+            await Etcd.DisposeAsync();
+        }
+    }
+
     private static uint GroupOf(Broker broker, PciAddress device) => broker.Journal.Current.Devices[device].GroupId;
 
     [Fact]
     public async Task KernelBind_OnOneReplica_RefusesAUserClaimOnTheOther_UntilUnbound()
     {
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        await using var pair = await TwoReplicas.StartAsync();
+        var (a, b) = (pair.A, pair.B);
         var group = GroupOf(a.Broker, Edu);
         var sb = b.Broker.Sessions.Open();
         var cb = b.Broker.Vfio.CreateContainer(sb, ContainerType.Type1v2);
@@ -76,9 +110,8 @@ public sealed class KernelTests(ITestOutputHelper output)
     public async Task BootKernelDriver_UnboundOnOneReplica_LetsTheOtherClaimTheGroup()
     {
         // The NVMe drive boots with the nvme driver (KERNEL(1)); as on Linux, unbind it to hand it to userspace.
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        await using var pair = await TwoReplicas.StartAsync();
+        var (etcd, a, b) = (pair.Etcd, pair.A, pair.B);
         var nvme = PciAddress.Parse("0000:01:00.0");
         var group = GroupOf(a.Broker, nvme);
         Assert.Equal(OwnerKind.Kernel, b.Broker.Journal.Current.Groups[group].OwnerKind);
@@ -101,9 +134,8 @@ public sealed class KernelTests(ITestOutputHelper output)
     public async Task KernelBindAndUserClaim_RacingFromTwoReplicas_NeverBothWin()
     {
         const int Rounds = 60;
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        await using var pair = await TwoReplicas.StartAsync();
+        var (a, b) = (pair.A, pair.B);
         var group = GroupOf(a.Broker, Edu);
         a.Broker.Table.UnbindDriver(Edu);
         await WaitForAsync(b.Broker, t => t.Devices[Edu].Driver is null);
@@ -169,9 +201,8 @@ public sealed class KernelTests(ITestOutputHelper output)
     [Fact]
     public async Task Hotplug_OnOneReplica_IsSeenOnTheOther_AndReplayedByAReplicaThatJoinsLater()
     {
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        await using var pair = await TwoReplicas.StartAsync();
+        var (etcd, a, b) = (pair.Etcd, pair.A, pair.B);
         var added = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, Drivers.VfioPci);
         var nic = PciAddress.Parse("0000:02:00.1");
         var nicGroup = GroupOf(a.Broker, nic);
@@ -214,9 +245,8 @@ public sealed class KernelTests(ITestOutputHelper output)
     [Fact]
     public async Task SurpriseRemove_OnOneReplica_OfADeviceASessionOfAnotherHoldsOpen_TakesItFromThatSession()
     {
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        await using var pair = await TwoReplicas.StartAsync();
+        var (a, b) = (pair.A, pair.B);
         var group = GroupOf(a.Broker, Edu);
         var sa = a.Broker.Sessions.Open();
         a.Broker.Vfio.SetContainer(sa, group, a.Broker.Vfio.CreateContainer(sa, ContainerType.Type1v2).Id);
@@ -261,9 +291,8 @@ public sealed class KernelTests(ITestOutputHelper output)
     {
         // SPEC §10.5 across replicas: a's session programs the device, then lets it go (or dies);
         // b's session claims the group and finds the device reset; and back again.
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints);
+        await using var pair = await TwoReplicas.StartAsync();
+        var (a, b) = (pair.A, pair.B);
         var group = GroupOf(a.Broker, Edu);
         const uint Reset = 0; // edu's liveness register holds the inverse of what was written: 0 after reset
 

@@ -180,7 +180,7 @@ public sealed class OwnershipStoreTests
         var (broker, store) = NewBroker();
         var spec = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, "ixgbe");
 
-        broker.Table.ApplyRemoteAdd(spec, 40, () => true, () => { });
+        broker.Table.ApplyRemoteHotplug(spec.Address, spec, 40, () => true, () => { });
         var now = broker.Journal.Current;
         Assert.Equal(40u, now.Devices[spec.Address].GroupId);
         Assert.Equal((OwnerKind.Kernel, 1), (now.Groups[40].OwnerKind, now.Groups[40].OwnerCount));
@@ -188,7 +188,7 @@ public sealed class OwnershipStoreTests
         var next = broker.Table.AddDevice(spec with { Address = PciAddress.Parse("0000:00:1e.0") });
         Assert.True(next.GroupId > 40);
 
-        broker.Table.ApplyRemoteRemove(spec.Address, () => true, () => { });
+        broker.Table.ApplyRemoteHotplug(spec.Address, null, 0, () => true, () => { });
         Assert.False(broker.Journal.Current.Devices.ContainsKey(spec.Address));
         Assert.False(broker.Journal.Current.Groups.ContainsKey(40));
         Assert.Single(store.Calls);

@@ -149,14 +149,17 @@ public sealed class OwnershipTable
     }
 
     /// <summary>
-    /// A hot-add another replica made (SPEC §16), into group <paramref name="groupId"/> as it chose:
-    /// the group of that id, or a new one. <paramref name="isNewer"/> and <paramref name="applied"/>
-    /// are asked and told under the hotplug lock, as in <see cref="ApplyRemote"/>. A device that
-    /// exists already is left as it is.
+    /// A hot-add or hot-removal another replica made (SPEC §16): <paramref name="added"/> joins group
+    /// <paramref name="groupId"/> as that replica placed it (the group of that id, or a new one); or
+    /// (null) the device at <paramref name="address"/> goes. <paramref name="isNewer"/> and
+    /// <paramref name="applied"/> are asked and told under the hotplug lock, as in
+    /// <see cref="ApplyRemote"/>. A device that a session of this replica holds was removed by
+    /// surprise there (SPEC §14 SURPRISE_REMOVE: a planned removal of it is refused): it goes here as
+    /// it would have gone by surprise here. A device that exists already, one that is gone already,
+    /// or a bridge with devices below it, is left as it is.
     /// </summary>
-    public void ApplyRemoteAdd(PciFunctionSpec spec, uint groupId, Func<bool> isNewer, Action applied)
+    public void ApplyRemoteHotplug(PciAddress address, PciFunctionSpec? added, uint groupId, Func<bool> isNewer, Action applied)
     {
-        ArgumentNullException.ThrowIfNull(spec);
         ArgumentNullException.ThrowIfNull(isNewer);
         ArgumentNullException.ThrowIfNull(applied);
         lock (_hotplug)
@@ -164,9 +167,21 @@ public sealed class OwnershipTable
             if (!isNewer())
                 return;
             applied();
-            if (_devices.ContainsKey(spec.Address) || (spec.Address.Bus != 0 && !_bridgeBySecondaryBus.ContainsKey(spec.Address.Bus)))
+            var present = _devices.TryGetValue(address, out var device);
+            if (added is not null)
+            {
+                if (!present && (address.Bus == 0 || _bridgeBySecondaryBus.ContainsKey(address.Bus)))
+                    Plug(added, _groups.GetValueOrDefault(groupId) ?? NewGroup(groupId, _pinnedGroupIds.Contains(groupId)));
                 return;
-            Plug(spec, _groups.GetValueOrDefault(groupId) ?? NewGroup(groupId, _pinnedGroupIds.Contains(groupId)));
+            }
+            if (device is null || (device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus)))
+                return;
+            lock (device.Group.Sync)
+            {
+                if (device.Group.Owner is not null || device.OpenHandles > 0)
+                    DetachRemoved?.Invoke(device);
+                Unplug(device);
+            }
         }
     }
 
@@ -199,34 +214,6 @@ public sealed class OwnershipTable
     /// claims on it); called under the hotplug lock and the group's lock.
     /// </summary>
     internal Action<PciDevice>? DetachRemoved { get; set; }
-
-    /// <summary>
-    /// A hot-removal another replica made (SPEC §16). <paramref name="isNewer"/> and
-    /// <paramref name="applied"/> are asked and told under the hotplug lock, as in
-    /// <see cref="ApplyRemote"/>. A device that a session of this replica holds was removed by
-    /// surprise there (SPEC §14 SURPRISE_REMOVE: a planned removal of it is refused): it goes here as
-    /// it would have gone by surprise here. A device that is gone already, or a bridge with devices
-    /// below it, is left as it is.
-    /// </summary>
-    public void ApplyRemoteRemove(PciAddress address, Func<bool> isNewer, Action applied)
-    {
-        ArgumentNullException.ThrowIfNull(isNewer);
-        ArgumentNullException.ThrowIfNull(applied);
-        lock (_hotplug)
-        {
-            if (!isNewer())
-                return;
-            applied();
-            if (!_devices.TryGetValue(address, out var device) || (device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus)))
-                return;
-            lock (device.Group.Sync)
-            {
-                if (device.Group.Owner is not null || device.OpenHandles > 0)
-                    DetachRemoved?.Invoke(device);
-                Unplug(device);
-            }
-        }
-    }
 
     private void Remove(PciAddress address, Action<PciDevice>? detach)
     {
