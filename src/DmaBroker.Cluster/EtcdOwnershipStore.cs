@@ -443,7 +443,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         seed.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
         var answer = await _kv.TxnAsync(seed, deadline: Deadline(), cancellationToken: cancellationToken);
         if (!answer.Succeeded && Found(answer, 0)?.Value is { } recorded && recorded != fingerprint)
-            throw ErrnoException.Invalid($"replica {Replica} starts from another topology than the cluster's ({recorded.ToStringUtf8()[..12]}…, this one {fingerprint.ToStringUtf8()[..12]}…): every replica must use the same --topology");
+            throw ErrnoException.Invalid($"replica {Replica} starts from another topology than the cluster's (fingerprint {Short(recorded)}…, this one's {Short(fingerprint)}…): every replica must use the same --topology");
+
+        static string Short(ByteString value) => value.ToStringUtf8() is var text && text.Length > 12 ? text[..12] : text;
     }
 
     private static string Fingerprint(TopologySnapshot boot)

@@ -269,6 +269,22 @@ public sealed class KernelTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task Replica_StartingFromAnotherTopology_IsRefusedWithEinval()
+    {
+        // A device without a driver key has its topology's driver: every replica must share one topology.
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
+        var other = new TopologyDocument(TopologyDocument.Default().Functions.Where(f => f.Address != PciAddress.Parse("0000:0b:00.0")));
+        await using var store = await EtcdOwnershipStore.ConnectAsync(new EtcdStoreOptions { Endpoints = etcd.Endpoints, Replica = "b" }).WaitAsync(Timeout);
+        await using var broker = new Broker(other, new BrokerOptions { Store = store });
+
+        var refused = await Assert.ThrowsAsync<ErrnoException>(() => store.StartAsync(broker).WaitAsync(Timeout));
+
+        Assert.Equal(Errno.EINVAL, refused.Errno);
+        Assert.Contains("same --topology", refused.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public async Task KernelChanges_WhenEtcdIsGone_FailEagainAndChangeNothing()
     {
         await using var etcd = await EtcdCluster.StartAsync();
