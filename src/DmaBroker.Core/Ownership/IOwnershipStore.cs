@@ -63,7 +63,8 @@ public interface IOwnershipStore
     /// existing group, or a new one with that id) or removed from it. <paramref name="owner"/> is the
     /// group's owner as the table holds it (NONE for a new group); <paramref name="driver"/> the
     /// device's driver (bound with the add, or bound until the removal); the group then has
-    /// <paramref name="kernelCountAfter"/> kernel DMA-API drivers. Throws to refuse.
+    /// <paramref name="kernelCountAfter"/> kernel DMA-API drivers. Called under the hotplug lock and
+    /// the group's (a new group's: the hotplug lock alone). Throws to refuse.
     /// </summary>
     void CommitHotplug(PciFunctionSpec device, uint groupId, GroupOwner owner, bool added, string? driver, int kernelCountAfter);
 
