@@ -294,7 +294,6 @@ public sealed class OwnershipTable
         }
     }
 
-    /// <summary>Publishes a group's current state; call under its lock.</summary>
     /// <summary>
     /// Another replica's driver bind or unbind (SPEC §16): <paramref name="address"/>'s driver is now
     /// <paramref name="driver"/> (null: none). Only the driver changes here; the group's kernel count
@@ -320,6 +319,7 @@ public sealed class OwnershipTable
         }
     }
 
+    /// <summary>Publishes a group's current state; call under its lock.</summary>
     internal void PublishGroup(IommuGroup group) => Journal.Publish(new GroupChanged(group.ToInfo()));
 
     private DeviceInfo PublishDevice(PciDevice device)
