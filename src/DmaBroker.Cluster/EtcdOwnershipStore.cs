@@ -3,6 +3,7 @@ using System.Globalization;
 using DmaBroker.Core;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
 using dotnet_etcd;
 using Etcdserverpb;
 using Google.Protobuf;
@@ -23,20 +24,27 @@ public sealed class ClusterUnavailableException(string message, Exception inner)
 /// session can win a free group; a new grant's generation is the transaction's revision. Each
 /// session that owns something has an etcd lease (the session's TTL), kept alive by this replica,
 /// and its group keys are attached to it: a replica that dies loses its leases, and its sessions'
-/// groups go free with them. A watch on the groups' keys brings the other replicas' claims and
-/// releases into this replica's table, and so into its <c>Topology.Watch</c>.
+/// groups go free with them. Kernel DMA-API drivers own a group through the same key (a record of
+/// their count, with no lease), so a driver bind and a user claim compare the same key and only one
+/// of them can win; each device's driver and each hotplug have keys of their own
+/// (<see cref="DriverRecord"/>, <see cref="HotplugRecord"/>). A watch on all of them brings the other
+/// replicas' claims, releases, binds and hotplug into this replica's table, and so into its
+/// <c>Topology.Watch</c>.
 /// </summary>
 /// <remarks>
-/// Driver binding and hotplug are not shared across replicas yet: in a cluster they are refused
-/// with ENOSYS, so every replica's kernel side stays the topology's.
-/// Calls run under the group's lock (lock 2 of docs/locking.md), blocking on etcd: one group's
-/// changes are serialised as they are in one process; different groups' run in parallel.
+/// Calls run under the group's lock (lock 2 of docs/locking.md), and hotplug under the hotplug
+/// lock too, blocking on etcd: one group's changes are serialised as they are in one process;
+/// different groups' run in parallel. A change this replica makes on a view of etcd that another
+/// replica has changed since is refused (EAGAIN, or the errno the change it lost to calls for) and
+/// changes nothing; the watch brings the newer view, and the call can be tried again.
 /// </remarks>
 public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposable
 {
     private const string SessionsPrefix = "/dmabroker/sessions/";
     private const string ReplicasPrefix = "/dmabroker/replicas/";
     private const string ReplicaSequenceKey = "/dmabroker/replica-seq";
+    private const string TopologyKey = "/dmabroker/topology";
+    private const string RootPrefix = "/dmabroker/";
 
     private readonly EtcdStoreOptions _options;
     private readonly EtcdClient _client;
@@ -50,6 +58,11 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // The etcd revision of the last change this replica wrote or applied, per group; read and
     // written only under that group's lock.
     private readonly ConcurrentDictionary<uint, long> _revisions = new();
+    // The mod revision of each device's driver key as this replica last wrote or saw it (absent: the
+    // topology's driver, 0); read and written only under the device's group's lock.
+    private readonly ConcurrentDictionary<PciAddress, long> _drivers = new();
+    // The revision of the last hotplug this replica wrote or applied; read and written only under the hotplug lock.
+    private long _shape;
     private readonly ConcurrentDictionary<ulong, Lazy<SessionLease>> _leases = new();
     private SessionLease? _registration;
     private Broker? _broker;
@@ -185,6 +198,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         if (broker.Table.Store != this)
             throw new ArgumentException("the broker was not built with this store", nameof(broker));
         _broker = broker;
+        await SeedAsync(broker.Journal.Current, cancellationToken).ConfigureAwait(false);
         var revision = await ResyncAsync(cancellationToken).ConfigureAwait(false);
         _watch = WatchAsync(revision + 1);
     }
@@ -245,14 +259,106 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     }
 
     /// <inheritdoc/>
-    public void CommitKernel(uint groupId, PciAddress device, bool bind) =>
-        throw new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented,
-            $"in a cluster (--cluster etcd) drivers are not yet bound across replicas; {device} keeps its driver");
+    public void CommitDriver(uint groupId, GroupOwner owner, PciAddress device, string? driverBefore, string? driverAfter, int kernelCountAfter)
+    {
+        var key = GroupRecord.Key(groupId);
+        var driverKey = DriverRecord.Key(device);
+        var txn = new TxnRequest();
+        txn.Compare.Add(OwnerIs(key, owner));
+        txn.Compare.Add(new Compare { Key = driverKey, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = _drivers.GetValueOrDefault(device) });
+        if (OwnerBecomes(key, owner, kernelCountAfter) is { } ownerOp)
+            txn.Success.Add(ownerOp);
+        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = driverKey, Value = DriverRecord.Encode(driverAfter) } });
+        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = driverKey } });
+        var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"driver change of {device}");
+        if (answer.Succeeded)
+        {
+            _revisions[groupId] = answer.Header.Revision;
+            _drivers[device] = answer.Header.Revision;
+            return;
+        }
+        var holder = Found(answer, 0) is { } o ? GroupRecord.Decode(o.Value) : null;
+        var driver = Found(answer, 1) is { } d ? DriverRecord.Decode(d.Value) : driverBefore;
+        if (driverAfter is not null && kernelCountAfter > owner.Count && holder is { IsKernel: false })
+            throw ErrnoException.Busy($"cannot bind DMA-API driver {driverAfter} to {device}: group {groupId} is {holder.Describe()} in the cluster");
+        if (driver != driverBefore)
+        {
+            throw driverAfter is not null
+                ? ErrnoException.Busy($"{device} was bound to {driver} on another replica; unbind it first")
+                : driver is null
+                    ? ErrnoException.Conflict(Errno.EINVAL, $"{device} has no driver bound: it was unbound on another replica")
+                    : Changed($"{device}'s driver was changed to {driver} on another replica");
+        }
+        throw Changed($"group {groupId} was changed on another replica ({holder?.Describe() ?? "owned by nobody"})");
+    }
 
     /// <inheritdoc/>
-    public void CommitHotplug(PciAddress device, bool added) =>
-        throw new ErrnoException(Errno.ENOSYS, ErrorKind.Unimplemented,
-            $"in a cluster (--cluster etcd) hotplug is not yet shared across replicas; {device} was not {(added ? "added" : "removed")}");
+    public void CommitHotplug(PciFunctionSpec device, uint groupId, GroupOwner owner, bool added, string? driver, int kernelCountAfter)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        var key = GroupRecord.Key(groupId);
+        var hotplugKey = HotplugRecord.Key(device.Address);
+        var txn = new TxnRequest();
+        var shape = Interlocked.Read(ref _shape);
+        txn.Compare.Add(new Compare { Key = HotplugRecord.ShapeKey, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = shape });
+        txn.Compare.Add(OwnerIs(key, owner));
+        // In watch order: the device appears or goes, then its driver, then its group's count.
+        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = hotplugKey, Value = new HotplugRecord(added, groupId, added ? device : null).Encode() } });
+        txn.Success.Add(added
+            ? new RequestOp { RequestPut = new PutRequest { Key = DriverRecord.Key(device.Address), Value = DriverRecord.Encode(driver) } }
+            : new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = DriverRecord.Key(device.Address) } });
+        if (OwnerBecomes(key, owner, kernelCountAfter) is { } ownerOp)
+            txn.Success.Add(ownerOp);
+        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = HotplugRecord.ShapeKey, Value = ByteString.CopyFromUtf8(Replica) } });
+        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = hotplugKey } });
+        var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"hotplug of {device.Address}");
+        if (answer.Succeeded)
+        {
+            var revision = answer.Header.Revision;
+            _revisions[groupId] = revision;
+            _drivers[device.Address] = added ? revision : 0;
+            Interlocked.Exchange(ref _shape, revision);
+            return;
+        }
+        var holder = Found(answer, 0) is { } o ? GroupRecord.Decode(o.Value) : null;
+        var record = Found(answer, 1) is { } h && h.ModRevision > shape ? HotplugRecord.Decode(device.Address, h.Value) : null;
+        if (record is { Added: true } && added)
+            throw ErrnoException.Exists(record.Describe(device.Address));
+        if (record is { Added: false } && !added)
+            throw ErrnoException.NoDevice(device.Address);
+        if (!added && holder is { IsKernel: false })
+            throw ErrnoException.Busy($"{device.Address}: group {groupId} is {holder.Describe()} in the cluster");
+        throw Changed($"the cluster's devices were changed on another replica; {device.Address} was not {(added ? "added" : "removed")}");
+    }
+
+    // The compare that the group's key holds `owner`, as this replica's table has it.
+    private Compare OwnerIs(ByteString key, GroupOwner owner) => owner.Kind switch
+    {
+        OwnerKind.None => new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 },
+        OwnerKind.Kernel => new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = GroupRecord.Kernel(owner.Count).Encode() },
+        _ => new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = new GroupRecord(owner.Session, owner.Replica ?? Replica, owner.Count).Encode() },
+    };
+
+    // The write that gives a group owned by nobody or by kernel drivers `kernelCount` kernel
+    // drivers; null when that count does not change (a driver_managed_dma driver, a user's group).
+    private static RequestOp? OwnerBecomes(ByteString key, GroupOwner owner, int kernelCount)
+    {
+        if (owner.Kind == OwnerKind.User || kernelCount == owner.Count)
+            return null;
+        return kernelCount == 0
+            ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
+            : new RequestOp { RequestPut = new PutRequest { Key = key, Value = GroupRecord.Kernel(kernelCount).Encode() } };
+    }
+
+    private static KeyValue? Found(TxnResponse answer, int op) => answer.Responses.ElementAtOrDefault(op)?.ResponseRange?.Kvs.FirstOrDefault();
+
+    private static ErrnoException Changed(string message) =>
+        new(Errno.EAGAIN, ErrorKind.FailedPrecondition, $"{message}; try again once this replica has caught up")
+        {
+            RetryAfter = TimeSpan.FromMilliseconds(100),
+        };
 
     /// <inheritdoc/>
     public void SessionEnded(Session session)
@@ -322,16 +428,49 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     // --- the watch ---
 
-    // Loads the whole group table from etcd into the broker's: every group either has a record
-    // (owned) or not (free). Returns the revision it read at.
+    // The first replica of a cluster records its topology and the kernel drivers it boots with
+    // (their groups' counts); every later one checks that it starts from the same topology, since a
+    // device without a driver key has the driver the topology gives it.
+    private async Task SeedAsync(TopologySnapshot boot, CancellationToken cancellationToken)
+    {
+        var fingerprint = ByteString.CopyFromUtf8(Fingerprint(boot));
+        var key = ByteString.CopyFromUtf8(TopologyKey);
+        var seed = new TxnRequest();
+        seed.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
+        seed.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = fingerprint } });
+        foreach (var group in boot.Groups.Values.Where(g => g.OwnerKind == OwnerKind.Kernel))
+            seed.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = GroupRecord.Key(group.Id), Value = GroupRecord.Kernel(group.OwnerCount).Encode() } });
+        seed.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+        var answer = await _kv.TxnAsync(seed, deadline: Deadline(), cancellationToken: cancellationToken);
+        if (!answer.Succeeded && Found(answer, 0)?.Value is { } recorded && recorded != fingerprint)
+            throw ErrnoException.Invalid($"replica {Replica} starts from another topology than the cluster's (fingerprint {Short(recorded)}…, this one's {Short(fingerprint)}…): every replica must use the same --topology");
+
+        static string Short(ByteString value) => value.ToStringUtf8() is var text && text.Length > 12 ? text[..12] : text;
+    }
+
+    private static string Fingerprint(TopologySnapshot boot)
+    {
+        var text = new System.Text.StringBuilder();
+        foreach (var d in boot.Devices.Values)
+            text.Append(CultureInfo.InvariantCulture, $"{d.Address} {d.VendorId:x4}:{d.DeviceId:x4} {d.ClassCode:x6} {d.Model} {d.GroupId} {d.Driver}\n");
+        return Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(text.ToString())));
+    }
+
+    // Loads the cluster's whole table from etcd into the broker's: the hotplug not yet applied, in
+    // the order it happened; every device's driver that differs from the topology's; and every
+    // group's owner, which either has a record (owned) or not (free). Returns the revision it read at.
     private async Task<long> ResyncAsync(CancellationToken cancellationToken)
     {
         var all = await _kv.RangeAsync(new RangeRequest
         {
-            Key = ByteString.CopyFromUtf8(GroupRecord.Prefix),
-            RangeEnd = EtcdClient.GetRangeEnd(ByteString.CopyFromUtf8(GroupRecord.Prefix)),
+            Key = ByteString.CopyFromUtf8(RootPrefix),
+            RangeEnd = EtcdClient.GetRangeEnd(ByteString.CopyFromUtf8(RootPrefix)),
         }, deadline: Deadline(), cancellationToken: cancellationToken);
         var revision = all.Header.Revision;
+        foreach (var kv in all.Kvs.Where(kv => HotplugRecord.DeviceOf(kv.Key).HasValue).OrderBy(kv => kv.ModRevision))
+            ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
+        foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
+            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
         var records = all.Kvs.Where(kv => GroupRecord.GroupOf(kv.Key).HasValue).ToDictionary(kv => GroupRecord.GroupOf(kv.Key)!.Value);
         foreach (var id in _broker!.Journal.Current.Groups.Keys)
         {
@@ -340,7 +479,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             else
                 Apply(id, revision, 0, null, deleted: true);
         }
-        Interlocked.Exchange(ref _revision, revision);
+        Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), revision));
         return revision;
     }
 
@@ -350,8 +489,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             CreateRequest = new WatchCreateRequest
             {
-                Key = ByteString.CopyFromUtf8(GroupRecord.Prefix),
-                RangeEnd = EtcdClient.GetRangeEnd(ByteString.CopyFromUtf8(GroupRecord.Prefix)),
+                Key = ByteString.CopyFromUtf8(RootPrefix),
+                RangeEnd = EtcdClient.GetRangeEnd(ByteString.CopyFromUtf8(RootPrefix)),
                 PrevKv = true,
             },
         };
@@ -386,6 +525,15 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                             var deleted = ev.Type == Event.Types.EventType.Delete;
                             Apply(id, ev.Kv.ModRevision, ev.Kv.CreateRevision, GroupRecord.Decode(deleted ? ev.PrevKv?.Value ?? ByteString.Empty : ev.Kv.Value), deleted);
                         }
+                        else if (ev.Type == Event.Types.EventType.Put && HotplugRecord.DeviceOf(ev.Kv.Key) is { } plugged)
+                        {
+                            ApplyHotplug(plugged, ev.Kv.ModRevision, ev.Kv.Value);
+                        }
+                        else if (ev.Type == Event.Types.EventType.Put && DriverRecord.DeviceOf(ev.Kv.Key) is { } device)
+                        {
+                            // A deleted driver key goes with its device's removal, which the hotplug key brings.
+                            ApplyDriver(device, ev.Kv.ModRevision, ev.Kv.Value);
+                        }
                         from = ev.Kv.ModRevision + 1;
                     }
                     if (answer.Header is { } header && answer.Events.Count > 0)
@@ -413,13 +561,30 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         }
     }
 
+    // Another replica's hotplug, at etcd revision `revision`; this replica's own is already in its table.
+    private void ApplyHotplug(PciAddress address, long revision, ByteString value)
+    {
+        if (HotplugRecord.Decode(address, value) is not { } record)
+            return;
+        _broker!.Table.ApplyRemoteHotplug(address, record.Spec, record.Group,
+            () => Interlocked.Read(ref _shape) < revision,
+            () => Interlocked.Exchange(ref _shape, revision));
+    }
+
+    // Another replica's driver bind or unbind, at etcd revision `revision`; this replica's own are already in its table.
+    private void ApplyDriver(PciAddress address, long revision, ByteString value) =>
+        _broker!.Table.ApplyRemoteDriver(address, DriverRecord.Decode(value),
+            () => _drivers.GetValueOrDefault(address) < revision,
+            () => _drivers[address] = revision);
+
     // One change of a group's key, at etcd revision `revision`: a record put, or the key deleted
-    // (released, or its lease ended). This replica's own puts are already in its table.
+    // (released, its lease ended, or its last kernel driver unbound). This replica's own puts are
+    // already in its table.
     private void Apply(uint groupId, long revision, long created, GroupRecord? record, bool deleted)
     {
         if (!deleted && (record is null || record.Replica == Replica))
             return;
-        var owner = deleted ? null : new RemoteOwner(record!.Session, record.Replica);
+        var owner = deleted || record!.IsKernel ? null : new RemoteOwner(record.Session, record.Replica);
         var fenced = _broker!.Table.ApplyRemote(groupId,
             () => !_revisions.TryGetValue(groupId, out var seen) || seen < revision,
             () => _revisions[groupId] = revision,

@@ -5,16 +5,17 @@ using Google.Protobuf;
 namespace DmaBroker.Cluster;
 
 /// <summary>
-/// A user-owned group as etcd holds it, under <c>/dmabroker/groups/&lt;id&gt;</c>, attached to the
-/// owning session's lease: <c>{"kind":"user","session":…,"replica":…,"count":…}</c>. A group with
-/// no key is owned by no session. Encoded the same way every time, so a transaction can compare
-/// the key's value with the owner and count the replica expects. The grant's generation is the
-/// key's <c>create_revision</c>: the revision of the transaction that granted the group, kept
+/// A group's owner as etcd holds it, under <c>/dmabroker/groups/&lt;id&gt;</c>: a user-owned group's
+/// key is attached to the owning session's lease, <c>{"kind":"user","session":…,"replica":…,"count":…}</c>;
+/// a group with kernel DMA-API drivers bound has a key of no lease, <c>{"kind":"kernel","count":…}</c>.
+/// A group with no key is owned by nobody. Encoded the same way every time, so a transaction can
+/// compare the key's value with the owner and count the replica expects. A grant's generation is
+/// the key's <c>create_revision</c>: the revision of the transaction that granted the group, kept
 /// while the count changes, new with the next grant.
 /// </summary>
-/// <param name="Session">The owning session, unique across the cluster.</param>
-/// <param name="Replica">The replica that serves it.</param>
-/// <param name="Count">Its claims on the group (SPEC §3's owner_cnt).</param>
+/// <param name="Session">The owning session, unique across the cluster; 0 for kernel drivers.</param>
+/// <param name="Replica">The replica that serves it; empty for kernel drivers.</param>
+/// <param name="Count">Its claims on the group, or the kernel drivers bound (SPEC §3's owner_cnt).</param>
 internal sealed record GroupRecord(ulong Session, string Replica, int Count)
 {
     public const string Prefix = "/dmabroker/groups/";
@@ -29,9 +30,17 @@ internal sealed record GroupRecord(ulong Session, string Replica, int Count)
             && uint.TryParse(text.AsSpan(Prefix.Length), NumberStyles.None, CultureInfo.InvariantCulture, out var id) ? id : null;
     }
 
+    /// <summary><paramref name="count"/> kernel DMA-API drivers bound to the group's devices, on any replica.</summary>
+    public static GroupRecord Kernel(int count) => new(0, "", count);
+
+    /// <summary>Kernel drivers, not a session, own the group.</summary>
+    public bool IsKernel => Replica.Length == 0;
+
     // Replica names are [a-z0-9._-] (EtcdStoreOptions), so they need no escaping.
-    public ByteString Encode() => ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture,
-        $"{{\"kind\":\"user\",\"session\":{Session},\"replica\":\"{Replica}\",\"count\":{Count}}}"));
+    public ByteString Encode() => ByteString.CopyFromUtf8(IsKernel
+        ? string.Create(CultureInfo.InvariantCulture, $"{{\"kind\":\"kernel\",\"count\":{Count}}}")
+        : string.Create(CultureInfo.InvariantCulture,
+            $"{{\"kind\":\"user\",\"session\":{Session},\"replica\":\"{Replica}\",\"count\":{Count}}}"));
 
     /// <summary>The record a value holds, or null for a value that is not one (written by something else).</summary>
     public static GroupRecord? Decode(ByteString value)
@@ -42,6 +51,8 @@ internal sealed record GroupRecord(ulong Session, string Replica, int Count)
         {
             using var doc = JsonDocument.Parse(value.Memory);
             var root = doc.RootElement;
+            if (root.GetProperty("kind").GetString() == "kernel")
+                return Kernel(root.GetProperty("count").GetInt32());
             return new GroupRecord(root.GetProperty("session").GetUInt64(), root.GetProperty("replica").GetString() ?? "",
                 root.GetProperty("count").GetInt32());
         }
@@ -51,5 +62,7 @@ internal sealed record GroupRecord(ulong Session, string Replica, int Count)
         }
     }
 
-    public string Describe() => $"owned by session {Session} on replica {Replica}";
+    public string Describe() => IsKernel
+        ? $"owned by {Count} kernel DMA-API driver(s)"
+        : $"owned by session {Session} on replica {Replica}";
 }

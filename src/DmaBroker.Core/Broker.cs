@@ -120,6 +120,7 @@ public sealed class Broker : IAsyncDisposable
         Table = new OwnershipTable(topology, Options.WatchBuffer, clock, Options.Store);
         Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount, Table.Store.Replica);
         Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
+        Table.DetachRemoved = Vfio.DetachRemoved;
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
         {
             // Measured before it is published, so whoever sees the session end finds it counted.

@@ -82,22 +82,6 @@ public sealed class ReplicaTests
     }
 
     [Fact]
-    public async Task DriverBindAndHotplug_InACluster_AreRefusedWithEnosys_AndChangeNothing()
-    {
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
-        var nic = PciAddress.Parse("0000:02:00.0");
-        var before = a.Broker.Journal.Current;
-        Assert.Equal("ixgbe", before.Devices[nic].Driver);
-
-        Assert.Equal(Errno.ENOSYS, Assert.Throws<ErrnoException>(() => a.Broker.Table.UnbindDriver(nic)).Errno);
-        var added = new PciFunctionSpec(PciAddress.Parse("0000:00:1f.0"), PciNodeKind.Endpoint, 0x1234, 0x11e8, 0x00ff00, "edu", true, null, null, null);
-        Assert.Equal(Errno.ENOSYS, Assert.Throws<ErrnoException>(() => a.Broker.Table.AddDevice(added)).Errno);
-        Assert.Equal(Errno.ENOSYS, Assert.Throws<ErrnoException>(() => a.Broker.Table.RemoveDevice(nic)).Errno);
-        Assert.Same(before, a.Broker.Journal.Current);
-    }
-
-    [Fact]
     public async Task SecondReplica_WithALiveReplicasName_IsRefusedWithEexist()
     {
         await using var etcd = await EtcdCluster.StartAsync();

@@ -50,7 +50,15 @@ public sealed class TestBroker : IAsyncDisposable
     /// <summary>Declares errors the broker may log in this test, e.g. <c>r => r.EventId.Id == 101</c>.</summary>
     public void ExpectErrors(Func<BrokerLogRecord, bool> match) => Log.ExpectErrors(match);
 
-    public static async Task<TestBroker> StartAsync(TimeProvider? time = null, params string[] args)
+    public static Task<TestBroker> StartAsync(TimeProvider? time = null, params string[] args) =>
+        StartWithAsync(services =>
+        {
+            if (time is not null)
+                services.Replace(ServiceDescriptor.Singleton(time));
+        }, args);
+
+    /// <summary>A broker whose services <paramref name="configure"/> changes last (a store of the test's own, for example).</summary>
+    public static async Task<TestBroker> StartWithAsync(Action<IServiceCollection> configure, params string[] args)
     {
         var log = new BrokerLog();
         var ended = new EndedRequests();
@@ -58,8 +66,7 @@ public sealed class TestBroker : IAsyncDisposable
         {
             services.AddLogging(logging => logging.AddProvider(log));
             services.AddSingleton<IStartupFilter>(ended);
-            if (time is not null)
-                services.Replace(ServiceDescriptor.Singleton(time));
+            configure(services);
         });
         var address = await app.StartAndGetAddressAsync();
         return new TestBroker(app, address, log, ended);

@@ -1,6 +1,18 @@
 using DmaBroker.Core.Sessions;
+using DmaBroker.Core.Topology;
 
 namespace DmaBroker.Core.Ownership;
+
+/// <summary>
+/// A group's owner as this broker's table holds it, which a cluster store compares with what it
+/// holds: nobody, <paramref name="Count"/> kernel DMA-API drivers, or a session's
+/// <paramref name="Count"/> claims.
+/// </summary>
+/// <param name="Kind">NONE, KERNEL or USER.</param>
+/// <param name="Count">SPEC §3's owner_cnt.</param>
+/// <param name="Session">The owning session for USER, else 0.</param>
+/// <param name="Replica">The replica that serves a USER owner of another replica; null for this replica's own session, or for NONE and KERNEL.</param>
+public readonly record struct GroupOwner(OwnerKind Kind, int Count, ulong Session, string? Replica);
 
 /// <summary>
 /// Where a group's ownership is decided (SPEC §16): every claim, release, driver bind and hotplug
@@ -37,11 +49,24 @@ public interface IOwnershipStore
     /// </summary>
     void CommitRelease(uint groupId, Session session, int countBefore, int countAfter, ulong generation);
 
-    /// <summary>A DMA-API driver binds to (<paramref name="bind"/>) or unbinds from a device of the group. Throws to refuse.</summary>
-    void CommitKernel(uint groupId, PciAddress device, bool bind);
+    /// <summary>
+    /// A driver binds to a device of the group, or unbinds from it: <paramref name="device"/>'s driver
+    /// goes from <paramref name="driverBefore"/> to <paramref name="driverAfter"/> (null: none), and
+    /// the group's owner, <paramref name="owner"/> as the table holds it, gets
+    /// <paramref name="kernelCountAfter"/> kernel DMA-API drivers (its count unchanged for a
+    /// <c>driver_managed_dma</c> driver). Throws to refuse.
+    /// </summary>
+    void CommitDriver(uint groupId, GroupOwner owner, PciAddress device, string? driverBefore, string? driverAfter, int kernelCountAfter);
 
-    /// <summary>A device is hot-added (<paramref name="added"/>) or removed. Throws to refuse.</summary>
-    void CommitHotplug(PciAddress device, bool added);
+    /// <summary>
+    /// A device is hot-added into group <paramref name="groupId"/> (<paramref name="added"/>: an
+    /// existing group, or a new one with that id) or removed from it. <paramref name="owner"/> is the
+    /// group's owner as the table holds it (NONE for a new group); <paramref name="driver"/> the
+    /// device's driver (bound with the add, or bound until the removal); the group then has
+    /// <paramref name="kernelCountAfter"/> kernel DMA-API drivers. Called under the hotplug lock and
+    /// the group's (a new group's: the hotplug lock alone). Throws to refuse.
+    /// </summary>
+    void CommitHotplug(PciFunctionSpec device, uint groupId, GroupOwner owner, bool added, string? driver, int kernelCountAfter);
 
     /// <summary>A session has ended and released everything it held: the store forgets it.</summary>
     void SessionEnded(Session session);
@@ -76,12 +101,12 @@ public sealed class EmbeddedOwnershipStore : IOwnershipStore
     }
 
     /// <inheritdoc/>
-    public void CommitKernel(uint groupId, PciAddress device, bool bind)
+    public void CommitDriver(uint groupId, GroupOwner owner, PciAddress device, string? driverBefore, string? driverAfter, int kernelCountAfter)
     {
     }
 
     /// <inheritdoc/>
-    public void CommitHotplug(PciAddress device, bool added)
+    public void CommitHotplug(PciFunctionSpec device, uint groupId, GroupOwner owner, bool added, string? driver, int kernelCountAfter)
     {
     }
 

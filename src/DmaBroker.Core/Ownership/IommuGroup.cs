@@ -48,6 +48,9 @@ public sealed class IommuGroup(uint id, IOwnershipStore? store = null)
     private IUserDomain? _attached;
     internal bool Removed { get; set; }
 
+    /// <summary>The owner as a cluster store compares it (SPEC §16).</summary>
+    internal GroupOwner OwnerState => new(OwnerKind, OwnerCount, Owner?.Id ?? Remote?.SessionId ?? 0, Remote?.Replica);
+
     internal OwnerKind OwnerKind => OwnerCount == 0 ? OwnerKind.None : Owner is null && Remote is null ? OwnerKind.Kernel : OwnerKind.User;
 
     // --- kernel DMA API (iommu_device_use_default_domain / unuse) ---
@@ -60,10 +63,15 @@ public sealed class IommuGroup(uint id, IOwnershipStore? store = null)
 
     internal void KernelUse() => OwnerCount++;
 
-    internal void KernelUnuse()
+    internal void CheckKernelUnuse()
     {
         if (OwnerKind != OwnerKind.Kernel)
             throw ErrnoException.Conflict(Errno.EINVAL, $"group {Id} holds no kernel DMA ownership");
+    }
+
+    internal void KernelUnuse()
+    {
+        CheckKernelUnuse();
         OwnerCount--;
     }
 
@@ -209,17 +217,26 @@ public sealed class IommuGroup(uint id, IOwnershipStore? store = null)
     /// <summary>
     /// Takes the cluster store's word for a group no session of this replica owns: owned by
     /// <paramref name="owner"/> with <paramref name="count"/> claims and <paramref name="generation"/>,
-    /// or (null) free again. Call under the group's lock; false, changing nothing, when a session of
-    /// this replica owns it (then that session has lost its lease and must be fenced).
+    /// by <paramref name="count"/> kernel DMA-API drivers (null owner, count above 0), or free (null,
+    /// 0). Call under the group's lock; false, changing nothing, when a session of this replica owns
+    /// it (then that session has lost its lease and must be fenced). A grant to another replica's
+    /// session resets this replica's copies of the group's devices (SPEC §10.5, §16): whoever owns the
+    /// group here next finds them reset, whatever they held before.
     /// </summary>
     internal bool ApplyRemote(RemoteOwner? owner, int count, ulong generation)
     {
         if (Owner is not null)
             return false;
-        if (owner is null && Remote is null)
-            return true;
+        if (owner is not null && owner.SessionId != Remote?.SessionId)
+        {
+            foreach (var device in Devices)
+            {
+                lock (device.Model.Sync)
+                    device.Model.Reset();
+            }
+        }
         Remote = owner;
-        OwnerCount = owner is null ? 0 : count;
+        OwnerCount = count;
         Domain = owner is null ? DomainKind.Default : DomainKind.Blocking;
         Generation = Math.Max(Generation, generation);
         return true;

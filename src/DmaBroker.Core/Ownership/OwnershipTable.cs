@@ -76,11 +76,10 @@ public sealed class OwnershipTable
             CheckPresent(device);
             if (device.Driver is { } bound)
                 throw ErrnoException.Busy($"{address} is already bound to {bound}; unbind it first");
-            if (!Drivers.ManagesDma(driver))
-            {
+            var kernel = !Drivers.ManagesDma(driver);
+            if (kernel)
                 group.CheckKernelUse(device, driver);
-                Store.CommitKernel(group.Id, address, bind: true);
-            }
+            Store.CommitDriver(group.Id, group.OwnerState, address, null, driver, group.OwnerCount + (kernel ? 1 : 0));
             Bind(device, driver);
             return PublishDevice(device);
         }
@@ -100,11 +99,15 @@ public sealed class OwnershipTable
                 throw ErrnoException.Busy($"{address} is bound by session {s.Id}; it must unbind the device first");
             if (device.OpenHandles > 0)
                 throw ErrnoException.Busy($"{address} is open by a user driver");
-            if (!device.DriverManagesDma)
-            {
-                Store.CommitKernel(group.Id, address, bind: false);
+            // A session of another replica (SPEC §16) may hold the device open there, out of sight.
+            if (group.Remote is { } remote && device.DriverManagesDma)
+                throw ErrnoException.Busy($"{address}: group {group.Id} is owned by session {remote.SessionId} on replica {remote.Replica}, which may have it open");
+            var kernel = !device.DriverManagesDma;
+            if (kernel)
+                group.CheckKernelUnuse();
+            Store.CommitDriver(group.Id, group.OwnerState, address, device.Driver, null, group.OwnerCount - (kernel ? 1 : 0));
+            if (kernel)
                 group.KernelUnuse();
-            }
             device.Driver = null;
             return PublishDevice(device);
         }
@@ -126,26 +129,68 @@ public sealed class OwnershipTable
                 throw ErrnoException.Exists($"{spec.Address} already exists");
             if (spec.Address.Bus != 0 && !_bridgeBySecondaryBus.ContainsKey(spec.Address.Bus))
                 throw ErrnoException.NotFound(Errno.ENODEV, $"no bridge leads to bus {spec.Address.Bus:x2}");
+            var kernel = spec.Driver is { } d && !Drivers.ManagesDma(d);
             var existing = FindGroupFor(spec);
             if (existing is not null)
             {
                 lock (existing.Sync)
                 {
                     var probe = new PciDevice(spec, existing, _time);
-                    if (spec.Driver is { } d && !Drivers.ManagesDma(d))
-                        existing.CheckKernelUse(probe, d);
-                    Store.CommitHotplug(spec.Address, added: true);
-                    return Plug(Insert(spec, existing));
+                    if (kernel)
+                        existing.CheckKernelUse(probe, spec.Driver!);
+                    Store.CommitHotplug(spec, existing.Id, existing.OwnerState, added: true, spec.Driver, existing.OwnerCount + (kernel ? 1 : 0));
+                    return Plug(spec, existing);
                 }
             }
-            Store.CommitHotplug(spec.Address, added: true);
-            var device = Insert(spec);
-            lock (device.Group.Sync)
-                return Plug(device);
+            var id = NextGroupId(spec.PinnedGroup);
+            Store.CommitHotplug(spec, id, default, added: true, spec.Driver, kernel ? 1 : 0);
+            return Plug(spec, NewGroup(id, spec.PinnedGroup.HasValue));
         }
+    }
 
-        DeviceInfo Plug(PciDevice device)
+    /// <summary>
+    /// A hot-add or hot-removal another replica made (SPEC §16): <paramref name="added"/> joins group
+    /// <paramref name="groupId"/> as that replica placed it (the group of that id, or a new one); or
+    /// (null) the device at <paramref name="address"/> goes. <paramref name="isNewer"/> and
+    /// <paramref name="applied"/> are asked and told under the hotplug lock, as in
+    /// <see cref="ApplyRemote"/>. A device that a session of this replica holds was removed by
+    /// surprise there (SPEC §14 SURPRISE_REMOVE: a planned removal of it is refused): it goes here as
+    /// it would have gone by surprise here. A device that exists already, one that is gone already,
+    /// or a bridge with devices below it, is left as it is.
+    /// </summary>
+    public void ApplyRemoteHotplug(PciAddress address, PciFunctionSpec? added, uint groupId, Func<bool> isNewer, Action applied)
+    {
+        ArgumentNullException.ThrowIfNull(isNewer);
+        ArgumentNullException.ThrowIfNull(applied);
+        lock (_hotplug)
         {
+            if (!isNewer())
+                return;
+            applied();
+            var present = _devices.TryGetValue(address, out var device);
+            if (added is not null)
+            {
+                if (!present && (address.Bus == 0 || _bridgeBySecondaryBus.ContainsKey(address.Bus)))
+                    Plug(added, _groups.GetValueOrDefault(groupId) ?? NewGroup(groupId, _pinnedGroupIds.Contains(groupId)));
+                return;
+            }
+            if (device is null || (device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus)))
+                return;
+            lock (device.Group.Sync)
+            {
+                if (device.Group.Owner is not null || device.OpenHandles > 0)
+                    DetachRemoved?.Invoke(device);
+                Unplug(device);
+            }
+        }
+    }
+
+    // Under the hotplug lock: the device joins `group` (new or existing), with its driver.
+    private DeviceInfo Plug(PciFunctionSpec spec, IommuGroup group)
+    {
+        lock (group.Sync)
+        {
+            var device = Insert(spec, group);
             if (spec.Driver is { } driver)
                 Bind(device, driver);
             var info = device.ToInfo();
@@ -164,6 +209,12 @@ public sealed class OwnershipTable
     /// </summary>
     internal void SurpriseRemove(PciAddress address, Action<PciDevice> detach) => Remove(address, detach);
 
+    /// <summary>
+    /// What a surprise removal lets go of before the device goes (the VFIO side's handles and
+    /// claims on it); called under the hotplug lock and the group's lock.
+    /// </summary>
+    internal Action<PciDevice>? DetachRemoved { get; set; }
+
     private void Remove(PciAddress address, Action<PciDevice>? detach)
     {
         lock (_hotplug)
@@ -176,27 +227,40 @@ public sealed class OwnershipTable
             {
                 if (detach is null && group.OwnerKind == OwnerKind.User)
                     throw ErrnoException.Busy($"{address}: group {group.Id} is {group.Describe()}");
-                Store.CommitHotplug(address, added: false);
+                var kernel = device.Driver is not null && !device.DriverManagesDma;
+                if (kernel)
+                    group.CheckKernelUnuse();
+                Store.CommitHotplug(device.Spec, group.Id, group.OwnerState, added: false, device.Driver, group.OwnerCount - (kernel ? 1 : 0));
                 detach?.Invoke(device);
-                if (device.Driver is not null && !device.DriverManagesDma)
-                    group.KernelUnuse();
-                device.Driver = null;
-                device.Removed = true;
-                group.Devices.Remove(device);
-                _devices.TryRemove(address, out _);
-                if (device.Spec.SecondaryBus is { } secondary)
-                    _bridgeBySecondaryBus.Remove(secondary);
-                if (group.Devices.Count == 0)
-                {
-                    group.Removed = true;
-                    _groups.TryRemove(group.Id, out _);
-                    Journal.Publish(new DeviceRemoved(address), new GroupRemoved(group.Id));
-                }
-                else
-                {
-                    Journal.Publish(new DeviceRemoved(address), new GroupChanged(group.ToInfo()));
-                }
+                Unplug(device);
             }
+        }
+    }
+
+    // Under the hotplug lock and the group's: the device leaves the table, and its group with it if it was the last.
+    private void Unplug(PciDevice device)
+    {
+        var group = device.Group;
+        var address = device.Address;
+        // A removal here was checked (CheckKernelUnuse); one from another replica may come before
+        // its group's count does, and takes the count as it finds it.
+        if (device.Driver is not null && !device.DriverManagesDma && group.OwnerKind == OwnerKind.Kernel)
+            group.KernelUnuse();
+        device.Driver = null;
+        device.Removed = true;
+        group.Devices.Remove(device);
+        _devices.TryRemove(address, out _);
+        if (device.Spec.SecondaryBus is { } secondary)
+            _bridgeBySecondaryBus.Remove(secondary);
+        if (group.Devices.Count == 0)
+        {
+            group.Removed = true;
+            _groups.TryRemove(group.Id, out _);
+            Journal.Publish(new DeviceRemoved(address), new GroupRemoved(group.Id));
+        }
+        else
+        {
+            Journal.Publish(new DeviceRemoved(address), new GroupChanged(group.ToInfo()));
         }
     }
 
@@ -227,6 +291,31 @@ public sealed class OwnershipTable
             if (group.ToInfo() is var after && before with { Devices = after.Devices } != after)
                 Journal.Publish(new GroupChanged(after));
             return null;
+        }
+    }
+
+    /// <summary>
+    /// Another replica's driver bind or unbind (SPEC §16): <paramref name="address"/>'s driver is now
+    /// <paramref name="driver"/> (null: none). Only the driver changes here; the group's kernel count
+    /// comes with its owner, through <see cref="ApplyRemote"/>. <paramref name="isNewer"/> and
+    /// <paramref name="applied"/> are asked and told under the group's lock. An unknown device is ignored.
+    /// </summary>
+    public void ApplyRemoteDriver(PciAddress address, string? driver, Func<bool> isNewer, Action applied)
+    {
+        ArgumentNullException.ThrowIfNull(isNewer);
+        ArgumentNullException.ThrowIfNull(applied);
+        if (!_devices.TryGetValue(address, out var device))
+            return;
+        lock (device.Group.Sync)
+        {
+            if (device.Removed || !isNewer())
+                return;
+            applied();
+            if (device.Driver != driver)
+            {
+                device.Driver = driver;
+                PublishDevice(device);
+            }
         }
     }
 
@@ -271,19 +360,23 @@ public sealed class OwnershipTable
         return device;
     }
 
-    private IommuGroup NewGroup(uint? pinned)
+    private IommuGroup NewGroup(uint? pinned) => NewGroup(NextGroupId(pinned), pinned.HasValue);
+
+    // The id a new group would get: the pinned one, or the next free one (not taken by this call).
+    private uint NextGroupId(uint? pinned)
     {
-        uint id;
         if (pinned is { } p)
-        {
-            id = p;
-        }
-        else
-        {
-            while (_pinnedGroupIds.Contains(_nextGroupId) || _groups.ContainsKey(_nextGroupId))
-                _nextGroupId++;
-            id = _nextGroupId++;
-        }
+            return p;
+        while (_pinnedGroupIds.Contains(_nextGroupId) || _groups.ContainsKey(_nextGroupId))
+            _nextGroupId++;
+        return _nextGroupId;
+    }
+
+    // A group's id is never handed out again, even once the group is gone (unless a topology pins it).
+    private IommuGroup NewGroup(uint id, bool pinned)
+    {
+        if (!pinned)
+            _nextGroupId = Math.Max(_nextGroupId, id + 1);
         return _groups.GetOrAdd(id, static (i, store) => new IommuGroup(i, store), Store);
     }
 

@@ -418,10 +418,14 @@ public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int 
     /// released, and so is a group claim when it was the group's last device; the owning session is
     /// told <see cref="DeviceRemovedEvent"/>; watchers see the release, then the removal.
     /// </summary>
-    internal void SurpriseRemove(PciAddress address) => table.SurpriseRemove(address, Detach);
+    internal void SurpriseRemove(PciAddress address) => table.SurpriseRemove(address, DetachRemoved);
 
-    // Under the hotplug lock and the group's lock, before the table unplugs the device.
-    private void Detach(PciDevice device)
+    /// <summary>
+    /// Lets go of what sessions hold of a device that is going by surprise: its handles fail from
+    /// now on, its claims are released, its owner is told. Under the hotplug lock and the group's
+    /// lock, before the table unplugs the device.
+    /// </summary>
+    internal void DetachRemoved(PciDevice device)
     {
         var group = device.Group;
         var owner = group.OwnerKind == OwnerKind.User ? group.Owner : null;
