@@ -15,6 +15,10 @@ namespace DmaBroker.Cluster.Tests;
 public sealed class KernelTests(ITestOutputHelper output)
 {
     private static readonly TimeSpan Timeout = ReplicaTests.Timeout;
+    // The replicas' etcd leases: long, since fencing is not what these tests are about. With 3 s,
+    // keepalives delayed past the fencing margin (CI runs the test assemblies side by side on two
+    // cores) fenced and ended a session mid-test (EACCES where ENODEV was expected).
+    private static readonly TimeSpan Lease = TimeSpan.FromSeconds(30);
     // An edu device with a group of its own, vfio-pci at boot, free (SPEC §2).
     private static readonly PciAddress Edu = PciAddress.Parse("0000:08:00.0");
     // Any driver without driver_managed_dma uses the kernel DMA API.
@@ -51,8 +55,8 @@ public sealed class KernelTests(ITestOutputHelper output)
             Replica? a = null;
             try
             {
-                a = await Replica.StartAsync("a", etcd.Endpoints);
-                return new TwoReplicas(etcd, a, await Replica.StartAsync("b", etcd.Endpoints));
+                a = await Replica.StartAsync("a", etcd.Endpoints, ttl: Lease);
+                return new TwoReplicas(etcd, a, await Replica.StartAsync("b", etcd.Endpoints, ttl: Lease));
             }
             catch
             {
@@ -124,7 +128,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         b.Broker.Vfio.CloseDevice(sb, b.Broker.Vfio.OpenDevice(sb, nvme).Id);
 
         // A replica that joins later takes the bindings from etcd, not from its topology.
-        await using var c = await Replica.StartAsync("c", etcd.Endpoints);
+        await using var c = await Replica.StartAsync("c", etcd.Endpoints, ttl: Lease);
         var joined = await WaitForAsync(c.Broker, t => t.Groups[group].OwnerKind == OwnerKind.User);
         Assert.Equal(Drivers.VfioPci, joined.Devices[nvme].Driver);
         Assert.Equal(sb.Id, joined.Groups[group].OwnerSession);
@@ -229,7 +233,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         Assert.Equal(1, nicGone.Groups[nicGroup].OwnerCount);
         Assert.Equal(OwnerKind.Kernel, nicGone.Groups[nicGroup].OwnerKind);
 
-        await using var c = await Replica.StartAsync("c", etcd.Endpoints);
+        await using var c = await Replica.StartAsync("c", etcd.Endpoints, ttl: Lease);
         var replayed = c.Broker.Journal.Current;
         Assert.Equal(info, replayed.Devices[added.Address]);
         Assert.False(replayed.Devices.ContainsKey(nic));
@@ -273,7 +277,7 @@ public sealed class KernelTests(ITestOutputHelper output)
     {
         // A device without a driver key has its topology's driver: every replica must share one topology.
         await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: Lease);
         var other = new TopologyDocument(TopologyDocument.Default().Functions.Where(f => f.Address != PciAddress.Parse("0000:0b:00.0")));
         await using var store = await EtcdOwnershipStore.ConnectAsync(new EtcdStoreOptions { Endpoints = etcd.Endpoints, Replica = "b" }).WaitAsync(Timeout);
         await using var broker = new Broker(other, new BrokerOptions { Store = store });
@@ -288,7 +292,7 @@ public sealed class KernelTests(ITestOutputHelper output)
     public async Task KernelChanges_WhenEtcdIsGone_FailEagainAndChangeNothing()
     {
         await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints);
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: Lease);
         var nic = PciAddress.Parse("0000:02:00.1");
         var added = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, null);
         await etcd.KillAsync(0);
