@@ -132,6 +132,12 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     {
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
+        // Claims block on etcd under their group's lock, a thread each, and the gRPC I/O they wait
+        // on needs threads of the pool too: with the pool's default minimum (one a core), a few
+        // blocked claims starve it until its slow thread injection, and etcd's answers miss their
+        // deadline. Whoever embeds the store (the broker host, a test, a benchmark) gets this.
+        ThreadPool.GetMinThreads(out var workers, out var io);
+        ThreadPool.SetMinThreads(Math.Max(workers, 64), io);
         var store = new EtcdOwnershipStore(options, time ?? TimeProvider.System, logger ?? NullLogger.Instance);
         try
         {
@@ -589,7 +595,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             () => !_revisions.TryGetValue(groupId, out var seen) || seen < revision,
             () => _revisions[groupId] = revision,
             owner, deleted ? 0 : record!.Count, deleted ? 0 : (ulong)created);
-        if (fenced is not null)
+        // A session already ending is being torn down: fencing it again would only loop through resyncs.
+        if (fenced is not null && fenced.EndReason is null)
         {
             // etcd says a session of ours no longer owns a group it holds here: its lease ended
             // without this replica noticing in time. Stop it now.
@@ -604,6 +611,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // that came while it still held them here were not taken, and are now.
     private async Task EndFencedAsync(Session session, string reason)
     {
+        // Its DMA stops here, on this thread, before the teardown's turn comes: these are the
+        // cases in which another replica may own its groups already (etcd said the lease or the
+        // group is gone, or the deadline came).
+        session.FenceDmaAt(0);
         await _broker!.Sessions.EndAsync(session, SessionEndReason.LeaseExpired, reason).ConfigureAwait(false);
         try
         {

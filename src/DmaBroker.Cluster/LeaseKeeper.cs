@@ -27,6 +27,8 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
     private readonly Task _loop;
     // The one keepalive stream; written by the tick loop alone, replaced when it breaks.
     private AsyncDuplexStreamingCall<LeaseKeepAliveRequest, LeaseKeepAliveResponse>? _stream;
+    // The number of the keepalive stream last opened (written by Open, read by the ticks).
+    private long _streamId;
 
     public LeaseKeeper(Lease.LeaseClient client, TimeProvider time, TimeSpan ttl, ILogger log, Action<SessionLease> fence)
     {
@@ -100,6 +102,7 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
     private async Task TickAsync()
     {
         var stream = _stream ??= Open();
+        var streamId = Volatile.Read(ref _streamId);
         // A write that a partition stalls must not hold up the next tick's deadline checks.
         using var bounded = new CancellationTokenSource(Interval, _time);
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(bounded.Token, _stop.Token);
@@ -109,7 +112,7 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
             {
                 if (lease.Lost)
                     continue;
-                lease.Sent(_time.GetTimestamp());
+                lease.Sent(_time.GetTimestamp(), streamId);
                 await stream.RequestStream.WriteAsync(new LeaseKeepAliveRequest { ID = lease.Id }, linked.Token).ConfigureAwait(false);
             }
         }
@@ -125,11 +128,12 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
     private AsyncDuplexStreamingCall<LeaseKeepAliveRequest, LeaseKeepAliveResponse> Open()
     {
         var stream = _client.LeaseKeepAlive(cancellationToken: _stop.Token);
-        _ = ReadAsync(stream);
+        // Numbered up from 1 (0 is the grant's): a lease pairs each answer with a send of the same stream.
+        _ = ReadAsync(stream, Interlocked.Increment(ref _streamId));
         return stream;
     }
 
-    private async Task ReadAsync(AsyncDuplexStreamingCall<LeaseKeepAliveRequest, LeaseKeepAliveResponse> stream)
+    private async Task ReadAsync(AsyncDuplexStreamingCall<LeaseKeepAliveRequest, LeaseKeepAliveResponse> stream, long streamId)
     {
         try
         {
@@ -138,7 +142,7 @@ internal sealed partial class LeaseKeeper : IAsyncDisposable
                 var answer = stream.ResponseStream.Current;
                 if (!_leases.TryGetValue(answer.ID, out var lease))
                     continue;
-                if (lease.Answered(TimeSpan.FromSeconds(answer.TTL), _time))
+                if (lease.Answered(TimeSpan.FromSeconds(answer.TTL), _time, streamId))
                 {
                     FenceDma(lease);
                 }

@@ -12,7 +12,8 @@ namespace DmaBroker.Cluster;
 internal sealed class SessionLease(long id, Session? session, TimeSpan ttl)
 {
     private readonly Lock _sync = new();
-    private readonly Queue<long> _sent = new();
+    // Keepalives in flight, oldest first, each with the keepalive stream it went out on.
+    private readonly Queue<(long Stream, long At)> _sent = new();
     private long _aliveUntil;
     private bool _lost;
 
@@ -45,18 +46,22 @@ internal sealed class SessionLease(long id, Session? session, TimeSpan ttl)
         }
     }
 
-    /// <summary>A keepalive (or the grant) leaves at <paramref name="timestamp"/>.</summary>
-    public void Sent(long timestamp)
+    /// <summary>A keepalive (or the grant, stream 0) leaves at <paramref name="timestamp"/> on keepalive stream <paramref name="stream"/> (numbered up).</summary>
+    public void Sent(long timestamp, long stream = 0)
     {
         lock (_sync)
-            _sent.Enqueue(timestamp);
+            _sent.Enqueue((stream, timestamp));
     }
 
     /// <summary>
-    /// etcd answered the oldest keepalive in flight with <paramref name="ttl"/> (0: the lease is
-    /// gone). Returns false when the lease is, or now turns out to be, lost.
+    /// etcd answered, on keepalive stream <paramref name="stream"/>, the oldest keepalive in flight
+    /// on it with <paramref name="ttl"/> (0: the lease is gone). Keepalives of earlier streams are
+    /// never answered (their stream broke, or a write was cut short): they are dropped, so that an
+    /// answer is never paired with an older send, which would leave the lease looking older than it
+    /// is for good. An answer with no send of its stream in flight proves nothing and is ignored.
+    /// Returns false when the lease is, or now turns out to be, lost.
     /// </summary>
-    public bool Answered(TimeSpan ttl, TimeProvider time)
+    public bool Answered(TimeSpan ttl, TimeProvider time, long stream = 0)
     {
         lock (_sync)
         {
@@ -67,8 +72,13 @@ internal sealed class SessionLease(long id, Session? session, TimeSpan ttl)
                 _lost = true;
                 return false;
             }
-            if (_sent.TryDequeue(out var sentAt))
-                _aliveUntil = Math.Max(_aliveUntil, sentAt + (long)(ttl.TotalSeconds * time.TimestampFrequency));
+            while (_sent.TryPeek(out var stale) && stale.Stream < stream)
+                _sent.Dequeue();
+            if (_sent.TryPeek(out var sent) && sent.Stream == stream)
+            {
+                _sent.Dequeue();
+                _aliveUntil = Math.Max(_aliveUntil, sent.At + (long)(ttl.TotalSeconds * time.TimestampFrequency));
+            }
             return true;
         }
     }

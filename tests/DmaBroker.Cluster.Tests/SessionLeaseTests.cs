@@ -48,6 +48,29 @@ public sealed class SessionLeaseTests
         Assert.True(gone.Lost);
     }
 
+    [Fact]
+    public void Answered_AfterAStreamBroke_PairsWithTheNewStreamsSend_NotTheUnansweredOnes()
+    {
+        var clock = new FakeTimeProvider();
+        var lease = new SessionLease(1, null, Ttl);
+        // Stream 1: three keepalives go out and are never answered (the stream broke, or a write was cut short).
+        for (var i = 0; i < 3; i++)
+        {
+            lease.Sent(clock.GetTimestamp(), stream: 1);
+            clock.Advance(TimeSpan.FromSeconds(1));
+        }
+        // Stream 2: one sent now and answered: the lease is alive until now + TTL, not the stale sends' + TTL.
+        var sent = clock.GetTimestamp();
+        lease.Sent(sent, stream: 2);
+        Assert.True(lease.Answered(Ttl, clock, stream: 2));
+        Assert.False(lease.FenceDue(Due(clock, sent, TimeSpan.FromMilliseconds(1999)), Margin, clock));
+
+        // A late answer of stream 1, after stream 2's sends are queued, proves nothing: it moves nothing on.
+        lease.Sent(Due(clock, sent, TimeSpan.FromSeconds(1)), stream: 2);
+        Assert.True(lease.Answered(Ttl, clock, stream: 1));
+        Assert.True(lease.FenceDue(Due(clock, sent, TimeSpan.FromMilliseconds(2000)), Margin, clock));
+    }
+
     private static long Due(FakeTimeProvider clock, long from, TimeSpan after) =>
         from + (long)(after.TotalSeconds * clock.TimestampFrequency);
 }

@@ -259,9 +259,6 @@ public static class BrokerHost
         builder.Services.AddSingleton(TimeProvider.System);
         if (cluster is not null)
         {
-            // Claims block on etcd under their group's lock: keep threads at hand for the gRPC I/O they wait on.
-            ThreadPool.GetMinThreads(out var workers, out var io);
-            ThreadPool.SetMinThreads(Math.Max(workers, 64), io);
             builder.Services.AddSingleton(sp => EtcdOwnershipStore.ConnectAsync(cluster, sp.GetRequiredService<TimeProvider>(),
                 sp.GetRequiredService<ILoggerFactory>().CreateLogger("DmaBroker.Cluster")).GetAwaiter().GetResult());
             builder.Services.AddHostedService<ClusterStart>();
