@@ -223,12 +223,24 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         txn.Compare.Add(countBefore == 0
             ? new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 }
             : new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
-        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session, countBefore + 1).Encode(), Lease = lease.Id } });
+        var claimed = Record(session, countBefore + 1).Encode();
+        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = claimed, Lease = lease.Id } });
         txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
         var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"claim of group {groupId}");
         if (!answer.Succeeded)
         {
-            var holder = answer.Responses.FirstOrDefault()?.ResponseRange?.Kvs.FirstOrDefault() is { } kv ? GroupRecord.Decode(kv.Value) : null;
+            var current = answer.Responses.FirstOrDefault()?.ResponseRange?.Kvs.FirstOrDefault();
+            // The key holds exactly what this claim writes, on this session's lease: an attempt of
+            // this very claim committed and its answer was lost (the client retries a call etcd did
+            // not answer in time). Refusing now would leave etcd owning the group for the session
+            // while the table says free, until the session ended.
+            if (current is not null && current.Lease == lease.Id && current.Value == claimed)
+            {
+                Log.ClaimFoundCommitted(_log, groupId, session.Id, current.ModRevision);
+                _revisions[groupId] = current.ModRevision;
+                return countBefore == 0 ? (ulong)current.CreateRevision : generation;
+            }
+            var holder = current is not null ? GroupRecord.Decode(current.Value) : null;
             throw ErrnoException.NotPermitted($"group {groupId} is {holder?.Describe() ?? "changed by another replica"} in the cluster");
         }
         var revision = answer.Header.Revision;
@@ -680,5 +692,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
         [LoggerMessage(EventId = 1613, Level = LogLevel.Warning, Message = "etcd says group {GroupId} is no longer session {SessionId}'s: ending the session")]
         public static partial void OwnershipLost(ILogger logger, uint groupId, ulong sessionId);
+
+        [LoggerMessage(EventId = 1614, Level = LogLevel.Information, Message = "Claim of group {GroupId} by session {SessionId} was refused on a retry, but etcd holds it as written at revision {Revision}: an earlier attempt committed; the claim stands")]
+        public static partial void ClaimFoundCommitted(ILogger logger, uint groupId, ulong sessionId, long revision);
     }
 }

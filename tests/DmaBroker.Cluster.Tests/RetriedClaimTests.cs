@@ -1,0 +1,51 @@
+using DmaBroker.Core;
+using DmaBroker.Core.Topology;
+using DmaBroker.Core.Vfio;
+using Etcdserverpb;
+using Google.Protobuf;
+using Grpc.Net.Client;
+
+namespace DmaBroker.Cluster.Tests;
+
+/// <summary>
+/// A claim whose first attempt committed in etcd but whose answer was lost (the client retries a
+/// call etcd did not answer in time) is refused on the retry by its own compare: the store must
+/// recognise its own write and let the claim stand, or etcd would own the group for the session
+/// while the table says free.
+/// </summary>
+public sealed class RetriedClaimTests
+{
+    [Fact]
+    public async Task Claim_WhoseEarlierAttemptCommitted_Stands_AnythingElseIsStillRefused()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30));
+        var groups = ReplicaTests.FreeGroups(a.Broker);
+        var session = a.Broker.Sessions.Open("retried");
+        var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        // The first claim grants the session its etcd lease, and records it.
+        a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
+        using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
+        var kv = new KV.KVClient(channel);
+        var lease = (await kv.RangeAsync(new RangeRequest { Key = ByteString.CopyFromUtf8($"/dmabroker/sessions/{session.Id}") })).Kvs.Single().Lease;
+
+        // What the claim of groups[1] writes, as if an attempt of it had committed unanswered. The
+        // replica's watch takes its own records for already in its table: the group shows free.
+        var committed = await kv.PutAsync(new PutRequest { Key = GroupRecord.Key(groups[1]), Value = new GroupRecord(session.Id, "a", 1).Encode(), Lease = lease });
+        Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[1]].OwnerKind);
+
+        a.Broker.Vfio.SetContainer(session, groups[1], container.Id);
+
+        var claimed = a.Broker.Journal.Current.Groups[groups[1]];
+        Assert.Equal((OwnerKind.User, session.Id, (ulong)committed.Header.Revision), (claimed.OwnerKind, claimed.OwnerSession, claimed.Generation));
+
+        // Another session's record on the same lease, or the session's own on no lease, is not this claim's write.
+        await kv.PutAsync(new PutRequest { Key = GroupRecord.Key(groups[2]), Value = new GroupRecord(session.Id + 1, "a", 1).Encode(), Lease = lease });
+        await kv.PutAsync(new PutRequest { Key = GroupRecord.Key(groups[3]), Value = new GroupRecord(session.Id, "a", 1).Encode() });
+        foreach (var other in groups[2..4])
+        {
+            Assert.Equal(Errno.EPERM, Assert.Throws<ErrnoException>(() => a.Broker.Vfio.SetContainer(session, other, container.Id)).Errno);
+            Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[other].OwnerKind);
+        }
+    }
+}
