@@ -67,6 +67,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     private SessionLease? _registration;
     private Broker? _broker;
     private Task _watch = Task.CompletedTask;
+    private int _disposed;
 
     private EtcdOwnershipStore(EtcdStoreOptions options, TimeProvider time, ILogger log)
     {
@@ -273,6 +274,11 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             // The table releases anyway; etcd frees the group when the session's lease ends.
             Log.ReleaseNotRecorded(_log, groupId, session.Id, e.Status.Detail);
+        }
+        catch (ObjectDisposedException)
+        {
+            // The replica is stopping: its leases end with it, and the group with them.
+            Log.ReleaseNotRecorded(_log, groupId, session.Id, "the replica is stopping");
         }
     }
 
@@ -659,11 +665,21 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 RetryAfter = TimeSpan.FromSeconds(1),
             };
         }
+        catch (ObjectDisposedException)
+        {
+            // The replica is stopping and its etcd client is gone: a call still coming in fails as
+            // one etcd did not answer, never as a broker fault (INTERNAL).
+            throw new ErrnoException(Errno.EAGAIN, ErrorKind.FailedPrecondition,
+                $"the cluster store (etcd) is closed: the replica is stopping; the {what} was not made");
+        }
     }
 
     /// <summary>Stops the watch and the keepalives and revokes the replica's registration; sessions' leases are revoked as they end.</summary>
     public async ValueTask DisposeAsync()
     {
+        // Once: a host and its owner may both dispose it.
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
         await _stop.CancelAsync().ConfigureAwait(false);
         await _keeper.DisposeAsync().ConfigureAwait(false);
         try

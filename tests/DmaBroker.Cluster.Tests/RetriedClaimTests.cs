@@ -48,4 +48,24 @@ public sealed class RetriedClaimTests
             Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[other].OwnerKind);
         }
     }
+
+    [Fact]
+    public async Task StoppedStore_ClaimFailsEagain_ReleaseStillReleases_NeitherIsABrokerFault()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30));
+        var groups = ReplicaTests.FreeGroups(a.Broker);
+        var session = a.Broker.Sessions.Open("late");
+        var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
+
+        // The replica is stopping: its etcd client is closed while calls still come in.
+        await a.Store.DisposeAsync();
+
+        var refused = Assert.Throws<ErrnoException>(() => a.Broker.Vfio.SetContainer(session, groups[1], container.Id));
+        Assert.Equal(Errno.EAGAIN, refused.Errno);
+        Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[1]].OwnerKind);
+        a.Broker.Vfio.UnsetContainer(session, groups[0]);
+        Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[0]].OwnerKind);
+    }
 }
