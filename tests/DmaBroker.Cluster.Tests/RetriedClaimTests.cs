@@ -18,13 +18,8 @@ public sealed class RetriedClaimTests
     [Fact]
     public async Task Claim_WhoseEarlierAttemptCommitted_Stands_AnythingElseIsStillRefused()
     {
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30));
-        var groups = ReplicaTests.FreeGroups(a.Broker);
-        var session = a.Broker.Sessions.Open("retried");
-        var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
-        // The first claim grants the session its etcd lease, and records it.
-        a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
+        await using var rig = await Rig.StartAsync();
+        var (etcd, a, groups, session, container) = (rig.Etcd, rig.A, rig.Groups, rig.Session, rig.Container);
         using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
         var kv = new KV.KVClient(channel);
         var lease = (await kv.RangeAsync(new RangeRequest { Key = ByteString.CopyFromUtf8($"/dmabroker/sessions/{session.Id}") })).Kvs.Single().Lease;
@@ -52,12 +47,8 @@ public sealed class RetriedClaimTests
     [Fact]
     public async Task StoppedStore_ClaimFailsEagain_ReleaseStillReleases_NeitherIsABrokerFault()
     {
-        await using var etcd = await EtcdCluster.StartAsync();
-        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30));
-        var groups = ReplicaTests.FreeGroups(a.Broker);
-        var session = a.Broker.Sessions.Open("late");
-        var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
-        a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
+        await using var rig = await Rig.StartAsync();
+        var (a, groups, session, container) = (rig.A, rig.Groups, rig.Session, rig.Container);
 
         // The replica is stopping: its etcd client is closed while calls still come in.
         await a.Store.DisposeAsync();
@@ -67,5 +58,34 @@ public sealed class RetriedClaimTests
         Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[1]].OwnerKind);
         a.Broker.Vfio.UnsetContainer(session, groups[0]);
         Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[0]].OwnerKind);
+    }
+
+    /// <summary>etcd, one replica, and a session of it that holds the first free group (so it has its etcd lease).</summary>
+    private sealed record Rig(EtcdCluster Etcd, Replica A, uint[] Groups, Core.Sessions.Session Session, Container Container) : IAsyncDisposable
+    {
+        public static async Task<Rig> StartAsync()
+        {
+            var etcd = await EtcdCluster.StartAsync();
+            try
+            {
+                var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30));
+                var groups = ReplicaTests.FreeGroups(a.Broker);
+                var session = a.Broker.Sessions.Open("retried");
+                var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+                a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
+                return new Rig(etcd, a, groups, session, container);
+            }
+            catch
+            {
+                await etcd.DisposeAsync();
+                throw;
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await A.DisposeAsync();
+            await Etcd.DisposeAsync();
+        }
     }
 }
