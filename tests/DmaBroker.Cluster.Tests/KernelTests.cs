@@ -77,6 +77,14 @@ public sealed class KernelTests(ITestOutputHelper output)
 
     private static uint GroupOf(Broker broker, PciAddress device) => broker.Journal.Current.Devices[device].GroupId;
 
+    // A new session of the broker that claims the group into a container of its own.
+    private static Session Claim(Broker broker, uint group)
+    {
+        var session = broker.Sessions.Open();
+        broker.Vfio.SetContainer(session, group, broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        return session;
+    }
+
     [Fact]
     public async Task KernelBind_OnOneReplica_RefusesAUserClaimOnTheOther_UntilUnbound()
     {
@@ -123,8 +131,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         a.Broker.Table.UnbindDriver(nvme);
         a.Broker.Table.BindDriver(nvme, Drivers.VfioPci);
         await WaitForAsync(b.Broker, t => t.Devices[nvme].Driver == Drivers.VfioPci && t.Groups[group].OwnerKind == OwnerKind.None);
-        var sb = b.Broker.Sessions.Open();
-        b.Broker.Vfio.SetContainer(sb, group, b.Broker.Vfio.CreateContainer(sb, ContainerType.Type1v2).Id);
+        var sb = Claim(b.Broker, group);
         b.Broker.Vfio.CloseDevice(sb, b.Broker.Vfio.OpenDevice(sb, nvme).Id);
 
         // A replica that joins later takes the bindings from etcd, not from its topology.
@@ -216,8 +223,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         Assert.Equal(info, onB.Devices[added.Address]);
         AssertSameGroup(a.Broker.Journal.Current.Groups[info.GroupId], onB.Groups[info.GroupId]);
         // b can claim the new group and use the device: it is the same device in the same group.
-        var sb = b.Broker.Sessions.Open();
-        b.Broker.Vfio.SetContainer(sb, info.GroupId, b.Broker.Vfio.CreateContainer(sb, ContainerType.Type1v2).Id);
+        var sb = Claim(b.Broker, info.GroupId);
         var handle = b.Broker.Vfio.OpenDevice(sb, added.Address);
         // a cannot remove it from under b's session, nor add it twice.
         await WaitForAsync(a.Broker, t => t.Groups[info.GroupId].OwnerKind == OwnerKind.User);
@@ -252,8 +258,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         await using var pair = await TwoReplicas.StartAsync();
         var (a, b) = (pair.A, pair.B);
         var group = GroupOf(a.Broker, Edu);
-        var sa = a.Broker.Sessions.Open();
-        a.Broker.Vfio.SetContainer(sa, group, a.Broker.Vfio.CreateContainer(sa, ContainerType.Type1v2).Id);
+        var sa = Claim(a.Broker, group);
         var handle = a.Broker.Vfio.OpenDevice(sa, Edu);
         await WaitForAsync(b.Broker, t => t.Groups[group].OwnerKind == OwnerKind.User);
         // A planned removal is refused while the group is owned, on any replica.
@@ -316,8 +321,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         var group = GroupOf(a.Broker, Edu);
         const uint Reset = 0; // edu's liveness register holds the inverse of what was written: 0 after reset
 
-        var sa = a.Broker.Sessions.Open();
-        a.Broker.Vfio.SetContainer(sa, group, a.Broker.Vfio.CreateContainer(sa, ContainerType.Type1v2).Id);
+        var sa = Claim(a.Broker, group);
         var ha = a.Broker.Vfio.OpenDevice(sa, Edu);
         Program(a.Broker, sa, ha.Id, 0x12345678);
         Assert.Equal(~0x12345678u, Liveness(a.Broker, sa, ha.Id));
@@ -333,8 +337,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         }
         await WaitForAsync(b.Broker, t => t.Groups[group].OwnerKind == OwnerKind.None);
 
-        var sb = b.Broker.Sessions.Open();
-        b.Broker.Vfio.SetContainer(sb, group, b.Broker.Vfio.CreateContainer(sb, ContainerType.Type1v2).Id);
+        var sb = Claim(b.Broker, group);
         var hb = b.Broker.Vfio.OpenDevice(sb, Edu);
         Assert.Equal(Reset, Liveness(b.Broker, sb, hb.Id));
         Assert.False(BusMaster(b.Broker, sb, hb.Id));
@@ -342,8 +345,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         await b.Broker.Sessions.EndAsync(sb, SessionEndReason.ConnectionLost).WaitAsync(Timeout);
         await WaitForAsync(a.Broker, t => t.Groups[group].OwnerKind == OwnerKind.None);
 
-        var sa2 = a.Broker.Sessions.Open();
-        a.Broker.Vfio.SetContainer(sa2, group, a.Broker.Vfio.CreateContainer(sa2, ContainerType.Type1v2).Id);
+        var sa2 = Claim(a.Broker, group);
         var ha2 = a.Broker.Vfio.OpenDevice(sa2, Edu);
         Assert.Equal(Reset, Liveness(a.Broker, sa2, ha2.Id));
         Assert.False(BusMaster(a.Broker, sa2, ha2.Id));
