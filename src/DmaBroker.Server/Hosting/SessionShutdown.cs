@@ -10,7 +10,8 @@ namespace DmaBroker.Server.Hosting;
 /// first to stop, and an ordinary StopAsync here would run after Kestrel had stopped taking calls.
 /// </summary>
 /// <remarks>
-/// It waits for the Session.Open calls to complete, not only for the sessions' teardown: once
+/// It waits for the Session.Open calls to complete (each counted until Kestrel has sent its
+/// stream's end, the response's OnCompleted), not only for the sessions' teardown: once
 /// Kestrel stops (its heartbeat first), it closes an HTTP/2 connection whose last stream ends later
 /// only when the client next sends a frame, and then at once; a .NET client drops what it has
 /// received but not yet read on a stream whose own side is still open when its connection closes.

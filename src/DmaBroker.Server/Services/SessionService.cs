@@ -18,8 +18,11 @@ public sealed partial class SessionService(Broker broker, SessionCalls calls, Ti
     public override async Task Open(IAsyncStreamReader<Wire.SessionRequest> requestStream,
         IServerStreamWriter<Wire.SessionEvent> responseStream, ServerCallContext context)
     {
-        // Counted before the session exists, so that stopping, which refuses new sessions first, waits for every call that has one.
-        using var call = calls.Enter();
+        // Counted before the session exists, so that stopping, which refuses new sessions first, waits for every call that has one;
+        // and counted until Kestrel has sent the stream's end (the response's OnCompleted), not only
+        // until this method returns: a stream Kestrel is still ending when it begins to stop keeps
+        // its connection open until the client next sends a frame (see SessionShutdown).
+        context.GetHttpContext().Response.RegisterForDispose(calls.Enter());
         var session = broker.Sessions.Open(context.Caller().Grant, null, context.Peer);
         LogOpened(logger, session.Id, context.Peer);
         using var ended = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, session.Ending);
