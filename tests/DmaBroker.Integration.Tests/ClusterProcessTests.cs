@@ -19,6 +19,9 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
     private static readonly TimeSpan StartupTimeout = TimeSpan.FromSeconds(30);
     private const uint Group = 16;
 
+    /// <summary>A connection to the frozen replica that no keepalive verdict ends while it is frozen.</summary>
+    private static readonly BrokerClientOptions OutlivesTheFreeze = new() { KeepAliveTimeout = TimeSpan.FromMinutes(1) };
+
     [Fact]
     public async Task ReplicaSigKilled_ItsGroupIsFreeWithinTtlPlusOneSecond_AndAClientOfAnotherReplicaGetsIt()
     {
@@ -50,7 +53,11 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
     public async Task ReplicaSigStopped_ItsGroupGoesToAnotherReplica_AndOnThawItAppliesNoMoreDmaAndEndsItsOwnSession()
     {
         await using var rig = await Rig.StartAsync();
-        await using var frozenWatch = await GroupWatch.StartAsync(rig.Holding.Client);
+        // The watch of the frozen replica must outlive the freeze, which lasts the lease TTL plus a
+        // dmactl's start on the other replica: with the client's default keepalive (a ping
+        // unanswered for 3 s ends the connection) it broke whenever that start was slow.
+        using var frozenClient = BrokerClient.Connect(rig.Holding.Address, OutlivesTheFreeze);
+        await using var frozenWatch = await GroupWatch.StartAsync(frozenClient);
         await using var stamper = await SharedDmaStamper.StartAsync(rig.HoldingUnix, FreeEduDevices.All.Single(d => d.Group == Group).Address, Group);
         await stamper.WaitForWritesAsync();
         byte[]? frozen = null;
@@ -123,7 +130,7 @@ public sealed class ClusterProcessTests(ITestOutputHelper output)
         {
             // The connection outlives the freeze (no keepalive verdict within it), so that the writes
             // in flight then are still there for the replica to take up when it is thawed.
-            var client = BrokerClient.Connect(unixAddress, new BrokerClientOptions { KeepAliveTimeout = TimeSpan.FromMinutes(1) });
+            var client = BrokerClient.Connect(unixAddress, OutlivesTheFreeze);
             try
             {
                 var session = await client.OpenSessionAsync("stamper");
