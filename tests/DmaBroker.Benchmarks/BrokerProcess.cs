@@ -41,19 +41,29 @@ internal sealed class ChildProcess : IAsyncDisposable
     public int Pid => _process.Id;
 
     /// <summary>Starts <c>dotnet <paramref name="dll"/> args…</c> with stdin open for commands.</summary>
-    public static ChildProcess Start(string dll, params IEnumerable<string> args)
+    public static ChildProcess Start(string dll, params IEnumerable<string> args) =>
+        StartProgram(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet", [dll, .. args]);
+
+    /// <summary>Starts <paramref name="program"/> (looked up on PATH) with stdin open for commands.</summary>
+    public static ChildProcess StartProgram(string program, params IEnumerable<string> args)
     {
-        var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet")
+        var start = new ProcessStartInfo(program)
         {
             RedirectStandardInput = true,
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        start.ArgumentList.Add(dll);
         foreach (var a in args)
             start.ArgumentList.Add(a);
-        return new ChildProcess(Process.Start(start) ?? throw new InvalidOperationException($"could not start {dll}"));
+        try
+        {
+            return new ChildProcess(Process.Start(start) ?? throw new InvalidOperationException($"could not start {program}"));
+        }
+        catch (System.ComponentModel.Win32Exception e)
+        {
+            throw new InvalidOperationException($"could not start {program}: {e.Message}", e);
+        }
     }
 
     /// <summary>Starts this program in one of its child modes (<see cref="BenchChild"/>).</summary>

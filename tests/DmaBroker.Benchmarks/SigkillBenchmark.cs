@@ -11,11 +11,13 @@ namespace DmaBroker.Benchmarks;
 /// <summary>
 /// Release after SIGKILL of a client process, as a Topology.Watch watcher sees it. Two real broker
 /// processes run side by side: one idle, and one with 1,000 other sessions live and pinging (from a
-/// load process, over several connections). Rounds alternate between them: a small client process
-/// (<see cref="BenchChild"/> <c>hold</c>) claims a group and, once the watcher has seen the claim,
-/// is SIGKILLed; the time runs from just before kill(2) to the watcher receiving the release, both
-/// read from this process's monotonic clock. The brokers' leases are their default, 3 s: only
-/// noticing the dead connection can release the group in time.
+/// load process, over several connections). Rounds alternate between them and between two kinds of
+/// client process, each of which claims a group and, once the watcher has seen the claim, is
+/// SIGKILLed: a .NET client on the client library (<see cref="BenchChild"/> <c>hold</c>), and a lean
+/// one (<c>lean_holder.py</c>: Python's standard library, raw HTTP/2), which the kernel tears down
+/// in a third of the time. The time runs from just before kill(2) to the watcher receiving the
+/// release, both read from this process's monotonic clock. The brokers' leases are their default,
+/// 3 s: only noticing the dead connection can release the group in time.
 /// </summary>
 internal sealed class SigkillBenchmark : IBenchSection
 {
@@ -39,7 +41,11 @@ internal sealed class SigkillBenchmark : IBenchSection
         listener.Start();
         var port = ((IPEndPoint)listener.LocalEndpoint).Port;
 
-        var sides = new[] { new Side(idle, idleWatch), new Side(busy, busyWatch) };
+        var sides = new[]
+        {
+            new Side(idle, idleWatch, Holder.DotNet), new Side(busy, busyWatch, Holder.DotNet),
+            new Side(idle, idleWatch, Holder.Lean), new Side(busy, busyWatch, Holder.Lean),
+        };
         // One warm-up kill each, not counted: the broker's first release JIT-compiles its path.
         for (var round = -1; round < kills; round++)
         {
@@ -56,15 +62,28 @@ internal sealed class SigkillBenchmark : IBenchSection
         var stats = await busy.Client.Admin.GetStatsAsync();
         if (stats.Sessions != load)
             throw new InvalidOperationException($"the loaded broker has {stats.Sessions} sessions at the end, not {load}: some were lost");
-        var common = $"{kills} kills per side, sides alternating{Rounds.LoadAverage()}";
+        var common = $"{kills} kills per side, the four sides (two brokers, two clients) alternating{Rounds.LoadAverage()}";
+        var loaded = $"{common}; {load} sessions {opened.Trim()} over 4 connections";
         return
         [
-            Row("release after SIGKILL, idle broker", sides[0], common),
-            Row($"release after SIGKILL, {load} other sessions pinging", sides[1], $"{common}; {load} sessions {opened.Trim()} over 4 connections"),
+            Row("release after SIGKILL of a .NET client, idle broker", sides[0], common),
+            Row($"release after SIGKILL of a .NET client, {load} other sessions pinging", sides[1], loaded),
+            Row("release after SIGKILL of a lean client, idle broker", sides[2], common),
+            Row($"release after SIGKILL of a lean client, {load} other sessions pinging", sides[3], loaded),
         ];
     }
 
-    private sealed record Side(BrokerProcess Broker, GroupWatch Watch)
+    /// <summary>The client process that holds the group and is killed.</summary>
+    private enum Holder
+    {
+        /// <summary>This program's <c>hold</c> mode: the client library, ~47 MB resident, 13 threads.</summary>
+        DotNet,
+
+        /// <summary><c>lean_holder.py</c>: the same session and claim from Python's standard library, ~10 MB, one thread.</summary>
+        Lean,
+    }
+
+    private sealed record Side(BrokerProcess Broker, GroupWatch Watch, Holder Holder)
     {
         public List<double> Release { get; } = [];
 
@@ -87,7 +106,10 @@ internal sealed class SigkillBenchmark : IBenchSection
 
     private static async Task<(double Release, double Eof)> KillOnceAsync(Side side, TcpListener listener, int port)
     {
-        await using var holder = ChildProcess.StartChild("hold", side.Broker.Address, Group.ToString(CultureInfo.InvariantCulture), port.ToString(CultureInfo.InvariantCulture));
+        string[] args = [side.Broker.Address, Group.ToString(CultureInfo.InvariantCulture), port.ToString(CultureInfo.InvariantCulture)];
+        await using var holder = side.Holder == Holder.DotNet
+            ? ChildProcess.StartChild(["hold", .. args])
+            : ChildProcess.StartProgram("python3", [Path.Combine(AppContext.BaseDirectory, "lean_holder.py"), .. args]);
         var held = await holder.WaitForLineAsync("holding ", Timeout);
         var session = ulong.Parse(held.Split(' ')[2], CultureInfo.InvariantCulture);
         using var socket = await listener.AcceptSocketAsync().WaitAsync(Timeout);
