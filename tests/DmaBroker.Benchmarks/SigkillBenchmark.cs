@@ -14,7 +14,7 @@ namespace DmaBroker.Benchmarks;
 /// load process, over several connections). Rounds alternate between them and between two kinds of
 /// client process, each of which claims a group and, once the watcher has seen the claim, is
 /// SIGKILLed: a .NET client on the client library (<see cref="BenchChild"/> <c>hold</c>), and a lean
-/// one (<c>lean_holder.py</c>: Python's standard library, raw HTTP/2), which the kernel tears down
+/// one (<c>lean_client.py</c>: Python's standard library, raw HTTP/2), which the kernel tears down
 /// in a third of the time. The time runs from just before kill(2) to the watcher receiving the
 /// release, both read from this process's monotonic clock. The brokers' leases are their default,
 /// 3 s: only noticing the dead connection can release the group in time.
@@ -79,7 +79,7 @@ internal sealed class SigkillBenchmark : IBenchSection
         /// <summary>This program's <c>hold</c> mode: the client library, ~47 MB resident, 13 threads.</summary>
         DotNet,
 
-        /// <summary><c>lean_holder.py</c>: the same session and claim from Python's standard library, ~10 MB, one thread.</summary>
+        /// <summary><c>lean_client.py</c>: the same session and claim from Python's standard library, ~10 MB, one thread.</summary>
         Lean,
     }
 
@@ -109,7 +109,7 @@ internal sealed class SigkillBenchmark : IBenchSection
         string[] args = [side.Broker.Address, Group.ToString(CultureInfo.InvariantCulture), port.ToString(CultureInfo.InvariantCulture)];
         await using var holder = side.Holder == Holder.DotNet
             ? ChildProcess.StartChild(["hold", .. args])
-            : ChildProcess.StartProgram("python3", [Path.Combine(AppContext.BaseDirectory, "lean_holder.py"), .. args]);
+            : ChildProcess.StartProgram("python3", [Path.Combine(AppContext.BaseDirectory, "lean_client.py"), "hold", .. args]);
         var held = await holder.WaitForLineAsync("holding ", Timeout);
         var session = ulong.Parse(held.Split(' ')[2], CultureInfo.InvariantCulture);
         using var socket = await listener.AcceptSocketAsync().WaitAsync(Timeout);

@@ -1,18 +1,16 @@
 #!/usr/bin/env python3
-"""A lean DmaBroker client for the sigkill benchmark: it opens a session, claims a group and waits
-to be killed, like `BenchChild hold`, in a process the kernel tears down in about a millisecond
-(a .NET client's ~47 MB of mappings take it 4 ms at the median on the benchmark machine, 9-10 ms
-at p99, before the broker can see anything).
+"""A lean DmaBroker client for the sigkill benchmark, from Python's standard library alone: HTTP/2
+framing (RFC 9113), request headers as HPACK literals (RFC 7541 section 6.2.2, no Huffman, no
+dynamic table), gRPC's length-prefixed messages, and the few protobuf fields it needs, encoded by
+hand as SPEC section 11 and the protos define them. It answers the broker's SETTINGS and keepalive
+PINGs. One thread, ~10 MB: the kernel tears it down in about a millisecond (a .NET client's ~47 MB
+of mappings take it 4 ms at the median on the benchmark machine, 9-10 ms at p99, before the broker
+can see anything).
 
-Only the Python standard library: HTTP/2 framing (RFC 9113), request headers as HPACK literals
-(RFC 7541 section 6.2.2, no Huffman, no dynamic table), gRPC's length-prefixed messages, and the
-few protobuf fields it needs encoded by hand, all as SPEC section 11 and the protos define them.
-It answers the broker's SETTINGS and keepalive PINGs and pings its session every lease / 3.
-
-    lean_holder.py <http://host:port> <group> <probe port>
-
-prints `holding <group> session <id>` once the group is claimed and a plain TCP socket is open to
-the probe port (whose EOF the benchmark times beside the release), and exits when stdin closes.
+    lean_client.py hold <http://host:port> <group> <probe port>
+        opens a session, claims the group (a TYPE1V2 container), opens a plain TCP socket to the
+        probe port (whose EOF the benchmark times beside the release), prints
+        `holding <group> session <id>`, pings the session every lease / 3 and exits when stdin closes.
 """
 import select
 import socket
@@ -124,18 +122,23 @@ class Connection:
     def send(self, stream, message):
         self.sock.sendall(frame(DATA, 0, stream, grpc_message(message)))
 
+    def take(self, stream):
+        """The stream's next whole message if it has come, else None."""
+        buffered = self.streams[stream]
+        if len(buffered) >= 5:
+            length = struct.unpack(">I", buffered[1:5])[0]
+            if len(buffered) >= 5 + length:
+                self.streams[stream] = buffered[5 + length:]
+                return buffered[5:5 + length]
+        return None
+
     def response(self, stream, path):
         """The call's next message; a call that ends without one failed (its status is in the trailers)."""
-        while True:
-            buffered = self.streams[stream]
-            if len(buffered) >= 5:
-                length = struct.unpack(">I", buffered[1:5])[0]
-                if len(buffered) >= 5 + length:
-                    self.streams[stream] = buffered[5 + length:]
-                    return buffered[5:5 + length]
+        while (message := self.take(stream)) is None:
             if stream in self.ended:
-                raise SystemExit(f"lean_holder: {path} failed (no response message; the broker's status is in its trailers)")
+                raise SystemExit(f"lean_client: {path} failed (no response message; the broker's status is in its trailers)")
             self.pump(None)
+        return message
 
     def pump(self, timeout):
         """Reads what has come (waiting up to `timeout` seconds, None: until something comes) and handles every whole frame."""
@@ -144,7 +147,7 @@ class Connection:
             return
         chunk = self.sock.recv(65536)
         if not chunk:
-            raise SystemExit("lean_holder: the broker closed the connection")
+            raise SystemExit("lean_client: the broker closed the connection")
         self.received += chunk
         while len(self.received) >= 9:
             length = int.from_bytes(self.received[0:3], "big")
@@ -173,13 +176,16 @@ class Connection:
         elif kind == HEADERS and flags & END_STREAM or kind == RST_STREAM:
             self.ended.add(stream)
         elif kind == GOAWAY:
-            raise SystemExit("lean_holder: the broker sent GOAWAY")
+            raise SystemExit("lean_client: the broker sent GOAWAY")
 
 
-def main():
-    address, group, probe_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def connect(address):
     host, port = address.removeprefix("http://").rsplit(":", 1)
-    connection = Connection(host, int(port))
+    return Connection(host, int(port))
+
+
+def hold(address, group, probe_port):
+    connection = connect(address)
 
     # Session.Open: SessionRequest{hello{client_name}}; the first event is SessionEvent{opened{session_id, token, lease_ttl_ms}}.
     session = connection.call("/dmabroker.v1.Session/Open", field_bytes(1, field_bytes(1, b"sigkill-lean-holder")), end=False)
@@ -210,6 +216,14 @@ def main():
             due += every
     probe.close()
     connection.sock.sendall(frame(DATA, END_STREAM, session))
+
+
+def main():
+    match sys.argv[1:]:
+        case ["hold", address, group, probe_port]:
+            hold(address, int(group), int(probe_port))
+        case _:
+            raise SystemExit(__doc__)
 
 
 if __name__ == "__main__":
