@@ -40,6 +40,37 @@ public sealed class ProcessDeathTests(ITestOutputHelper output)
         Assert.Equal((0u, 0u, 0u, 3ul), (stats.Sessions, stats.Containers, stats.UserOwnedGroups, stats.SessionsClosed));
     }
 
+    /// <summary>
+    /// The sigkill benchmark's lean client, written from the protos alone in another language
+    /// (Python's standard library: HTTP/2 frames, HPACK literals, gRPC framing, protobuf by hand),
+    /// opens a session and claims a group as the client library does; killed, it loses the group
+    /// as soon as the broker sees its connection die, its session ended as connection lost.
+    /// </summary>
+    [Fact]
+    public async Task SigKill_LeanClientFromTheProtosAlone_HeldTheGroup_WatcherSeesReleaseBeforeLeaseCouldExpire()
+    {
+        await using var broker = await LiveBroker.StartAsync("--lease-ttl-ms", "60000");
+        await using var watch = await GroupWatch.StartAsync(broker.Client);
+        using var probe = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        probe.Start();
+        var port = ((System.Net.IPEndPoint)probe.LocalEndpoint).Port;
+        await using var holder = ClientProcess.StartProgram("python3", "lean_client.py", withInput: true,
+            Path.Combine(AppContext.BaseDirectory, "lean_client.py"), "hold", broker.Address, "15", port.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        var line = await holder.WaitForLineAsync("holding 15 session ", StartupTimeout);
+        var session = ulong.Parse(line.Split(' ')[^1], System.Globalization.CultureInfo.InvariantCulture);
+        var held = await watch.WaitForAsync(15, OwnerKind.User);
+        Assert.Equal((session, 1u), (held.OwnerSession, held.OwnerCount));
+
+        var clock = Stopwatch.StartNew();
+        holder.Kill();
+        var released = await watch.WaitForAsync(15, OwnerKind.None);
+        output.WriteLine($"SIGKILL of the lean client -> watcher saw release after {clock.Elapsed.TotalMilliseconds:F1} ms");
+        Assert.Equal("connection lost", await watch.WaitForSessionEndedAsync(session));
+        Assert.Equal((0u, held.Generation), (released.OwnerCount, released.Generation));
+        var stats = await broker.StatsAsync();
+        Assert.Equal((0u, 0u, 0u), (stats.Sessions, stats.Containers, stats.UserOwnedGroups));
+    }
+
     [Fact]
     public async Task SigStop_HungClient_LosesOwnershipWithinLeaseTtlPlusOneSecond()
     {
