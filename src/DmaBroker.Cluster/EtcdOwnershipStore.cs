@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Globalization;
+using System.Threading.Channels;
 using DmaBroker.Core;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
@@ -64,9 +65,15 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // The revision of the last hotplug this replica wrote or applied; read and written only under the hotplug lock.
     private long _shape;
     private readonly ConcurrentDictionary<ulong, Lazy<SessionLease>> _leases = new();
+    // The groups whose last claim or release by a session of this replica etcd did not answer, with
+    // that session (see Unsettle); _settle wakes SettleAsync for them.
+    private readonly ConcurrentDictionary<uint, ulong> _unsettled = new();
+    private readonly Channel<bool> _settle = Channel.CreateBounded<bool>(
+        new BoundedChannelOptions(1) { FullMode = BoundedChannelFullMode.DropWrite });
     private SessionLease? _registration;
     private Broker? _broker;
     private Task _watch = Task.CompletedTask;
+    private Task _settling = Task.CompletedTask;
     private int _disposed;
 
     private EtcdOwnershipStore(EtcdStoreOptions options, TimeProvider time, ILogger log)
@@ -208,6 +215,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         await SeedAsync(broker.Journal.Current, cancellationToken).ConfigureAwait(false);
         var revision = await ResyncAsync(cancellationToken).ConfigureAwait(false);
         _watch = WatchAsync(revision + 1);
+        _settling = SettleAsync();
     }
 
     // --- IOwnershipStore ---
@@ -219,18 +227,30 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         var lease = LeaseOf(session);
         if (lease.Lost)
             throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease could not be renewed; it is ending");
+        // The table before this claim: the session's countBefore claims, or a free group.
+        Call(() => Settle(groupId, countBefore == 0 ? 0 : session.Id, countBefore), $"claim of group {groupId}");
         var key = GroupRecord.Key(groupId);
-        var txn = new TxnRequest();
-        txn.Compare.Add(countBefore == 0
-            ? new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 }
-            : new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
-        var claimed = Record(session, countBefore + 1).Encode();
-        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = claimed, Lease = lease.Id } });
-        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
-        var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"claim of group {groupId}");
-        if (!answer.Succeeded)
+        var claimed = Record(session.Id, countBefore + 1).Encode();
+        for (var attempt = 1; ; attempt++)
         {
-            var current = answer.Responses.FirstOrDefault()?.ResponseRange?.Kvs.FirstOrDefault();
+            var fence = lease.Fence;
+            var txn = new TxnRequest();
+            txn.Compare.Add(countBefore == 0
+                ? new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 }
+                : new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session.Id, countBefore).Encode() });
+            txn.Compare.Add(FenceIs(session.Id, fence));
+            txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = claimed, Lease = lease.Id } });
+            txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+            txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = SessionKey(session.Id) } });
+            var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"claim of group {groupId}", () => Unsettle(groupId, session));
+            if (answer.Succeeded)
+            {
+                var revision = answer.Header.Revision;
+                _revisions[groupId] = revision;
+                // A new grant created the key: its create_revision, this transaction's revision, is the generation.
+                return countBefore == 0 ? (ulong)revision : generation;
+            }
+            var current = Found(answer, 0);
             // The key holds exactly what this claim writes, on this session's lease: an attempt of
             // this very claim committed and its answer was lost (the client retries a call etcd did
             // not answer in time). Refusing now would leave etcd owning the group for the session
@@ -241,13 +261,18 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 _revisions[groupId] = current.ModRevision;
                 return countBefore == 0 ? (ulong)current.CreateRevision : generation;
             }
+            if (Found(answer, 1) is not { } record)
+                throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease has ended; it is ending");
+            // Another change of the session settled a transaction of it and moved its fence: this
+            // one was refused for that alone if the group's compare held.
+            if (record.ModRevision != fence && attempt < 3)
+            {
+                lease.MoveFence(record.ModRevision);
+                continue;
+            }
             var holder = current is not null ? GroupRecord.Decode(current.Value) : null;
             throw ErrnoException.NotPermitted($"group {groupId} is {holder?.Describe() ?? "changed by another replica"} in the cluster");
         }
-        var revision = answer.Header.Revision;
-        _revisions[groupId] = revision;
-        // A new grant created the key: its create_revision, this transaction's revision, is the generation.
-        return countBefore == 0 ? (ulong)revision : generation;
     }
 
     /// <inheritdoc/>
@@ -256,24 +281,43 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         ArgumentNullException.ThrowIfNull(session);
         if (!_leases.TryGetValue(session.Id, out var lazy) || !lazy.IsValueCreated || lazy.Value.Lost)
             return; // never recorded, or its lease is gone or going: etcd frees the group with it
+        var lease = lazy.Value;
         var key = GroupRecord.Key(groupId);
-        var txn = new TxnRequest();
-        txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
-        txn.Success.Add(countAfter == 0
-            ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
-            : new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session, countAfter).Encode(), Lease = lazy.Value.Id } });
         try
         {
-            var answer = _kv.Txn(txn, deadline: Deadline());
-            if (answer.Succeeded)
-                _revisions[groupId] = answer.Header.Revision;
-            else
+            Settle(groupId, session.Id, countBefore);
+            for (var attempt = 1; ; attempt++)
+            {
+                var fence = lease.Fence;
+                var txn = new TxnRequest();
+                txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session.Id, countBefore).Encode() });
+                txn.Compare.Add(FenceIs(session.Id, fence));
+                txn.Success.Add(countAfter == 0
+                    ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
+                    : new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session.Id, countAfter).Encode(), Lease = lease.Id } });
+                txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = SessionKey(session.Id) } });
+                var answer = _kv.Txn(txn, deadline: Deadline());
+                if (answer.Succeeded)
+                {
+                    _revisions[groupId] = answer.Header.Revision;
+                    return;
+                }
+                if (Found(answer, 0) is { } record && record.ModRevision != fence && attempt < 3)
+                {
+                    lease.MoveFence(record.ModRevision);
+                    continue;
+                }
                 Log.ReleaseNotRecorded(_log, groupId, session.Id, "the key holds another owner or count");
+                Unsettle(groupId, session);
+                return;
+            }
         }
         catch (RpcException e)
         {
-            // The table releases anyway; etcd frees the group when the session's lease ends.
+            // The table releases anyway; the release may or may not have committed, so the group is
+            // settled once etcd answers again (or freed when the session's lease ends).
             Log.ReleaseNotRecorded(_log, groupId, session.Id, e.Status.Detail);
+            Unsettle(groupId, session);
         }
         catch (ObjectDisposedException)
         {
@@ -281,6 +325,126 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             Log.ReleaseNotRecorded(_log, groupId, session.Id, "the replica is stopping");
         }
     }
+
+    // --- changes of unknown outcome ---
+
+    // A claim or release whose transaction etcd did not answer (the deadline passed, the connection
+    // broke) may have committed, or may still commit: the client was told EAGAIN, or the table
+    // released, and the table has the group as it was before the change (a claim) or after it (a
+    // release), while etcd may hold the session's record with the change the table does not know.
+    // Left so, a claim nobody retries keeps the group the session's in etcd, unclaimable by anyone,
+    // until the session ends; and a release that commits late could delete the record of a claim the
+    // session made since, leaving a group its owner holds free in etcd (two owners, SPEC §10.1).
+    //
+    // So the group is unsettled until etcd is brought in line with the table, deterministically, in
+    // the table's favour (never adopted: the client was told the claim failed, and no container is
+    // set on it). Settle runs under the group's lock, as the group's commits do: first it moves the
+    // session's fence (puts its record key again), which every claim and release of the session
+    // compares, so no transaction of the session still in flight can commit after that point; then
+    // it reads the group's key and, if it holds a record of that session that the table does not,
+    // puts back the table's count or deletes it, compared on that key's mod revision. Settle runs
+    // before the next change of the group on this replica (a change refused EAGAIN if etcd still does
+    // not answer), and from SettleAsync as soon as etcd answers again, so a group nobody touches
+    // goes free too. A session whose lease has ended or is given up needs none: its keys go with it.
+    private void Unsettle(uint groupId, Session session)
+    {
+        _unsettled[groupId] = session.Id;
+        _settle.Writer.TryWrite(true);
+    }
+
+    // Under the group's lock: brings the group's key in line with the table, which holds
+    // `ownerSession`'s `count` claims on it (0, 0: not owned by a session of this replica), if a
+    // change of the group's outcome is unknown. Throws RpcException while etcd does not answer.
+    private void Settle(uint groupId, ulong ownerSession, int count)
+    {
+        if (!_unsettled.TryGetValue(groupId, out var sessionId))
+            return;
+        if (_leases.TryGetValue(sessionId, out var lazy) && lazy.IsValueCreated && !lazy.Value.Lost)
+            SettleOn(groupId, lazy.Value, sessionId, ownerSession == sessionId ? count : 0);
+        _unsettled.TryRemove(KeyValuePair.Create(groupId, sessionId));
+    }
+
+    private void SettleOn(uint groupId, SessionLease lease, ulong sessionId, int count)
+    {
+        try
+        {
+            var moved = _kv.Put(new PutRequest { Key = SessionKey(sessionId), Value = SessionRecord(lease.Id), Lease = lease.Id }, deadline: Deadline());
+            lease.MoveFence(moved.Header.Revision);
+        }
+        catch (RpcException e) when (e.StatusCode == StatusCode.NotFound)
+        {
+            return; // etcd: the lease is not found; it has ended, and the session's keys with it
+        }
+        var key = GroupRecord.Key(groupId);
+        var wanted = count > 0 ? Record(sessionId, count).Encode() : null;
+        while (true)
+        {
+            var kv = _kv.Range(new RangeRequest { Key = key }, deadline: Deadline()).Kvs.FirstOrDefault();
+            if (kv is null || GroupRecord.Decode(kv.Value) is not { } held || held.Replica != Replica || held.Session != sessionId
+                || (kv.Value == wanted && kv.Lease == lease.Id))
+            {
+                return;
+            }
+            var txn = new TxnRequest();
+            txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = kv.ModRevision });
+            txn.Success.Add(wanted is null
+                ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
+                : new RequestOp { RequestPut = new PutRequest { Key = key, Value = wanted, Lease = lease.Id } });
+            var answer = _kv.Txn(txn, deadline: Deadline());
+            if (answer.Succeeded)
+            {
+                _revisions[groupId] = answer.Header.Revision;
+                Log.Settled(_log, groupId, sessionId, held.Count, count);
+                return;
+            }
+        }
+    }
+
+    // Settles every unsettled group as soon as etcd answers, each under its group's lock.
+    private async Task SettleAsync()
+    {
+        try
+        {
+            while (await _settle.Reader.WaitToReadAsync(_stop.Token).ConfigureAwait(false))
+            {
+                _settle.Reader.TryRead(out _);
+                while (!_unsettled.IsEmpty)
+                {
+                    foreach (var groupId in _unsettled.Keys)
+                    {
+                        try
+                        {
+                            if (!_broker!.Table.WithOwner(groupId, owner =>
+                                Settle(groupId, owner.Kind == OwnerKind.User && owner.Replica is null ? owner.Session : 0, owner.Count)))
+                            {
+                                _unsettled.TryRemove(groupId, out _);
+                            }
+                        }
+                        catch (RpcException e)
+                        {
+                            Log.SettleFailed(_log, groupId, e.Status.Detail);
+                        }
+                    }
+                    if (!_unsettled.IsEmpty)
+                        await Task.Delay(TimeSpan.FromMilliseconds(200), _time, _stop.Token).ConfigureAwait(false);
+                }
+            }
+        }
+        catch (Exception e) when (_stop.IsCancellationRequested && e is OperationCanceledException or ObjectDisposedException)
+        {
+            // stopping: the session leases end with the replica, and their keys with them
+        }
+    }
+
+    private static ByteString SessionKey(ulong sessionId) =>
+        ByteString.CopyFromUtf8(SessionsPrefix + sessionId.ToString(CultureInfo.InvariantCulture));
+
+    private ByteString SessionRecord(long leaseId) => ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture,
+        $"{{\"replica\":\"{Replica}\",\"lease\":{leaseId}}}"));
+
+    // The compare that the session's record key is still at `fence`: no settle has fenced the session's transactions off since.
+    private static Compare FenceIs(ulong sessionId, long fence) =>
+        new() { Key = SessionKey(sessionId), Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = fence };
 
     /// <inheritdoc/>
     public void CommitDriver(uint groupId, GroupOwner owner, PciAddress device, string? driverBefore, string? driverAfter, int kernelCountAfter)
@@ -421,9 +585,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         var lease = new SessionLease(grant.ID, session, TimeSpan.FromSeconds(grant.TTL));
         lease.Sent(sentAt);
         lease.Answered(lease.Ttl, _time);
-        var record = ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture,
-            $"{{\"replica\":\"{Replica}\",\"lease\":{grant.ID}}}"));
-        Call(() => _kv.Put(new PutRequest { Key = ByteString.CopyFromUtf8(SessionsPrefix + session.Id.ToString(CultureInfo.InvariantCulture)), Value = record, Lease = grant.ID }, deadline: Deadline()), "session record");
+        var put = Call(() => _kv.Put(new PutRequest { Key = SessionKey(session.Id), Value = SessionRecord(grant.ID), Lease = grant.ID }, deadline: Deadline()), "session record");
+        lease.MoveFence(put.Header.Revision);
         _keeper.Track(lease);
         return lease;
     }
@@ -647,11 +810,19 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     // --- helpers ---
 
-    private GroupRecord Record(Session session, int count) => new(session.Id, Replica, count);
+    private GroupRecord Record(ulong sessionId, int count) => new(sessionId, Replica, count);
 
     private DateTime Deadline() => DateTime.UtcNow + _options.CallTimeout;
 
-    private static T Call<T>(Func<T> call, string what)
+    private static void Call(Action call, string what) => Call(() =>
+    {
+        call();
+        return true;
+    }, what);
+
+    // An etcd call under a change: EAGAIN when etcd does not answer (`unanswered` is told first: the
+    // call may have committed all the same) or the replica is stopping.
+    private static T Call<T>(Func<T> call, string what, Action? unanswered = null)
     {
         try
         {
@@ -659,6 +830,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         }
         catch (RpcException e)
         {
+            unanswered?.Invoke();
             throw new ErrnoException(Errno.EAGAIN, ErrorKind.FailedPrecondition,
                 $"the cluster store (etcd) did not answer the {what}: {e.Status.StatusCode}; try again")
             {
@@ -685,6 +857,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         try
         {
             await _watch.ConfigureAwait(false);
+            await _settling.ConfigureAwait(false);
         }
         catch (OperationCanceledException)
         {
@@ -711,5 +884,11 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
         [LoggerMessage(EventId = 1614, Level = LogLevel.Information, Message = "Claim of group {GroupId} by session {SessionId} was refused on a retry, but etcd holds it as written at revision {Revision}: an earlier attempt committed; the claim stands")]
         public static partial void ClaimFoundCommitted(ILogger logger, uint groupId, ulong sessionId, long revision);
+
+        [LoggerMessage(EventId = 1615, Level = LogLevel.Warning, Message = "A change of group {GroupId} by session {SessionId} that etcd did not answer had committed ({Count} claims); etcd is back in line with the table ({TableCount})")]
+        public static partial void Settled(ILogger logger, uint groupId, ulong sessionId, int count, int tableCount);
+
+        [LoggerMessage(EventId = 1616, Level = LogLevel.Information, Message = "Group {GroupId}'s unanswered change is not settled yet ({Reason}); trying again")]
+        public static partial void SettleFailed(ILogger logger, uint groupId, string reason);
     }
 }

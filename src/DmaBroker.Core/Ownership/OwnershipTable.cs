@@ -319,6 +319,26 @@ public sealed class OwnershipTable
         }
     }
 
+    /// <summary>
+    /// Runs <paramref name="action"/> under group <paramref name="groupId"/>'s lock with the group's
+    /// owner as this table holds it, where the store's own commits for the group run: a cluster store
+    /// brings what it recorded back in line with the table there (SPEC §16), serialised with the
+    /// group's claims and releases. False, running nothing, for a group that does not exist.
+    /// </summary>
+    public bool WithOwner(uint groupId, Action<GroupOwner> action)
+    {
+        ArgumentNullException.ThrowIfNull(action);
+        if (!_groups.TryGetValue(groupId, out var group))
+            return false;
+        lock (group.Sync)
+        {
+            if (group.Removed)
+                return false;
+            action(group.OwnerState);
+            return true;
+        }
+    }
+
     /// <summary>Publishes a group's current state; call under its lock.</summary>
     internal void PublishGroup(IommuGroup group) => Journal.Publish(new GroupChanged(group.ToInfo()));
 
