@@ -670,6 +670,12 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         return revision;
     }
 
+    // etcd clientv3's WithRequireLeader: a member that has lost its leader (cut off from the others'
+    // majority) ends the watch with "no leader" (UNAVAILABLE) a few election timeouts later, and
+    // refuses a new one at once, instead of delivering nothing, silently, while the others go on. The
+    // watch then starts again on another member, from a reload of the whole table (below).
+    private static readonly Metadata RequireLeader = new() { { "hasleader", "true" } };
+
     private async Task WatchAsync(long from)
     {
         var request = new WatchRequest
@@ -694,7 +700,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     resync = false;
                 }
                 request.CreateRequest.StartRevision = from;
-                using var call = _watchClient.Watch(cancellationToken: _stop.Token);
+                using var call = _watchClient.Watch(RequireLeader, cancellationToken: _stop.Token);
                 await call.RequestStream.WriteAsync(request, _stop.Token).ConfigureAwait(false);
                 while (await call.ResponseStream.MoveNext(_stop.Token).ConfigureAwait(false))
                 {

@@ -16,14 +16,20 @@ public sealed class EtcdCluster : IAsyncDisposable
     private const string Ready = "serving client traffic";
 
     private readonly List<Member> _members;
+    // With peer links: each member's peer traffic comes in through a link of its own (its advertised peer URL).
+    private readonly List<PeerLink> _links = [];
 
     private EtcdCluster(List<Member> members) => _members = members;
 
     /// <summary>Every member's client URL.</summary>
     public IReadOnlyList<Uri> Endpoints => [.. _members.Select(m => m.ClientUrl)];
 
-    /// <summary>Starts <paramref name="size"/> members as one new cluster and returns once each serves clients.</summary>
-    public static async Task<EtcdCluster> StartAsync(int size = 1)
+    /// <summary>
+    /// Starts <paramref name="size"/> members as one new cluster and returns once each serves clients.
+    /// With <paramref name="peerLinks"/>, the members talk to each other through links a test can
+    /// cut (<see cref="Isolate"/>), while their clients still reach them.
+    /// </summary>
+    public static async Task<EtcdCluster> StartAsync(int size = 1, bool peerLinks = false)
     {
         var token = "dmabroker-test-" + Guid.NewGuid().ToString("N");
         var members = Enumerable.Range(0, size).Select(i => new Member($"m{i}", new Uri($"http://127.0.0.1:{FreePort()}"),
@@ -31,7 +37,16 @@ public sealed class EtcdCluster : IAsyncDisposable
         var cluster = new EtcdCluster(members);
         try
         {
-            var initial = string.Join(",", members.Select(m => $"{m.Name}={m.PeerUrl.GetLeftPart(UriPartial.Authority)}"));
+            if (peerLinks)
+            {
+                foreach (var m in members)
+                {
+                    var link = new PeerLink(m.PeerUrl);
+                    cluster._links.Add(link);
+                    m.AdvertisedPeerUrl = link.Endpoint;
+                }
+            }
+            var initial = string.Join(",", members.Select(m => $"{m.Name}={m.AdvertisedPeerUrl.GetLeftPart(UriPartial.Authority)}"));
             foreach (var m in members)
                 m.Start(token, initial);
             await Task.WhenAll(members.Select(m => m.ReadyAsync.WaitAsync(StartupTimeout)));
@@ -52,6 +67,25 @@ public sealed class EtcdCluster : IAsyncDisposable
         await process.WaitForExitAsync().WaitAsync(StartupTimeout);
     }
 
+    /// <summary>
+    /// Partitions member <paramref name="index"/> from the other members (started with peer links):
+    /// no raft message passes either way, so it loses its leader while the others go on without it.
+    /// Its clients still reach it.
+    /// </summary>
+    public void Isolate(int index)
+    {
+        var id = _members[index].Id;
+        for (var i = 0; i < _links.Count; i++)
+            _links[i].Block(i == index ? null : id);
+    }
+
+    /// <summary>Ends every partition: the members talk to each other again.</summary>
+    public void Rejoin()
+    {
+        foreach (var link in _links)
+            link.Unblock();
+    }
+
     /// <summary>What member <paramref name="index"/> printed, for a failing test's message.</summary>
     public string Log(int index) => _members[index].Log;
 
@@ -59,6 +93,8 @@ public sealed class EtcdCluster : IAsyncDisposable
     {
         foreach (var m in _members)
             await m.DisposeAsync();
+        foreach (var link in _links)
+            await link.DisposeAsync();
     }
 
     private static int FreePort()
@@ -78,6 +114,13 @@ public sealed class EtcdCluster : IAsyncDisposable
         public string Name { get; } = name;
         public Uri ClientUrl { get; } = clientUrl;
         public Uri PeerUrl { get; } = peerUrl;
+        // Where the other members reach it: its peer URL, or its peer link's.
+        public Uri AdvertisedPeerUrl { get; set; } = peerUrl;
+
+        /// <summary>Its member id (hex) as it printed it once started.</summary>
+        public string Id => System.Text.RegularExpressions.Regex.Match(Log, "\"local-member-id\":\"([0-9a-f]+)\"") is { Success: true } m
+            ? m.Groups[1].Value
+            : throw new InvalidOperationException($"etcd {Name} printed no member id:\n{Log}");
         public Process? Process { get; private set; }
         public Task ReadyAsync => _ready.Task;
 
@@ -94,6 +137,7 @@ public sealed class EtcdCluster : IAsyncDisposable
         {
             var client = ClientUrl.GetLeftPart(UriPartial.Authority);
             var peer = PeerUrl.GetLeftPart(UriPartial.Authority);
+            var advertised = AdvertisedPeerUrl.GetLeftPart(UriPartial.Authority);
             var info = new ProcessStartInfo("etcd")
             {
                 RedirectStandardError = true,
@@ -104,7 +148,7 @@ public sealed class EtcdCluster : IAsyncDisposable
             {
                 "--name", Name, "--data-dir", dataDir,
                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", advertised,
                 "--initial-cluster", initialCluster, "--initial-cluster-state", "new", "--initial-cluster-token", token,
                 "--logger", "zap", "--log-level", "info",
             })

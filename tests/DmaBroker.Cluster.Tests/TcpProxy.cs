@@ -10,11 +10,12 @@ namespace DmaBroker.Cluster.Tests;
 /// </summary>
 public sealed class TcpProxy : IAsyncDisposable
 {
-    private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+    // Replaced when a cut heals, on the same port: while cut, connections are refused.
+    private TcpListener _listener = new(IPAddress.Loopback, 0);
     private readonly Uri _target;
     private readonly List<TcpClient> _connections = [];
     private readonly CancellationTokenSource _stop = new();
-    private readonly Task _accept;
+    private Task _accept;
     // Completed while the member's answers flow; replaced by an open one while they are held.
     private volatile TaskCompletionSource _answers = Flowing();
     private volatile bool _cut;
@@ -24,16 +25,22 @@ public sealed class TcpProxy : IAsyncDisposable
         _target = target;
         _listener.Start();
         Endpoint = new Uri($"http://127.0.0.1:{((IPEndPoint)_listener.LocalEndpoint).Port}");
-        _accept = AcceptAsync();
+        _accept = AcceptAsync(_listener);
     }
 
     /// <summary>Where a replica connects instead of the member.</summary>
     public Uri Endpoint { get; }
 
-    /// <summary>Closes every connection and closes new ones as they come: nothing gets through until <see cref="Heal"/>.</summary>
+    /// <summary>Closes every connection and refuses new ones: nothing gets through until <see cref="Heal"/>.</summary>
     public void Cut()
     {
-        _cut = true;
+        lock (_connections)
+        {
+            if (_cut)
+                return;
+            _cut = true;
+            _listener.Stop();
+        }
         lock (_connections)
         {
             foreach (var c in _connections)
@@ -42,8 +49,19 @@ public sealed class TcpProxy : IAsyncDisposable
         }
     }
 
-    /// <summary>Connections get through again (the ones cut stay closed: the replica connects anew).</summary>
-    public void Heal() => _cut = false;
+    /// <summary>Connections get through again, on the same port (the ones cut stay closed: the replica connects anew).</summary>
+    public void Heal()
+    {
+        lock (_connections)
+        {
+            if (!_cut || _stop.IsCancellationRequested)
+                return;
+            _listener = new TcpListener(IPAddress.Loopback, Endpoint.Port);
+            _listener.Start();
+            _cut = false;
+            _accept = Task.WhenAll(_accept, AcceptAsync(_listener));
+        }
+    }
 
     /// <summary>The replica's requests still reach the member, but its answers are held back until <see cref="ReleaseAnswers"/>.</summary>
     public void HoldAnswers() => _answers = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -58,18 +76,13 @@ public sealed class TcpProxy : IAsyncDisposable
         return flowing;
     }
 
-    private async Task AcceptAsync()
+    private async Task AcceptAsync(TcpListener listener)
     {
         try
         {
             while (!_stop.IsCancellationRequested)
             {
-                var inbound = await _listener.AcceptTcpClientAsync(_stop.Token);
-                if (_cut)
-                {
-                    inbound.Dispose();
-                    continue;
-                }
+                var inbound = await listener.AcceptTcpClientAsync(_stop.Token);
                 var outbound = new TcpClient();
                 await outbound.ConnectAsync(_target.Host, _target.Port, _stop.Token);
                 lock (_connections)
@@ -119,7 +132,6 @@ public sealed class TcpProxy : IAsyncDisposable
     {
         Cut();
         await _stop.CancelAsync();
-        _listener.Stop();
         await _accept;
         _stop.Dispose();
     }
