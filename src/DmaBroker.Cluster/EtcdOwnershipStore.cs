@@ -70,7 +70,12 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     private readonly ConcurrentDictionary<uint, ulong> _unsettled = new();
     private readonly Channel<bool> _settle = Channel.CreateBounded<bool>(
         new BoundedChannelOptions(1) { FullMode = BoundedChannelFullMode.DropWrite });
-    private SessionLease? _registration;
+    // This replica's name in the cluster, on a lease of its own; replaced when it is renewed.
+    private volatile SessionLease? _registration;
+    // Another replica took this one's name while its registration had lapsed.
+    private volatile bool _nameTaken;
+    // The registration lease being renewed now, if one is.
+    private SessionLease? _renewing;
     private Broker? _broker;
     private Task _watch = Task.CompletedTask;
     private Task _settling = Task.CompletedTask;
@@ -167,20 +172,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     private async Task RegisterAsync(CancellationToken cancellationToken)
     {
-        var sentAt = _time.GetTimestamp();
-        var grant = await _leaseClient.LeaseGrantAsync(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline(), cancellationToken: cancellationToken);
-        var lease = new SessionLease(grant.ID, null, TimeSpan.FromSeconds(grant.TTL));
-        lease.Sent(sentAt);
-        lease.Answered(lease.Ttl, _time);
-        var key = ByteString.CopyFromUtf8(ReplicasPrefix + Replica);
-        var claim = new TxnRequest();
-        claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
-        claim.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = ByteString.CopyFromUtf8(Replica), Lease = grant.ID } });
-        var named = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
-        if (!named.Succeeded)
-            throw ErrnoException.Exists($"a live replica named {ErrnoException.Quote(Replica)} is already in the cluster");
-        _registration = lease;
-        _keeper.Track(lease);
+        _registration = await ClaimNameAsync(null, cancellationToken).ConfigureAwait(false)
+            ?? throw ErrnoException.Exists($"a live replica named {ErrnoException.Quote(Replica)} is already in the cluster");
         // The replica's number: one compare-and-swap on a counter, retried while another replica races.
         var counter = ByteString.CopyFromUtf8(ReplicaSequenceKey);
         while (true)
@@ -197,6 +190,80 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 // 2^21 replica starts keep every id below 2^53, exact in JSON numbers.
                 ReplicaNumber = ((next - 1) % (1UL << 21)) + 1;
                 FirstSessionId = (ReplicaNumber << 32) + 1;
+                return;
+            }
+        }
+    }
+
+    // Takes the replica's name under a new lease of its own and keeps the lease alive: the name's
+    // key is free, or it still holds this replica's registration on `previous` (a lease the replica
+    // gave up, which etcd may not have expired yet). Null when another replica holds the name.
+    private async Task<SessionLease?> ClaimNameAsync(long? previous, CancellationToken cancellationToken)
+    {
+        var sentAt = _time.GetTimestamp();
+        var grant = await _leaseClient.LeaseGrantAsync(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline(), cancellationToken: cancellationToken);
+        var lease = new SessionLease(grant.ID, null, TimeSpan.FromSeconds(grant.TTL));
+        lease.Sent(sentAt);
+        lease.Answered(lease.Ttl, _time);
+        var key = ByteString.CopyFromUtf8(ReplicasPrefix + Replica);
+        var claim = new TxnRequest();
+        claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
+        claim.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = ByteString.CopyFromUtf8(Replica), Lease = grant.ID } });
+        claim.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+        var named = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
+        if (!named.Succeeded && Found(named, 0) is { } held && held.Lease == previous)
+        {
+            var move = new TxnRequest();
+            move.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = held.ModRevision });
+            move.Success.Add(claim.Success[0]);
+            named = await _kv.TxnAsync(move, deadline: Deadline(), cancellationToken: cancellationToken);
+        }
+        if (!named.Succeeded)
+        {
+            await RevokeAsync(lease).ConfigureAwait(false);
+            return null;
+        }
+        _keeper.Track(lease);
+        return lease;
+    }
+
+    // The registration's lease was given up (not renewed in time: etcd was out of reach) and etcd
+    // expires it, and the name's key with it: another broker could then start with this replica's
+    // name, and each would take the other's records for its own. So the replica takes its name
+    // again under a new lease as soon as etcd answers, and refuses claims until it has (CommitClaim);
+    // if another replica has taken the name meanwhile, it says so and refuses them for good.
+    private async Task RenewRegistrationAsync(SessionLease lost)
+    {
+        _keeper.Forget(lost);
+        Log.RegistrationLost(_log, Replica, lost.Id);
+        while (!_stop.IsCancellationRequested)
+        {
+            try
+            {
+                if (await ClaimNameAsync(lost.Id, _stop.Token).ConfigureAwait(false) is not { } renewed)
+                {
+                    _nameTaken = true;
+                    Log.NameTaken(_log, Replica);
+                    return;
+                }
+                _registration = renewed;
+                Log.RegistrationRenewed(_log, Replica, renewed.Id);
+                return;
+            }
+            catch (RpcException e)
+            {
+                Log.RegistrationNotRenewed(_log, Replica, e.Status.Detail);
+            }
+            catch (Exception e) when (_stop.IsCancellationRequested && e is OperationCanceledException or ObjectDisposedException)
+            {
+                return;
+            }
+            try
+            {
+                await Task.Delay(_keeper.Interval, _time, _stop.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
                 return;
             }
         }
@@ -227,6 +294,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         var lease = LeaseOf(session);
         if (lease.Lost)
             throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease could not be renewed; it is ending");
+        CheckRegistered();
         // The table before this claim: the session's countBefore claims, or a free group.
         Call(() => Settle(groupId, countBefore == 0 ? 0 : session.Id, countBefore), $"claim of group {groupId}");
         var key = GroupRecord.Key(groupId);
@@ -324,6 +392,18 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             // The replica is stopping: its leases end with it, and the group with them.
             Log.ReleaseNotRecorded(_log, groupId, session.Id, "the replica is stopping");
         }
+    }
+
+    // A claim needs the replica's name held in the cluster, so that no other broker takes this one's records for its own.
+    private void CheckRegistered()
+    {
+        if (_nameTaken)
+            throw ErrnoException.Conflict(Errno.EEXIST, $"another broker took replica name {ErrnoException.Quote(Replica)} while this one was cut off from etcd; this replica makes no claims: restart it (with another --replica)");
+        if (_registration is { Lost: true })
+            throw new ErrnoException(Errno.EAGAIN, ErrorKind.FailedPrecondition, $"replica {Replica}'s registration in the cluster lapsed while etcd was out of reach; it is being renewed, try again")
+            {
+                RetryAfter = TimeSpan.FromSeconds(1),
+            };
     }
 
     // --- changes of unknown outcome ---
@@ -596,6 +676,13 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // devices and detaches its domains before it releases anything.
     private void Fence(SessionLease lease)
     {
+        if (lease.Session is null)
+        {
+            // The keeper may say so twice (the deadline, then etcd's answer): renew once.
+            if (lease == _registration && Interlocked.CompareExchange(ref _renewing, lease, null) is null)
+                _ = RenewRegistrationAsync(lease).ContinueWith(_ => Interlocked.Exchange(ref _renewing, null), TaskScheduler.Default);
+            return;
+        }
         if (lease.Session is not { } session || _broker is null)
             return;
         _ = EndFencedAsync(session, "the broker could not renew the session's cluster lease (etcd) in time");
@@ -896,5 +983,17 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
         [LoggerMessage(EventId = 1616, Level = LogLevel.Information, Message = "Group {GroupId}'s unanswered change is not settled yet ({Reason}); trying again")]
         public static partial void SettleFailed(ILogger logger, uint groupId, string reason);
+
+        [LoggerMessage(EventId = 1617, Level = LogLevel.Warning, Message = "Replica {Replica}'s registration lease {LeaseId} was not renewed in time; taking the name again under a new lease, claims refused until then")]
+        public static partial void RegistrationLost(ILogger logger, string replica, long leaseId);
+
+        [LoggerMessage(EventId = 1618, Level = LogLevel.Information, Message = "Replica {Replica} is registered again, on etcd lease {LeaseId}")]
+        public static partial void RegistrationRenewed(ILogger logger, string replica, long leaseId);
+
+        [LoggerMessage(EventId = 1619, Level = LogLevel.Information, Message = "Replica {Replica}'s registration not renewed yet ({Reason}); trying again")]
+        public static partial void RegistrationNotRenewed(ILogger logger, string replica, string reason);
+
+        [LoggerMessage(EventId = 1620, Level = LogLevel.Critical, Message = "Another broker took replica name {Replica} while this one was cut off from etcd: this replica refuses every claim from now on; restart it with another --replica")]
+        public static partial void NameTaken(ILogger logger, string replica);
     }
 }

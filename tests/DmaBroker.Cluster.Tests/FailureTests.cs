@@ -1,4 +1,8 @@
 using System.Diagnostics;
+using Etcdserverpb;
+using Google.Protobuf;
+using Grpc.Net.Client;
+using Mvccpb;
 using DmaBroker.Core;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;
@@ -180,6 +184,49 @@ public sealed class FailureTests(ITestOutputHelper output)
 
         Assert.Equal(session.Id, seen.OwnerSession);
         output.WriteLine($"m0 cut off from the other members; b's claim seen on a (which watched m0) {clock.Elapsed.TotalMilliseconds:F0} ms later");
+    }
+
+    /// <summary>
+    /// A replica cut off from etcd for longer than its leases: its registration (its name in the
+    /// cluster) expires with them. Once healed it takes its name again, so no other broker can start
+    /// under it, and it serves claims again.
+    /// </summary>
+    [Fact]
+    public async Task ReplicaCutOffLongerThanItsLease_OnceHealed_TakesItsNameAgain_AndServesClaims()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output);
+        using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
+        var name = ByteString.CopyFromUtf8("/dmabroker/replicas/a");
+        using var watch = new Watch.WatchClient(channel).Watch();
+        await watch.RequestStream.WriteAsync(new WatchRequest { CreateRequest = new WatchCreateRequest { Key = name } });
+        using var cts = new CancellationTokenSource(ReplicaTests.Timeout);
+        Assert.True(await watch.ResponseStream.MoveNext(cts.Token) && watch.ResponseStream.Current.Created);
+
+        proxy.Cut();
+        var expired = await NextAsync();
+        Assert.Equal(Event.Types.EventType.Delete, expired.Type);
+        proxy.Heal();
+
+        var renewed = await NextAsync();
+        Assert.Equal(Event.Types.EventType.Put, renewed.Type);
+        var refused = await Assert.ThrowsAsync<ErrnoException>(() => Replica.StartAsync("a", etcd.Endpoints));
+        Assert.Equal(Errno.EEXIST, refused.Errno);
+        var session = a.Broker.Sessions.Open();
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[group].OwnerSession);
+
+        async Task<Event> NextAsync()
+        {
+            while (await watch.ResponseStream.MoveNext(cts.Token))
+            {
+                if (watch.ResponseStream.Current.Events.FirstOrDefault() is { } ev)
+                    return ev;
+            }
+            throw new TimeoutException();
+        }
     }
 
     [Fact]
