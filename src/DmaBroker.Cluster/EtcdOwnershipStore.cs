@@ -731,8 +731,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     }
 
     // Loads the cluster's whole table from etcd into the broker's: the hotplug not yet applied, in
-    // the order it happened; every device's driver that differs from the topology's; and every
-    // group's owner, which either has a record (owned) or not (free). Returns the revision it read at.
+    // the order it happened; every group's owner, which either has a record (owned) or not (free);
+    // and every device's driver that differs from the topology's. Returns the revision it read at.
     private async Task<long> ResyncAsync(CancellationToken cancellationToken)
     {
         var all = await _kv.RangeAsync(new RangeRequest
@@ -743,8 +743,6 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         var revision = all.Header.Revision;
         foreach (var kv in all.Kvs.Where(kv => HotplugRecord.DeviceOf(kv.Key).HasValue).OrderBy(kv => kv.ModRevision))
             ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
-        foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
-            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
         var records = all.Kvs.Where(kv => GroupRecord.GroupOf(kv.Key).HasValue).ToDictionary(kv => GroupRecord.GroupOf(kv.Key)!.Value);
         foreach (var id in _broker!.Journal.Current.Groups.Keys)
         {
@@ -753,6 +751,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             else
                 Apply(id, revision, 0, null, deleted: true);
         }
+        // After the owners: a DMA-API driver is taken only into a group no user owns (ApplyRemoteDriver).
+        foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
+            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
         Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), revision));
         return revision;
     }
@@ -822,8 +823,12 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             }
             catch (Exception e) when (!_stop.IsCancellationRequested)
             {
-                // Whatever broke the stream (a member gone, a reset connection), start again on any member.
-                Log.WatchFailed(_log, e.Message);
+                // Whatever broke the stream (a member gone, a reset connection), start again on any
+                // member. A change that failed to apply was not marked applied: the reload brings it again.
+                if (e is RpcException or IOException)
+                    Log.WatchFailed(_log, e.Message);
+                else
+                    Log.ApplyFailed(_log, e);
                 resync = true;
                 try
                 {
@@ -995,5 +1000,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
         [LoggerMessage(EventId = 1620, Level = LogLevel.Critical, Message = "Another broker took replica name {Replica} while this one was cut off from etcd: this replica refuses every claim from now on; restart it with another --replica")]
         public static partial void NameTaken(ILogger logger, string replica);
+
+        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying another replica's change from etcd failed; reloading the table to try it again")]
+        public static partial void ApplyFailed(ILogger logger, Exception exception);
     }
 }
