@@ -74,8 +74,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     private volatile SessionLease? _registration;
     // Another replica took this one's name while its registration had lapsed.
     private volatile bool _nameTaken;
-    // The registration lease being renewed now, if one is.
+    // The registration lease being renewed now, if one is, and the renewal.
     private SessionLease? _renewing;
+    private Task _renewal = Task.CompletedTask;
     private Broker? _broker;
     private Task _watch = Task.CompletedTask;
     private Task _settling = Task.CompletedTask;
@@ -234,8 +235,21 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // if another replica has taken the name meanwhile, it says so and refuses them for good.
     private async Task RenewRegistrationAsync(SessionLease lost)
     {
+        await Task.Yield(); // off the keeper's timer
         _keeper.Forget(lost);
         Log.RegistrationLost(_log, Replica, lost.Id);
+        try
+        {
+            await ClaimNameAgainAsync(lost).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Exchange(ref _renewing, null);
+        }
+    }
+
+    private async Task ClaimNameAgainAsync(SessionLease lost)
+    {
         while (!_stop.IsCancellationRequested)
         {
             try
@@ -257,6 +271,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             catch (Exception e) when (_stop.IsCancellationRequested && e is OperationCanceledException or ObjectDisposedException)
             {
                 return;
+            }
+            catch (Exception e)
+            {
+                Log.RegistrationNotRenewed(_log, Replica, e.Message);
             }
             try
             {
@@ -291,10 +309,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     public ulong CommitClaim(uint groupId, Session session, int countBefore, ulong generation)
     {
         ArgumentNullException.ThrowIfNull(session);
+        CheckRegistered();
         var lease = LeaseOf(session);
         if (lease.Lost)
             throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease could not be renewed; it is ending");
-        CheckRegistered();
         // The table before this claim: the session's countBefore claims, or a free group.
         Call(() => Settle(groupId, countBefore == 0 ? 0 : session.Id, countBefore), $"claim of group {groupId}");
         var key = GroupRecord.Key(groupId);
@@ -504,6 +522,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                         {
                             Log.SettleFailed(_log, groupId, e.Status.Detail);
                         }
+                        catch (Exception e) when (!_stop.IsCancellationRequested)
+                        {
+                            Log.SettleFailed(_log, groupId, e.Message);
+                        }
                     }
                     if (!_unsettled.IsEmpty)
                         await Task.Delay(TimeSpan.FromMilliseconds(200), _time, _stop.Token).ConfigureAwait(false);
@@ -680,7 +702,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             // The keeper may say so twice (the deadline, then etcd's answer): renew once.
             if (lease == _registration && Interlocked.CompareExchange(ref _renewing, lease, null) is null)
-                _ = RenewRegistrationAsync(lease).ContinueWith(_ => Interlocked.Exchange(ref _renewing, null), TaskScheduler.Default);
+                _renewal = RenewRegistrationAsync(lease);
             return;
         }
         if (lease.Session is not { } session || _broker is null)
@@ -956,6 +978,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             await _watch.ConfigureAwait(false);
             await _settling.ConfigureAwait(false);
+            await _renewal.ConfigureAwait(false);
         }
         catch (OperationCanceledException)
         {
