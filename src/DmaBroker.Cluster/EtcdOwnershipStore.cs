@@ -991,7 +991,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     private static partial class Log
     {
-        [LoggerMessage(EventId = 1610, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Reason}); the group goes free when the session's lease ends")]
+        [LoggerMessage(EventId = 1610, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Reason}); the group is settled once etcd answers, or goes free with the session's lease")]
         public static partial void ReleaseNotRecorded(ILogger logger, uint groupId, ulong sessionId, string reason);
 
         [LoggerMessage(EventId = 1611, Level = LogLevel.Information, Message = "Revoking etcd lease {LeaseId} failed ({Reason}); it expires on its own")]
@@ -1006,7 +1006,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         [LoggerMessage(EventId = 1614, Level = LogLevel.Information, Message = "Claim of group {GroupId} by session {SessionId} was refused on a retry, but etcd holds it as written at revision {Revision}: an earlier attempt committed; the claim stands")]
         public static partial void ClaimFoundCommitted(ILogger logger, uint groupId, ulong sessionId, long revision);
 
-        [LoggerMessage(EventId = 1615, Level = LogLevel.Warning, Message = "A change of group {GroupId} by session {SessionId} that etcd did not answer had committed ({Count} claims); etcd is back in line with the table ({TableCount})")]
+        [LoggerMessage(EventId = 1615, Level = LogLevel.Warning, Message = "After a change etcd did not answer, group {GroupId}'s record held {Count} claims of session {SessionId} where the table holds {TableCount}; etcd is back in line with the table")]
         public static partial void Settled(ILogger logger, uint groupId, ulong sessionId, int count, int tableCount);
 
         [LoggerMessage(EventId = 1616, Level = LogLevel.Information, Message = "Group {GroupId}'s unanswered change is not settled yet ({Reason}); trying again")]

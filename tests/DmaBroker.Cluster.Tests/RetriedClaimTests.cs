@@ -84,6 +84,34 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
         Assert.Equal(session.Id, b.Broker.Journal.Current.Groups[groups[0]].OwnerSession);
     }
 
+    /// <summary>
+    /// A release etcd did not record (the replica cut off from it): the table releases anyway, and
+    /// etcd must not keep the group the session's, which nobody could claim until the session ended.
+    /// Once etcd answers again the replica deletes the session's record of the group on its own.
+    /// </summary>
+    [Fact]
+    public async Task Release_EtcdDidNotRecord_IsSettledOnceEtcdAnswers_SoTheGroupIsNotStuck()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: TimeSpan.FromSeconds(30), output: output);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30), output: output);
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+        var session = a.Broker.Sessions.Open("unrecorded");
+        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerSession == session.Id);
+
+        proxy.Cut();
+        a.Broker.Vfio.UnsetContainer(session, group);
+        Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[group].OwnerKind);
+        proxy.Heal();
+
+        await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerKind == OwnerKind.None);
+        var heir = b.Broker.Sessions.Open("heir");
+        b.Broker.Vfio.SetContainer(heir, group, b.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2).Id);
+        Assert.Equal(heir.Id, (await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.User)).OwnerSession);
+    }
+
     [Fact]
     public async Task StoppedStore_ClaimFailsEagain_ReleaseStillReleases_NeitherIsABrokerFault()
     {
