@@ -76,7 +76,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     private volatile bool _nameTaken;
     // The registration lease being renewed now, if one is, and the renewal.
     private SessionLease? _renewing;
-    private Task _renewal = Task.CompletedTask;
+    private volatile Task _renewal = Task.CompletedTask;
     private Broker? _broker;
     private Task _watch = Task.CompletedTask;
     private Task _settling = Task.CompletedTask;
@@ -415,6 +415,18 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // A claim needs the replica's name held in the cluster, so that no other broker takes this one's records for its own.
     private void CheckRegistered()
     {
+        if (_registration is { Lost: true })
+        {
+            // The renewal may be a moment from done: wait for it as long as for any etcd call.
+            try
+            {
+                _renewal.Wait(_options.CallTimeout);
+            }
+            catch (AggregateException)
+            {
+                // it logged why
+            }
+        }
         if (_nameTaken)
             throw ErrnoException.Conflict(Errno.EEXIST, $"another broker took replica name {ErrnoException.Quote(Replica)} while this one was cut off from etcd; this replica makes no claims: restart it (with another --replica)");
         if (_registration is { Lost: true })
@@ -823,19 +835,15 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     }
                     foreach (var ev in answer.Events)
                     {
-                        if (GroupRecord.GroupOf(ev.Kv.Key) is { } id)
+                        try
                         {
-                            var deleted = ev.Type == Event.Types.EventType.Delete;
-                            Apply(id, ev.Kv.ModRevision, ev.Kv.CreateRevision, GroupRecord.Decode(deleted ? ev.PrevKv?.Value ?? ByteString.Empty : ev.Kv.Value), deleted);
+                            ApplyEvent(ev);
                         }
-                        else if (ev.Type == Event.Types.EventType.Put && HotplugRecord.DeviceOf(ev.Kv.Key) is { } plugged)
+                        catch (Exception e) when (!_stop.IsCancellationRequested)
                         {
-                            ApplyHotplug(plugged, ev.Kv.ModRevision, ev.Kv.Value);
-                        }
-                        else if (ev.Type == Event.Types.EventType.Put && DriverRecord.DeviceOf(ev.Kv.Key) is { } device)
-                        {
-                            // A deleted driver key goes with its device's removal, which the hotplug key brings.
-                            ApplyDriver(device, ev.Kv.ModRevision, ev.Kv.Value);
+                            // Not marked applied: the reload after the break brings it again.
+                            Log.ApplyFailed(_log, e);
+                            throw;
                         }
                         from = ev.Kv.ModRevision + 1;
                     }
@@ -845,12 +853,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             }
             catch (Exception e) when (!_stop.IsCancellationRequested)
             {
-                // Whatever broke the stream (a member gone, a reset connection), start again on any
-                // member. A change that failed to apply was not marked applied: the reload brings it again.
-                if (e is RpcException or IOException)
-                    Log.WatchFailed(_log, e.Message);
-                else
-                    Log.ApplyFailed(_log, e);
+                // Whatever broke the stream (a member gone, a reset connection, a change that failed
+                // to apply), start again on any member.
+                Log.WatchFailed(_log, e.Message);
                 resync = true;
                 try
                 {
@@ -865,6 +870,25 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             {
                 return; // stopping: the stream was cancelled with the store
             }
+        }
+    }
+
+    // One event of the watch: a group's owner, a hotplug, or a device's driver.
+    private void ApplyEvent(Event ev)
+    {
+        if (GroupRecord.GroupOf(ev.Kv.Key) is { } id)
+        {
+            var deleted = ev.Type == Event.Types.EventType.Delete;
+            Apply(id, ev.Kv.ModRevision, ev.Kv.CreateRevision, GroupRecord.Decode(deleted ? ev.PrevKv?.Value ?? ByteString.Empty : ev.Kv.Value), deleted);
+        }
+        else if (ev.Type == Event.Types.EventType.Put && HotplugRecord.DeviceOf(ev.Kv.Key) is { } plugged)
+        {
+            ApplyHotplug(plugged, ev.Kv.ModRevision, ev.Kv.Value);
+        }
+        else if (ev.Type == Event.Types.EventType.Put && DriverRecord.DeviceOf(ev.Kv.Key) is { } device)
+        {
+            // A deleted driver key goes with its device's removal, which the hotplug key brings.
+            ApplyDriver(device, ev.Kv.ModRevision, ev.Kv.Value);
         }
     }
 
@@ -1024,7 +1048,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         [LoggerMessage(EventId = 1620, Level = LogLevel.Critical, Message = "Another broker took replica name {Replica} while this one was cut off from etcd: this replica refuses every claim from now on; restart it with another --replica")]
         public static partial void NameTaken(ILogger logger, string replica);
 
-        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying another replica's change from etcd failed; reloading the table to try it again")]
+        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying a change from etcd's watch failed; the table is reloaded to try it again")]
         public static partial void ApplyFailed(ILogger logger, Exception exception);
     }
 }
