@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Globalization;
+using System.Threading.Channels;
 using DmaBroker.Core;
 using DmaBroker.Core.Ownership;
 using DmaBroker.Core.Sessions;
@@ -64,9 +65,21 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // The revision of the last hotplug this replica wrote or applied; read and written only under the hotplug lock.
     private long _shape;
     private readonly ConcurrentDictionary<ulong, Lazy<SessionLease>> _leases = new();
-    private SessionLease? _registration;
+    // The groups whose last claim or release by a session of this replica etcd did not answer, with
+    // that session (see Unsettle); _settle wakes SettleAsync for them.
+    private readonly ConcurrentDictionary<uint, ulong> _unsettled = new();
+    private readonly Channel<bool> _settle = Channel.CreateBounded<bool>(
+        new BoundedChannelOptions(1) { FullMode = BoundedChannelFullMode.DropWrite });
+    // This replica's name in the cluster, on a lease of its own; replaced when it is renewed.
+    private volatile SessionLease? _registration;
+    // Another replica took this one's name while its registration had lapsed.
+    private volatile bool _nameTaken;
+    // The registration lease being renewed now, if one is, and the renewal.
+    private SessionLease? _renewing;
+    private volatile Task _renewal = Task.CompletedTask;
     private Broker? _broker;
     private Task _watch = Task.CompletedTask;
+    private Task _settling = Task.CompletedTask;
     private int _disposed;
 
     private EtcdOwnershipStore(EtcdStoreOptions options, TimeProvider time, ILogger log)
@@ -160,20 +173,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     private async Task RegisterAsync(CancellationToken cancellationToken)
     {
-        var sentAt = _time.GetTimestamp();
-        var grant = await _leaseClient.LeaseGrantAsync(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline(), cancellationToken: cancellationToken);
-        var lease = new SessionLease(grant.ID, null, TimeSpan.FromSeconds(grant.TTL));
-        lease.Sent(sentAt);
-        lease.Answered(lease.Ttl, _time);
-        var key = ByteString.CopyFromUtf8(ReplicasPrefix + Replica);
-        var claim = new TxnRequest();
-        claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
-        claim.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = ByteString.CopyFromUtf8(Replica), Lease = grant.ID } });
-        var named = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
-        if (!named.Succeeded)
-            throw ErrnoException.Exists($"a live replica named {ErrnoException.Quote(Replica)} is already in the cluster");
-        _registration = lease;
-        _keeper.Track(lease);
+        _registration = await ClaimNameAsync(null, cancellationToken).ConfigureAwait(false)
+            ?? throw ErrnoException.Exists($"a live replica named {ErrnoException.Quote(Replica)} is already in the cluster");
         // The replica's number: one compare-and-swap on a counter, retried while another replica races.
         var counter = ByteString.CopyFromUtf8(ReplicaSequenceKey);
         while (true)
@@ -195,6 +196,97 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         }
     }
 
+    // Takes the replica's name under a new lease of its own and keeps the lease alive: the name's
+    // key is free, or it still holds this replica's registration on `previous` (a lease the replica
+    // gave up, which etcd may not have expired yet). Null when another replica holds the name.
+    private async Task<SessionLease?> ClaimNameAsync(long? previous, CancellationToken cancellationToken)
+    {
+        var sentAt = _time.GetTimestamp();
+        var grant = await _leaseClient.LeaseGrantAsync(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline(), cancellationToken: cancellationToken);
+        var lease = new SessionLease(grant.ID, null, TimeSpan.FromSeconds(grant.TTL));
+        lease.Sent(sentAt);
+        lease.Answered(lease.Ttl, _time);
+        var key = ByteString.CopyFromUtf8(ReplicasPrefix + Replica);
+        var claim = new TxnRequest();
+        claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
+        claim.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = ByteString.CopyFromUtf8(Replica), Lease = grant.ID } });
+        claim.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+        var named = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
+        if (!named.Succeeded && Found(named, 0) is { } held && held.Lease == previous)
+        {
+            var move = new TxnRequest();
+            move.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = held.ModRevision });
+            move.Success.Add(claim.Success[0]);
+            named = await _kv.TxnAsync(move, deadline: Deadline(), cancellationToken: cancellationToken);
+        }
+        if (!named.Succeeded)
+        {
+            await RevokeAsync(lease).ConfigureAwait(false);
+            return null;
+        }
+        _keeper.Track(lease);
+        return lease;
+    }
+
+    // The registration's lease was given up (not renewed in time: etcd was out of reach) and etcd
+    // expires it, and the name's key with it: another broker could then start with this replica's
+    // name, and each would take the other's records for its own. So the replica takes its name
+    // again under a new lease as soon as etcd answers, and refuses claims until it has (CommitClaim);
+    // if another replica has taken the name meanwhile, it says so and refuses them for good.
+    private async Task RenewRegistrationAsync(SessionLease lost)
+    {
+        await Task.Yield(); // off the keeper's timer
+        _keeper.Forget(lost);
+        Log.RegistrationLost(_log, Replica, lost.Id);
+        try
+        {
+            await ClaimNameAgainAsync(lost).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Exchange(ref _renewing, null);
+        }
+    }
+
+    private async Task ClaimNameAgainAsync(SessionLease lost)
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            try
+            {
+                if (await ClaimNameAsync(lost.Id, _stop.Token).ConfigureAwait(false) is not { } renewed)
+                {
+                    _nameTaken = true;
+                    Log.NameTaken(_log, Replica);
+                    return;
+                }
+                _registration = renewed;
+                Log.RegistrationRenewed(_log, Replica, renewed.Id);
+                return;
+            }
+            catch (RpcException e)
+            {
+                Log.RegistrationNotRenewed(_log, Replica, e.Status.Detail);
+            }
+            catch (Exception e) when (_stop.IsCancellationRequested && e is OperationCanceledException or ObjectDisposedException)
+            {
+                return;
+            }
+            catch (Exception e)
+            {
+                Log.RegistrationNotRenewed(_log, Replica, e.Message);
+            }
+            try
+            {
+                await Task.Delay(_keeper.Interval, _time, _stop.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+                return;
+            }
+        }
+    }
+
     /// <summary>
     /// Serves <paramref name="broker"/>, built with this store: loads the cluster's group table into
     /// it, then follows etcd's watch from that revision on.
@@ -208,6 +300,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         await SeedAsync(broker.Journal.Current, cancellationToken).ConfigureAwait(false);
         var revision = await ResyncAsync(cancellationToken).ConfigureAwait(false);
         _watch = WatchAsync(revision + 1);
+        _settling = SettleAsync();
     }
 
     // --- IOwnershipStore ---
@@ -216,21 +309,34 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     public ulong CommitClaim(uint groupId, Session session, int countBefore, ulong generation)
     {
         ArgumentNullException.ThrowIfNull(session);
+        CheckRegistered();
         var lease = LeaseOf(session);
         if (lease.Lost)
             throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease could not be renewed; it is ending");
+        // The table before this claim: the session's countBefore claims, or a free group.
+        Call(() => Settle(groupId, countBefore == 0 ? 0 : session.Id, countBefore), $"claim of group {groupId}");
         var key = GroupRecord.Key(groupId);
-        var txn = new TxnRequest();
-        txn.Compare.Add(countBefore == 0
-            ? new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 }
-            : new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
-        var claimed = Record(session, countBefore + 1).Encode();
-        txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = claimed, Lease = lease.Id } });
-        txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
-        var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"claim of group {groupId}");
-        if (!answer.Succeeded)
+        var claimed = Record(session.Id, countBefore + 1).Encode();
+        for (var attempt = 1; ; attempt++)
         {
-            var current = answer.Responses.FirstOrDefault()?.ResponseRange?.Kvs.FirstOrDefault();
+            var fence = lease.Fence;
+            var txn = new TxnRequest();
+            txn.Compare.Add(countBefore == 0
+                ? new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 }
+                : new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session.Id, countBefore).Encode() });
+            txn.Compare.Add(FenceIs(session.Id, fence));
+            txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = claimed, Lease = lease.Id } });
+            txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+            txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = SessionKey(session.Id) } });
+            var answer = Call(() => _kv.Txn(txn, deadline: Deadline()), $"claim of group {groupId}", () => Unsettle(groupId, session));
+            if (answer.Succeeded)
+            {
+                var revision = answer.Header.Revision;
+                _revisions[groupId] = revision;
+                // A new grant created the key: its create_revision, this transaction's revision, is the generation.
+                return countBefore == 0 ? (ulong)revision : generation;
+            }
+            var current = Found(answer, 0);
             // The key holds exactly what this claim writes, on this session's lease: an attempt of
             // this very claim committed and its answer was lost (the client retries a call etcd did
             // not answer in time). Refusing now would leave etcd owning the group for the session
@@ -241,13 +347,18 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 _revisions[groupId] = current.ModRevision;
                 return countBefore == 0 ? (ulong)current.CreateRevision : generation;
             }
+            if (Found(answer, 1) is not { } record)
+                throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease has ended; it is ending");
+            // Another change of the session settled a transaction of it and moved its fence: this
+            // one was refused for that alone if the group's compare held.
+            if (record.ModRevision != fence && attempt < 3)
+            {
+                lease.MoveFence(record.ModRevision);
+                continue;
+            }
             var holder = current is not null ? GroupRecord.Decode(current.Value) : null;
             throw ErrnoException.NotPermitted($"group {groupId} is {holder?.Describe() ?? "changed by another replica"} in the cluster");
         }
-        var revision = answer.Header.Revision;
-        _revisions[groupId] = revision;
-        // A new grant created the key: its create_revision, this transaction's revision, is the generation.
-        return countBefore == 0 ? (ulong)revision : generation;
     }
 
     /// <inheritdoc/>
@@ -256,24 +367,43 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         ArgumentNullException.ThrowIfNull(session);
         if (!_leases.TryGetValue(session.Id, out var lazy) || !lazy.IsValueCreated || lazy.Value.Lost)
             return; // never recorded, or its lease is gone or going: etcd frees the group with it
+        var lease = lazy.Value;
         var key = GroupRecord.Key(groupId);
-        var txn = new TxnRequest();
-        txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session, countBefore).Encode() });
-        txn.Success.Add(countAfter == 0
-            ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
-            : new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session, countAfter).Encode(), Lease = lazy.Value.Id } });
         try
         {
-            var answer = _kv.Txn(txn, deadline: Deadline());
-            if (answer.Succeeded)
-                _revisions[groupId] = answer.Header.Revision;
-            else
+            Settle(groupId, session.Id, countBefore);
+            for (var attempt = 1; ; attempt++)
+            {
+                var fence = lease.Fence;
+                var txn = new TxnRequest();
+                txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Value, Result = Compare.Types.CompareResult.Equal, Value = Record(session.Id, countBefore).Encode() });
+                txn.Compare.Add(FenceIs(session.Id, fence));
+                txn.Success.Add(countAfter == 0
+                    ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
+                    : new RequestOp { RequestPut = new PutRequest { Key = key, Value = Record(session.Id, countAfter).Encode(), Lease = lease.Id } });
+                txn.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = SessionKey(session.Id) } });
+                var answer = _kv.Txn(txn, deadline: Deadline());
+                if (answer.Succeeded)
+                {
+                    _revisions[groupId] = answer.Header.Revision;
+                    return;
+                }
+                if (Found(answer, 0) is { } record && record.ModRevision != fence && attempt < 3)
+                {
+                    lease.MoveFence(record.ModRevision);
+                    continue;
+                }
                 Log.ReleaseNotRecorded(_log, groupId, session.Id, "the key holds another owner or count");
+                Unsettle(groupId, session);
+                return;
+            }
         }
         catch (RpcException e)
         {
-            // The table releases anyway; etcd frees the group when the session's lease ends.
+            // The table releases anyway; the release may or may not have committed, so the group is
+            // settled once etcd answers again (or freed when the session's lease ends).
             Log.ReleaseNotRecorded(_log, groupId, session.Id, e.Status.Detail);
+            Unsettle(groupId, session);
         }
         catch (ObjectDisposedException)
         {
@@ -281,6 +411,154 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             Log.ReleaseNotRecorded(_log, groupId, session.Id, "the replica is stopping");
         }
     }
+
+    // A claim needs the replica's name held in the cluster, so that no other broker takes this one's records for its own.
+    private void CheckRegistered()
+    {
+        if (_registration is { Lost: true })
+        {
+            // The renewal may be a moment from done: wait for it as long as for any etcd call.
+            try
+            {
+                _renewal.Wait(_options.CallTimeout);
+            }
+            catch (AggregateException)
+            {
+                // it logged why
+            }
+        }
+        if (_nameTaken)
+            throw ErrnoException.Conflict(Errno.EEXIST, $"another broker took replica name {ErrnoException.Quote(Replica)} while this one was cut off from etcd; this replica makes no claims: restart it (with another --replica)");
+        if (_registration is { Lost: true })
+            throw new ErrnoException(Errno.EAGAIN, ErrorKind.FailedPrecondition, $"replica {Replica}'s registration in the cluster lapsed while etcd was out of reach; it is being renewed, try again")
+            {
+                RetryAfter = TimeSpan.FromSeconds(1),
+            };
+    }
+
+    // --- changes of unknown outcome ---
+
+    // A claim or release whose transaction etcd did not answer (the deadline passed, the connection
+    // broke) may have committed, or may still commit: the client was told EAGAIN, or the table
+    // released, and the table has the group as it was before the change (a claim) or after it (a
+    // release), while etcd may hold the session's record with the change the table does not know.
+    // Left so, a claim nobody retries keeps the group the session's in etcd, unclaimable by anyone,
+    // until the session ends; and a release that commits late could delete the record of a claim the
+    // session made since, leaving a group its owner holds free in etcd (two owners, SPEC §10.1).
+    //
+    // So the group is unsettled until etcd is brought in line with the table, deterministically, in
+    // the table's favour (never adopted: the client was told the claim failed, and no container is
+    // set on it). Settle runs under the group's lock, as the group's commits do: first it moves the
+    // session's fence (puts its record key again), which every claim and release of the session
+    // compares, so no transaction of the session still in flight can commit after that point; then
+    // it reads the group's key and, if it holds a record of that session that the table does not,
+    // puts back the table's count or deletes it, compared on that key's mod revision. Settle runs
+    // before the next change of the group on this replica (a change refused EAGAIN if etcd still does
+    // not answer), and from SettleAsync as soon as etcd answers again, so a group nobody touches
+    // goes free too. A session whose lease has ended or is given up needs none: its keys go with it.
+    private void Unsettle(uint groupId, Session session)
+    {
+        _unsettled[groupId] = session.Id;
+        _settle.Writer.TryWrite(true);
+    }
+
+    // Under the group's lock: brings the group's key in line with the table, which holds
+    // `ownerSession`'s `count` claims on it (0, 0: not owned by a session of this replica), if a
+    // change of the group's outcome is unknown. Throws RpcException while etcd does not answer.
+    private void Settle(uint groupId, ulong ownerSession, int count)
+    {
+        if (!_unsettled.TryGetValue(groupId, out var sessionId))
+            return;
+        if (_leases.TryGetValue(sessionId, out var lazy) && lazy.IsValueCreated && !lazy.Value.Lost)
+            SettleOn(groupId, lazy.Value, sessionId, ownerSession == sessionId ? count : 0);
+        _unsettled.TryRemove(KeyValuePair.Create(groupId, sessionId));
+    }
+
+    private void SettleOn(uint groupId, SessionLease lease, ulong sessionId, int count)
+    {
+        try
+        {
+            var moved = _kv.Put(new PutRequest { Key = SessionKey(sessionId), Value = SessionRecord(lease.Id), Lease = lease.Id }, deadline: Deadline());
+            lease.MoveFence(moved.Header.Revision);
+        }
+        catch (RpcException e) when (e.StatusCode == StatusCode.NotFound)
+        {
+            return; // etcd: the lease is not found; it has ended, and the session's keys with it
+        }
+        var key = GroupRecord.Key(groupId);
+        var wanted = count > 0 ? Record(sessionId, count).Encode() : null;
+        while (true)
+        {
+            var kv = _kv.Range(new RangeRequest { Key = key }, deadline: Deadline()).Kvs.FirstOrDefault();
+            if (kv is null || GroupRecord.Decode(kv.Value) is not { } held || held.Replica != Replica || held.Session != sessionId
+                || (kv.Value == wanted && kv.Lease == lease.Id))
+            {
+                return;
+            }
+            var txn = new TxnRequest();
+            txn.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = kv.ModRevision });
+            txn.Success.Add(wanted is null
+                ? new RequestOp { RequestDeleteRange = new DeleteRangeRequest { Key = key } }
+                : new RequestOp { RequestPut = new PutRequest { Key = key, Value = wanted, Lease = lease.Id } });
+            var answer = _kv.Txn(txn, deadline: Deadline());
+            if (answer.Succeeded)
+            {
+                _revisions[groupId] = answer.Header.Revision;
+                Log.Settled(_log, groupId, sessionId, held.Count, count);
+                return;
+            }
+        }
+    }
+
+    // Settles every unsettled group as soon as etcd answers, each under its group's lock.
+    private async Task SettleAsync()
+    {
+        try
+        {
+            while (await _settle.Reader.WaitToReadAsync(_stop.Token).ConfigureAwait(false))
+            {
+                _settle.Reader.TryRead(out _);
+                while (!_unsettled.IsEmpty)
+                {
+                    foreach (var groupId in _unsettled.Keys)
+                    {
+                        try
+                        {
+                            if (!_broker!.Table.WithOwner(groupId, owner =>
+                                Settle(groupId, owner.Kind == OwnerKind.User && owner.Replica is null ? owner.Session : 0, owner.Count)))
+                            {
+                                _unsettled.TryRemove(groupId, out _);
+                            }
+                        }
+                        catch (RpcException e)
+                        {
+                            Log.SettleFailed(_log, groupId, e.Status.Detail);
+                        }
+                        catch (Exception e) when (!_stop.IsCancellationRequested)
+                        {
+                            Log.SettleFailed(_log, groupId, e.Message);
+                        }
+                    }
+                    if (!_unsettled.IsEmpty)
+                        await Task.Delay(TimeSpan.FromMilliseconds(200), _time, _stop.Token).ConfigureAwait(false);
+                }
+            }
+        }
+        catch (Exception e) when (_stop.IsCancellationRequested && e is OperationCanceledException or ObjectDisposedException)
+        {
+            // stopping: the session leases end with the replica, and their keys with them
+        }
+    }
+
+    private static ByteString SessionKey(ulong sessionId) =>
+        ByteString.CopyFromUtf8(SessionsPrefix + sessionId.ToString(CultureInfo.InvariantCulture));
+
+    private ByteString SessionRecord(long leaseId) => ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture,
+        $"{{\"replica\":\"{Replica}\",\"lease\":{leaseId}}}"));
+
+    // The compare that the session's record key is still at `fence`: no settle has fenced the session's transactions off since.
+    private static Compare FenceIs(ulong sessionId, long fence) =>
+        new() { Key = SessionKey(sessionId), Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = fence };
 
     /// <inheritdoc/>
     public void CommitDriver(uint groupId, GroupOwner owner, PciAddress device, string? driverBefore, string? driverAfter, int kernelCountAfter)
@@ -421,9 +699,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         var lease = new SessionLease(grant.ID, session, TimeSpan.FromSeconds(grant.TTL));
         lease.Sent(sentAt);
         lease.Answered(lease.Ttl, _time);
-        var record = ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture,
-            $"{{\"replica\":\"{Replica}\",\"lease\":{grant.ID}}}"));
-        Call(() => _kv.Put(new PutRequest { Key = ByteString.CopyFromUtf8(SessionsPrefix + session.Id.ToString(CultureInfo.InvariantCulture)), Value = record, Lease = grant.ID }, deadline: Deadline()), "session record");
+        var put = Call(() => _kv.Put(new PutRequest { Key = SessionKey(session.Id), Value = SessionRecord(grant.ID), Lease = grant.ID }, deadline: Deadline()), "session record");
+        lease.MoveFence(put.Header.Revision);
         _keeper.Track(lease);
         return lease;
     }
@@ -433,6 +710,13 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // devices and detaches its domains before it releases anything.
     private void Fence(SessionLease lease)
     {
+        if (lease.Session is null)
+        {
+            // The keeper may say so twice (the deadline, then etcd's answer): renew once.
+            if (lease == _registration && Interlocked.CompareExchange(ref _renewing, lease, null) is null)
+                _renewal = RenewRegistrationAsync(lease);
+            return;
+        }
         if (lease.Session is not { } session || _broker is null)
             return;
         _ = EndFencedAsync(session, "the broker could not renew the session's cluster lease (etcd) in time");
@@ -481,8 +765,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     }
 
     // Loads the cluster's whole table from etcd into the broker's: the hotplug not yet applied, in
-    // the order it happened; every device's driver that differs from the topology's; and every
-    // group's owner, which either has a record (owned) or not (free). Returns the revision it read at.
+    // the order it happened; every group's owner, which either has a record (owned) or not (free);
+    // and every device's driver that differs from the topology's. Returns the revision it read at.
     private async Task<long> ResyncAsync(CancellationToken cancellationToken)
     {
         var all = await _kv.RangeAsync(new RangeRequest
@@ -493,8 +777,6 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         var revision = all.Header.Revision;
         foreach (var kv in all.Kvs.Where(kv => HotplugRecord.DeviceOf(kv.Key).HasValue).OrderBy(kv => kv.ModRevision))
             ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
-        foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
-            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
         var records = all.Kvs.Where(kv => GroupRecord.GroupOf(kv.Key).HasValue).ToDictionary(kv => GroupRecord.GroupOf(kv.Key)!.Value);
         foreach (var id in _broker!.Journal.Current.Groups.Keys)
         {
@@ -503,9 +785,18 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             else
                 Apply(id, revision, 0, null, deleted: true);
         }
+        // After the owners: a DMA-API driver is taken only into a group no user owns (ApplyRemoteDriver).
+        foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
+            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
         Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), revision));
         return revision;
     }
+
+    // etcd clientv3's WithRequireLeader: a member that has lost its leader (cut off from the others'
+    // majority) ends the watch with "no leader" (UNAVAILABLE) a few election timeouts later, and
+    // refuses a new one at once, instead of delivering nothing, silently, while the others go on. The
+    // watch then starts again on another member, from a reload of the whole table (below).
+    private static readonly Metadata RequireLeader = new() { { "hasleader", "true" } };
 
     private async Task WatchAsync(long from)
     {
@@ -531,7 +822,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     resync = false;
                 }
                 request.CreateRequest.StartRevision = from;
-                using var call = _watchClient.Watch(cancellationToken: _stop.Token);
+                using var call = _watchClient.Watch(RequireLeader, cancellationToken: _stop.Token);
                 await call.RequestStream.WriteAsync(request, _stop.Token).ConfigureAwait(false);
                 while (await call.ResponseStream.MoveNext(_stop.Token).ConfigureAwait(false))
                 {
@@ -544,19 +835,15 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     }
                     foreach (var ev in answer.Events)
                     {
-                        if (GroupRecord.GroupOf(ev.Kv.Key) is { } id)
+                        try
                         {
-                            var deleted = ev.Type == Event.Types.EventType.Delete;
-                            Apply(id, ev.Kv.ModRevision, ev.Kv.CreateRevision, GroupRecord.Decode(deleted ? ev.PrevKv?.Value ?? ByteString.Empty : ev.Kv.Value), deleted);
+                            ApplyEvent(ev);
                         }
-                        else if (ev.Type == Event.Types.EventType.Put && HotplugRecord.DeviceOf(ev.Kv.Key) is { } plugged)
+                        catch (Exception e) when (!_stop.IsCancellationRequested)
                         {
-                            ApplyHotplug(plugged, ev.Kv.ModRevision, ev.Kv.Value);
-                        }
-                        else if (ev.Type == Event.Types.EventType.Put && DriverRecord.DeviceOf(ev.Kv.Key) is { } device)
-                        {
-                            // A deleted driver key goes with its device's removal, which the hotplug key brings.
-                            ApplyDriver(device, ev.Kv.ModRevision, ev.Kv.Value);
+                            // Not marked applied: the reload after the break brings it again.
+                            Log.ApplyFailed(_log, e);
+                            throw;
                         }
                         from = ev.Kv.ModRevision + 1;
                     }
@@ -566,7 +853,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             }
             catch (Exception e) when (!_stop.IsCancellationRequested)
             {
-                // Whatever broke the stream (a member gone, a reset connection), start again on any member.
+                // Whatever broke the stream (a member gone, a reset connection, a change that failed
+                // to apply), start again on any member.
                 Log.WatchFailed(_log, e.Message);
                 resync = true;
                 try
@@ -582,6 +870,25 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             {
                 return; // stopping: the stream was cancelled with the store
             }
+        }
+    }
+
+    // One event of the watch: a group's owner, a hotplug, or a device's driver.
+    private void ApplyEvent(Event ev)
+    {
+        if (GroupRecord.GroupOf(ev.Kv.Key) is { } id)
+        {
+            var deleted = ev.Type == Event.Types.EventType.Delete;
+            Apply(id, ev.Kv.ModRevision, ev.Kv.CreateRevision, GroupRecord.Decode(deleted ? ev.PrevKv?.Value ?? ByteString.Empty : ev.Kv.Value), deleted);
+        }
+        else if (ev.Type == Event.Types.EventType.Put && HotplugRecord.DeviceOf(ev.Kv.Key) is { } plugged)
+        {
+            ApplyHotplug(plugged, ev.Kv.ModRevision, ev.Kv.Value);
+        }
+        else if (ev.Type == Event.Types.EventType.Put && DriverRecord.DeviceOf(ev.Kv.Key) is { } device)
+        {
+            // A deleted driver key goes with its device's removal, which the hotplug key brings.
+            ApplyDriver(device, ev.Kv.ModRevision, ev.Kv.Value);
         }
     }
 
@@ -647,11 +954,19 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     // --- helpers ---
 
-    private GroupRecord Record(Session session, int count) => new(session.Id, Replica, count);
+    private GroupRecord Record(ulong sessionId, int count) => new(sessionId, Replica, count);
 
     private DateTime Deadline() => DateTime.UtcNow + _options.CallTimeout;
 
-    private static T Call<T>(Func<T> call, string what)
+    private static void Call(Action call, string what) => Call(() =>
+    {
+        call();
+        return true;
+    }, what);
+
+    // An etcd call under a change: EAGAIN when etcd does not answer (`unanswered` is told first: the
+    // call may have committed all the same) or the replica is stopping.
+    private static T Call<T>(Func<T> call, string what, Action? unanswered = null)
     {
         try
         {
@@ -659,6 +974,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         }
         catch (RpcException e)
         {
+            unanswered?.Invoke();
             throw new ErrnoException(Errno.EAGAIN, ErrorKind.FailedPrecondition,
                 $"the cluster store (etcd) did not answer the {what}: {e.Status.StatusCode}; try again")
             {
@@ -685,6 +1001,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         try
         {
             await _watch.ConfigureAwait(false);
+            await _settling.ConfigureAwait(false);
+            await _renewal.ConfigureAwait(false);
         }
         catch (OperationCanceledException)
         {
@@ -697,7 +1015,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     private static partial class Log
     {
-        [LoggerMessage(EventId = 1610, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Reason}); the group goes free when the session's lease ends")]
+        [LoggerMessage(EventId = 1610, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Reason}); the group is settled once etcd answers, or goes free with the session's lease")]
         public static partial void ReleaseNotRecorded(ILogger logger, uint groupId, ulong sessionId, string reason);
 
         [LoggerMessage(EventId = 1611, Level = LogLevel.Information, Message = "Revoking etcd lease {LeaseId} failed ({Reason}); it expires on its own")]
@@ -711,5 +1029,26 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
         [LoggerMessage(EventId = 1614, Level = LogLevel.Information, Message = "Claim of group {GroupId} by session {SessionId} was refused on a retry, but etcd holds it as written at revision {Revision}: an earlier attempt committed; the claim stands")]
         public static partial void ClaimFoundCommitted(ILogger logger, uint groupId, ulong sessionId, long revision);
+
+        [LoggerMessage(EventId = 1615, Level = LogLevel.Warning, Message = "After a change etcd did not answer, group {GroupId}'s record held {Count} claims of session {SessionId} where the table holds {TableCount}; etcd is back in line with the table")]
+        public static partial void Settled(ILogger logger, uint groupId, ulong sessionId, int count, int tableCount);
+
+        [LoggerMessage(EventId = 1616, Level = LogLevel.Information, Message = "Group {GroupId}'s unanswered change is not settled yet ({Reason}); trying again")]
+        public static partial void SettleFailed(ILogger logger, uint groupId, string reason);
+
+        [LoggerMessage(EventId = 1617, Level = LogLevel.Warning, Message = "Replica {Replica}'s registration lease {LeaseId} was not renewed in time; taking the name again under a new lease, claims refused until then")]
+        public static partial void RegistrationLost(ILogger logger, string replica, long leaseId);
+
+        [LoggerMessage(EventId = 1618, Level = LogLevel.Information, Message = "Replica {Replica} is registered again, on etcd lease {LeaseId}")]
+        public static partial void RegistrationRenewed(ILogger logger, string replica, long leaseId);
+
+        [LoggerMessage(EventId = 1619, Level = LogLevel.Information, Message = "Replica {Replica}'s registration not renewed yet ({Reason}); trying again")]
+        public static partial void RegistrationNotRenewed(ILogger logger, string replica, string reason);
+
+        [LoggerMessage(EventId = 1620, Level = LogLevel.Critical, Message = "Another broker took replica name {Replica} while this one was cut off from etcd: this replica refuses every claim from now on; restart it with another --replica")]
+        public static partial void NameTaken(ILogger logger, string replica);
+
+        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying a change from etcd's watch failed; the table is reloaded to try it again")]
+        public static partial void ApplyFailed(ILogger logger, Exception exception);
     }
 }

@@ -46,6 +46,23 @@ internal sealed class SessionLease(long id, Session? session, TimeSpan ttl)
         }
     }
 
+    /// <summary>
+    /// The mod revision of the session's record key as this replica last wrote or read it: every
+    /// claim and release of the session compares it, so moving it (<c>EtcdOwnershipStore.Settle</c>)
+    /// fences off every transaction of the session still in flight. 0 for the registration.
+    /// </summary>
+    public long Fence => Interlocked.Read(ref _fence);
+
+    private long _fence;
+
+    /// <summary>The record key is at <paramref name="revision"/> or later.</summary>
+    public void MoveFence(long revision)
+    {
+        var seen = Interlocked.Read(ref _fence);
+        while (revision > seen && Interlocked.CompareExchange(ref _fence, revision, seen) is var was && was != seen)
+            seen = was;
+    }
+
     /// <summary>A keepalive (or the grant, stream 0) leaves at <paramref name="timestamp"/> on keepalive stream <paramref name="stream"/> (numbered up).</summary>
     public void Sent(long timestamp, long stream = 0)
     {

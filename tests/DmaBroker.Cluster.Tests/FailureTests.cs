@@ -1,4 +1,8 @@
 using System.Diagnostics;
+using Etcdserverpb;
+using Google.Protobuf;
+using Grpc.Net.Client;
+using Mvccpb;
 using DmaBroker.Core;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;
@@ -138,6 +142,91 @@ public sealed class FailureTests(ITestOutputHelper output)
         Assert.Equal(Errno.EACCES, refused.Errno);
         Assert.Equal(OwnerKind.None, broker.Journal.Current.Groups[edu.GroupId].OwnerKind);
         output.WriteLine($"keepalives cut at 0 ms -> session fenced, DMA refused and group released at {at.TotalMilliseconds} ms on the broker's clock (TTL {Ttl.TotalMilliseconds} ms)");
+    }
+
+    /// <summary>
+    /// etcd's watch on a member cut off from the others' majority delivers nothing, silently, while
+    /// the others go on. The replica's watch asks for a leader, so the member ends it once it has
+    /// none; the replica watches again through another member and sees the changes made meanwhile,
+    /// while the member is still cut off.
+    /// </summary>
+    [Fact]
+    public async Task WatchedMember_CutOffFromTheOthers_TheReplicaWatchesThroughAnother_AndSeesTheirChanges()
+    {
+        await using var etcd = await EtcdCluster.StartAsync(size: 3, peerLinks: true);
+        await using var second = new TcpProxy(etcd.Endpoints[1]);
+        // Until the replica has started, its calls (its watch with them) can reach m0 alone.
+        second.Cut();
+        await using var a = await Replica.StartAsync("a", [etcd.Endpoints[0], second.Endpoint], ttl: TimeSpan.FromSeconds(30), output: output);
+        second.Heal();
+        await using var b = await Replica.StartAsync("b", [etcd.Endpoints[1], etcd.Endpoints[2]], ttl: TimeSpan.FromSeconds(30), output: output);
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+
+        etcd.Isolate(0);
+
+        // The other two elect a leader if m0 was it (a claim may be refused EAGAIN meanwhile).
+        var session = b.Broker.Sessions.Open();
+        var container = b.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        var clock = Stopwatch.StartNew();
+        while (true)
+        {
+            try
+            {
+                b.Broker.Vfio.SetContainer(session, group, container.Id);
+                break;
+            }
+            catch (ErrnoException e) when (e.Errno == Errno.EAGAIN && clock.Elapsed < ReplicaTests.Timeout)
+            {
+                await Task.Yield();
+            }
+        }
+        var seen = await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.User);
+
+        Assert.Equal(session.Id, seen.OwnerSession);
+        output.WriteLine($"m0 cut off from the other members; b's claim seen on a (which watched m0) {clock.Elapsed.TotalMilliseconds:F0} ms later");
+    }
+
+    /// <summary>
+    /// A replica cut off from etcd for longer than its leases: its registration (its name in the
+    /// cluster) expires with them. Once healed it takes its name again, so no other broker can start
+    /// under it, and it serves claims again.
+    /// </summary>
+    [Fact]
+    public async Task ReplicaCutOffLongerThanItsLease_OnceHealed_TakesItsNameAgain_AndServesClaims()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output);
+        using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
+        var name = ByteString.CopyFromUtf8("/dmabroker/replicas/a");
+        using var watch = new Watch.WatchClient(channel).Watch();
+        await watch.RequestStream.WriteAsync(new WatchRequest { CreateRequest = new WatchCreateRequest { Key = name } });
+        using var cts = new CancellationTokenSource(ReplicaTests.Timeout);
+        Assert.True(await watch.ResponseStream.MoveNext(cts.Token) && watch.ResponseStream.Current.Created);
+
+        proxy.Cut();
+        var expired = await NextAsync();
+        Assert.Equal(Event.Types.EventType.Delete, expired.Type);
+        proxy.Heal();
+
+        var renewed = await NextAsync();
+        Assert.Equal(Event.Types.EventType.Put, renewed.Type);
+        var refused = await Assert.ThrowsAsync<ErrnoException>(() => Replica.StartAsync("a", etcd.Endpoints));
+        Assert.Equal(Errno.EEXIST, refused.Errno);
+        var session = a.Broker.Sessions.Open();
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[group].OwnerSession);
+
+        async Task<Event> NextAsync()
+        {
+            while (await watch.ResponseStream.MoveNext(cts.Token))
+            {
+                if (watch.ResponseStream.Current.Events.FirstOrDefault() is { } ev)
+                    return ev;
+            }
+            throw new TimeoutException();
+        }
     }
 
     [Fact]

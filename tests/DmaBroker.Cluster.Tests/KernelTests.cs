@@ -1,4 +1,7 @@
 using System.Buffers.Binary;
+using Etcdserverpb;
+using Google.Protobuf;
+using Grpc.Net.Client;
 using DmaBroker.Core;
 using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
@@ -250,6 +253,46 @@ public sealed class KernelTests(ITestOutputHelper output)
         await WaitForAsync(c.Broker, t => !t.Devices.ContainsKey(added.Address) && !t.Groups.ContainsKey(info.GroupId));
         // Removed on a: gone everywhere, so removing it again on c is ENODEV.
         Assert.Equal(Errno.ENODEV, Assert.Throws<ErrnoException>(() => c.Broker.Table.RemoveDevice(added.Address)).Errno);
+    }
+
+    /// <summary>
+    /// Another replica's hot-add of a device with a DMA-API driver into a group a session of this
+    /// replica owns: possible only as a report older than the claim (added while the group was free,
+    /// its driver unbound again, then claimed here before this replica's watch caught up). It must
+    /// join as a local hot-add into a user-owned group does: the device joins, its DMA-API driver
+    /// does not bind (§3, §10.2), and the user's count stays.
+    /// </summary>
+    [Fact]
+    public async Task RemoteHotAdd_OfADmaApiDevice_IntoAGroupAUserOwnsHere_JoinsWithoutItsDriver_AndTheCountStays()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: Lease);
+        var group = GroupOf(a.Broker, Edu);
+        var session = Claim(a.Broker, group);
+        var added = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:08:00.1"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: false, DmaApiDriver);
+        // Then another device, to a group of its own, so that once it shows the first transaction has been applied whole.
+        var marker = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, Drivers.VfioPci);
+        using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
+        var kv = new KV.KVClient(channel);
+
+        // What the other replica's hot-add wrote: the device, its driver, the shape.
+        foreach (var (spec, groupId) in new[] { (added, group), (marker, 99u) })
+        {
+            var txn = new TxnRequest();
+            txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = HotplugRecord.Key(spec.Address), Value = new HotplugRecord(true, groupId, spec).Encode() } });
+            txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = DriverRecord.Key(spec.Address), Value = DriverRecord.Encode(spec.Driver) } });
+            txn.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = HotplugRecord.ShapeKey, Value = ByteString.CopyFromUtf8("b") } });
+            await kv.TxnAsync(txn);
+        }
+        var now = await WaitForAsync(a.Broker, t => t.Devices.ContainsKey(marker.Address));
+
+        var owned = now.Groups[group];
+        Assert.Equal((OwnerKind.User, 1, session.Id), (owned.OwnerKind, owned.OwnerCount, owned.OwnerSession));
+        Assert.Contains(added.Address, owned.Devices);
+        Assert.Null(now.Devices[added.Address].Driver);
+        // The user's one claim is released as one: the group goes free, no count left behind.
+        a.Broker.Vfio.UnsetContainer(session, group);
+        Assert.Equal((OwnerKind.None, 0), (a.Broker.Journal.Current.Groups[group].OwnerKind, a.Broker.Journal.Current.Groups[group].OwnerCount));
     }
 
     [Fact]

@@ -4,6 +4,7 @@ using DmaBroker.Core.Vfio;
 using Etcdserverpb;
 using Google.Protobuf;
 using Grpc.Net.Client;
+using Xunit.Abstractions;
 
 namespace DmaBroker.Cluster.Tests;
 
@@ -13,7 +14,7 @@ namespace DmaBroker.Cluster.Tests;
 /// recognise its own write and let the claim stand, or etcd would own the group for the session
 /// while the table says free.
 /// </summary>
-public sealed class RetriedClaimTests
+public sealed class RetriedClaimTests(ITestOutputHelper output)
 {
     [Fact]
     public async Task Claim_WhoseEarlierAttemptCommitted_Stands_AnythingElseIsStillRefused()
@@ -42,6 +43,73 @@ public sealed class RetriedClaimTests
             Assert.Equal(Errno.EPERM, Assert.Throws<ErrnoException>(() => a.Broker.Vfio.SetContainer(session, other, container.Id)).Errno);
             Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[other].OwnerKind);
         }
+    }
+
+    /// <summary>
+    /// A claim whose only attempt committed in etcd but went unanswered (etcd applied it; the answer
+    /// never came back before the deadline): the client is told EAGAIN and its table says free, so
+    /// etcd must not keep the group the session's. Once etcd answers again the replica takes its
+    /// write back on its own, without the client retrying: the group goes free on every replica and
+    /// another replica's session can claim it.
+    /// </summary>
+    [Fact]
+    public async Task Claim_WhoseOnlyAttemptCommittedUnanswered_FailsEagain_AndIsTakenBack_SoTheGroupIsNotStuck()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: TimeSpan.FromSeconds(30), output: output);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30), output: output);
+        var groups = ReplicaTests.FreeGroups(a.Broker);
+        var session = a.Broker.Sessions.Open("unanswered");
+        var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
+        // The session holds a group already, so it has its etcd lease: the claim below is one transaction.
+        a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
+
+        proxy.HoldAnswers();
+        var refused = Assert.Throws<ErrnoException>(() => a.Broker.Vfio.SetContainer(session, groups[1], container.Id));
+        Assert.Equal(Errno.EAGAIN, refused.Errno);
+        Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[1]].OwnerKind);
+        // It committed all the same: b's watch (straight to etcd) shows the session's record.
+        await ReplicaTests.WaitForGroupAsync(b.Broker, groups[1], g => g.OwnerSession == session.Id);
+
+        proxy.ReleaseAnswers();
+
+        await ReplicaTests.WaitForGroupAsync(b.Broker, groups[1], g => g.OwnerKind == OwnerKind.None);
+        var heir = b.Broker.Sessions.Open("heir");
+        b.Broker.Vfio.SetContainer(heir, groups[1], b.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2).Id);
+        var granted = await ReplicaTests.WaitForGroupAsync(a.Broker, groups[1], g => g.OwnerKind == OwnerKind.User);
+        Assert.Equal(heir.Id, granted.OwnerSession);
+        // The session's other group was never touched.
+        Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[groups[0]].OwnerSession);
+        Assert.Equal(session.Id, b.Broker.Journal.Current.Groups[groups[0]].OwnerSession);
+    }
+
+    /// <summary>
+    /// A release etcd did not record (the replica cut off from it): the table releases anyway, and
+    /// etcd must not keep the group the session's, which nobody could claim until the session ended.
+    /// Once etcd answers again the replica deletes the session's record of the group on its own.
+    /// </summary>
+    [Fact]
+    public async Task Release_EtcdDidNotRecord_IsSettledOnceEtcdAnswers_SoTheGroupIsNotStuck()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: TimeSpan.FromSeconds(30), output: output);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30), output: output);
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+        var session = a.Broker.Sessions.Open("unrecorded");
+        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerSession == session.Id);
+
+        proxy.Cut();
+        a.Broker.Vfio.UnsetContainer(session, group);
+        Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[group].OwnerKind);
+        proxy.Heal();
+
+        await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerKind == OwnerKind.None);
+        var heir = b.Broker.Sessions.Open("heir");
+        b.Broker.Vfio.SetContainer(heir, group, b.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2).Id);
+        Assert.Equal(heir.Id, (await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.User)).OwnerSession);
     }
 
     [Fact]

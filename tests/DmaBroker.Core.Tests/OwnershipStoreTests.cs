@@ -193,4 +193,44 @@ public sealed class OwnershipStoreTests
         Assert.False(broker.Journal.Current.Groups.ContainsKey(40));
         Assert.Single(store.Calls);
     }
+
+    /// <summary>
+    /// The store marks another replica's hotplug or driver change applied when the table tells it so;
+    /// a change that failed halfway must not be marked, or the store's reload skips it for good. So
+    /// the table tells it only once the change is in: here each is in the journal by then.
+    /// </summary>
+    [Fact]
+    public void ApplyRemoteHotplugAndDriver_TellApplied_OnlyOnceTheChangeIsInTheTable()
+    {
+        var (broker, _) = NewBroker();
+        var spec = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, Drivers.VfioPci);
+        var told = new List<bool>();
+
+        broker.Table.ApplyRemoteHotplug(spec.Address, spec, 40, () => true, () => told.Add(broker.Journal.Current.Devices.ContainsKey(spec.Address)));
+        broker.Table.ApplyRemoteDriver(spec.Address, null, () => true, () => told.Add(broker.Journal.Current.Devices[spec.Address].Driver is null));
+        broker.Table.ApplyRemoteHotplug(spec.Address, null, 0, () => true, () => told.Add(!broker.Journal.Current.Devices.ContainsKey(spec.Address)));
+
+        Assert.Equal([true, true, true], told);
+    }
+
+    /// <summary>
+    /// Another replica's DMA-API driver for a device of a group a user owns here (a report older than
+    /// the claim, its watch behind) is neither bound nor counted (§3, §10.2), nor told applied, so a
+    /// reload brings it again once the group is free.
+    /// </summary>
+    [Fact]
+    public void ApplyRemoteDriver_OfADmaApiDriver_IntoAGroupAUserOwnsHere_IsNotBound_NorToldApplied()
+    {
+        var (broker, _) = NewBroker();
+        var group = broker.Journal.Current.Devices[Edu].GroupId;
+        var session = broker.Sessions.Open();
+        broker.Vfio.SetContainer(session, group, broker.Vfio.CreateContainer(session, Vfio.ContainerType.Type1v2).Id);
+        var told = false;
+
+        broker.Table.ApplyRemoteDriver(Edu, "ixgbe", () => true, () => told = true);
+
+        var now = broker.Journal.Current;
+        Assert.Equal((Drivers.VfioPci, OwnerKind.User, 1, session.Id), (now.Devices[Edu].Driver, now.Groups[group].OwnerKind, now.Groups[group].OwnerCount, now.Groups[group].OwnerSession));
+        Assert.False(told);
+    }
 }

@@ -151,12 +151,15 @@ public sealed class OwnershipTable
     /// <summary>
     /// A hot-add or hot-removal another replica made (SPEC §16): <paramref name="added"/> joins group
     /// <paramref name="groupId"/> as that replica placed it (the group of that id, or a new one); or
-    /// (null) the device at <paramref name="address"/> goes. <paramref name="isNewer"/> and
-    /// <paramref name="applied"/> are asked and told under the hotplug lock, as in
-    /// <see cref="ApplyRemote"/>. A device that a session of this replica holds was removed by
-    /// surprise there (SPEC §14 SURPRISE_REMOVE: a planned removal of it is refused): it goes here as
-    /// it would have gone by surprise here. A device that exists already, one that is gone already,
-    /// or a bridge with devices below it, is left as it is.
+    /// (null) the device at <paramref name="address"/> goes. <paramref name="isNewer"/> is asked under
+    /// the hotplug lock, as in <see cref="ApplyRemote"/>, and <paramref name="applied"/> told there
+    /// once the change is in the table: a change that fails halfway is not told, so the store can
+    /// bring it again. A device that a session of this replica holds was removed by surprise there
+    /// (SPEC §14 SURPRISE_REMOVE: a planned removal of it is refused): it goes here as it would have
+    /// gone by surprise here. A device added into a group a user owns here joins it as a local hot-add
+    /// does, but without its DMA-API driver, which never binds there (§3, §10.2): the report is older
+    /// than the claim, and the driver's own record says what it is now. A device that exists already,
+    /// one that is gone already, or a bridge with devices below it, is left as it is.
     /// </summary>
     public void ApplyRemoteHotplug(PciAddress address, PciFunctionSpec? added, uint groupId, Func<bool> isNewer, Action applied)
     {
@@ -166,32 +169,34 @@ public sealed class OwnershipTable
         {
             if (!isNewer())
                 return;
-            applied();
             var present = _devices.TryGetValue(address, out var device);
             if (added is not null)
             {
                 if (!present && (address.Bus == 0 || _bridgeBySecondaryBus.ContainsKey(address.Bus)))
                     Plug(added, _groups.GetValueOrDefault(groupId) ?? NewGroup(groupId, _pinnedGroupIds.Contains(groupId)));
-                return;
             }
-            if (device is null || (device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus)))
-                return;
-            lock (device.Group.Sync)
+            else if (device is not null && !(device.Spec.SecondaryBus is { } bus && _devices.Keys.Any(a => a.Bus == bus)))
             {
-                if (device.Group.Owner is not null || device.OpenHandles > 0)
-                    DetachRemoved?.Invoke(device);
-                Unplug(device);
+                lock (device.Group.Sync)
+                {
+                    if (device.Group.Owner is not null || device.OpenHandles > 0)
+                        DetachRemoved?.Invoke(device);
+                    Unplug(device);
+                }
             }
+            applied();
         }
     }
 
-    // Under the hotplug lock: the device joins `group` (new or existing), with its driver.
+    // Under the hotplug lock: the device joins `group` (new or existing), with its driver. A local
+    // hot-add has checked that a DMA-API driver may bind (not into a user-owned group); another
+    // replica's joins a group a user owns here without it.
     private DeviceInfo Plug(PciFunctionSpec spec, IommuGroup group)
     {
         lock (group.Sync)
         {
             var device = Insert(spec, group);
-            if (spec.Driver is { } driver)
+            if (spec.Driver is { } driver && (Drivers.ManagesDma(driver) || group.OwnerKind != OwnerKind.User))
                 Bind(device, driver);
             var info = device.ToInfo();
             Journal.Publish(new DeviceChanged(info), new GroupChanged(device.Group.ToInfo()));
@@ -297,8 +302,11 @@ public sealed class OwnershipTable
     /// <summary>
     /// Another replica's driver bind or unbind (SPEC §16): <paramref name="address"/>'s driver is now
     /// <paramref name="driver"/> (null: none). Only the driver changes here; the group's kernel count
-    /// comes with its owner, through <see cref="ApplyRemote"/>. <paramref name="isNewer"/> and
-    /// <paramref name="applied"/> are asked and told under the group's lock. An unknown device is ignored.
+    /// comes with its owner, through <see cref="ApplyRemote"/>. <paramref name="isNewer"/> is asked
+    /// under the group's lock, and <paramref name="applied"/> told there once the driver is in the
+    /// table. A DMA-API driver for a device of a group a user owns here is not bound (§3, §10.2: the
+    /// report is older than the claim) nor told applied, as <see cref="ApplyRemote"/> leaves a report
+    /// refused for the group's owner here. An unknown device is ignored.
     /// </summary>
     public void ApplyRemoteDriver(PciAddress address, string? driver, Func<bool> isNewer, Action applied)
     {
@@ -310,12 +318,34 @@ public sealed class OwnershipTable
         {
             if (device.Removed || !isNewer())
                 return;
-            applied();
+            if (driver is not null && !Drivers.ManagesDma(driver) && device.Group.OwnerKind == OwnerKind.User)
+                return;
             if (device.Driver != driver)
             {
                 device.Driver = driver;
                 PublishDevice(device);
             }
+            applied();
+        }
+    }
+
+    /// <summary>
+    /// Runs <paramref name="action"/> under group <paramref name="groupId"/>'s lock with the group's
+    /// owner as this table holds it, where the store's own commits for the group run: a cluster store
+    /// brings what it recorded back in line with the table there (SPEC §16), serialised with the
+    /// group's claims and releases. False, running nothing, for a group that does not exist.
+    /// </summary>
+    public bool WithOwner(uint groupId, Action<GroupOwner> action)
+    {
+        ArgumentNullException.ThrowIfNull(action);
+        if (!_groups.TryGetValue(groupId, out var group))
+            return false;
+        lock (group.Sync)
+        {
+            if (group.Removed)
+                return false;
+            action(group.OwnerState);
+            return true;
         }
     }
 
