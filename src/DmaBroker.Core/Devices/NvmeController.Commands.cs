@@ -67,6 +67,10 @@ internal sealed partial class NvmeController
     public const byte AdminAbort = 0x08;
     public const byte AdminSetFeatures = 0x09;
     public const byte AdminGetFeatures = 0x0a;
+    /// <summary>Doorbell Buffer Config (NVMe 1.3): PRP1 the shadow doorbell page, PRP2 the EventIdx page.</summary>
+    public const byte AdminDoorbellBufferConfig = 0x7c;
+    /// <summary>Identify Controller OACS bit 8: Doorbell Buffer Config is supported.</summary>
+    public const ushort OacsDoorbellBufferConfig = 1 << 8;
     public const byte IoFlush = 0x00;
     public const byte IoWrite = 0x01;
     public const byte IoRead = 0x02;
@@ -90,14 +94,15 @@ internal sealed partial class NvmeController
         return c.Opcode switch
         {
             AdminDeleteSq => (DeleteSq(c), 0),
-            AdminCreateSq => (CreateSq(c), 0),
+            AdminCreateSq => (CreateSq(c, port), 0),
             AdminDeleteCq => (DeleteCq(c), 0),
-            AdminCreateCq => (CreateCq(c), 0),
+            AdminCreateCq => (CreateCq(c, port), 0),
             AdminIdentify => (Identify(c, port), 0),
             // Commands run to completion before the next is fetched: there is never one to abort (DW0 bit 0: not aborted).
             AdminAbort => (NvmeStatus.Success, 1),
             AdminSetFeatures => SetFeatures(c),
             AdminGetFeatures => GetFeatures(c),
+            AdminDoorbellBufferConfig => (DoorbellBufferConfig(c, port), 0),
             _ => (NvmeStatus.InvalidOpcode, 0),
         };
     }
@@ -115,7 +120,7 @@ internal sealed partial class NvmeController
         };
     }
 
-    private NvmeStatus CreateCq(in NvmeCommand c)
+    private NvmeStatus CreateCq(in NvmeCommand c, IDevicePort port)
     {
         var (qid, size) = ((ushort)c.Cdw10, (int)(c.Cdw10 >> 16) + 1);
         var vector = (ushort)(c.Cdw11 >> 16);
@@ -124,7 +129,11 @@ internal sealed partial class NvmeController
             return status;
         if (vector >= Vectors)
             return NvmeStatus.InvalidInterruptVector;
-        _cqs[qid] = new CompletionQueue(qid, c.Prp1, size, interrupts: (c.Cdw11 & 2) != 0, vector);
+        var cq = new CompletionQueue(qid, c.Prp1, size, interrupts: (c.Cdw11 & 2) != 0, vector);
+        _cqs[qid] = cq;
+        // A new queue's EventIdx is its head, 0, whatever an earlier queue of that id left there: the driver rings for its first head.
+        if (ShadowDoorbells)
+            PublishEventIndex(CqSlot(qid), ref cq.EventIndex, 0, port);
         return NvmeStatus.Success;
     }
 
@@ -148,7 +157,7 @@ internal sealed partial class NvmeController
         return NvmeStatus.Success;
     }
 
-    private NvmeStatus CreateSq(in NvmeCommand c)
+    private NvmeStatus CreateSq(in NvmeCommand c, IDevicePort port)
     {
         var (qid, size) = ((ushort)c.Cdw10, (int)(c.Cdw10 >> 16) + 1);
         var cqid = (ushort)(c.Cdw11 >> 16);
@@ -157,7 +166,11 @@ internal sealed partial class NvmeController
         var status = CheckNewQueue(c, qid <= IoQueuePairs && _sqs[qid] is not null, Iosqes, CcIosqesShift);
         if (status != NvmeStatus.Success)
             return status;
-        _sqs[qid] = new SubmissionQueue(qid, c.Prp1, size, cq);
+        var sq = new SubmissionQueue(qid, c.Prp1, size, cq);
+        _sqs[qid] = sq;
+        // Idle at tail 0: the driver rings for its first command.
+        if (ShadowDoorbells)
+            PublishEventIndex(SqSlot(qid), ref sq.EventIndex, 0, port);
         return NvmeStatus.Success;
     }
 
@@ -182,6 +195,36 @@ internal sealed partial class NvmeController
                 return NvmeStatus.InvalidQueueDeletion;
         }
         _cqs[qid] = null;
+        return NvmeStatus.Success;
+    }
+
+    /// <summary>
+    /// Doorbell Buffer Config, as QEMU's <c>nvme_dbbuf_config</c>: PRP1 and PRP2 name the shadow
+    /// doorbell and EventIdx pages (page aligned, not 0: Invalid Field otherwise). The queues that
+    /// exist get their doorbell value copied into the shadow page and, idle, the same as EventIdx; a
+    /// page the IOMMU refuses fails the command with Data Transfer Error (the fault posted) and leaves
+    /// the configuration as it was. A controller reset drops it.
+    /// </summary>
+    private NvmeStatus DoorbellBufferConfig(in NvmeCommand c, IDevicePort port)
+    {
+        if (c.Prp1 == 0 || c.Prp2 == 0 || (c.Prp1 & PageMask) != 0 || (c.Prp2 & PageMask) != 0)
+            return NvmeStatus.InvalidField;
+        for (var qid = 0; qid <= IoQueuePairs; qid++)
+        {
+            if (_sqs[qid] is { } sq && !(TryWriteDword(c.Prp1 + SqSlot(qid), (uint)sq.Tail, port) && TryWriteDword(c.Prp2 + SqSlot(qid), (uint)sq.Tail, port)))
+                return NvmeStatus.DataTransferError;
+            if (_cqs[qid] is { } cq && !(TryWriteDword(c.Prp1 + CqSlot(qid), (uint)cq.Head, port) && TryWriteDword(c.Prp2 + CqSlot(qid), (uint)cq.Head, port)))
+                return NvmeStatus.DataTransferError;
+        }
+        _shadowDoorbells = c.Prp1;
+        _eventIndexes = c.Prp2;
+        for (var qid = 0; qid <= IoQueuePairs; qid++)
+        {
+            if (_sqs[qid] is { } sq)
+                sq.EventIndex = sq.Tail;
+            if (_cqs[qid] is { } cq)
+                cq.EventIndex = cq.Head;
+        }
         return NvmeStatus.Success;
     }
 
@@ -255,6 +298,7 @@ internal sealed partial class NvmeController
         d[77] = Mdts;
         BinaryPrimitives.WriteUInt32LittleEndian(d[80..], Version);
         d[111] = 1; // CNTRLTYPE: I/O controller
+        BinaryPrimitives.WriteUInt16LittleEndian(d[256..], OacsDoorbellBufferConfig); // OACS
         d[512] = (byte)(Iosqes | (Iosqes << 4)); // SQES: required and maximum 2^6
         d[513] = (byte)(Iocqes | (Iocqes << 4)); // CQES: 2^4
         BinaryPrimitives.WriteUInt32LittleEndian(d[516..], NamespaceId); // NN
@@ -287,16 +331,14 @@ internal sealed partial class NvmeController
             return NvmeStatus.InvalidField;
         if (start >= Namespace.Blocks || blocks > Namespace.Blocks - start)
             return NvmeStatus.LbaOutOfRange;
+        var offset = start * NvmeNamespace.BlockSize;
+        // A read moves the media straight into the host's pages: one copy, as the device's DMA engine would.
+        if (c.Opcode == IoRead)
+            return Transfer(c, length, port, (Namespace, offset));
         var buffer = ArrayPool<byte>.Shared.Rent(length);
         try
         {
             var data = buffer.AsSpan(0, length);
-            var offset = start * NvmeNamespace.BlockSize;
-            if (c.Opcode == IoRead)
-            {
-                Namespace.Read(offset, data);
-                return Transfer(c, data, toHost: true, port);
-            }
             // Every byte is fetched before the media changes: a write that faults leaves it as it was.
             var status = Transfer(c, data, toHost: false, port);
             if (status == NvmeStatus.Success)
@@ -307,6 +349,30 @@ internal sealed partial class NvmeController
         {
             ArrayPool<byte>.Shared.Return(buffer);
         }
+    }
+
+    /// <summary>
+    /// A read's transfer: as <see cref="Transfer(in NvmeCommand, Span{byte}, bool, IDevicePort)"/> to
+    /// the host, with each page's bytes read from the media (<paramref name="media"/>: the namespace
+    /// and the byte offset the read starts at) straight into it.
+    /// </summary>
+    private static NvmeStatus Transfer(in NvmeCommand c, int length, IDevicePort port, (NvmeNamespace Namespace, ulong Offset) media)
+    {
+        Span<ulong> pages = stackalloc ulong[MaxPrpSegments];
+        var status = WalkPrps(c.Prp1, c.Prp2, length, pages, port, out var count);
+        if (status != NvmeStatus.Success)
+            return status;
+        var at = 0;
+        for (var i = 0; i < count; i++)
+        {
+            var piece = Math.Min(length - at, PageSize - (int)(pages[i] & PageMask));
+            var outcome = port.Write(pages[i], piece, static (destination, within, m) => m.Namespace.Read(m.Offset + (ulong)within, destination),
+                (media.Namespace, Offset: media.Offset + (ulong)at));
+            if (!outcome.Ok)
+                return NvmeStatus.DataTransferError;
+            at += piece;
+        }
+        return NvmeStatus.Success;
     }
 
     /// <summary>
