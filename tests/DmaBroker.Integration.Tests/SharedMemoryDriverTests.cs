@@ -23,6 +23,10 @@ public sealed class SharedMemoryDriverTests
         Assert.True(exit == 0, $"{driver.Name} exited {exit}:\n{driver.Transcript}");
         Assert.Equal("done: 32 writes + 32 reads of 128 KiB at QD 8, data verified, through shared memory", driver.Stdout[^1]);
         Assert.Contains(driver.Stdout, l => l.Contains("KiB of shared memory at vaddr", StringComparison.Ordinal));
+        // Doorbell Buffer Config: tails and heads in shared memory too, MMIO doorbells only when EventIdx asks.
+        Assert.Contains(driver.Stdout, l => l.StartsWith("shadow doorbells at IOVA 0x", StringComparison.Ordinal));
+        Assert.Matches(@"^shadow doorbells: \d+ MMIO doorbells for 64 commands, \d+ completions taken by watching the ring$",
+            Assert.Single(driver.Stdout, l => l.StartsWith("shadow doorbells: ", StringComparison.Ordinal)));
         Assert.Empty(broker.Files());
         var stats = await broker.Live.StatsAsync();
         Assert.Equal((0u, 0u, 0UL), (stats.Sessions, stats.UserOwnedGroups, stats.MemoryBytes));
