@@ -111,9 +111,10 @@ public sealed class NvmeShadowDoorbellTests : IAsyncLifetime
 
     /// <summary>
     /// The point of it: the controller is still working through the commands one doorbell started
-    /// (its first turn of 32 ran, the rest waits on the device engine the test holds) when the driver
-    /// adds five more by the shadow tail alone; EventIdx says no doorbell is needed, and none is rung:
-    /// the controller's next turn runs all 13 and only then goes idle, EventIdx at the tail.
+    /// (its first turn of 32 ran on the device engine, the next waits behind work the test holds
+    /// there) when the driver adds five more by the shadow tail alone; EventIdx says no doorbell is
+    /// needed, and none is rung: the controller's next turn runs all 13 and only then goes idle,
+    /// EventIdx at the tail.
     /// </summary>
     [Fact]
     public async Task ShadowTail_MovedWhileControllerBusy_RunsWithoutMmioDoorbell()
@@ -121,12 +122,18 @@ public sealed class NvmeShadowDoorbellTests : IAsyncLifetime
         var io = CreateIoQueues(entries: 64);
         Configure();
         _d.DrainEvents();
-        using var engine = new ManualResetEventSlim();
-        var held = _d.Broker.Engines.RunAsync(() => engine.Wait());
-
         SubmitReads(io, 40);
         SetShadow(SqSlot, 40);
-        _d.Ring(io);
+        // The doorbell as a RegionWrite rings it, on the engine; queued between two pieces of work the
+        // test holds, so the next turn the doorbell's work queues comes after the second.
+        using var start = new ManualResetEventSlim();
+        using var hold = new ManualResetEventSlim();
+        var engines = _d.Broker.Engines;
+        var started = engines.RunAsync(() => start.Wait());
+        var rung = engines.RunAsync(() => _d.Ring(io));
+        var held = engines.RunAsync(() => hold.Wait());
+        start.Set();
+        await rung.WaitAsync(CoreState.Timeout);
         var first = PollAll(io);
 
         Assert.Equal(NvmeController.CommandsPerSlice, first.Count);
@@ -135,10 +142,10 @@ public sealed class NvmeShadowDoorbellTests : IAsyncLifetime
         SetShadow(SqSlot, 45);
         Assert.False(NeedEvent(EventIdx(SqSlot), 45, 40, io.Size));
 
-        engine.Set();
-        await held.WaitAsync(CoreState.Timeout);
+        hold.Set();
+        await Task.WhenAll(started, held).WaitAsync(CoreState.Timeout);
         // One engine thread runs work in order: once this has run, so has the controller's next turn.
-        await _d.Broker.Engines.RunAsync(() => { }).WaitAsync(CoreState.Timeout);
+        await engines.RunAsync(() => { }).WaitAsync(CoreState.Timeout);
         var rest = PollAll(io);
 
         Assert.Equal(Enumerable.Range(100, 45).Select(c => (ushort)c), first.Concat(rest).Select(c => c.Cid));

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
+using DmaBroker.Core.Iommu;
 
 namespace DmaBroker.Core.Devices;
 
@@ -279,7 +280,7 @@ internal sealed partial class NvmeController
                         BinaryPrimitives.WriteUInt32LittleEndian(data, NamespaceId);
                     break;
             }
-            return Transfer(c, data, toHost: true, port);
+            return Transfer(c, IdentifySize, port, new FromBuffer(buffer));
         }
         finally
         {
@@ -334,13 +335,13 @@ internal sealed partial class NvmeController
         var offset = start * NvmeNamespace.BlockSize;
         // A read moves the media straight into the host's pages: one copy, as the device's DMA engine would.
         if (c.Opcode == IoRead)
-            return Transfer(c, length, port, (Namespace, offset));
+            return Transfer(c, length, port, new FromMedia(Namespace, offset));
         var buffer = ArrayPool<byte>.Shared.Rent(length);
         try
         {
             var data = buffer.AsSpan(0, length);
             // Every byte is fetched before the media changes: a write that faults leaves it as it was.
-            var status = Transfer(c, data, toHost: false, port);
+            var status = Transfer(c, length, port, new IntoBuffer(buffer));
             if (status == NvmeStatus.Success)
                 Namespace.Write(offset, data);
             return status;
@@ -352,51 +353,72 @@ internal sealed partial class NvmeController
     }
 
     /// <summary>
-    /// A read's transfer: as <see cref="Transfer(in NvmeCommand, Span{byte}, bool, IDevicePort)"/> to
-    /// the host, with each page's bytes read from the media (<paramref name="media"/>: the namespace
-    /// and the byte offset the read starts at) straight into it.
+    /// Moves <paramref name="length"/> bytes between the host and <paramref name="mover"/>'s side
+    /// through the command's PRPs. The PRPs are all walked (and checked) before a byte moves; then the
+    /// pages move in order, those that follow each other in IOVA space as one device access (a slot's
+    /// pages usually do). A transfer to the host that faults on a page has written the pages before it,
+    /// as a device's DMA would have; the fault is posted once.
     /// </summary>
-    private static NvmeStatus Transfer(in NvmeCommand c, int length, IDevicePort port, (NvmeNamespace Namespace, ulong Offset) media)
+    private static NvmeStatus Transfer<TMover>(in NvmeCommand c, int length, IDevicePort port, TMover mover) where TMover : struct, ITransferMover
     {
         Span<ulong> pages = stackalloc ulong[MaxPrpSegments];
         var status = WalkPrps(c.Prp1, c.Prp2, length, pages, port, out var count);
         if (status != NvmeStatus.Success)
             return status;
         var at = 0;
-        for (var i = 0; i < count; i++)
+        for (var i = 0; i < count;)
         {
-            var piece = Math.Min(length - at, PageSize - (int)(pages[i] & PageMask));
-            var outcome = port.Write(pages[i], piece, static (destination, within, m) => m.Namespace.Read(m.Offset + (ulong)within, destination),
-                (media.Namespace, Offset: media.Offset + (ulong)at));
+            var start = pages[i++];
+            var run = Math.Min(length - at, PageSize - (int)(start & PageMask));
+            while (i < count && pages[i] == start + (ulong)run)
+            {
+                run += Math.Min(length - at - run, PageSize);
+                i++;
+            }
+            var outcome = mover.Move(port, start, at, run);
             if (!outcome.Ok)
+            {
+                // The run was refused whole; the pages before the one that faulted still move.
+                if (mover.ToHost && outcome.FaultIova > start)
+                    mover.Move(port, start, at, (int)(outcome.FaultIova - start));
                 return NvmeStatus.DataTransferError;
-            at += piece;
+            }
+            at += run;
         }
         return NvmeStatus.Success;
     }
 
-    /// <summary>
-    /// Moves <paramref name="data"/> to or from the host through the command's PRPs. The PRPs are all
-    /// walked (and checked) before a byte moves; then the pages move in order, so a transfer to the
-    /// host that faults on one page has written the pages before it, as a device's DMA would have.
-    /// </summary>
-    private static NvmeStatus Transfer(in NvmeCommand c, Span<byte> data, bool toHost, IDevicePort port)
+    /// <summary>One side of a transfer: what a piece of <c>length</c> bytes, <c>at</c> bytes into it, moves to or from host memory at an IOVA.</summary>
+    private interface ITransferMover
     {
-        Span<ulong> pages = stackalloc ulong[MaxPrpSegments];
-        var status = WalkPrps(c.Prp1, c.Prp2, data.Length, pages, port, out var count);
-        if (status != NvmeStatus.Success)
-            return status;
-        var at = 0;
-        for (var i = 0; i < count; i++)
-        {
-            var length = Math.Min(data.Length - at, PageSize - (int)(pages[i] & PageMask));
-            var chunk = data.Slice(at, length);
-            var outcome = toHost ? port.Write(pages[i], chunk) : port.Read(pages[i], chunk);
-            if (!outcome.Ok)
-                return NvmeStatus.DataTransferError;
-            at += length;
-        }
-        return NvmeStatus.Success;
+        bool ToHost { get; }
+
+        DmaOutcome Move(IDevicePort port, ulong iova, int at, int length);
+    }
+
+    /// <summary>To the host from a buffer (Identify).</summary>
+    private readonly struct FromBuffer(byte[] data) : ITransferMover
+    {
+        public bool ToHost => true;
+
+        public DmaOutcome Move(IDevicePort port, ulong iova, int at, int length) => port.Write(iova, data.AsSpan(at, length));
+    }
+
+    /// <summary>From the host into a buffer (a Write's data, all fetched before the media changes).</summary>
+    private readonly struct IntoBuffer(byte[] data) : ITransferMover
+    {
+        public bool ToHost => false;
+
+        public DmaOutcome Move(IDevicePort port, ulong iova, int at, int length) => port.Read(iova, data.AsSpan(at, length));
+    }
+
+    /// <summary>To the host straight from the media (a Read): one copy, no staging buffer.</summary>
+    private readonly struct FromMedia(NvmeNamespace media, ulong offset) : ITransferMover
+    {
+        public bool ToHost => true;
+
+        public DmaOutcome Move(IDevicePort port, ulong iova, int at, int length) =>
+            port.Write(iova, length, static (destination, within, m) => m.Media.Read(m.Offset + (ulong)within, destination), (Media: media, Offset: offset + (ulong)at));
     }
 
     /// <summary>
