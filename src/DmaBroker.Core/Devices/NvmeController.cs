@@ -76,8 +76,9 @@ internal sealed partial class NvmeController : DeviceModel
     public const uint AqaWritable = 0x0fff_0fff;
 
     /// <summary>
-    /// With shadow doorbells, how many commands one turn of the controller runs under the model's lock
-    /// before it lets other accesses in and continues on the device engines (4 MiB of 128 KiB reads).
+    /// With shadow doorbells, how many commands of one submission queue a turn of the controller runs
+    /// under the model's lock before it lets other accesses in and continues on the device engines
+    /// (4 MiB of 128 KiB reads).
     /// </summary>
     public const int CommandsPerSlice = 32;
 
