@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 
 namespace DmaBroker.Integration.Tests;
@@ -59,6 +60,30 @@ public sealed class SharedMemoryDriverTests
 
         Assert.Equal(2, exit);
         Assert.Contains("--shared needs a unix:// broker address", Assert.Single(driver.Stderr), StringComparison.Ordinal);
+    }
+
+    /// <summary>
+    /// The shadow doorbell page is device DMA like any other (SPEC §6): an IOMMU fault on the
+    /// controller's first access after the driver's first I/O doorbell, its read of the shadow tail,
+    /// makes the controller fatal (CSTS.CFS); the driver, finding no completion and no interrupt,
+    /// reads CSTS and reports it with the fault, at the shadow page's IOVA.
+    /// </summary>
+    [Fact]
+    public async Task NvmeDriver_Shared_ShadowDoorbellReadFaults_ControllerFatalReportedWithTheFault()
+    {
+        await using var broker = await UnixBroker.StartAsync();
+        await using var driver = ClientProcess.StartPausedNvmeDriver(broker.Unix, Nvme, "--shared");
+        await driver.WaitForLineAsync("paused before I/O", Timeout);
+        var mapped = Assert.Single(driver.Stdout, l => l.StartsWith("mapped shadow doorbells: ", StringComparison.Ordinal));
+        var shadowIova = System.Text.RegularExpressions.Regex.Match(mapped, " to IOVA (0x[0-9a-f]+) ").Groups[1].Value;
+
+        await broker.Live.Client.Admin.InjectFaultAsync(new FaultInjection(Nvme, FaultKind.IommuFault) { Count = 1 });
+        await driver.WriteLineAsync("");
+        var exit = await driver.WaitForExitAsync(Timeout);
+
+        Assert.True(exit == 1, $"{driver.Name} exited {exit}:\n{driver.Transcript}");
+        Assert.Equal($"nvme-driver: queue 1: controller fatal status (CSTS 0x3) with 16 commands outstanding; last IOMMU fault: Read at IOVA {shadowIova}, Unmapped",
+            Assert.Single(driver.Stderr));
     }
 
     [Fact]
