@@ -119,7 +119,9 @@ public sealed class Broker : IAsyncDisposable
         var clock = time ?? TimeProvider.System;
         Table = new OwnershipTable(topology, Options.WatchBuffer, clock, Options.Store);
         Metrics = new BrokerMetrics(meterFactory, LiveSessions, GroupOwners, () => Journal.WatcherCount, Table.Store.Replica);
-        Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit);
+        // Before the VFIO driver: open devices continue their work on the engines (IDevicePort.Post).
+        Engines = new DeviceEngines(Options.DeviceThreads, Options.DeviceNice);
+        Vfio = new VfioDriver(Table, Metrics, Options.Sessions.DmaLimit, Engines);
         Table.DetachRemoved = Vfio.DetachRemoved;
         Sessions = new SessionRegistry(clock, Options.Sessions, Vfio.Teardown, s =>
         {
@@ -133,7 +135,6 @@ public sealed class Broker : IAsyncDisposable
             FirstId = Table.Store.FirstSessionId,
         };
         Faults = new FaultInjector(Table, Vfio, Sessions, clock);
-        Engines = new DeviceEngines(Options.DeviceThreads, Options.DeviceNice);
         if (ownershipChanged is not null)
             Journal.GroupTransition = (before, after) => Report(before, after, ownershipChanged);
     }

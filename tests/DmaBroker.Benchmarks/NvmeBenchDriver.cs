@@ -32,11 +32,16 @@ internal sealed class NvmeBenchDriver : IAsyncDisposable
     /// <summary>Completions per interrupt taken, one entry per measured stretch (a benchmark's bookkeeping).</summary>
     public List<double> CommandsPerInterrupt { get; } = [];
 
+    /// <summary>MMIO doorbells (SQ tail and CQ head) per command, one entry per measured stretch.</summary>
+    public List<double> DoorbellsPerCommand { get; } = [];
+
     public static async Task<NvmeBenchDriver> StartAsync(BrokerClient client, string name, int queueDepth, int largestRead, int regionBytes, bool shared = false)
     {
         var vfio = await VfioBinding.OpenAsync(client, Address, "nvme", name, _ => { });
         var controller = await NvmeController.StartAsync(vfio, _ => { }, shared);
         var id = await controller.IdentifyAsync();
+        // Shared memory only (the local path): shadow doorbells, so the controller's copy and the driver's reads overlap.
+        await controller.ConfigureShadowDoorbellsAsync(id);
         await controller.SetNumberOfQueuesAsync(1);
         var queue = await controller.CreateIoQueuePairAsync(qid: 1, entries: queueDepth + 1, vector: 1);
         var buffers = await controller.MapIoBuffersAsync(queueDepth, largestRead);

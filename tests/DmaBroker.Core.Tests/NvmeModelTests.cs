@@ -219,6 +219,13 @@ public sealed class NvmeModelTests(ITestOutputHelper output)
         }
 
         /// <summary>One admin command, run to completion at once (the admin queue never backs up here).</summary>
+        /// <summary>An admin opcode the controller does not implement: 0Dh to 7Fh, except Doorbell Buffer Config (7Ch).</summary>
+        private byte UnknownAdminOpcode()
+        {
+            var opcode = (byte)_rng.Next(0x0d, 0x7f);
+            return opcode >= NvmeController.AdminDoorbellBufferConfig ? (byte)(opcode + 1) : opcode;
+        }
+
         private (string, string, string) Admin()
         {
             var cid = NextCid();
@@ -230,7 +237,7 @@ public sealed class NvmeModelTests(ITestOutputHelper output)
                 2 => (NvmeTestDriver.Command(NvmeController.AdminIdentify, cid, prp1: NvmeTestDriver.Iova(FirstHole + 1), cdw10: NvmeController.CnsController), NvmeStatus.DataTransferError, 0u),
                 3 => (NvmeTestDriver.Command(NvmeController.AdminIdentify, cid, prp1: NvmeTestDriver.Iova(IdentifyPage), cdw10: (uint)_rng.Next(3, 256)), NvmeStatus.InvalidField, 0u),
                 4 => (NvmeTestDriver.Command(NvmeController.AdminGetFeatures, cid, cdw10: NvmeController.FeatureNumberOfQueues), NvmeStatus.Success, NvmeController.QueuesAllocated),
-                _ => (NvmeTestDriver.Command((byte)_rng.Next(0x0d, 0x80), cid), NvmeStatus.InvalidOpcode, 0u),
+                _ => (NvmeTestDriver.Command(UnknownAdminOpcode(), cid), NvmeStatus.InvalidOpcode, 0u),
             };
             if (status == NvmeStatus.DataTransferError)
                 _events.Add(new FaultEvent(NvmeTestDriver.Address, NvmeTestDriver.Iova(FirstHole + 1), DmaAccess.Write, FaultReason.Unmapped));

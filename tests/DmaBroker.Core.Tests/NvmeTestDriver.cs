@@ -125,7 +125,7 @@ internal sealed class NvmeTestDriver : IAsyncDisposable
         var completion = NvmeCompletion.Parse(entry);
         if (completion.Phase != queue.Phase)
             return null;
-        if (++queue.CqHead == queue.Size)
+        if (++queue.CqHead == queue.CqSize)
         {
             queue.CqHead = 0;
             queue.Phase = !queue.Phase;
@@ -201,6 +201,8 @@ internal sealed class NvmeQueue(ushort id, int sqPage, int cqPage, int size)
     public int SqPage { get; } = sqPage;
     public int CqPage { get; } = cqPage;
     public int Size { get; } = size;
+    /// <summary>The completion queue's entries: as the submission queue's unless the test made them differ.</summary>
+    public int CqSize { get; init; } = size;
     public int SqTail { get; set; }
     public int CqHead { get; set; }
     public bool Phase { get; set; } = true;

@@ -1,3 +1,4 @@
+using DmaBroker.Client;
 using DmaBroker.Protocol.V1;
 
 namespace DmaBroker.Integration.Tests;
@@ -23,6 +24,10 @@ public sealed class SharedMemoryDriverTests
         Assert.True(exit == 0, $"{driver.Name} exited {exit}:\n{driver.Transcript}");
         Assert.Equal("done: 32 writes + 32 reads of 128 KiB at QD 8, data verified, through shared memory", driver.Stdout[^1]);
         Assert.Contains(driver.Stdout, l => l.Contains("KiB of shared memory at vaddr", StringComparison.Ordinal));
+        // Doorbell Buffer Config: tails and heads in shared memory too, MMIO doorbells only when EventIdx asks.
+        Assert.Contains(driver.Stdout, l => l.StartsWith("shadow doorbells at IOVA 0x", StringComparison.Ordinal));
+        Assert.Matches(@"^shadow doorbells: \d+ MMIO doorbells for 64 commands, \d+ completions taken by watching the ring$",
+            Assert.Single(driver.Stdout, l => l.StartsWith("shadow doorbells: ", StringComparison.Ordinal)));
         Assert.Empty(broker.Files());
         var stats = await broker.Live.StatsAsync();
         Assert.Equal((0u, 0u, 0UL), (stats.Sessions, stats.UserOwnedGroups, stats.MemoryBytes));
@@ -55,6 +60,30 @@ public sealed class SharedMemoryDriverTests
 
         Assert.Equal(2, exit);
         Assert.Contains("--shared needs a unix:// broker address", Assert.Single(driver.Stderr), StringComparison.Ordinal);
+    }
+
+    /// <summary>
+    /// The shadow doorbell page is device DMA like any other (SPEC §6): an IOMMU fault on the
+    /// controller's first access after the driver's first I/O doorbell, its read of the shadow tail,
+    /// makes the controller fatal (CSTS.CFS); the driver, finding no completion and no interrupt,
+    /// reads CSTS and reports it with the fault, at the shadow page's IOVA.
+    /// </summary>
+    [Fact]
+    public async Task NvmeDriver_Shared_ShadowDoorbellReadFaults_ControllerFatalReportedWithTheFault()
+    {
+        await using var broker = await UnixBroker.StartAsync();
+        await using var driver = ClientProcess.StartPausedNvmeDriver(broker.Unix, Nvme, "--shared");
+        await driver.WaitForLineAsync("paused before I/O", Timeout);
+        var mapped = Assert.Single(driver.Stdout, l => l.StartsWith("mapped shadow doorbells: ", StringComparison.Ordinal));
+        var shadowIova = System.Text.RegularExpressions.Regex.Match(mapped, " to IOVA (0x[0-9a-f]+) ").Groups[1].Value;
+
+        await broker.Live.Client.Admin.InjectFaultAsync(new FaultInjection(Nvme, FaultKind.IommuFault) { Count = 1 });
+        await driver.WriteLineAsync("");
+        var exit = await driver.WaitForExitAsync(Timeout);
+
+        Assert.True(exit == 1, $"{driver.Name} exited {exit}:\n{driver.Transcript}");
+        Assert.Equal($"nvme-driver: queue 1: controller fatal status (CSTS 0x3) with 16 commands outstanding; last IOMMU fault: Read at IOVA {shadowIova}, Unmapped",
+            Assert.Single(driver.Stderr));
     }
 
     [Fact]

@@ -19,6 +19,7 @@ public readonly record struct NvmeCommand(byte Opcode, ushort Cid = 0, uint Nsid
     public const byte AdminCreateCq = 0x05;
     public const byte AdminIdentify = 0x06;
     public const byte AdminSetFeatures = 0x09;
+    public const byte AdminDoorbellBufferConfig = 0x7c;
     public const byte IoWrite = 0x01;
     public const byte IoRead = 0x02;
     public const byte FeatureNumberOfQueues = 0x07;
@@ -52,6 +53,10 @@ public readonly record struct NvmeCommand(byte Opcode, ushort Cid = 0, uint Nsid
     /// <summary>Create I/O Submission Queue: physically contiguous, completing into queue <paramref name="cqid"/>.</summary>
     public static NvmeCommand CreateIoSq(ushort qid, int entries, ulong iova, ushort cqid) =>
         new(AdminCreateSq, Prp1: iova, Cdw10: qid | ((uint)(entries - 1) << 16), Cdw11: 1u | ((uint)cqid << 16));
+
+    /// <summary>Doorbell Buffer Config: the shadow doorbell page (PRP1) and the EventIdx page (PRP2), both page aligned.</summary>
+    public static NvmeCommand DoorbellBufferConfig(ulong shadowDoorbells, ulong eventIndexes) =>
+        new(AdminDoorbellBufferConfig, Prp1: shadowDoorbells, Prp2: eventIndexes);
 
     public static NvmeCommand DeleteIoSq(ushort qid) => new(AdminDeleteSq, Cdw10: qid);
 

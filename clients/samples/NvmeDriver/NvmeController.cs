@@ -12,7 +12,9 @@ namespace DmaBroker.Samples.Nvme;
 /// <param name="Namespaces">How many namespaces the controller has (NN).</param>
 /// <param name="Blocks">Namespace 1's size in logical blocks (NSZE).</param>
 /// <param name="BlockSize">Its logical block size in bytes, from its formatted LBA format.</param>
-public sealed record NvmeIdentity(string Model, string Serial, string Firmware, int MaxTransfer, uint Namespaces, ulong Blocks, int BlockSize)
+/// <param name="DoorbellBufferConfig">OACS bit 8: the controller takes Doorbell Buffer Config (shadow doorbells).</param>
+public sealed record NvmeIdentity(string Model, string Serial, string Firmware, int MaxTransfer, uint Namespaces, ulong Blocks, int BlockSize,
+    bool DoorbellBufferConfig = false)
 {
     public ulong Bytes => Blocks * (ulong)BlockSize;
 }
@@ -44,6 +46,8 @@ public sealed class NvmeController : IAsyncDisposable
     public const int PageSize = 4096;
     public const int AdminEntries = 64;
     public const uint Namespace = 1;
+    /// <summary>Identify Controller OACS (bytes 257:256) bit 8: Doorbell Buffer Config.</summary>
+    public const ushort OacsDoorbellBufferConfig = 1 << 8;
 
     /// <summary>Where this driver starts placing its mappings: above 4 GiB, so 64-bit DMA addresses are used throughout.</summary>
     public const ulong IovaBase = 0x1_0000_0000;
@@ -58,6 +62,7 @@ public sealed class NvmeController : IAsyncDisposable
     private NvmeQueuePair _admin = null!;
     private DmaBuffer _identify = null!;
     private ulong _identifyIova;
+    private NvmeShadowDoorbells? _shadow;
 
     private NvmeController(VfioBinding vfio, Action<string> log, bool shared)
     {
@@ -71,6 +76,9 @@ public sealed class NvmeController : IAsyncDisposable
     /// unix:// broker): the CPU reads and writes them as plain memory instead of Memory calls.
     /// </summary>
     public bool Shared { get; }
+
+    /// <summary>The shadow doorbells once <see cref="ConfigureShadowDoorbellsAsync"/> set them up; the I/O queues created after use them.</summary>
+    public NvmeShadowDoorbells? ShadowDoorbells => _shadow;
 
     /// <summary>CAP as read at start.</summary>
     public ulong Capabilities { get; private set; }
@@ -146,7 +154,27 @@ public sealed class NvmeController : IAsyncDisposable
             MaxTransfer: mdts == 0 ? 0 : PageSize << mdts,
             Namespaces: BinaryPrimitives.ReadUInt32LittleEndian(c.AsSpan(516)),
             Blocks: BinaryPrimitives.ReadUInt64LittleEndian(n),
-            BlockSize: 1 << n[128 + (4 * formatted) + 2]);
+            BlockSize: 1 << n[128 + (4 * formatted) + 2],
+            DoorbellBufferConfig: (BinaryPrimitives.ReadUInt16LittleEndian(c.AsSpan(256)) & OacsDoorbellBufferConfig) != 0);
+    }
+
+    /// <summary>
+    /// Doorbell Buffer Config, when the driver's memory is shared and the controller advertises it
+    /// (<paramref name="identity"/>'s OACS): maps a shadow doorbell page and an EventIdx page and hands
+    /// them to the controller, so that the I/O queues created afterwards submit and reap through plain
+    /// memory and ring MMIO doorbells only when EventIdx asks for one. Over TCP there is no memory the
+    /// two could share, so this does nothing there. Returns whether shadow doorbells are on.
+    /// </summary>
+    public async Task<bool> ConfigureShadowDoorbellsAsync(NvmeIdentity identity)
+    {
+        if (!Shared || !identity.DoorbellBufferConfig)
+            return false;
+        var (doorbells, doorbellsIova) = await MapAsync("shadow doorbells", PageSize);
+        var (eventIndexes, eventIndexesIova) = await MapAsync("EventIdx page", PageSize);
+        await AdminAsync(NvmeCommand.DoorbellBufferConfig(doorbellsIova, eventIndexesIova), "Doorbell Buffer Config");
+        _shadow = new NvmeShadowDoorbells(doorbells, eventIndexes);
+        _log($"shadow doorbells at IOVA 0x{doorbellsIova:x}, EventIdx at 0x{eventIndexesIova:x}: I/O doorbells are rung only when EventIdx asks");
+        return true;
     }
 
     /// <summary>Set Features, Number of Queues: returns the I/O submission and completion queues the controller allocated.</summary>
@@ -169,7 +197,7 @@ public sealed class NvmeController : IAsyncDisposable
         var (sq, sqIova) = await MapAsync($"I/O SQ {qid}", entries * NvmeCommand.Size, deviceWrites: false);
         await AdminAsync(NvmeCommand.CreateIoCq(qid, entries, cqIova, vector, interrupts: true), $"Create I/O CQ {qid}");
         await AdminAsync(NvmeCommand.CreateIoSq(qid, entries, sqIova, cqid: qid), $"Create I/O SQ {qid}");
-        return new NvmeQueuePair(qid, entries, vector, _vfio, sq, cq);
+        return new NvmeQueuePair(qid, entries, vector, _vfio, sq, cq, _shadow);
     }
 
     /// <summary>Deletes the pair's submission queue, then its completion queue (the order the specification requires).</summary>
@@ -177,7 +205,7 @@ public sealed class NvmeController : IAsyncDisposable
     {
         if (queue.Outstanding > 0)
             throw new InvalidOperationException($"queue {queue.Id} still has {queue.Outstanding} commands outstanding");
-        await queue.FlushHeadDoorbellAsync();
+        await queue.FlushDoorbellsAsync();
         await AdminAsync(NvmeCommand.DeleteIoSq(queue.Id), $"Delete I/O SQ {queue.Id}");
         await AdminAsync(NvmeCommand.DeleteIoCq(queue.Id), $"Delete I/O CQ {queue.Id}");
     }
@@ -199,7 +227,7 @@ public sealed class NvmeController : IAsyncDisposable
     /// </summary>
     public async Task ShutdownAsync()
     {
-        await _admin.FlushHeadDoorbellAsync();
+        await _admin.FlushDoorbellsAsync();
         var device = _vfio.Device;
         var cc = (uint)await device.ReadRegisterAsync(Bar0, RegCc);
         await device.WriteRegisterAsync(Bar0, RegCc, cc | CcShutdownNormal);

@@ -1,3 +1,5 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
 using DmaBroker.Client;
 
 namespace DmaBroker.Samples.Nvme;
@@ -8,6 +10,9 @@ namespace DmaBroker.Samples.Nvme;
 /// doorbell; the controller fetches them, runs them and posts completions whose phase tag flips
 /// each time the completion ring wraps; the driver consumes them from the completion head and
 /// rings the head doorbell. A ring of N entries holds at most N - 1 commands at once.
+/// With shadow doorbells (shared memory, <see cref="NvmeShadowDoorbells"/>) the tail and head are
+/// written as memory and the MMIO doorbells rung only when the controller's EventIdx asks for one;
+/// completions are then polled in the ring for a moment before the driver waits for the interrupt.
 /// </summary>
 public sealed class NvmeQueuePair
 {
@@ -24,22 +29,40 @@ public sealed class NvmeQueuePair
     /// <summary>How often a polled queue (the admin queue) checks CSTS for a fatal controller status while it waits.</summary>
     private static readonly TimeSpan StatusCheckInterval = TimeSpan.FromMilliseconds(250);
 
+    /// <summary>
+    /// With shadow doorbells, how long a waiter watches the completion ring (spinning, yielding the
+    /// core to the controller) before it waits for the interrupt: a few commands' worth, so a busy
+    /// controller's completions are taken as they land and an idle one costs no core.
+    /// </summary>
+    public static readonly TimeSpan PollTime = TimeSpan.FromMicroseconds(100);
+
     private readonly VfioDevice _device;
     private readonly DmaChannel _dma;
     private readonly MsixVectors _vectors;
     private readonly DmaBuffer _sq;
     private readonly DmaBuffer _cq;
+    private readonly NvmeShadowDoorbells? _shadow;
+    // Doorbells sent and not yet answered, oldest first: the channel is ordered, so they end in this order.
+    private readonly Queue<Task<DmaResult>> _doorbells = new();
     private int _sqTail;
     private int _cqHead;
     private bool _phase = true;
-    private Task<DmaResult>? _headDoorbell;
 
-    internal NvmeQueuePair(ushort id, int entries, ushort? vector, VfioBinding vfio, DmaBuffer sq, DmaBuffer cq)
+    internal NvmeQueuePair(ushort id, int entries, ushort? vector, VfioBinding vfio, DmaBuffer sq, DmaBuffer cq, NvmeShadowDoorbells? shadow = null)
     {
         (Id, Entries, Vector) = (id, entries, vector);
         (_device, _dma, _vectors) = (vfio.Device, vfio.Dma, vfio.Vectors);
-        (_sq, _cq) = (sq, cq);
+        (_sq, _cq, _shadow) = (sq, cq, shadow);
     }
+
+    /// <summary>Whether this queue's doorbells are shadowed in memory (<see cref="NvmeShadowDoorbells"/>).</summary>
+    public bool ShadowDoorbells => _shadow is not null;
+
+    /// <summary>MMIO doorbells rung so far (tail and head): with shadow doorbells, only those EventIdx asked for.</summary>
+    public long DoorbellsRung { get; private set; }
+
+    /// <summary>Completions taken by watching the ring (shadow doorbells), without waiting for an interrupt.</summary>
+    public long CompletionsSpotted { get; private set; }
 
     /// <summary>The queue id: 0 for the admin pair, 1-64 for I/O.</summary>
     public ushort Id { get; }
@@ -131,10 +154,21 @@ public sealed class NvmeQueuePair
         await _sq.WriteAsync((ulong)(_sqTail * NvmeCommand.Size), entries.AsMemory(0, first));
         if (first < entries.Length)
             await _sq.WriteAsync(0, entries.AsMemory(first));
+        var old = _sqTail;
         _sqTail = (_sqTail + commands.Count) % Entries;
         Outstanding += commands.Count;
+        if (_shadow is not null)
+        {
+            // The entries are in memory before the tail (a release store); a controller still at work
+            // reads the tail itself, one that went idle set EventIdx so that this asks for the doorbell.
+            if (_shadow.Update(2 * Id, _sqTail, old, Entries))
+                Ring(Doorbells + (8UL * Id), _sqTail);
+            ObserveDoorbells();
+            return;
+        }
         var doorbell = _dma.MmioWriteAsync(Bar0, Doorbells + (8UL * Id), (uint)_sqTail);
-        await FlushHeadDoorbellAsync();
+        DoorbellsRung++;
+        await FlushDoorbellsAsync();
         (await doorbell).EnsureOk();
     }
 
@@ -153,6 +187,13 @@ public sealed class NvmeQueuePair
         var nextStatusCheck = DateTime.UtcNow + StatusCheckInterval;
         while (true)
         {
+            if (_shadow is not null && SpotCompletion())
+            {
+                var spotted = await ReapAsync();
+                CompletionsSpotted += spotted.Count;
+                if (spotted.Count > 0)
+                    return spotted;
+            }
             var interrupted = true;
             if (Vector is { } vector)
             {
@@ -220,6 +261,7 @@ public sealed class NvmeQueuePair
             : _cq.IsShared ? _cq.Memory[..((Outstanding - toEnd) * NvmeCompletion.Size)]
             : await _cq.ReadAsync(0, (Outstanding - toEnd) * NvmeCompletion.Size);
         var completed = new List<NvmeCompletion>(Outstanding);
+        var oldHead = _cqHead;
         for (var i = 0; i < Outstanding; i++)
         {
             var entry = i < toEnd ? head.Span[(i * NvmeCompletion.Size)..] : wrapped.Span[((i - toEnd) * NvmeCompletion.Size)..];
@@ -238,19 +280,58 @@ public sealed class NvmeQueuePair
         if (completed.Count == 0)
             return completed;
         Outstanding -= completed.Count;
-        // Not awaited: the next doorbell on this ordered channel, or FlushHeadDoorbellAsync, checks it.
-        await FlushHeadDoorbellAsync();
-        _headDoorbell = _dma.MmioWriteAsync(Bar0, Doorbells + (8UL * Id) + 4, (uint)_cqHead);
+        if (_shadow is not null)
+        {
+            // The controller reads the head from memory when its ring looks full; it asks for the doorbell (EventIdx) only when it stopped on it.
+            if (_shadow.Update((2 * Id) + 1, _cqHead, oldHead, Entries))
+                Ring(Doorbells + (8UL * Id) + 4, _cqHead);
+            ObserveDoorbells();
+            return completed;
+        }
+        // Not awaited: the next doorbell on this ordered channel, or FlushDoorbellsAsync, checks it.
+        await FlushDoorbellsAsync();
+        Ring(Doorbells + (8UL * Id) + 4, _cqHead);
         return completed;
     }
 
-    /// <summary>Waits for the last head doorbell to be taken; call before the queue is deleted.</summary>
-    public async Task FlushHeadDoorbellAsync()
+    /// <summary>Waits for every doorbell sent to be taken; call before the queue is deleted.</summary>
+    public async Task FlushDoorbellsAsync()
     {
-        if (_headDoorbell is { } pending)
-        {
-            _headDoorbell = null;
+        while (_doorbells.TryDequeue(out var pending))
             (await pending).EnsureOk();
+    }
+
+    /// <summary>Sends an MMIO doorbell without waiting for its answer (<see cref="ObserveDoorbells"/> or <see cref="FlushDoorbellsAsync"/> checks it).</summary>
+    private void Ring(ulong offset, int value)
+    {
+        _doorbells.Enqueue(_dma.MmioWriteAsync(Bar0, offset, (uint)value));
+        DoorbellsRung++;
+    }
+
+    /// <summary>Checks the doorbells already answered, so a failed one is reported at the next submission or reap.</summary>
+    private void ObserveDoorbells()
+    {
+        while (_doorbells.TryPeek(out var pending) && pending.IsCompleted)
+            _doorbells.Dequeue().GetAwaiter().GetResult().EnsureOk();
+    }
+
+    /// <summary>
+    /// Watches the completion ring's next entry for up to <see cref="PollTime"/> (spinning, then
+    /// yielding the core); true once its phase tag says the controller posted it.
+    /// </summary>
+    private bool SpotCompletion()
+    {
+        var spin = default(SpinWait);
+        var start = Stopwatch.GetTimestamp();
+        while (!Posted())
+        {
+            if (Stopwatch.GetElapsedTime(start) >= PollTime)
+                return false;
+            spin.SpinOnce(sleep1Threshold: -1);
         }
+        return true;
+
+        // Dword 3 of the entry at the head: its phase tag is bit 16.
+        bool Posted() => ((Volatile.Read(ref MemoryMarshal.Cast<byte, int>(_cq.Span)[(_cqHead * NvmeCompletion.Size / sizeof(int)) + 3]) & 0x1_0000) != 0) == _phase;
     }
 }

@@ -56,12 +56,14 @@ try
     Console.WriteLine($"identify namespace 1: {id.Blocks} blocks of {id.BlockSize} bytes ({id.Bytes / (1024 * 1024)} MiB)");
     if (ioSize % id.BlockSize != 0 || (id.MaxTransfer > 0 && ioSize > id.MaxTransfer) || (ulong)transfers * (ulong)ioSize > id.Bytes)
         throw new ArgumentException($"--io-size must be whole {id.BlockSize}-byte blocks, at most {id.MaxTransfer / 1024} KiB, and --blocks x --io-size at most {id.Bytes / (1024 * 1024)} MiB");
+    // SPEC §15's local path: tails and heads as shared memory too, MMIO doorbells only when the controller asks (NVMe 1.3 Doorbell Buffer Config).
+    var shadowDoorbells = await controller.ConfigureShadowDoorbellsAsync(id);
     var (sqs, cqs) = await controller.SetNumberOfQueuesAsync(1);
     Console.WriteLine($"number of queues: asked for 1 pair, the controller allocated {sqs} SQs and {cqs} CQs");
 
     const ushort Vector = 1;
     var queue = await controller.CreateIoQueuePairAsync(qid: 1, entries: queueDepth + 1, Vector);
-    Console.WriteLine($"I/O queue pair 1: {queue.Entries} entries each, completions on MSI-X vector {Vector} (interrupts enabled)");
+    Console.WriteLine($"I/O queue pair 1: {queue.Entries} entries each, completions on MSI-X vector {Vector} (interrupts enabled){(shadowDoorbells ? ", shadow doorbells" : "")}");
     var buffers = await controller.MapIoBuffersAsync(queueDepth, ioSize);
 
     if (args.Contains("--pause-before-io"))
@@ -95,6 +97,8 @@ try
         },
         timeout);
     Console.WriteLine($"read back {transfers} x {ioSize / 1024} KiB, {queueDepth} in flight, woken by {queue.InterruptsTaken - started} interrupts: every byte matches");
+    if (shadowDoorbells)
+        Console.WriteLine($"shadow doorbells: {queue.DoorbellsRung} MMIO doorbells for {2 * transfers} commands, {queue.CompletionsSpotted} completions taken by watching the ring");
     if (queue.CompletionsPolled > 0)
         Console.Error.WriteLine($"nvme-driver: warning: {queue.CompletionsPolled} completions found by reading the completion queue after no interrupt came within {NvmeQueuePair.InterruptTimeout.TotalSeconds:0.#} s");
 

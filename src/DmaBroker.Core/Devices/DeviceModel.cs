@@ -11,6 +11,14 @@ internal interface IDevicePort
     /// <summary>The device writes host memory (inbound DMA).</summary>
     DmaOutcome Write(ulong iova, ReadOnlySpan<byte> data);
 
+    /// <summary>
+    /// The device writes <paramref name="length"/> bytes at <paramref name="iova"/> that
+    /// <paramref name="fill"/> produces in place (from the device's own storage: one copy, not two),
+    /// with the same translation, checks and fault as <see cref="Write(ulong, ReadOnlySpan{byte})"/>:
+    /// every page is checked before fill runs.
+    /// </summary>
+    DmaOutcome Write<TState>(ulong iova, int length, DmaFill<TState> fill, TState state);
+
     /// <summary>The device reads host memory (outbound DMA).</summary>
     DmaOutcome Read(ulong iova, Span<byte> destination);
 
@@ -23,6 +31,14 @@ internal interface IDevicePort
     /// nothing, and returns false, once the handle is closed or its session is ending.
     /// </summary>
     bool TryRun<TState>(Action<TState, IDevicePort> work, TState state);
+
+    /// <summary>
+    /// Queues device work to run later on the broker's device engines (<see cref="DeviceEngines"/>),
+    /// as <see cref="TryRun"/> runs it: a device that keeps working on its own (an NVMe controller
+    /// fetching from shadow doorbells) continues there instead of holding its lock. False when there
+    /// are no engines to queue it on (then the caller goes on itself).
+    /// </summary>
+    bool Post<TState>(Action<TState, IDevicePort> work, TState state);
 }
 
 /// <summary>The result of a register write that may have started device work.</summary>

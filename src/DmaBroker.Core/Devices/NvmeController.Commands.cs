@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
+using DmaBroker.Core.Iommu;
 
 namespace DmaBroker.Core.Devices;
 
@@ -67,6 +68,10 @@ internal sealed partial class NvmeController
     public const byte AdminAbort = 0x08;
     public const byte AdminSetFeatures = 0x09;
     public const byte AdminGetFeatures = 0x0a;
+    /// <summary>Doorbell Buffer Config (NVMe 1.3): PRP1 the shadow doorbell page, PRP2 the EventIdx page.</summary>
+    public const byte AdminDoorbellBufferConfig = 0x7c;
+    /// <summary>Identify Controller OACS bit 8: Doorbell Buffer Config is supported.</summary>
+    public const ushort OacsDoorbellBufferConfig = 1 << 8;
     public const byte IoFlush = 0x00;
     public const byte IoWrite = 0x01;
     public const byte IoRead = 0x02;
@@ -90,14 +95,15 @@ internal sealed partial class NvmeController
         return c.Opcode switch
         {
             AdminDeleteSq => (DeleteSq(c), 0),
-            AdminCreateSq => (CreateSq(c), 0),
+            AdminCreateSq => (CreateSq(c, port), 0),
             AdminDeleteCq => (DeleteCq(c), 0),
-            AdminCreateCq => (CreateCq(c), 0),
+            AdminCreateCq => (CreateCq(c, port), 0),
             AdminIdentify => (Identify(c, port), 0),
             // Commands run to completion before the next is fetched: there is never one to abort (DW0 bit 0: not aborted).
             AdminAbort => (NvmeStatus.Success, 1),
             AdminSetFeatures => SetFeatures(c),
             AdminGetFeatures => GetFeatures(c),
+            AdminDoorbellBufferConfig => (DoorbellBufferConfig(c, port), 0),
             _ => (NvmeStatus.InvalidOpcode, 0),
         };
     }
@@ -115,7 +121,7 @@ internal sealed partial class NvmeController
         };
     }
 
-    private NvmeStatus CreateCq(in NvmeCommand c)
+    private NvmeStatus CreateCq(in NvmeCommand c, IDevicePort port)
     {
         var (qid, size) = ((ushort)c.Cdw10, (int)(c.Cdw10 >> 16) + 1);
         var vector = (ushort)(c.Cdw11 >> 16);
@@ -124,7 +130,11 @@ internal sealed partial class NvmeController
             return status;
         if (vector >= Vectors)
             return NvmeStatus.InvalidInterruptVector;
-        _cqs[qid] = new CompletionQueue(qid, c.Prp1, size, interrupts: (c.Cdw11 & 2) != 0, vector);
+        var cq = new CompletionQueue(qid, c.Prp1, size, interrupts: (c.Cdw11 & 2) != 0, vector);
+        _cqs[qid] = cq;
+        // A new queue's EventIdx is its head, 0, whatever an earlier queue of that id left there: the driver rings for its first head.
+        if (ShadowDoorbells)
+            PublishEventIndex(CqSlot(qid), ref cq.EventIndex, 0, port);
         return NvmeStatus.Success;
     }
 
@@ -148,7 +158,7 @@ internal sealed partial class NvmeController
         return NvmeStatus.Success;
     }
 
-    private NvmeStatus CreateSq(in NvmeCommand c)
+    private NvmeStatus CreateSq(in NvmeCommand c, IDevicePort port)
     {
         var (qid, size) = ((ushort)c.Cdw10, (int)(c.Cdw10 >> 16) + 1);
         var cqid = (ushort)(c.Cdw11 >> 16);
@@ -157,7 +167,11 @@ internal sealed partial class NvmeController
         var status = CheckNewQueue(c, qid <= IoQueuePairs && _sqs[qid] is not null, Iosqes, CcIosqesShift);
         if (status != NvmeStatus.Success)
             return status;
-        _sqs[qid] = new SubmissionQueue(qid, c.Prp1, size, cq);
+        var sq = new SubmissionQueue(qid, c.Prp1, size, cq);
+        _sqs[qid] = sq;
+        // Idle at tail 0: the driver rings for its first command.
+        if (ShadowDoorbells)
+            PublishEventIndex(SqSlot(qid), ref sq.EventIndex, 0, port);
         return NvmeStatus.Success;
     }
 
@@ -182,6 +196,36 @@ internal sealed partial class NvmeController
                 return NvmeStatus.InvalidQueueDeletion;
         }
         _cqs[qid] = null;
+        return NvmeStatus.Success;
+    }
+
+    /// <summary>
+    /// Doorbell Buffer Config, as QEMU's <c>nvme_dbbuf_config</c>: PRP1 and PRP2 name the shadow
+    /// doorbell and EventIdx pages (page aligned, not 0: Invalid Field otherwise). The queues that
+    /// exist get their doorbell value copied into the shadow page and, idle, the same as EventIdx; a
+    /// page the IOMMU refuses fails the command with Data Transfer Error (the fault posted) and leaves
+    /// the configuration as it was. A controller reset drops it.
+    /// </summary>
+    private NvmeStatus DoorbellBufferConfig(in NvmeCommand c, IDevicePort port)
+    {
+        if (c.Prp1 == 0 || c.Prp2 == 0 || (c.Prp1 & PageMask) != 0 || (c.Prp2 & PageMask) != 0)
+            return NvmeStatus.InvalidField;
+        for (var qid = 0; qid <= IoQueuePairs; qid++)
+        {
+            if (_sqs[qid] is { } sq && !(TryWriteDword(c.Prp1 + SqSlot(qid), (uint)sq.Tail, port) && TryWriteDword(c.Prp2 + SqSlot(qid), (uint)sq.Tail, port)))
+                return NvmeStatus.DataTransferError;
+            if (_cqs[qid] is { } cq && !(TryWriteDword(c.Prp1 + CqSlot(qid), (uint)cq.Head, port) && TryWriteDword(c.Prp2 + CqSlot(qid), (uint)cq.Head, port)))
+                return NvmeStatus.DataTransferError;
+        }
+        _shadowDoorbells = c.Prp1;
+        _eventIndexes = c.Prp2;
+        for (var qid = 0; qid <= IoQueuePairs; qid++)
+        {
+            if (_sqs[qid] is { } sq)
+                sq.EventIndex = sq.Tail;
+            if (_cqs[qid] is { } cq)
+                cq.EventIndex = cq.Head;
+        }
         return NvmeStatus.Success;
     }
 
@@ -236,7 +280,7 @@ internal sealed partial class NvmeController
                         BinaryPrimitives.WriteUInt32LittleEndian(data, NamespaceId);
                     break;
             }
-            return Transfer(c, data, toHost: true, port);
+            return Transfer(c, IdentifySize, port, new FromBuffer(buffer));
         }
         finally
         {
@@ -255,6 +299,7 @@ internal sealed partial class NvmeController
         d[77] = Mdts;
         BinaryPrimitives.WriteUInt32LittleEndian(d[80..], Version);
         d[111] = 1; // CNTRLTYPE: I/O controller
+        BinaryPrimitives.WriteUInt16LittleEndian(d[256..], OacsDoorbellBufferConfig); // OACS
         d[512] = (byte)(Iosqes | (Iosqes << 4)); // SQES: required and maximum 2^6
         d[513] = (byte)(Iocqes | (Iocqes << 4)); // CQES: 2^4
         BinaryPrimitives.WriteUInt32LittleEndian(d[516..], NamespaceId); // NN
@@ -287,18 +332,16 @@ internal sealed partial class NvmeController
             return NvmeStatus.InvalidField;
         if (start >= Namespace.Blocks || blocks > Namespace.Blocks - start)
             return NvmeStatus.LbaOutOfRange;
+        var offset = start * NvmeNamespace.BlockSize;
+        // A read moves the media straight into the host's pages: one copy, as the device's DMA engine would.
+        if (c.Opcode == IoRead)
+            return Transfer(c, length, port, new FromMedia(Namespace, offset));
         var buffer = ArrayPool<byte>.Shared.Rent(length);
         try
         {
             var data = buffer.AsSpan(0, length);
-            var offset = start * NvmeNamespace.BlockSize;
-            if (c.Opcode == IoRead)
-            {
-                Namespace.Read(offset, data);
-                return Transfer(c, data, toHost: true, port);
-            }
             // Every byte is fetched before the media changes: a write that faults leaves it as it was.
-            var status = Transfer(c, data, toHost: false, port);
+            var status = Transfer(c, length, port, new IntoBuffer(buffer));
             if (status == NvmeStatus.Success)
                 Namespace.Write(offset, data);
             return status;
@@ -310,27 +353,72 @@ internal sealed partial class NvmeController
     }
 
     /// <summary>
-    /// Moves <paramref name="data"/> to or from the host through the command's PRPs. The PRPs are all
-    /// walked (and checked) before a byte moves; then the pages move in order, so a transfer to the
-    /// host that faults on one page has written the pages before it, as a device's DMA would have.
+    /// Moves <paramref name="length"/> bytes between the host and <paramref name="mover"/>'s side
+    /// through the command's PRPs. The PRPs are all walked (and checked) before a byte moves; then the
+    /// pages move in order, those that follow each other in IOVA space as one device access (a slot's
+    /// pages usually do). A transfer to the host that faults on a page has written the pages before it,
+    /// as a device's DMA would have; the fault is posted once.
     /// </summary>
-    private static NvmeStatus Transfer(in NvmeCommand c, Span<byte> data, bool toHost, IDevicePort port)
+    private static NvmeStatus Transfer<TMover>(in NvmeCommand c, int length, IDevicePort port, TMover mover) where TMover : struct, ITransferMover
     {
         Span<ulong> pages = stackalloc ulong[MaxPrpSegments];
-        var status = WalkPrps(c.Prp1, c.Prp2, data.Length, pages, port, out var count);
+        var status = WalkPrps(c.Prp1, c.Prp2, length, pages, port, out var count);
         if (status != NvmeStatus.Success)
             return status;
         var at = 0;
-        for (var i = 0; i < count; i++)
+        for (var i = 0; i < count;)
         {
-            var length = Math.Min(data.Length - at, PageSize - (int)(pages[i] & PageMask));
-            var chunk = data.Slice(at, length);
-            var outcome = toHost ? port.Write(pages[i], chunk) : port.Read(pages[i], chunk);
+            var start = pages[i++];
+            var run = Math.Min(length - at, PageSize - (int)(start & PageMask));
+            while (i < count && pages[i] == start + (ulong)run)
+            {
+                run += Math.Min(length - at - run, PageSize);
+                i++;
+            }
+            var outcome = mover.Move(port, start, at, run);
             if (!outcome.Ok)
+            {
+                // The run was refused whole; the pages before the one that faulted still move.
+                if (mover.ToHost && outcome.FaultIova > start)
+                    mover.Move(port, start, at, (int)(outcome.FaultIova - start));
                 return NvmeStatus.DataTransferError;
-            at += length;
+            }
+            at += run;
         }
         return NvmeStatus.Success;
+    }
+
+    /// <summary>One side of a transfer: what a piece of <c>length</c> bytes, <c>at</c> bytes into it, moves to or from host memory at an IOVA.</summary>
+    private interface ITransferMover
+    {
+        bool ToHost { get; }
+
+        DmaOutcome Move(IDevicePort port, ulong iova, int at, int length);
+    }
+
+    /// <summary>To the host from a buffer (Identify).</summary>
+    private readonly struct FromBuffer(byte[] data) : ITransferMover
+    {
+        public bool ToHost => true;
+
+        public DmaOutcome Move(IDevicePort port, ulong iova, int at, int length) => port.Write(iova, data.AsSpan(at, length));
+    }
+
+    /// <summary>From the host into a buffer (a Write's data, all fetched before the media changes).</summary>
+    private readonly struct IntoBuffer(byte[] data) : ITransferMover
+    {
+        public bool ToHost => false;
+
+        public DmaOutcome Move(IDevicePort port, ulong iova, int at, int length) => port.Read(iova, data.AsSpan(at, length));
+    }
+
+    /// <summary>To the host straight from the media (a Read): one copy, no staging buffer.</summary>
+    private readonly struct FromMedia(NvmeNamespace media, ulong offset) : ITransferMover
+    {
+        public bool ToHost => true;
+
+        public DmaOutcome Move(IDevicePort port, ulong iova, int at, int length) =>
+            port.Write(iova, length, static (destination, within, m) => m.Media.Read(m.Offset + (ulong)within, destination), (Media: media, Offset: offset + (ulong)at));
     }
 
     /// <summary>

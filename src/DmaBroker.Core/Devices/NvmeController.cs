@@ -11,7 +11,10 @@ namespace DmaBroker.Core.Devices;
 /// translated by the IOMMU, and signals one MSI-X vector per completion queue. Commands run when the
 /// driver rings a submission queue's tail doorbell, synchronously under the model's lock (lock 4 of
 /// <c>docs/locking.md</c>): in order per queue, each completed exactly once, and never more than the
-/// completion queue has room for — the rest wait for the completion queue's head doorbell.
+/// completion queue has room for — the rest wait for the completion queue's head doorbell. Once the
+/// driver configured shadow doorbells (Doorbell Buffer Config), the controller also reads the queues'
+/// tails and heads from the driver's memory and keeps fetching while the driver keeps the tail moving,
+/// in slices of <see cref="CommandsPerSlice"/> commands that continue on the device engines.
 /// docs/nvme.md describes the registers, what is implemented and where fault injection hooks in.
 /// </summary>
 internal sealed partial class NvmeController : DeviceModel
@@ -72,6 +75,13 @@ internal sealed partial class NvmeController : DeviceModel
 
     public const uint AqaWritable = 0x0fff_0fff;
 
+    /// <summary>
+    /// With shadow doorbells, how many commands of one submission queue a turn of the controller runs
+    /// under the model's lock before it lets other accesses in and continues on the device engines
+    /// (4 MiB of 128 KiB reads).
+    /// </summary>
+    public const int CommandsPerSlice = 32;
+
     private static readonly ulong[] Bars = [Bar0Size, 0, 0, 0, 0, 0];
 
     private readonly SubmissionQueue?[] _sqs = new SubmissionQueue?[IoQueuePairs + 1];
@@ -85,6 +95,11 @@ internal sealed partial class NvmeController : DeviceModel
     // SLOW_RESET: CSTS.RDY is due once this much time has passed since _readySince (broker clock timestamps).
     private TimeSpan? _readyDelay;
     private long _readySince;
+    // Doorbell Buffer Config (NVMe 1.3): the shadow doorbell and EventIdx pages in the driver's memory (IOVAs); 0: not configured.
+    private ulong _shadowDoorbells;
+    private ulong _eventIndexes;
+    // A continuation of the controller's work is queued on the device engines.
+    private bool _continuing;
 
     public NvmeController(PciFunctionSpec spec) : base(spec)
     {
@@ -100,6 +115,9 @@ internal sealed partial class NvmeController : DeviceModel
     /// the write was not one aligned dword), as hardware ignores them. Counts over the device's life.
     /// </summary>
     public ulong IgnoredDoorbells { get; private set; }
+
+    /// <summary>Whether Doorbell Buffer Config is in effect: the queues' doorbells are read from the driver's shadow page.</summary>
+    public bool ShadowDoorbells => _shadowDoorbells != 0;
 
     // ---- registers ----
 
@@ -271,6 +289,9 @@ internal sealed partial class NvmeController : DeviceModel
         Array.Clear(_cqs);
         _csts = 0;
         _readyDelay = null;
+        // As QEMU's nvme_ctrl_reset: the driver configures shadow doorbells again after a reset.
+        _shadowDoorbells = _eventIndexes = 0;
+        _continuing = false;
     }
 
     private bool Ready => (CatchUpReady() & (CstsReady | CstsFatal)) == CstsReady;
@@ -302,6 +323,10 @@ internal sealed partial class NvmeController : DeviceModel
                 return;
             }
             sq.Tail = (int)value;
+            // As QEMU: the admin queue's MMIO doorbell stays authoritative with shadow doorbells (drivers
+            // do not all update its shadow), so it is copied there; an I/O queue's shadow overrides it.
+            if (sq.Id == 0 && ShadowDoorbells && !WriteShadow(_shadowDoorbells, SqSlot(0), (uint)value, port))
+                return;
             Process(sq, port);
         }
         else
@@ -313,6 +338,8 @@ internal sealed partial class NvmeController : DeviceModel
                 return;
             }
             cq.Head = (int)value;
+            if (cq.Id == 0 && ShadowDoorbells && !WriteShadow(_shadowDoorbells, CqSlot(0), (uint)value, port))
+                return;
             // Submission queues stop when their completion queue is full; room again lets them go on.
             foreach (var sq in _sqs)
             {
@@ -323,12 +350,28 @@ internal sealed partial class NvmeController : DeviceModel
         SignalPosted(port);
     }
 
-    /// <summary>Fetches and runs the queue's commands while there are any, the controller is alive and the completion queue has room.</summary>
+    /// <summary>
+    /// Fetches and runs the queue's commands while there are any, the controller is alive and the
+    /// completion queue has room. With shadow doorbells the tail is read from the driver's shadow page
+    /// before every command, so commands the driver adds meanwhile run without an MMIO doorbell; before
+    /// it stops, the controller publishes the tail it saw as the queue's EventIdx and reads the shadow
+    /// once more (the driver rings the MMIO doorbell only for a tail moved past EventIdx). After
+    /// <see cref="CommandsPerSlice"/> commands the rest continues on the device engines.
+    /// </summary>
     private void Process(SubmissionQueue sq, IDevicePort port)
     {
         Span<byte> entry = stackalloc byte[SqEntrySize];
-        while (Ready && sq.Head != sq.Tail && !sq.Cq.Full && _sqs[sq.Id] == sq)
+        var slice = CommandsPerSlice;
+        while (Ready && _sqs[sq.Id] == sq)
         {
+            if (ShadowDoorbells && !ReadShadowTail(sq, port))
+                return;
+            if (sq.Head == sq.Tail && !(ShadowDoorbells && GoIdle(sq, port)))
+                return;
+            if (CompletionQueueFull(sq.Cq, port))
+                return;
+            if (ShadowDoorbells && slice-- == 0 && ContinueLater(port))
+                return;
             if (!port.Read(sq.Base + (ulong)(sq.Head * SqEntrySize), entry).Ok)
             {
                 Fail();
@@ -366,7 +409,8 @@ internal sealed partial class NvmeController : DeviceModel
         BinaryPrimitives.WriteUInt32LittleEndian(entry[4..], 0);
         BinaryPrimitives.WriteUInt32LittleEndian(entry[8..], (uint)sq.Head | ((uint)sq.Id << 16));
         BinaryPrimitives.WriteUInt32LittleEndian(entry[12..], cid | (cq.Phase ? 1u << 16 : 0) | ((uint)status << 17));
-        if (!port.Write(cq.Base + (ulong)(cq.Tail * CqEntrySize), entry).Ok)
+        var at = cq.Tail;
+        if (!port.Write(cq.Base + (ulong)(at * CqEntrySize), entry).Ok)
         {
             Fail();
             return;
@@ -377,6 +421,28 @@ internal sealed partial class NvmeController : DeviceModel
             cq.Phase = !cq.Phase;
         }
         cq.Posted = true;
+        if (ShadowDoorbells)
+            SignalCaughtUp(cq, at, port);
+    }
+
+    /// <summary>
+    /// With shadow doorbells a turn of the controller can be long, and a driver that consumed every
+    /// completion may have gone to wait for the interrupt: the first entry posted into a queue whose
+    /// shadow head shows it consumed (after a full barrier, as the driver has one between its head and
+    /// the phase tag it then reads) signals at once, once per turn; the turn's end signals as always.
+    /// </summary>
+    private void SignalCaughtUp(CompletionQueue cq, int posted, IDevicePort port)
+    {
+        if (cq.SignaledEarly || !cq.Interrupts || Masked(cq.Vector))
+            return;
+        Interlocked.MemoryBarrier();
+        if (ReadShadowIndex(CqSlot(cq.Id), cq.Size, cq.Head, port) is not { } head)
+            return;
+        cq.Head = head;
+        if (cq.Head != posted)
+            return;
+        cq.SignaledEarly = true;
+        Signal(cq, port);
     }
 
     /// <summary>One interrupt per completion queue that got entries in this doorbell's work, in queue order.</summary>
@@ -387,6 +453,7 @@ internal sealed partial class NvmeController : DeviceModel
             if (cq is not { Posted: true })
                 continue;
             cq.Posted = false;
+            cq.SignaledEarly = false;
             if (cq.Interrupts && !Masked(cq.Vector))
                 Signal(cq, port);
         }
@@ -407,6 +474,135 @@ internal sealed partial class NvmeController : DeviceModel
     /// <summary>The one place the controller raises an MSI-X vector; DROP/DELAY_INTERRUPT act on it in the port (DeviceHandle), as for every model.</summary>
     private static void Signal(CompletionQueue cq, IDevicePort port) => port.Interrupt(cq.Vector);
 
+    // ---- shadow doorbells (Doorbell Buffer Config) ----
+
+    /// <summary>A submission queue's dword in the shadow doorbell and EventIdx pages (CAP.DSTRD 0: as its doorbell's offset).</summary>
+    private static ulong SqSlot(int qid) => 8UL * (ulong)qid;
+
+    private static ulong CqSlot(int qid) => (8UL * (ulong)qid) + 4;
+
+    /// <summary>Takes the driver's shadow tail as the queue's tail (<see cref="ReadShadowIndex"/>); false once the controller failed.</summary>
+    private bool ReadShadowTail(SubmissionQueue sq, IDevicePort port)
+    {
+        if (ReadShadowIndex(SqSlot(sq.Id), sq.Size, sq.Tail, port) is not { } tail)
+            return false;
+        sq.Tail = tail;
+        // While it has commands to fetch the controller needs no doorbell: EventIdx sits just behind the tail it saw.
+        return sq.Head == sq.Tail || PublishEventIndex(SqSlot(sq.Id), ref sq.EventIndex, (sq.Tail + sq.Size - 1) % sq.Size, port);
+    }
+
+    /// <summary>
+    /// The queue looks empty: EventIdx = the tail, so that the driver rings the doorbell for the next
+    /// command, then the shadow tail once more, for one written before the driver could see that
+    /// EventIdx (a full barrier between, as the driver has one between its tail and its EventIdx read).
+    /// True when there are commands after all.
+    /// </summary>
+    private bool GoIdle(SubmissionQueue sq, IDevicePort port)
+    {
+        if (!PublishEventIndex(SqSlot(sq.Id), ref sq.EventIndex, sq.Tail, port))
+            return false;
+        Interlocked.MemoryBarrier();
+        return ReadShadowTail(sq, port) && sq.Head != sq.Tail;
+    }
+
+    /// <summary>
+    /// Whether the completion queue has no free slot. With shadow doorbells a full queue is looked at
+    /// again in the shadow page, after EventIdx = its head (so the driver rings the head doorbell when
+    /// it frees a slot), the way <see cref="GoIdle"/> does for a submission queue.
+    /// </summary>
+    private bool CompletionQueueFull(CompletionQueue cq, IDevicePort port)
+    {
+        if (!cq.Full || !ShadowDoorbells)
+            return cq.Full;
+        if (!PublishEventIndex(CqSlot(cq.Id), ref cq.EventIndex, cq.Head, port))
+            return true;
+        Interlocked.MemoryBarrier();
+        if (ReadShadowIndex(CqSlot(cq.Id), cq.Size, cq.Head, port) is not { } head)
+            return true;
+        cq.Head = head;
+        if (cq.Full)
+            return true;
+        // Room again, and the controller is working: no head doorbell needed until it fills up again.
+        return !PublishEventIndex(CqSlot(cq.Id), ref cq.EventIndex, (cq.Head + cq.Size - 1) % cq.Size, port);
+    }
+
+    /// <summary>Writes a queue's EventIdx unless it already holds <paramref name="value"/>; false (CFS) when the IOMMU refuses the page.</summary>
+    private bool PublishEventIndex(ulong slot, ref int published, int value, IDevicePort port)
+    {
+        if (published == value)
+            return true;
+        if (!WriteShadow(_eventIndexes, slot, (uint)value, port))
+            return false;
+        published = value;
+        return true;
+    }
+
+    /// <summary>
+    /// The tail or head the driver wrote in its shadow doorbell at <paramref name="slot"/>; one beyond
+    /// the queue's <paramref name="size"/> is ignored and counted, as such an MMIO doorbell is
+    /// (<paramref name="current"/> stays). Null when the IOMMU refuses the page: fatal (CFS), as a
+    /// command fetch that faults, and the fault is posted.
+    /// </summary>
+    private int? ReadShadowIndex(ulong slot, int size, int current, IDevicePort port)
+    {
+        Span<byte> bytes = stackalloc byte[sizeof(uint)];
+        if (!port.Read(_shadowDoorbells + slot, bytes).Ok)
+        {
+            Fail();
+            return null;
+        }
+        var value = BinaryPrimitives.ReadUInt32LittleEndian(bytes);
+        if (value < (uint)size)
+            return (int)value;
+        IgnoredDoorbells++;
+        return current;
+    }
+
+    /// <summary>A shadow doorbell or EventIdx the controller writes; false (CFS) when the IOMMU refuses the page.</summary>
+    private bool WriteShadow(ulong page, ulong slot, uint value, IDevicePort port)
+    {
+        if (TryWriteDword(page + slot, value, port))
+            return true;
+        Fail();
+        return false;
+    }
+
+    private static bool TryWriteDword(ulong iova, uint value, IDevicePort port)
+    {
+        Span<byte> bytes = stackalloc byte[sizeof(uint)];
+        BinaryPrimitives.WriteUInt32LittleEndian(bytes, value);
+        return port.Write(iova, bytes).Ok;
+    }
+
+    /// <summary>
+    /// Ends this turn of the controller's work and queues the next on the device engines, so that a
+    /// driver that keeps its queue full does not hold the model's lock (and a detach, a reset or a
+    /// register read) for as long as it goes on. False where there are no engines: then the caller goes on.
+    /// </summary>
+    private bool ContinueLater(IDevicePort port)
+    {
+        if (_continuing)
+            return true;
+        if (!port.Post(static (controller, p) => controller.Continue(p), this))
+            return false;
+        _continuing = true;
+        return true;
+    }
+
+    /// <summary>The next turn: every submission queue, as a doorbell would run it, then its interrupts.</summary>
+    private void Continue(IDevicePort port)
+    {
+        if (!_continuing)
+            return;
+        _continuing = false;
+        foreach (var sq in _sqs)
+        {
+            if (sq is not null)
+                Process(sq, port);
+        }
+        SignalPosted(port);
+    }
+
     private sealed class SubmissionQueue(ushort id, ulong @base, int size, CompletionQueue cq)
     {
         public ushort Id { get; } = id;
@@ -415,6 +611,8 @@ internal sealed partial class NvmeController : DeviceModel
         public CompletionQueue Cq { get; } = cq;
         public int Head { get; set; }
         public int Tail { get; set; }
+        /// <summary>The EventIdx last written for this queue (shadow doorbells); -1: none yet.</summary>
+        public int EventIndex = -1;
     }
 
     private sealed class CompletionQueue(ushort id, ulong @base, int size, bool interrupts, ushort vector)
@@ -430,6 +628,10 @@ internal sealed partial class NvmeController : DeviceModel
         public bool Phase { get; set; } = true;
         /// <summary>Entries were posted since the last interrupt decision.</summary>
         public bool Posted { get; set; }
+        /// <summary>This turn already signalled a driver that had caught up (shadow doorbells).</summary>
+        public bool SignaledEarly { get; set; }
+        /// <summary>The EventIdx last written for this queue (shadow doorbells); -1: none yet.</summary>
+        public int EventIndex = -1;
         public bool Full => (Tail + 1) % Size == Head;
     }
 }

@@ -256,6 +256,15 @@ internal sealed class IovaSpace(int dmaLimit)
         return outcome;
     }
 
+    /// <summary>As <see cref="DeviceWrite"/>, with the bytes produced in place by <paramref name="fill"/> once every page is checked.</summary>
+    internal DmaOutcome DeviceFill<TState>(ulong iova, int length, DmaFill<TState> fill, TState state)
+    {
+        using var access = Enter(iova, (ulong)length, DmaAccess.Write, out var outcome);
+        if (outcome.Ok)
+            access.Fill(iova, length, fill, state);
+        return outcome;
+    }
+
     /// <summary>The device reads host memory at <paramref name="iova"/> into <paramref name="destination"/>.</summary>
     internal DmaOutcome DeviceRead(ulong iova, Span<byte> destination)
     {
@@ -333,6 +342,16 @@ internal sealed class IovaSpace(int dmaLimit)
                 var bytes = Next(ref i, ref at, data.Length);
                 data[..bytes.Length].CopyTo(bytes);
                 data = data[bytes.Length..];
+            }
+        }
+
+        public void Fill<TState>(ulong at, int length, DmaFill<TState> fill, TState state)
+        {
+            for (int i = first, done = 0; done < length;)
+            {
+                var bytes = Next(ref i, ref at, length - done);
+                fill(bytes, done, state);
+                done += bytes.Length;
             }
         }
 

@@ -22,15 +22,17 @@ public sealed class DeviceHandle : IDevicePort
     public const int MaxTransfer = SessionMemory.MaxTransfer;
 
     private readonly BrokerMetrics _metrics;
+    private readonly DeviceEngines? _engines;
     private readonly CancellationTokenSource _removed = new();
     private Action<uint>? _interruptListener;
 
-    internal DeviceHandle(ulong id, PciDevice device, Session session, BrokerMetrics metrics)
+    internal DeviceHandle(ulong id, PciDevice device, Session session, BrokerMetrics metrics, DeviceEngines? engines = null)
     {
         Id = id;
         Device = device;
         Session = session;
         _metrics = metrics;
+        _engines = engines;
     }
 
     /// <summary>The handle's number, as a DMA stream's <c>open</c> and the device calls name it.</summary>
@@ -204,6 +206,9 @@ public sealed class DeviceHandle : IDevicePort
 
     DmaOutcome IDevicePort.Read(ulong iova, Span<byte> destination) => Read(iova, destination);
 
+    DmaOutcome IDevicePort.Write<TState>(ulong iova, int length, DmaFill<TState> fill, TState state) =>
+        Report(CurrentSpace(iova, DmaAccess.Write, out var refused)?.DeviceFill(iova, length, fill, state) ?? refused, DmaAccess.Write, length);
+
     void IDevicePort.Interrupt(uint vector)
     {
         // Fault injection (SPEC §14): every model's interrupts pass here, so DROP/DELAY_INTERRUPT act here.
@@ -250,6 +255,23 @@ public sealed class DeviceHandle : IDevicePort
         finally
         {
             Session.Gate.Exit();
+        }
+    }
+
+    bool IDevicePort.Post<TState>(Action<TState, IDevicePort> work, TState state)
+    {
+        if (_engines is null)
+            return false;
+        try
+        {
+            // Not awaited: the work reports what it does through the device (completions, interrupts, faults).
+            _ = _engines.RunAsync(() => ((IDevicePort)this).TryRun(work, state));
+            return true;
+        }
+        catch (ObjectDisposedException)
+        {
+            // The broker is being disposed: its sessions end, and with them this device's work.
+            return false;
         }
     }
 

@@ -26,7 +26,7 @@ public readonly record struct GroupStatus(bool Viable, bool ContainerSet);
 /// before it changes anything, so a rejected call leaves no trace but in the claim counts of
 /// <paramref name="metrics"/>.
 /// </summary>
-public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int dmaLimit = 65535)
+public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int dmaLimit = 65535, Devices.DeviceEngines? engines = null)
 {
     private readonly ConcurrentDictionary<Session, SessionFiles> _files = new();
     // VFIO's own side of a claim, kept here and not in the group or device, as Linux keeps it in
@@ -273,7 +273,7 @@ public sealed class VfioDriver(OwnershipTable table, BrokerMetrics metrics, int 
                 throw ErrnoException.Conflict(Errno.EINVAL, $"{address}: claim it first (SetContainer on group {group.Id}, or BindDevice)");
             if (device.OpenHandles > 0)
                 throw ErrnoException.Busy($"{address} is already open");
-            var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session, metrics);
+            var handle = new DeviceHandle((ulong)Interlocked.Increment(ref _nextHandleId), device, session, metrics, engines);
             device.OpenHandles++;
             FilesOf(session).Handles.Add(handle.Id, handle);
             return handle;
