@@ -224,6 +224,61 @@ public sealed class NvmeShadowDoorbellTests : IAsyncLifetime
         Assert.Equal([new FaultEvent(NvmeTestDriver.Address, NvmeTestDriver.Iova(ShadowPage), DmaAccess.Read, FaultReason.Unmapped)], _d.DrainEvents());
     }
 
+    /// <summary>
+    /// The driver's MMIO head doorbells are sent without waiting, so one can land after the driver
+    /// has moved the shadow head on: the controller must not take the head back and post over
+    /// completions the driver has not read (a completion queue smaller than its submission queue).
+    /// </summary>
+    [Fact]
+    public void LateMmioHeadDoorbell_BehindTheShadowHead_DoesNotOverwriteUnconsumedCompletions()
+    {
+        var io = CreateIoQueues(entries: 4, sqEntries: 16);
+        Configure();
+        SubmitReads(io, 10);
+        SetShadow(SqSlot, 10);
+        _d.Ring(io);
+        Assert.Equal([100, 101, 102], PollAll(io).Select(c => (int)c.Cid)); // head 3 in the shadow; the driver's MMIO head doorbell (3) is still on its way
+        _d.Write32(NvmeTestDriver.SqDoorbell(1), 10); // any wake-up: the controller reads the shadow head 3
+        var got = new List<int> { _d.Poll(io)!.Value.Cid, _d.Poll(io)!.Value.Cid }; // 103, 104: head 1
+        SetShadow(CqSlot, (uint)io.CqHead);
+        _d.Write32(NvmeTestDriver.SqDoorbell(1), 10); // the controller reads shadow head 1, posts 106, 107
+        _d.Write32(NvmeTestDriver.CqDoorbell(1), 3); // the late MMIO head doorbell
+        while (_d.Poll(io) is { } c)
+            got.Add(c.Cid);
+        var ring = string.Join(" ", Enumerable.Range(0, 4).Select(i => NvmeCompletion.Parse(_d.ReadHost(NvmeTestDriver.Iova(IoCq) + (ulong)(i * 16), 16))).Select(c => $"{c.Cid}/{(c.Phase ? 1 : 0)}"));
+        Assert.True(got.SequenceEqual([103, 104, 105, 106, 107]), $"got {string.Join(",", got)}; ring {ring}; driver head {io.CqHead} phase {io.Phase}");
+    }
+
+    /// <summary>
+    /// A submission queue deleted at tail 3 and created again starts at tail 0: the old shadow tail
+    /// must not have its old commands fetched again when another queue's doorbell resumes the
+    /// completion queue's submission queues.
+    /// </summary>
+    [Fact]
+    public void RecreatedSq_StaleShadowTail_NotFetchedBeforeItsDoorbell()
+    {
+        var io = CreateIoQueues(entries: 16);
+        Configure();
+        SubmitReads(io, 3);
+        SetShadow(SqSlot, 3);
+        _d.Ring(io);
+        Assert.Equal(3, PollAll(io).Count);
+        // SQ 1 deleted and created again on CQ 1 (tail 0); SQ 2 shares CQ 1.
+        Assert.Equal(NvmeStatus.Success, _d.AdminCommand(NvmeTestDriver.Command(NvmeController.AdminDeleteSq, 7, cdw10: 1)).Status);
+        Assert.Equal(NvmeStatus.Success, _d.AdminCommand(NvmeTestDriver.Command(NvmeController.AdminCreateSq, 8, prp1: NvmeTestDriver.Iova(IoSq), cdw10: 1 | (15u << 16), cdw11: 1 | (1u << 16))).Status);
+        Assert.Equal(NvmeStatus.Success, _d.AdminCommand(NvmeTestDriver.Command(NvmeController.AdminCreateSq, 9, prp1: NvmeTestDriver.Iova(6), cdw10: 2 | (15u << 16), cdw11: 1 | (1u << 16))).Status);
+        var sq2 = new NvmeQueue(2, 6, IoCq, 16);
+        _d.Submit(sq2, NvmeTestDriver.ReadWrite(NvmeController.IoRead, 200, lba: 0, blocks: 1, Data(0)));
+        SetShadow(4, 1);
+        _d.Write32(NvmeTestDriver.SqDoorbell(2), 1);
+        Assert.Equal([200], PollAll(io).Select(c => (int)c.Cid));
+        _d.Write32(NvmeTestDriver.CqDoorbell(1), (uint)io.CqHead); // the head doorbell resumes every SQ on CQ 1
+        var extra = new List<int>();
+        while (_d.Poll(io) is { } c)
+            extra.Add(c.Cid);
+        Assert.True(extra.Count == 0, $"phantom completions: {string.Join(",", extra)}");
+    }
+
     // ---- the driver's side ----
 
     private static ulong Data(int page) => NvmeTestDriver.Iova(DataPage + page);

@@ -77,13 +77,18 @@ public sealed class SharedMemoryDriverTests
         var mapped = Assert.Single(driver.Stdout, l => l.StartsWith("mapped shadow doorbells: ", StringComparison.Ordinal));
         var shadowIova = System.Text.RegularExpressions.Regex.Match(mapped, " to IOVA (0x[0-9a-f]+) ").Groups[1].Value;
 
-        await broker.Live.Client.Admin.InjectFaultAsync(new FaultInjection(Nvme, FaultKind.IommuFault) { Count = 1 });
+        var faultId = await broker.Live.Client.Admin.InjectFaultAsync(new FaultInjection(Nvme, FaultKind.IommuFault) { Count = 1 });
         await driver.WriteLineAsync("");
         var exit = await driver.WaitForExitAsync(Timeout);
 
         Assert.True(exit == 1, $"{driver.Name} exited {exit}:\n{driver.Transcript}");
-        Assert.Equal($"nvme-driver: queue 1: controller fatal status (CSTS 0x3) with 16 commands outstanding; last IOMMU fault: Read at IOVA {shadowIova}, Unmapped",
-            Assert.Single(driver.Stderr));
+        Assert.Equal(1ul, (await broker.Live.Client.Admin.ListFaultsAsync()).Single(f => f.FaultId == faultId).Fired);
+        // The driver names the fault when its session event came before its read of CSTS (as
+        // NvmeDriverFaultTests allow, that order is not guaranteed on a loaded machine); named, it is
+        // the controller's read of the shadow page.
+        var line = Assert.Single(driver.Stderr);
+        var fatal = "nvme-driver: queue 1: controller fatal status (CSTS 0x3) with 16 commands outstanding";
+        Assert.True(line == fatal || line == $"{fatal}; last IOMMU fault: Read at IOVA {shadowIova}, Unmapped", line);
     }
 
     [Fact]

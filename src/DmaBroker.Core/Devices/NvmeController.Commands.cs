@@ -132,9 +132,10 @@ internal sealed partial class NvmeController
             return NvmeStatus.InvalidInterruptVector;
         var cq = new CompletionQueue(qid, c.Prp1, size, interrupts: (c.Cdw11 & 2) != 0, vector);
         _cqs[qid] = cq;
-        // A new queue's EventIdx is its head, 0, whatever an earlier queue of that id left there: the driver rings for its first head.
+        // A new queue's shadow head and EventIdx are 0, whatever an earlier queue of that id left there
+        // (a stale head would make it look full): the driver rings for its first head.
         if (ShadowDoorbells)
-            PublishEventIndex(CqSlot(qid), ref cq.EventIndex, 0, port);
+            _ = WriteShadow(_shadowDoorbells, CqSlot(qid), 0, port) && PublishEventIndex(CqSlot(qid), ref cq.EventIndex, 0, port);
         return NvmeStatus.Success;
     }
 
@@ -169,9 +170,10 @@ internal sealed partial class NvmeController
             return status;
         var sq = new SubmissionQueue(qid, c.Prp1, size, cq);
         _sqs[qid] = sq;
-        // Idle at tail 0: the driver rings for its first command.
+        // Idle at tail 0, whatever an earlier queue of that id left in the shadow slot (a stale tail would
+        // have its old commands fetched again before the driver rings): the driver rings for its first command.
         if (ShadowDoorbells)
-            PublishEventIndex(SqSlot(qid), ref sq.EventIndex, 0, port);
+            _ = WriteShadow(_shadowDoorbells, SqSlot(qid), 0, port) && PublishEventIndex(SqSlot(qid), ref sq.EventIndex, 0, port);
         return NvmeStatus.Success;
     }
 

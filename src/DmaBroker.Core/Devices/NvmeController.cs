@@ -337,6 +337,15 @@ internal sealed partial class NvmeController : DeviceModel
                 IgnoredDoorbells++;
                 return;
             }
+            // With shadow doorbells an I/O completion queue's MMIO head is only a wake-up, as QEMU reads the
+            // shadow head before every post: the driver writes the shadow first, so it is never older, while
+            // an MMIO doorbell sent without waiting can land after a newer shadow head (the head would go back).
+            if (cq.Id != 0 && ShadowDoorbells)
+            {
+                if (ReadShadowIndex(CqSlot(cq.Id), cq.Size, cq.Head, port) is not { } shadowHead)
+                    return;
+                value = (ulong)shadowHead;
+            }
             cq.Head = (int)value;
             if (cq.Id == 0 && ShadowDoorbells && !WriteShadow(_shadowDoorbells, CqSlot(0), (uint)value, port))
                 return;
