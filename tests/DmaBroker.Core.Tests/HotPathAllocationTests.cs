@@ -57,13 +57,21 @@ public sealed class HotPathAllocationTests
         }
 
         Run(100);
-        var before = GC.GetAllocatedBytesForCurrentThread();
-        Run(10_000);
-        var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        // A per-operation allocation shows in every window of 10,000 rounds; the runtime's own
+        // one-time work does not (a type initialised as the JIT's later tier takes over mid-window,
+        // which a loaded machine delays past the warm-up: 7,568 bytes once, in a full parallel run).
+        // So the gate is the least of three windows.
+        var allocated = long.MaxValue;
+        for (var window = 0; window < 3; window++)
+        {
+            var before = GC.GetAllocatedBytesForCurrentThread();
+            Run(10_000);
+            allocated = Math.Min(allocated, GC.GetAllocatedBytesForCurrentThread() - before);
+        }
 
         Assert.Equal(0, allocated);
         listener.RecordObservableInstruments();
         // Each round: a 64 KiB write and read, a 4 KiB copy (read and written), a 64-byte write.
-        Assert.Equal(metricsListened ? 10_100L * (65536 + 65536 + 2 * 4096 + 64) : 0, bytes);
+        Assert.Equal(metricsListened ? 30_100L * (65536 + 65536 + 2 * 4096 + 64) : 0, bytes);
     }
 }
