@@ -196,7 +196,9 @@ public sealed class FailureTests(ITestOutputHelper output)
     {
         await using var etcd = await EtcdCluster.StartAsync();
         await using var proxy = new TcpProxy(etcd.Endpoints[0]);
-        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output);
+        // The claim below may come before a has read etcd's answer to the renewal it waits for: a
+        // long deadline, so that a loaded machine delaying that answer does not refuse it EAGAIN.
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output, callTimeout: TimeSpan.FromSeconds(10));
         using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
         var name = ByteString.CopyFromUtf8("/dmabroker/replicas/a");
         using var watch = new Watch.WatchClient(channel).Watch();
