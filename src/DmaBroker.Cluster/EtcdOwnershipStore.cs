@@ -388,10 +388,16 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease has ended; it is ending");
             // Another change of the session settled a transaction of it and moved its fence: this
             // one was refused for that alone if the group's compare held.
-            if (record.ModRevision != fence && attempt < 3)
+            if (record.ModRevision != fence)
             {
                 lease.MoveFence(record.ModRevision);
-                continue;
+                if (attempt < 3)
+                    continue;
+                // Settles kept moving it while the group was as the claim expects: transient,
+                // unlike a group another owner holds (refused below).
+                var groupHeld = countBefore == 0 ? current is null : current?.Value == Record(session.Id, countBefore).Encode();
+                if (groupHeld)
+                    throw Changed($"session {session.Id}'s transactions in the cluster were fenced off by its settling while the claim of group {groupId} was tried");
             }
             var holder = current is not null ? GroupRecord.Decode(current.Value) : null;
             throw ErrnoException.NotPermitted($"group {groupId} is {holder?.Describe() ?? "changed by another replica"} in the cluster");
