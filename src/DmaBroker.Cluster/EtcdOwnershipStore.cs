@@ -65,6 +65,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // The revision of the last hotplug this replica wrote or applied; read and written only under the hotplug lock.
     private long _shape;
     private readonly ConcurrentDictionary<ulong, Lazy<SessionLease>> _leases = new();
+    private readonly ApplyFailures _applyFailures = new();
     // The groups whose last claim or release by a session of this replica etcd did not answer, with
     // that session (see Unsettle); _settle wakes SettleAsync for them.
     private readonly ConcurrentDictionary<uint, ulong> _unsettled = new();
@@ -825,18 +826,19 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         }, deadline: Deadline(), cancellationToken: cancellationToken);
         var revision = all.Header.Revision;
         foreach (var kv in all.Kvs.Where(kv => HotplugRecord.DeviceOf(kv.Key).HasValue).OrderBy(kv => kv.ModRevision))
-            ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
+            ApplyChange(kv.Key, kv.ModRevision, () => ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value));
         var records = all.Kvs.Where(kv => GroupRecord.GroupOf(kv.Key).HasValue).ToDictionary(kv => GroupRecord.GroupOf(kv.Key)!.Value);
         foreach (var id in _broker!.Journal.Current.Groups.Keys)
         {
+            // A key etcd does not hold is the same change (revision 0) on every reload.
             if (records.TryGetValue(id, out var kv))
-                Apply(id, kv.ModRevision, kv.CreateRevision, GroupRecord.Decode(kv.Value), deleted: false);
+                ApplyChange(kv.Key, kv.ModRevision, () => Apply(id, kv.ModRevision, kv.CreateRevision, GroupRecord.Decode(kv.Value), deleted: false));
             else
-                Apply(id, revision, 0, null, deleted: true);
+                ApplyChange(GroupRecord.Key(id), 0, () => Apply(id, revision, 0, null, deleted: true));
         }
         // After the owners: a DMA-API driver is taken only into a group no user owns (ApplyRemoteDriver).
         foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
-            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
+            ApplyChange(kv.Key, kv.ModRevision, () => ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value));
         Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), revision));
         return revision;
     }
@@ -884,16 +886,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     }
                     foreach (var ev in answer.Events)
                     {
-                        try
-                        {
-                            ApplyEvent(ev);
-                        }
-                        catch (Exception e) when (!_stop.IsCancellationRequested)
-                        {
-                            // Not marked applied: the reload after the break brings it again.
-                            Log.ApplyFailed(_log, e);
-                            throw;
-                        }
+                        // One that fails is not marked applied: the reload after the break brings it again.
+                        ApplyChange(ev.Kv.Key, ev.Kv.ModRevision, () => ApplyEvent(ev));
                         from = ev.Kv.ModRevision + 1;
                     }
                     if (answer.Header is { } header && answer.Events.Count > 0)
@@ -919,6 +913,33 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             {
                 return; // stopping: the stream was cancelled with the store
             }
+        }
+    }
+
+    // Applies one change from etcd (the watch's, or a reload's) to the table. One that fails is
+    // logged as an error and thrown, so the watch reloads the table to try it again; one that has
+    // failed ApplyFailures.Limit times in a row is given up (logged critical) rather than stall
+    // the watch for good: the table misses it until the key's next change.
+    private void ApplyChange(ByteString key, long revision, Action apply)
+    {
+        var name = key.ToStringUtf8();
+        if (_applyFailures.GivenUp(name, revision))
+            return;
+        try
+        {
+            apply();
+            _applyFailures.Applied(name);
+        }
+        catch (Exception e) when (!_stop.IsCancellationRequested)
+        {
+            var failures = _applyFailures.Failed(name, revision);
+            if (failures >= ApplyFailures.Limit)
+            {
+                Log.ChangeGivenUp(_log, name, revision, failures, e);
+                return;
+            }
+            Log.ApplyFailed(_log, name, revision, failures, e);
+            throw;
         }
     }
 
@@ -994,9 +1015,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             await ResyncAsync(_stop.Token).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is RpcException or OperationCanceledException or ObjectDisposedException)
+        catch (Exception e) when (e is RpcException or OperationCanceledException or ObjectDisposedException || !_stop.IsCancellationRequested)
         {
-            // etcd out of reach: the watch brings the changes once it reconnects (it resyncs if it must).
+            // etcd out of reach, or a change that failed to apply (logged as an error): the watch
+            // brings the changes once it reconnects, or tries the change again (it resyncs if it must).
             Log.WatchFailed(_log, e.Message);
         }
     }
@@ -1108,7 +1130,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         [LoggerMessage(EventId = 1620, Level = LogLevel.Critical, Message = "Another broker took replica name {Replica} while this one was cut off from etcd: this replica refuses every claim from now on; restart it with another --replica")]
         public static partial void NameTaken(ILogger logger, string replica);
 
-        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying a change from etcd's watch failed; the table is reloaded to try it again")]
-        public static partial void ApplyFailed(ILogger logger, Exception exception);
+        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying the change of {Key} at etcd revision {Revision} failed ({Failures} in a row); the table is reloaded to try it again")]
+        public static partial void ApplyFailed(ILogger logger, string key, long revision, int failures, Exception exception);
+
+        [LoggerMessage(EventId = 1625, Level = LogLevel.Critical, Message = "The change of {Key} at etcd revision {Revision} failed to apply {Failures} times in a row: given up, so the watch goes on; this replica's table misses it until the key changes again")]
+        public static partial void ChangeGivenUp(ILogger logger, string key, long revision, int failures, Exception exception);
     }
 }
