@@ -65,6 +65,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     // The revision of the last hotplug this replica wrote or applied; read and written only under the hotplug lock.
     private long _shape;
     private readonly ConcurrentDictionary<ulong, Lazy<SessionLease>> _leases = new();
+    private readonly ApplyFailures _applyFailures = new();
     // The groups whose last claim or release by a session of this replica etcd did not answer, with
     // that session (see Unsettle); _settle wakes SettleAsync for them.
     private readonly ConcurrentDictionary<uint, ulong> _unsettled = new();
@@ -74,6 +75,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     private volatile SessionLease? _registration;
     // Another replica took this one's name while its registration had lapsed.
     private volatile bool _nameTaken;
+    // This process's mark in the name's key: a key that holds it is this replica's registration,
+    // whatever lease it is on (an attempt to renew it may have committed unanswered).
+    private readonly string _process = Guid.NewGuid().ToString("N");
     // The registration lease being renewed now, if one is, and the renewal.
     private SessionLease? _renewing;
     private volatile Task _renewal = Task.CompletedTask;
@@ -173,7 +177,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     private async Task RegisterAsync(CancellationToken cancellationToken)
     {
-        _registration = await ClaimNameAsync(null, cancellationToken).ConfigureAwait(false)
+        _registration = await ClaimNameAsync([], cancellationToken).ConfigureAwait(false)
             ?? throw ErrnoException.Exists($"a live replica named {ErrnoException.Quote(Replica)} is already in the cluster");
         // The replica's number: one compare-and-swap on a counter, retried while another replica races.
         var counter = ByteString.CopyFromUtf8(ReplicaSequenceKey);
@@ -197,9 +201,12 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
     }
 
     // Takes the replica's name under a new lease of its own and keeps the lease alive: the name's
-    // key is free, or it still holds this replica's registration on `previous` (a lease the replica
-    // gave up, which etcd may not have expired yet). Null when another replica holds the name.
-    private async Task<SessionLease?> ClaimNameAsync(long? previous, CancellationToken cancellationToken)
+    // key is free, or it holds this process's registration (its value carries _process) on any
+    // lease: the one the replica gave up, which etcd may not have expired yet, or one of an earlier
+    // attempt whose transaction committed unanswered. Such a key moves to the new lease. Null when
+    // another process holds the name. `strays` are the leases of earlier attempts that failed: once
+    // this one has the name on a lease of its own (or knows it taken) they hold nothing, and are revoked.
+    private async Task<SessionLease?> ClaimNameAsync(List<long> strays, CancellationToken cancellationToken)
     {
         var sentAt = _time.GetTimestamp();
         var grant = await _leaseClient.LeaseGrantAsync(new LeaseGrantRequest { TTL = _options.TtlSeconds }, deadline: Deadline(), cancellationToken: cancellationToken);
@@ -207,21 +214,50 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         lease.Sent(sentAt);
         lease.Answered(lease.Ttl, _time);
         var key = ByteString.CopyFromUtf8(ReplicasPrefix + Replica);
-        var claim = new TxnRequest();
-        claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
-        claim.Success.Add(new RequestOp { RequestPut = new PutRequest { Key = key, Value = ByteString.CopyFromUtf8(Replica), Lease = grant.ID } });
-        claim.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
-        var named = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
-        if (!named.Succeeded && Found(named, 0) is { } held && held.Lease == previous)
+        var value = ByteString.CopyFromUtf8(string.Create(CultureInfo.InvariantCulture, $"{{\"replica\":\"{Replica}\",\"process\":\"{_process}\"}}"));
+        var put = new RequestOp { RequestPut = new PutRequest { Key = key, Value = value, Lease = grant.ID } };
+        bool named;
+        try
         {
-            var move = new TxnRequest();
-            move.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = held.ModRevision });
-            move.Success.Add(claim.Success[0]);
-            named = await _kv.TxnAsync(move, deadline: Deadline(), cancellationToken: cancellationToken);
+            while (true)
+            {
+                var claim = new TxnRequest();
+                claim.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Version, Result = Compare.Types.CompareResult.Equal, Version = 0 });
+                claim.Success.Add(put);
+                claim.Failure.Add(new RequestOp { RequestRange = new RangeRequest { Key = key } });
+                var answer = await _kv.TxnAsync(claim, deadline: Deadline(), cancellationToken: cancellationToken);
+                if (answer.Succeeded || Found(answer, 0) is not { } held || held.Value != value)
+                {
+                    named = answer.Succeeded;
+                    break;
+                }
+                // Ours, on another lease: move it, compared on its mod revision; if it changed since
+                // (expired, or moved by an attempt still in flight), look again.
+                var move = new TxnRequest();
+                move.Compare.Add(new Compare { Key = key, Target = Compare.Types.CompareTarget.Mod, Result = Compare.Types.CompareResult.Equal, ModRevision = held.ModRevision });
+                move.Success.Add(put);
+                if ((await _kv.TxnAsync(move, deadline: Deadline(), cancellationToken: cancellationToken)).Succeeded)
+                {
+                    named = true;
+                    if (held.Lease != 0 && held.Lease != grant.ID && !strays.Contains(held.Lease))
+                        strays.Add(held.Lease);
+                    break;
+                }
+            }
         }
-        if (!named.Succeeded)
+        catch
         {
-            await RevokeAsync(lease).ConfigureAwait(false);
+            // This attempt's transaction may have committed unanswered: its lease may hold the
+            // name, which the next attempt moves; revoking it now would free the name for anyone.
+            strays.Add(grant.ID);
+            throw;
+        }
+        foreach (var stray in strays)
+            await RevokeAsync(stray).ConfigureAwait(false);
+        strays.Clear();
+        if (!named)
+        {
+            await RevokeAsync(grant.ID).ConfigureAwait(false);
             return null;
         }
         _keeper.Track(lease);
@@ -250,11 +286,13 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
 
     private async Task ClaimNameAgainAsync(SessionLease lost)
     {
+        // The lost lease is revoked once the name is on a new one (it holds nothing else).
+        var strays = new List<long> { lost.Id };
         while (!_stop.IsCancellationRequested)
         {
             try
             {
-                if (await ClaimNameAsync(lost.Id, _stop.Token).ConfigureAwait(false) is not { } renewed)
+                if (await ClaimNameAsync(strays, _stop.Token).ConfigureAwait(false) is not { } renewed)
                 {
                     _nameTaken = true;
                     Log.NameTaken(_log, Replica);
@@ -266,7 +304,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             }
             catch (RpcException e)
             {
-                Log.RegistrationNotRenewed(_log, Replica, e.Status.Detail);
+                Log.RegistrationNotRenewed(_log, Replica, e.StatusCode, e.Status.Detail);
             }
             catch (Exception e) when (_stop.IsCancellationRequested && e is OperationCanceledException or ObjectDisposedException)
             {
@@ -351,10 +389,16 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 throw ErrnoException.Conflict(Errno.EAGAIN, $"session {session.Id}'s etcd lease has ended; it is ending");
             // Another change of the session settled a transaction of it and moved its fence: this
             // one was refused for that alone if the group's compare held.
-            if (record.ModRevision != fence && attempt < 3)
+            if (record.ModRevision != fence)
             {
                 lease.MoveFence(record.ModRevision);
-                continue;
+                if (attempt < 3)
+                    continue;
+                // Settles kept moving it while the group was as the claim expects: transient,
+                // unlike a group another owner holds (refused below).
+                var groupHeld = countBefore == 0 ? current is null : current?.Value == Record(session.Id, countBefore).Encode();
+                if (groupHeld)
+                    throw Changed($"session {session.Id}'s transactions in the cluster were fenced off by its settling while the claim of group {groupId} was tried");
             }
             var holder = current is not null ? GroupRecord.Decode(current.Value) : null;
             throw ErrnoException.NotPermitted($"group {groupId} is {holder?.Describe() ?? "changed by another replica"} in the cluster");
@@ -402,7 +446,7 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             // The table releases anyway; the release may or may not have committed, so the group is
             // settled once etcd answers again (or freed when the session's lease ends).
-            Log.ReleaseNotRecorded(_log, groupId, session.Id, e.Status.Detail);
+            Log.ReleaseNotRecorded(_log, groupId, session.Id, e.StatusCode, e.Status.Detail);
             Unsettle(groupId, session);
         }
         catch (ObjectDisposedException)
@@ -522,17 +566,21 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                 {
                     foreach (var groupId in _unsettled.Keys)
                     {
+                        if (!_unsettled.TryGetValue(groupId, out var sessionId))
+                            continue;
                         try
                         {
                             if (!_broker!.Table.WithOwner(groupId, owner =>
                                 Settle(groupId, owner.Kind == OwnerKind.User && owner.Replica is null ? owner.Session : 0, owner.Count)))
                             {
-                                _unsettled.TryRemove(groupId, out _);
+                                // No such group (removed): nothing to settle. Only the session read
+                                // here is dropped, never one a later change put in its place.
+                                _unsettled.TryRemove(KeyValuePair.Create(groupId, sessionId));
                             }
                         }
                         catch (RpcException e)
                         {
-                            Log.SettleFailed(_log, groupId, e.Status.Detail);
+                            Log.SettleFailed(_log, groupId, e.StatusCode, e.Status.Detail);
                         }
                         catch (Exception e) when (!_stop.IsCancellationRequested)
                         {
@@ -722,15 +770,17 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         _ = EndFencedAsync(session, "the broker could not renew the session's cluster lease (etcd) in time");
     }
 
-    private async Task RevokeAsync(SessionLease lease)
+    private Task RevokeAsync(SessionLease lease) => RevokeAsync(lease.Id);
+
+    private async Task RevokeAsync(long leaseId)
     {
         try
         {
-            await _leaseClient.LeaseRevokeAsync(new LeaseRevokeRequest { ID = lease.Id }, deadline: Deadline());
+            await _leaseClient.LeaseRevokeAsync(new LeaseRevokeRequest { ID = leaseId }, deadline: Deadline());
         }
         catch (RpcException e)
         {
-            Log.RevokeFailed(_log, lease.Id, e.Status.Detail);
+            Log.RevokeFailed(_log, leaseId, e.StatusCode, e.Status.Detail);
         }
     }
 
@@ -776,18 +826,19 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         }, deadline: Deadline(), cancellationToken: cancellationToken);
         var revision = all.Header.Revision;
         foreach (var kv in all.Kvs.Where(kv => HotplugRecord.DeviceOf(kv.Key).HasValue).OrderBy(kv => kv.ModRevision))
-            ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
+            ApplyChange(kv.Key, kv.ModRevision, () => ApplyHotplug(HotplugRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value));
         var records = all.Kvs.Where(kv => GroupRecord.GroupOf(kv.Key).HasValue).ToDictionary(kv => GroupRecord.GroupOf(kv.Key)!.Value);
         foreach (var id in _broker!.Journal.Current.Groups.Keys)
         {
+            // A key etcd does not hold is the same change (revision 0) on every reload.
             if (records.TryGetValue(id, out var kv))
-                Apply(id, kv.ModRevision, kv.CreateRevision, GroupRecord.Decode(kv.Value), deleted: false);
+                ApplyChange(kv.Key, kv.ModRevision, () => Apply(id, kv.ModRevision, kv.CreateRevision, GroupRecord.Decode(kv.Value), deleted: false));
             else
-                Apply(id, revision, 0, null, deleted: true);
+                ApplyChange(GroupRecord.Key(id), 0, () => Apply(id, revision, 0, null, deleted: true));
         }
         // After the owners: a DMA-API driver is taken only into a group no user owns (ApplyRemoteDriver).
         foreach (var kv in all.Kvs.Where(kv => DriverRecord.DeviceOf(kv.Key).HasValue))
-            ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value);
+            ApplyChange(kv.Key, kv.ModRevision, () => ApplyDriver(DriverRecord.DeviceOf(kv.Key)!.Value, kv.ModRevision, kv.Value));
         Interlocked.Exchange(ref _revision, Math.Max(Interlocked.Read(ref _revision), revision));
         return revision;
     }
@@ -835,16 +886,8 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
                     }
                     foreach (var ev in answer.Events)
                     {
-                        try
-                        {
-                            ApplyEvent(ev);
-                        }
-                        catch (Exception e) when (!_stop.IsCancellationRequested)
-                        {
-                            // Not marked applied: the reload after the break brings it again.
-                            Log.ApplyFailed(_log, e);
-                            throw;
-                        }
+                        // One that fails is not marked applied: the reload after the break brings it again.
+                        ApplyChange(ev.Kv.Key, ev.Kv.ModRevision, () => ApplyEvent(ev));
                         from = ev.Kv.ModRevision + 1;
                     }
                     if (answer.Header is { } header && answer.Events.Count > 0)
@@ -870,6 +913,33 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
             {
                 return; // stopping: the stream was cancelled with the store
             }
+        }
+    }
+
+    // Applies one change from etcd (the watch's, or a reload's) to the table. One that fails is
+    // logged as an error and thrown, so the watch reloads the table to try it again; one that has
+    // failed ApplyFailures.Limit times in a row is given up (logged critical) rather than stall
+    // the watch for good: the table misses it until the key's next change.
+    private void ApplyChange(ByteString key, long revision, Action apply)
+    {
+        var name = key.ToStringUtf8();
+        if (_applyFailures.GivenUp(name, revision))
+            return;
+        try
+        {
+            apply();
+            _applyFailures.Applied(name);
+        }
+        catch (Exception e) when (!_stop.IsCancellationRequested)
+        {
+            var failures = _applyFailures.Failed(name, revision);
+            if (failures >= ApplyFailures.Limit)
+            {
+                Log.ChangeGivenUp(_log, name, revision, failures, e);
+                return;
+            }
+            Log.ApplyFailed(_log, name, revision, failures, e);
+            throw;
         }
     }
 
@@ -945,9 +1015,10 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         {
             await ResyncAsync(_stop.Token).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is RpcException or OperationCanceledException or ObjectDisposedException)
+        catch (Exception e) when (e is RpcException or OperationCanceledException or ObjectDisposedException || !_stop.IsCancellationRequested)
         {
-            // etcd out of reach: the watch brings the changes once it reconnects (it resyncs if it must).
+            // etcd out of reach, or a change that failed to apply (logged as an error): the watch
+            // brings the changes once it reconnects, or tries the change again (it resyncs if it must).
             Log.WatchFailed(_log, e.Message);
         }
     }
@@ -1018,8 +1089,13 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         [LoggerMessage(EventId = 1610, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Reason}); the group is settled once etcd answers, or goes free with the session's lease")]
         public static partial void ReleaseNotRecorded(ILogger logger, uint groupId, ulong sessionId, string reason);
 
-        [LoggerMessage(EventId = 1611, Level = LogLevel.Information, Message = "Revoking etcd lease {LeaseId} failed ({Reason}); it expires on its own")]
-        public static partial void RevokeFailed(ILogger logger, long leaseId, string reason);
+        // etcd's answers to a call it refused or did not answer: the status code, then the detail
+        // (empty for a deadline that passed).
+        [LoggerMessage(EventId = 1622, Level = LogLevel.Warning, Message = "Release of group {GroupId} by session {SessionId} not recorded in etcd ({Code}: {Detail}); the group is settled once etcd answers, or goes free with the session's lease")]
+        public static partial void ReleaseNotRecorded(ILogger logger, uint groupId, ulong sessionId, StatusCode code, string detail);
+
+        [LoggerMessage(EventId = 1611, Level = LogLevel.Information, Message = "Revoking etcd lease {LeaseId} failed ({Code}: {Detail}); it expires on its own")]
+        public static partial void RevokeFailed(ILogger logger, long leaseId, StatusCode code, string detail);
 
         [LoggerMessage(EventId = 1612, Level = LogLevel.Information, Message = "etcd watch failed: {Reason}; resuming")]
         public static partial void WatchFailed(ILogger logger, string reason);
@@ -1036,6 +1112,9 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         [LoggerMessage(EventId = 1616, Level = LogLevel.Information, Message = "Group {GroupId}'s unanswered change is not settled yet ({Reason}); trying again")]
         public static partial void SettleFailed(ILogger logger, uint groupId, string reason);
 
+        [LoggerMessage(EventId = 1623, Level = LogLevel.Information, Message = "Group {GroupId}'s unanswered change is not settled yet ({Code}: {Detail}); trying again")]
+        public static partial void SettleFailed(ILogger logger, uint groupId, StatusCode code, string detail);
+
         [LoggerMessage(EventId = 1617, Level = LogLevel.Warning, Message = "Replica {Replica}'s registration lease {LeaseId} was not renewed in time; taking the name again under a new lease, claims refused until then")]
         public static partial void RegistrationLost(ILogger logger, string replica, long leaseId);
 
@@ -1045,10 +1124,16 @@ public sealed partial class EtcdOwnershipStore : IOwnershipStore, IAsyncDisposab
         [LoggerMessage(EventId = 1619, Level = LogLevel.Information, Message = "Replica {Replica}'s registration not renewed yet ({Reason}); trying again")]
         public static partial void RegistrationNotRenewed(ILogger logger, string replica, string reason);
 
+        [LoggerMessage(EventId = 1624, Level = LogLevel.Information, Message = "Replica {Replica}'s registration not renewed yet ({Code}: {Detail}); trying again")]
+        public static partial void RegistrationNotRenewed(ILogger logger, string replica, StatusCode code, string detail);
+
         [LoggerMessage(EventId = 1620, Level = LogLevel.Critical, Message = "Another broker took replica name {Replica} while this one was cut off from etcd: this replica refuses every claim from now on; restart it with another --replica")]
         public static partial void NameTaken(ILogger logger, string replica);
 
-        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying a change from etcd's watch failed; the table is reloaded to try it again")]
-        public static partial void ApplyFailed(ILogger logger, Exception exception);
+        [LoggerMessage(EventId = 1621, Level = LogLevel.Error, Message = "Applying the change of {Key} at etcd revision {Revision} failed ({Failures} in a row); the table is reloaded to try it again")]
+        public static partial void ApplyFailed(ILogger logger, string key, long revision, int failures, Exception exception);
+
+        [LoggerMessage(EventId = 1625, Level = LogLevel.Critical, Message = "The change of {Key} at etcd revision {Revision} failed to apply {Failures} times in a row: given up, so the watch goes on; this replica's table misses it until the key changes again")]
+        public static partial void ChangeGivenUp(ILogger logger, string key, long revision, int failures, Exception exception);
     }
 }

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using Etcdserverpb;
 using Google.Protobuf;
+using Grpc.Core;
 using Grpc.Net.Client;
 using Mvccpb;
 using DmaBroker.Core;
@@ -196,20 +197,19 @@ public sealed class FailureTests(ITestOutputHelper output)
     {
         await using var etcd = await EtcdCluster.StartAsync();
         await using var proxy = new TcpProxy(etcd.Endpoints[0]);
-        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output);
+        // The claim below may come before a has read etcd's answer to the renewal it waits for: a
+        // long deadline, so that a loaded machine delaying that answer does not refuse it EAGAIN.
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output, callTimeout: TimeSpan.FromSeconds(10));
         using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
-        var name = ByteString.CopyFromUtf8("/dmabroker/replicas/a");
-        using var watch = new Watch.WatchClient(channel).Watch();
-        await watch.RequestStream.WriteAsync(new WatchRequest { CreateRequest = new WatchCreateRequest { Key = name } });
         using var cts = new CancellationTokenSource(ReplicaTests.Timeout);
-        Assert.True(await watch.ResponseStream.MoveNext(cts.Token) && watch.ResponseStream.Current.Created);
+        using var watch = await WatchNameAsync(channel, cts.Token);
 
         proxy.Cut();
-        var expired = await NextAsync();
+        var expired = await NextEventAsync(watch, cts.Token);
         Assert.Equal(Event.Types.EventType.Delete, expired.Type);
         proxy.Heal();
 
-        var renewed = await NextAsync();
+        var renewed = await NextEventAsync(watch, cts.Token);
         Assert.Equal(Event.Types.EventType.Put, renewed.Type);
         var refused = await Assert.ThrowsAsync<ErrnoException>(() => Replica.StartAsync("a", etcd.Endpoints));
         Assert.Equal(Errno.EEXIST, refused.Errno);
@@ -217,16 +217,69 @@ public sealed class FailureTests(ITestOutputHelper output)
         var group = ReplicaTests.FreeGroups(a.Broker)[0];
         a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
         Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[group].OwnerSession);
+    }
 
-        async Task<Event> NextAsync()
+    /// <summary>
+    /// A renewal of the registration whose transaction committed but went unanswered (so the next
+    /// attempt, on a new lease, finds the name's key on the lease of the one before): the key is
+    /// this replica's all the same, by the process's mark in it, and moves to the new lease, and
+    /// the stray lease is revoked. Before, the replica took its own name for another broker's and
+    /// refused every claim EEXIST for good. The unanswered attempt is made here by hand: the name
+    /// put back, while the replica is cut off, as its value was, on a lease the replica never learnt of.
+    /// </summary>
+    [Fact]
+    public async Task RenewalWhoseAttemptCommittedUnanswered_IsRecognisedAsTheReplicasOwn_AndServesClaims()
+    {
+        await using var etcd = await EtcdCluster.StartAsync();
+        await using var proxy = new TcpProxy(etcd.Endpoints[0]);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: Ttl, output: output, callTimeout: TimeSpan.FromSeconds(10));
+        using var channel = GrpcChannel.ForAddress(etcd.Endpoints[0]);
+        var kv = new KV.KVClient(channel);
+        var leases = new Lease.LeaseClient(channel);
+        using var cts = new CancellationTokenSource(ReplicaTests.Timeout);
+        using var watch = await WatchNameAsync(channel, cts.Token);
+        var registered = (await kv.RangeAsync(new RangeRequest { Key = Name })).Kvs.Single();
+
+        proxy.Cut();
+        Assert.Equal(Event.Types.EventType.Delete, (await NextEventAsync(watch, cts.Token)).Type);
+        var stray = await leases.LeaseGrantAsync(new LeaseGrantRequest { TTL = 60 });
+        await kv.PutAsync(new PutRequest { Key = Name, Value = registered.Value, Lease = stray.ID });
+        Assert.Equal(stray.ID, (await NextEventAsync(watch, cts.Token)).Kv.Lease);
+        proxy.Heal();
+
+        var moved = await NextEventAsync(watch, cts.Token);
+        Assert.Equal(Event.Types.EventType.Put, moved.Type);
+        Assert.NotEqual(stray.ID, moved.Kv.Lease);
+        Assert.Equal(registered.Value, moved.Kv.Value);
+        var session = a.Broker.Sessions.Open();
+        var group = ReplicaTests.FreeGroups(a.Broker)[0];
+        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[group].OwnerSession);
+        // The claim waited for the renewal, which revoked the stray lease before it ended.
+        Assert.Equal(-1, (await leases.LeaseTimeToLiveAsync(new LeaseTimeToLiveRequest { ID = stray.ID })).TTL);
+    }
+
+    // Replica a's name in the cluster.
+    private static readonly ByteString Name = ByteString.CopyFromUtf8("/dmabroker/replicas/a");
+
+    // A watch on replica a's name, created.
+    private static async Task<AsyncDuplexStreamingCall<WatchRequest, WatchResponse>> WatchNameAsync(GrpcChannel channel, CancellationToken cancellationToken)
+    {
+        var watch = new Watch.WatchClient(channel).Watch(cancellationToken: cancellationToken);
+        await watch.RequestStream.WriteAsync(new WatchRequest { CreateRequest = new WatchCreateRequest { Key = Name } }, cancellationToken);
+        Assert.True(await watch.ResponseStream.MoveNext(cancellationToken) && watch.ResponseStream.Current.Created);
+        return watch;
+    }
+
+    // The next event of a watch on one key.
+    private static async Task<Event> NextEventAsync(AsyncDuplexStreamingCall<WatchRequest, WatchResponse> watch, CancellationToken cancellationToken)
+    {
+        while (await watch.ResponseStream.MoveNext(cancellationToken))
         {
-            while (await watch.ResponseStream.MoveNext(cts.Token))
-            {
-                if (watch.ResponseStream.Current.Events.FirstOrDefault() is { } ev)
-                    return ev;
-            }
-            throw new TimeoutException();
+            if (watch.ResponseStream.Current.Events.FirstOrDefault() is { } ev)
+                return ev;
         }
+        throw new TimeoutException();
     }
 
     [Fact]

@@ -20,17 +20,23 @@ public sealed class Replica : IAsyncDisposable
     /// <summary>
     /// Starts replica <paramref name="name"/> on <paramref name="endpoints"/>. Its sessions' own
     /// leases (clients' silence) are long: in-process sessions send nothing, and the etcd lease
-    /// (<paramref name="ttl"/>, 3 s by default) is what these tests are about.
+    /// (<paramref name="ttl"/>, 3 s by default) is what these tests are about. A test whose premise
+    /// is that etcd answers a held or cut-off call eventually (commits it before the client gives
+    /// up) passes a long <paramref name="callTimeout"/> (the store's 2 s by default), so that a
+    /// loaded machine delaying etcd by a second or two does not break the premise.
     /// </summary>
     public static async Task<Replica> StartAsync(string name, IReadOnlyList<Uri> endpoints, TimeProvider? time = null, TimeSpan? ttl = null,
-        ITestOutputHelper? output = null)
+        ITestOutputHelper? output = null, TimeSpan? callTimeout = null)
     {
-        var store = await EtcdOwnershipStore.ConnectAsync(new EtcdStoreOptions
+        var options = new EtcdStoreOptions
         {
             Endpoints = endpoints,
             Replica = name,
             LeaseTtl = ttl ?? TimeSpan.FromSeconds(3),
-        }, time, output is null ? null : new TestLog(output, name)).WaitAsync(TimeSpan.FromSeconds(30));
+        };
+        if (callTimeout is { } timeout)
+            options = options with { CallTimeout = timeout };
+        var store = await EtcdOwnershipStore.ConnectAsync(options, time, output is null ? null : new TestLog(output, name)).WaitAsync(TimeSpan.FromSeconds(30));
         var broker = new Broker(TopologyDocument.Default(), new BrokerOptions
         {
             Store = store,

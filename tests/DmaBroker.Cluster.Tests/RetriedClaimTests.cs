@@ -57,8 +57,11 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
     {
         await using var etcd = await EtcdCluster.StartAsync();
         await using var proxy = new TcpProxy(etcd.Endpoints[0]);
-        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: TimeSpan.FromSeconds(30), output: output);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30), output: output);
+        // The premise is that etcd commits the held claim before a's deadline: a deadline of 10 s
+        // leaves room for a loaded machine delaying etcd; the TTL of 60 s keeps a's leases (whose
+        // keepalive answers are held too) far from the keeper's fencing margin meanwhile.
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: LongTtl, output: output, callTimeout: LongCall);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: LongTtl, output: output, callTimeout: LongCall);
         var groups = ReplicaTests.FreeGroups(a.Broker);
         var session = a.Broker.Sessions.Open("unanswered");
         var container = a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2);
@@ -66,11 +69,13 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
         a.Broker.Vfio.SetContainer(session, groups[0], container.Id);
 
         proxy.HoldAnswers();
-        var refused = Assert.Throws<ErrnoException>(() => a.Broker.Vfio.SetContainer(session, groups[1], container.Id));
+        var claim = Task.Run(() => a.Broker.Vfio.SetContainer(session, groups[1], container.Id));
+        // It commits all the same: b's watch (straight to etcd) shows the session's record.
+        await PremiseAsync(ReplicaTests.WaitForGroupAsync(b.Broker, groups[1], g => g.OwnerSession == session.Id),
+            "etcd did not commit the held claim");
+        var refused = await Assert.ThrowsAsync<ErrnoException>(() => claim);
         Assert.Equal(Errno.EAGAIN, refused.Errno);
         Assert.Equal(OwnerKind.None, a.Broker.Journal.Current.Groups[groups[1]].OwnerKind);
-        // It committed all the same: b's watch (straight to etcd) shows the session's record.
-        await ReplicaTests.WaitForGroupAsync(b.Broker, groups[1], g => g.OwnerSession == session.Id);
 
         proxy.ReleaseAnswers();
 
@@ -94,8 +99,8 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
     {
         await using var etcd = await EtcdCluster.StartAsync();
         await using var proxy = new TcpProxy(etcd.Endpoints[0]);
-        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: TimeSpan.FromSeconds(30), output: output);
-        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: TimeSpan.FromSeconds(30), output: output);
+        await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: LongTtl, output: output, callTimeout: LongCall);
+        await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: LongTtl, output: output, callTimeout: LongCall);
         var group = ReplicaTests.FreeGroups(a.Broker)[0];
         var session = a.Broker.Sessions.Open("unrecorded");
         a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
@@ -110,6 +115,24 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
         var heir = b.Broker.Sessions.Open("heir");
         b.Broker.Vfio.SetContainer(heir, group, b.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2).Id);
         Assert.Equal(heir.Id, (await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.User)).OwnerSession);
+    }
+
+    // Long enough that etcd answers (or a lease is kept) on a loaded machine, where it may lag by seconds.
+    private static readonly TimeSpan LongTtl = TimeSpan.FromSeconds(60);
+    private static readonly TimeSpan LongCall = TimeSpan.FromSeconds(10);
+
+    // Awaits what the test's premise needs of etcd; its not coming is no failure of the store.
+    internal static async Task<T> PremiseAsync<T>(Task<T> premise, string unmet)
+    {
+        try
+        {
+            return await premise;
+        }
+        catch (TimeoutException)
+        {
+            Assert.Fail($"premise not met: {unmet}");
+            throw;
+        }
     }
 
     [Fact]
