@@ -4,7 +4,7 @@ framing (RFC 9113), request headers as HPACK literals (RFC 7541 section 6.2.2, n
 dynamic table), gRPC's length-prefixed messages, and the few protobuf fields it needs, encoded by
 hand as SPEC section 11 and the protos define them. It answers the broker's SETTINGS and keepalive
 PINGs. One thread, ~10 MB: the kernel tears it down in about a millisecond (a .NET client's ~47 MB
-of mappings take it 4 ms at the median on the benchmark machine, 9-10 ms at p99, before the broker
+of mappings take it 3-4 ms at the median on the benchmark machine, 5-10 ms at p99, before the broker
 can see anything).
 
     lean_client.py hold <http://host:port> <group> <probe port>
