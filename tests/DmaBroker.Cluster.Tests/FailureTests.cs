@@ -213,9 +213,8 @@ public sealed class FailureTests(ITestOutputHelper output)
         Assert.Equal(Event.Types.EventType.Put, renewed.Type);
         var refused = await Assert.ThrowsAsync<ErrnoException>(() => Replica.StartAsync("a", etcd.Endpoints));
         Assert.Equal(Errno.EEXIST, refused.Errno);
-        var session = a.Broker.Sessions.Open();
         var group = ReplicaTests.FreeGroups(a.Broker)[0];
-        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        var session = ReplicaTests.Claim(a.Broker, group);
         Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[group].OwnerSession);
     }
 
@@ -251,9 +250,8 @@ public sealed class FailureTests(ITestOutputHelper output)
         Assert.Equal(Event.Types.EventType.Put, moved.Type);
         Assert.NotEqual(stray.ID, moved.Kv.Lease);
         Assert.Equal(registered.Value, moved.Kv.Value);
-        var session = a.Broker.Sessions.Open();
         var group = ReplicaTests.FreeGroups(a.Broker)[0];
-        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        var session = ReplicaTests.Claim(a.Broker, group);
         Assert.Equal(session.Id, a.Broker.Journal.Current.Groups[group].OwnerSession);
         // The claim waited for the renewal, which revoked the stray lease before it ended.
         Assert.Equal(-1, (await leases.LeaseTimeToLiveAsync(new LeaseTimeToLiveRequest { ID = stray.ID })).TTL);

@@ -80,14 +80,6 @@ public sealed class KernelTests(ITestOutputHelper output)
 
     private static uint GroupOf(Broker broker, PciAddress device) => broker.Journal.Current.Devices[device].GroupId;
 
-    // A new session of the broker that claims the group into a container of its own.
-    private static Session Claim(Broker broker, uint group)
-    {
-        var session = broker.Sessions.Open();
-        broker.Vfio.SetContainer(session, group, broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
-        return session;
-    }
-
     [Fact]
     public async Task KernelBind_OnOneReplica_RefusesAUserClaimOnTheOther_UntilUnbound()
     {
@@ -134,7 +126,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         a.Broker.Table.UnbindDriver(nvme);
         a.Broker.Table.BindDriver(nvme, Drivers.VfioPci);
         await WaitForAsync(b.Broker, t => t.Devices[nvme].Driver == Drivers.VfioPci && t.Groups[group].OwnerKind == OwnerKind.None);
-        var sb = Claim(b.Broker, group);
+        var sb = ReplicaTests.Claim(b.Broker, group);
         b.Broker.Vfio.CloseDevice(sb, b.Broker.Vfio.OpenDevice(sb, nvme).Id);
 
         // A replica that joins later takes the bindings from etcd, not from its topology.
@@ -226,7 +218,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         Assert.Equal(info, onB.Devices[added.Address]);
         AssertSameGroup(a.Broker.Journal.Current.Groups[info.GroupId], onB.Groups[info.GroupId]);
         // b can claim the new group and use the device: it is the same device in the same group.
-        var sb = Claim(b.Broker, info.GroupId);
+        var sb = ReplicaTests.Claim(b.Broker, info.GroupId);
         var handle = b.Broker.Vfio.OpenDevice(sb, added.Address);
         // a cannot remove it from under b's session, nor add it twice.
         await WaitForAsync(a.Broker, t => t.Groups[info.GroupId].OwnerKind == OwnerKind.User);
@@ -268,7 +260,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         await using var etcd = await EtcdCluster.StartAsync();
         await using var a = await Replica.StartAsync("a", etcd.Endpoints, ttl: Lease);
         var group = GroupOf(a.Broker, Edu);
-        var session = Claim(a.Broker, group);
+        var session = ReplicaTests.Claim(a.Broker, group);
         var added = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:08:00.1"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: false, DmaApiDriver);
         // Then another device, to a group of its own, so that once it shows the first transaction has been applied whole.
         var marker = PciFunctionSpec.HotplugEndpoint(PciAddress.Parse("0000:00:1f.0"), 0x1234, 0x11e8, 0x00ff00, "edu", acs: true, Drivers.VfioPci);
@@ -301,7 +293,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         await using var pair = await TwoReplicas.StartAsync();
         var (a, b) = (pair.A, pair.B);
         var group = GroupOf(a.Broker, Edu);
-        var sa = Claim(a.Broker, group);
+        var sa = ReplicaTests.Claim(a.Broker, group);
         var handle = a.Broker.Vfio.OpenDevice(sa, Edu);
         await WaitForAsync(b.Broker, t => t.Groups[group].OwnerKind == OwnerKind.User);
         // A planned removal is refused while the group is owned, on any replica.
@@ -364,7 +356,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         var group = GroupOf(a.Broker, Edu);
         const uint Reset = 0; // edu's liveness register holds the inverse of what was written: 0 after reset
 
-        var sa = Claim(a.Broker, group);
+        var sa = ReplicaTests.Claim(a.Broker, group);
         var ha = a.Broker.Vfio.OpenDevice(sa, Edu);
         Program(a.Broker, sa, ha.Id, 0x12345678);
         Assert.Equal(~0x12345678u, Liveness(a.Broker, sa, ha.Id));
@@ -380,7 +372,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         }
         await WaitForAsync(b.Broker, t => t.Groups[group].OwnerKind == OwnerKind.None);
 
-        var sb = Claim(b.Broker, group);
+        var sb = ReplicaTests.Claim(b.Broker, group);
         var hb = b.Broker.Vfio.OpenDevice(sb, Edu);
         Assert.Equal(Reset, Liveness(b.Broker, sb, hb.Id));
         Assert.False(BusMaster(b.Broker, sb, hb.Id));
@@ -388,7 +380,7 @@ public sealed class KernelTests(ITestOutputHelper output)
         await b.Broker.Sessions.EndAsync(sb, SessionEndReason.ConnectionLost).WaitAsync(Timeout);
         await WaitForAsync(a.Broker, t => t.Groups[group].OwnerKind == OwnerKind.None);
 
-        var sa2 = Claim(a.Broker, group);
+        var sa2 = ReplicaTests.Claim(a.Broker, group);
         var ha2 = a.Broker.Vfio.OpenDevice(sa2, Edu);
         Assert.Equal(Reset, Liveness(a.Broker, sa2, ha2.Id));
         Assert.False(BusMaster(a.Broker, sa2, ha2.Id));

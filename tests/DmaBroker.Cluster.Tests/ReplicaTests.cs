@@ -1,4 +1,5 @@
 using DmaBroker.Core;
+using DmaBroker.Core.Sessions;
 using DmaBroker.Core.Topology;
 using DmaBroker.Core.Vfio;
 
@@ -58,6 +59,14 @@ public sealed class ReplicaTests
         var regranted = await WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.User);
         Assert.Equal(sb.Id, regranted.OwnerSession);
         Assert.True(regranted.Generation > seen.Generation, "a new grant has a new, greater generation");
+    }
+
+    /// <summary>A new session of the broker that claims the group into a container of its own.</summary>
+    internal static Session Claim(Broker broker, uint group, string? name = null)
+    {
+        var session = broker.Sessions.Open(name);
+        broker.Vfio.SetContainer(session, group, broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        return session;
     }
 
     [Fact]

@@ -80,8 +80,7 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
         proxy.ReleaseAnswers();
 
         await ReplicaTests.WaitForGroupAsync(b.Broker, groups[1], g => g.OwnerKind == OwnerKind.None);
-        var heir = b.Broker.Sessions.Open("heir");
-        b.Broker.Vfio.SetContainer(heir, groups[1], b.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2).Id);
+        var heir = ReplicaTests.Claim(b.Broker, groups[1], "heir");
         var granted = await ReplicaTests.WaitForGroupAsync(a.Broker, groups[1], g => g.OwnerKind == OwnerKind.User);
         Assert.Equal(heir.Id, granted.OwnerSession);
         // The session's other group was never touched.
@@ -102,8 +101,7 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
         await using var a = await Replica.StartAsync("a", [proxy.Endpoint], ttl: LongTtl, output: output, callTimeout: LongCall);
         await using var b = await Replica.StartAsync("b", etcd.Endpoints, ttl: LongTtl, output: output, callTimeout: LongCall);
         var group = ReplicaTests.FreeGroups(a.Broker)[0];
-        var session = a.Broker.Sessions.Open("unrecorded");
-        a.Broker.Vfio.SetContainer(session, group, a.Broker.Vfio.CreateContainer(session, ContainerType.Type1v2).Id);
+        var session = ReplicaTests.Claim(a.Broker, group, "unrecorded");
         await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerSession == session.Id);
 
         proxy.Cut();
@@ -112,8 +110,7 @@ public sealed class RetriedClaimTests(ITestOutputHelper output)
         proxy.Heal();
 
         await ReplicaTests.WaitForGroupAsync(b.Broker, group, g => g.OwnerKind == OwnerKind.None);
-        var heir = b.Broker.Sessions.Open("heir");
-        b.Broker.Vfio.SetContainer(heir, group, b.Broker.Vfio.CreateContainer(heir, ContainerType.Type1v2).Id);
+        var heir = ReplicaTests.Claim(b.Broker, group, "heir");
         Assert.Equal(heir.Id, (await ReplicaTests.WaitForGroupAsync(a.Broker, group, g => g.OwnerKind == OwnerKind.User)).OwnerSession);
     }
 
